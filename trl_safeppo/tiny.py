@@ -1,0 +1,237 @@
+"""Embedded ``tiny://`` models: a real transformers architecture (Qwen2) and a byte-level BPE tokenizer with a
+chat template, built locally and deterministically from a seed, and cached on disk.
+
+Nothing is downloaded. ``tiny://arithmetic`` is the default policy of the demo recipe; ``tiny://debug`` is an even
+smaller model for fast unit tests. A tiny model directory is an ordinary ``save_pretrained`` folder, so every
+transformers / TRL loader takes it.
+
+The cache lives in ``$TRL_SAFEPPO_CACHE`` (default ``~/.cache/trl_safeppo``) under ``tiny/<name>-<fingerprint>``;
+the fingerprint hashes the spec and the builder version, so a changed spec never reuses a stale build. Builds are
+written to a temporary directory and renamed into place, so a crash never leaves a half-written model and two
+processes building at once (``accelerate launch``) both end up with the same complete directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "tiny://"
+BUILDER_VERSION = "1"
+
+# ChatML special tokens. `<|im_end|>` ends every turn and is the EOS of generation.
+BOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|endoftext|>"
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# R1-style tags are single (non-special) tokens, so a tiny model learns the format quickly and decode keeps them.
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+# Text the tokenizer is trained on: the words the embedded task and the chat template use, plus plain English so
+# that real prompts still tokenize into sensible pieces. Digits are always split one per token (see _train).
+_CORPUS = """
+system user assistant
+You are a careful calculator. Think briefly, then give the final answer inside answer tags.
+What is 12 + 7? What is 45 - 19? Compute 3 * 8. Calculate 56 + 27. Add 14 and 9. Subtract 6 from 40.
+The answer is 19. So the sum is 83. First add the tens, then add the ones. Carry the one.
+plus minus times equals sum difference product total result number digit tens ones carry borrow
+Please answer the question. Explain your reasoning step by step. The final answer is
+Hello, how are you? I am fine, thank you. Write a short poem about the sea. I cannot help with that request.
+Sorry, I can't help with that. Here is a safe alternative. This request is unsafe.
+def add(a, b): return a + b  {"answer": 42, "ok": true}  [1, 2, 3]  print("hello")
+the of and to in is that it for on with as was at by be this from or have an are not
+""".strip()
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Architecture and tokenizer settings of one tiny model (all fields enter the cache fingerprint)."""
+
+    description: str
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    vocab_size: int = 384
+    seed: int = 0
+    rope_theta: float = 10000.0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+TINY_MODELS: dict[str, TinySpec] = {
+    "arithmetic": TinySpec(
+        description="Qwen2-style policy for the embedded arithmetic task (the demo recipe's default model)",
+    ),
+    "debug": TinySpec(
+        description="smallest Qwen2-style model, for fast unit tests",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    ),
+}
+
+
+def is_tiny(name_or_path: object) -> bool:
+    """True when ``name_or_path`` is a ``tiny://`` identifier."""
+    return isinstance(name_or_path, str) and name_or_path.startswith(PREFIX)
+
+
+def tiny_name(identifier: str) -> str:
+    """``tiny://arithmetic`` -> ``arithmetic``; raises ``ValueError`` listing the known names when unknown."""
+    name = identifier[len(PREFIX) :] if is_tiny(identifier) else identifier
+    if name not in TINY_MODELS:
+        known = ", ".join(f"{PREFIX}{n}" for n in TINY_MODELS)
+        raise ValueError(f"unknown tiny model {identifier!r}: accepted tiny models are {known}")
+    return name
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TRL_SAFEPPO_CACHE", Path.home() / ".cache" / "trl_safeppo")).expanduser()
+
+
+def fingerprint(name: str) -> str:
+    spec = dataclasses.asdict(TINY_MODELS[name])
+    spec.pop("extra", None)
+    blob = json.dumps({"name": name, "builder": BUILDER_VERSION, "spec": spec, "corpus": _CORPUS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def tiny_path(identifier: str) -> Path:
+    """Where the tiny model lives in the cache (whether or not it is built yet)."""
+    name = tiny_name(identifier)
+    return cache_root() / "tiny" / f"{name}-{fingerprint(name)}"
+
+
+def build_tiny(identifier: str, *, force: bool = False) -> Path:
+    """Build ``tiny://<name>`` (tokenizer + randomly initialised weights from the spec's seed) unless cached.
+
+    Returns the model directory. Deterministic: the same spec and seed give bit-identical weights.
+    """
+    name = tiny_name(identifier)
+    target = tiny_path(name)
+    if target.is_dir() and (target / "config.json").exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _build_into(name, TINY_MODELS[name], tmp)
+        if force and target.exists():
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: keep its (identical) build
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _train_tokenizer(spec: TinySpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    # Digits split one per token (arithmetic is learnable digit by digit), then byte-level BPE.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=["<|im_start|>"],
+        clean_up_tokenization_spaces=False,
+    )
+    fast.add_tokens(TAG_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    fast.model_max_length = spec.max_position_embeddings
+    return fast
+
+
+def _build_into(name: str, spec: TinySpec, out: Path) -> None:
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = _train_tokenizer(spec)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_theta=spec.rope_theta,
+        tie_word_embeddings=True,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        torch_dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=True, max_new_tokens=64
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    card = (
+        f"# tiny://{name}\n\n{spec.description}.\n\nBuilt locally by `trl_safeppo.tiny` (builder {BUILDER_VERSION}, "
+        f"seed {spec.seed}); {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"vocabulary {len(tokenizer)} tokens. Random weights: train it before use.\n"
+    )
+    (out / "README.md").write_text(card)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI: trl-safeppo tiny {list,build,path}
+def add_arguments(parser) -> None:
+    parser.add_argument("action", choices=["list", "build", "path"], help="what to do")
+    parser.add_argument("name", nargs="?", default="tiny://arithmetic", help="tiny model (default tiny://arithmetic)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+
+def run(args) -> int:
+    if args.action == "list":
+        for name, spec in TINY_MODELS.items():
+            print(f"{PREFIX}{name:<12} {spec.description}")
+        return 0
+    if args.action == "path":
+        print(tiny_path(args.name))
+        return 0
+    print(build_tiny(args.name, force=args.force))
+    return 0
