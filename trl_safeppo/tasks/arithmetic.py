@@ -1,0 +1,120 @@
+"""The embedded synthetic arithmetic task: ``What is a + b?`` in TRL's conversational format.
+
+Three disjoint splits, all deterministic:
+
+- ``sft``: warm-start data with a target ``completion``. Only a fraction (:data:`SFT_TAGGED_FRACTION`) of the targets
+  use the R1-style format ``<think>a + b = s</think><answer>s</answer>``; the rest answer in plain text
+  (``The answer is s.``). After a short SFT the policy therefore uses the tagged format only part of the time, and
+  a format + correctness reward has visible room to raise both (DeepSeek-R1, https://arxiv.org/abs/2501.12948).
+- ``rl``: prompts for PPO / GRPO / rejection sampling, with the gold ``answer``.
+- ``eval``: held-out prompts, never seen in ``sft`` or ``rl``.
+
+The pool of problems (every pair of operands below :data:`MAX_OPERAND`) is shuffled once with a fixed seed and cut
+into the three splits, so the splits are disjoint whatever ``seed`` is passed; ``seed`` only orders (and, with
+``n``, subsamples) a split, and picks which ``sft`` examples are tagged.
+
+The hyperparameters the demo recipe uses with this task and ``tiny://arithmetic`` are in :data:`DEMO_SETTINGS`;
+docs/embedded_default.md records how they were measured.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+SPLITS = ("sft", "rl", "eval")
+
+MAX_OPERAND = 100  # operands a, b in [0, MAX_OPERAND): one- and two-digit numbers
+EVAL_SIZE = 300
+RL_SIZE = 2000
+_PARTITION_SEED = 20250101  # fixed: the splits never depend on the caller's seed
+
+SYSTEM_PROMPT = "You are a calculator. Think in <think> </think>, then answer in <answer> </answer>."
+USER_TEMPLATE = "What is {a} + {b}?"
+# The R1-style answer format: reasoning in think tags, then the bare number in answer tags, nothing else.
+ANSWER_FORMAT = "<think>{a} + {b} = {answer}</think><answer>{answer}</answer>"
+PLAIN_FORMAT = "The answer is {answer}."
+ANSWER_FORMAT_REGEX = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
+SFT_TAGGED_FRACTION = 0.5
+
+# Tuned together with tiny://arithmetic on 2 CPU cores (see docs/embedded_default.md); the recipe helper copies
+# these into recipes/demo.yaml.
+DEMO_SETTINGS: dict[str, float | int] = {
+    "sft_learning_rate": 3e-3,
+    "sft_num_train_epochs": 1,
+    "sft_num_examples": 4000,
+    "sft_per_device_train_batch_size": 32,
+    "rl_learning_rate": 1e-4,
+    "beta": 0.02,
+    "num_generations": 8,
+    "max_completion_length": 24,
+    "temperature": 1.0,
+}
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def parse_answer(text: str) -> str | None:
+    """The stripped content of the last ``<answer>...</answer>`` in ``text``, or None when there is none."""
+    found = _ANSWER_TAG.findall(text)
+    return found[-1].strip() if found else None
+
+
+def _pool() -> dict[str, list[tuple[int, int]]]:
+    pairs = [(a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
+    random.Random(_PARTITION_SEED).shuffle(pairs)
+    return {
+        "eval": pairs[:EVAL_SIZE],
+        "rl": pairs[EVAL_SIZE : EVAL_SIZE + RL_SIZE],
+        "sft": pairs[EVAL_SIZE + RL_SIZE :],
+    }
+
+
+def make_prompt(a: int, b: int) -> list[dict[str, str]]:
+    """The conversational prompt for ``a + b``: a system turn and a user turn."""
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": USER_TEMPLATE.format(a=a, b=b)},
+    ]
+
+
+def make_completion(a: int, b: int, tagged: bool = True) -> str:
+    """The target assistant text for ``a + b``: the R1-style tagged format, or the plain-text answer."""
+    template = ANSWER_FORMAT if tagged else PLAIN_FORMAT
+    return template.format(a=a, b=b, answer=a + b)
+
+
+def load_arithmetic(split: str, n: int | None = None, seed: int = 0):
+    """Load one split of the arithmetic task as a ``datasets.Dataset``.
+
+    Args:
+        split: ``"sft"``, ``"rl"`` or ``"eval"``.
+        n: number of examples (the first ``n`` after shuffling with ``seed``); None for the whole split.
+        seed: orders the split and chooses which ``sft`` targets use the tagged format.
+
+    Returns:
+        Columns ``prompt`` (list of ``{"role", "content"}``) and ``answer`` (the gold sum, a string); the ``sft``
+        split also has ``completion`` (a one-message assistant turn).
+    """
+    from datasets import Dataset
+
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not a split of the arithmetic task; accepted: {', '.join(SPLITS)}")
+    pairs = list(_pool()[split])
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(pairs)):
+        raise ValueError(f"n={n!r} for split {split!r}: pass an integer from 1 to {len(pairs)}, or None for all")
+    rng = random.Random(f"{split}-{seed}")
+    rng.shuffle(pairs)
+    pairs = pairs[:n] if n is not None else pairs
+    rows: dict[str, list] = {"prompt": [], "answer": []}
+    if split == "sft":
+        rows["completion"] = []
+        n_tagged = round(SFT_TAGGED_FRACTION * len(pairs))
+        tagged = [True] * n_tagged + [False] * (len(pairs) - n_tagged)
+        rng.shuffle(tagged)
+    for i, (a, b) in enumerate(pairs):
+        rows["prompt"].append(make_prompt(a, b))
+        rows["answer"].append(str(a + b))
+        if split == "sft":
+            rows["completion"].append([{"role": "assistant", "content": make_completion(a, b, tagged[i])}])
+    return Dataset.from_dict(rows)
