@@ -1,0 +1,208 @@
+"""KL control: the adaptive and fixed KL coefficient controllers, and per-token KL estimators.
+
+Controllers follow Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"
+(https://arxiv.org/abs/1909.08593, section 2.2; reference code openai/lm-human-preferences `AdaptiveKLController`):
+
+    e_t     = clip(KL_t / KL_target - 1, -0.2, 0.2)
+    beta_t+1 = beta_t * (1 + K_beta * e_t),    K_beta = n_steps / horizon
+
+then clamped to [min_coef, max_coef]. `min_coef > 0` keeps beta off 0: GRPOTrainer loads no reference model when
+`beta == 0`, so an adaptive beta that reached 0 would break the run.
+
+Estimators of KL(pi || pi_ref) per token, with `log r = ref_logp - logp` on tokens sampled from pi
+(Schulman, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html):
+
+    k1 = -log r = logp - ref_logp                 unbiased, can be negative
+    k2 = (log r)^2 / 2                            biased, low variance, >= 0
+    k3 = (r - 1) - log r                          unbiased, low variance, >= 0 (TRL GRPO's estimator)
+
+Torch is not imported here at module level: the estimators only use tensor methods.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+_ZIEGLER_CLIP = 0.2  # proportional error clip, Ziegler et al. 2019
+
+
+def adaptive_kl_step(
+    value: float, current_kl: float, n_steps: int, target: float, horizon: float, min_coef: float, max_coef: float
+) -> float:
+    """One Ziegler update of the KL coefficient (pure): returns the new beta.
+
+    A non-finite `current_kl` leaves beta unchanged (the non-finite tripwire reports it).
+    """
+    if not math.isfinite(current_kl):
+        return value
+    proportional_error = min(max(current_kl / target - 1.0, -_ZIEGLER_CLIP), _ZIEGLER_CLIP)
+    mult = 1.0 + proportional_error * n_steps / horizon
+    return min(max(value * mult, min_coef), max_coef)
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019): beta moves so that the measured KL tracks `target`.
+
+    Args:
+        init_kl_coef: initial beta, in [min_coef, max_coef].
+        target: KL target (> 0), in the unit the trainer measures (PPO: nats per sequence; GRPO: per token).
+        horizon: the number of samples over which beta can move by about 20 % (> 0).
+        min_coef: lower bound on beta (> 0; GRPO needs beta > 0).
+        max_coef: upper bound on beta (>= min_coef).
+
+    State (`state_dict()`): `{"type": "adaptive", "value": beta, "n_updates": int, "last_kl": float | None}`.
+    """
+
+    def __init__(
+        self, init_kl_coef: float, target: float, horizon: float, min_coef: float = 1e-4, max_coef: float = 10.0
+    ) -> None:
+        validate_adaptive_kl(init_kl_coef, target, horizon, min_coef, max_coef)
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+        self.min_coef = float(min_coef)
+        self.max_coef = float(max_coef)
+        self.n_updates = 0
+        self.last_kl: float | None = None
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Move beta after a batch of `n_steps` samples whose measured KL is `current_kl`; returns the new beta."""
+        current_kl = float(current_kl)
+        self.value = adaptive_kl_step(
+            self.value, current_kl, n_steps, self.target, self.horizon, self.min_coef, self.max_coef
+        )
+        self.n_updates += 1
+        self.last_kl = current_kl if math.isfinite(current_kl) else None
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "adaptive", "value": self.value, "n_updates": self.n_updates, "last_kl": self.last_kl}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_type(state, "adaptive")
+        self.value = float(state["value"])
+        self.n_updates = int(state.get("n_updates", 0))
+        self.last_kl = state.get("last_kl")
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveKLController(value={self.value:.6g}, target={self.target}, horizon={self.horizon}, "
+            f"min_coef={self.min_coef}, max_coef={self.max_coef})"
+        )
+
+
+class FixedKLController:
+    """Constant KL coefficient; `update` only counts calls. `kl_coef >= 0` (0 disables the KL term).
+
+    State (`state_dict()`): `{"type": "fixed", "value": beta, "n_updates": int}`.
+    """
+
+    def __init__(self, kl_coef: float) -> None:
+        if not (isinstance(kl_coef, (int, float)) and math.isfinite(kl_coef) and kl_coef >= 0):
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+        self.value = float(kl_coef)
+        self.n_updates = 0
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        self.n_updates += 1
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "fixed", "value": self.value, "n_updates": self.n_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_type(state, "fixed")
+        self.value = float(state["value"])
+        self.n_updates = int(state.get("n_updates", 0))
+
+    def __repr__(self) -> str:
+        return f"FixedKLController(value={self.value:.6g})"
+
+
+def _check_type(state: dict[str, Any], expected: str) -> None:
+    if state.get("type", expected) != expected:
+        raise ValueError(f"cannot load a {state.get('type')!r} KL controller state into a {expected!r} controller")
+
+
+def validate_adaptive_kl(init_kl_coef: float, target: float, horizon: float, min_coef: float, max_coef: float) -> None:
+    """Raise ValueError naming the first bad setting and its accepted range."""
+
+    def finite(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (finite(target) and target > 0):
+        raise ValueError(f"target must be a finite number > 0 (the KL to track), got {target!r}")
+    if not (finite(horizon) and horizon > 0):
+        raise ValueError(f"horizon must be a finite number > 0 (samples per ~20% move of beta), got {horizon!r}")
+    if not (finite(min_coef) and min_coef > 0):
+        raise ValueError(
+            f"min_coef must be a finite number > 0 (GRPO loads no reference model when beta == 0), got {min_coef!r}"
+        )
+    if not (isinstance(max_coef, (int, float)) and max_coef >= min_coef):
+        raise ValueError(f"max_coef must be >= min_coef ({min_coef}), got {max_coef!r}")
+    if not (finite(init_kl_coef) and min_coef <= init_kl_coef <= max_coef):
+        raise ValueError(f"init_kl_coef must be in [min_coef, max_coef] = [{min_coef}, {max_coef}], got {init_kl_coef!r}")
+
+
+def kl_per_token(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1", mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi.
+
+    Args:
+        logp: `(B, T)` log-probabilities of the sampled tokens under the policy.
+        ref_logp: `(B, T)` the same under the reference model.
+        estimator: "k1", "k2" or "k3" (see the module docstring).
+        mask: `(B, T)` 1 on response tokens; the result is 0 elsewhere (KL counts on response tokens only).
+
+    Returns:
+        `(B, T)` per-token KL. Use the same estimator for the penalty and for the logged `kl`.
+    """
+    log_ratio = logp - ref_logp  # log pi/pi_ref = -log r
+    if estimator == "k1":
+        kl = log_ratio
+    elif estimator == "k2":
+        kl = 0.5 * log_ratio.square()
+    elif estimator == "k3":
+        kl = (-log_ratio).exp() - 1.0 + log_ratio  # (r - 1) - log r, r = pi_ref / pi
+    else:
+        raise ValueError(f"estimator must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
+    if mask is not None:
+        kl = kl * mask.to(kl.dtype)
+    return kl
+
+
+def sequence_kl(kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`(B,)` per-sequence KL: the sum of per-token KL over response tokens (what PPO's controller measures)."""
+    return (kl * mask.to(kl.dtype)).sum(dim=1)
+
+
+def kl_penalized_token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """PPO token rewards (Ziegler et al. 2019; Ouyang et al. 2022): `r_t = -beta * kl_t`, plus the sequence score
+    on the last response token.
+
+    Args:
+        scores: `(B,)` shaped sequence-level rewards (after the reward rails).
+        kl: `(B, T)` per-token KL (from `kl_per_token`, 0 on padding).
+        mask: `(B, T)` right-padded response mask; every row must have at least one token.
+        kl_coef: beta.
+
+    Returns:
+        `(B, T)` token rewards, 0 on padding.
+    """
+    import torch
+
+    maskf = mask.to(kl.dtype)
+    rewards = -kl_coef * kl * maskf
+    n_tokens = maskf.sum(dim=1)
+    last = (n_tokens.long() - 1).clamp(min=0)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype) * (n_tokens > 0).to(rewards.dtype)
+    return rewards
