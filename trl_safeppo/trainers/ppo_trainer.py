@@ -1,0 +1,583 @@
+"""SafePPOTrainer: classic RLHF PPO (Ziegler et al. 2019; InstructGPT) as a thin subclass of TRL's GRPOTrainer.
+
+GRPOTrainer already samples completions (transformers or vLLM), scores them with `reward_funcs`, handles PEFT and
+the reference model, and its loss accepts per-token `(B, T)` advantages. PPO adds, by extending it through `super()`:
+
+1. Rollout (`_generate_and_score_completions`): after GRPO has generated, scored and computed the reference
+   log-probabilities, we gather the per-token tensors of all processes and compute
+   score (after the reward rails) -> token rewards `-beta * KL_t` (+ score on the last token) -> values of the
+   critic -> GAE advantages and returns -> whitening. GRPO's group advantages `(B,)` are replaced by the GAE
+   advantages `(B, T)`; the rollout-time values and returns travel with the batch (GRPO shuffles and splits every
+   tensor of the batch along dim 0, so they stay aligned with their rows).
+2. Loss (`_compute_loss`): GRPO's clipped surrogate on our advantages, with `beta` set to 0 for the call, so the KL
+   stays in the reward and out of the loss; plus `vf_coef *` the clipped value loss of the critic.
+3. The critic: a separate sequence-classification model read per token, prepared by accelerate (DDP when
+   distributed), with its own AdamW, scheduler, gradient clipping and checkpoint files.
+
+Notation follows TRL's former PPOTrainer and cleanrl's ppo.py. Shapes: B completions, T response tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+from ..models import resolve_model_path
+from ._wiring import RailsWiring, SafeRailsMixin
+from .ppo_config import SafePPOConfig
+
+CRITIC_DIR = "critic"
+CRITIC_OPTIMIZER_FILE = "critic_optimizer.pt"
+CRITIC_SCHEDULER_FILE = "critic_scheduler.pt"
+
+
+class ValueModel(nn.Module):
+    """Per-token values from a sequence-classification model: its trunk, then its scalar head on every position.
+
+    `forward(input_ids, attention_mask) -> (B, L)` float values (the head of TRL's former PPOTrainer, `get_reward`).
+    Wrapping the two calls in one module lets accelerate prepare (DDP-wrap) the critic as a whole.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+        self.head = value_head(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        trunk = getattr(self.model, self.model.base_model_prefix)
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+def value_head(model: nn.Module) -> nn.Linear:
+    """The scalar head of a sequence-classification model (`score` in decoder models, `classifier` in encoders)."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise ValueError(
+        f"critic {type(model).__name__} has no linear `score` / `classifier` head; use a checkpoint that "
+        "AutoModelForSequenceClassification loads as a decoder with a `score` head (Llama, Qwen2, Mistral, GPT-2, ...)"
+    )
+
+
+class PPOWiring(RailsWiring):
+    """The shared rails wiring, with the KL controller driven once per rollout by the per-sequence KL (PPO)
+    instead of once per optimizer step by GRPO's per-token `kl` metric."""
+
+    def observe_kl(self, trainer) -> None:  # GRPO's `kl` metric is not PPO's measure
+        return None
+
+    def step_kl(self) -> None:  # updated in SafePPOTrainer._ppo_rollout, once per rollout
+        return None
+
+    def update_kl(self, sequence_kl: float, n_samples: int) -> None:
+        if self.kl_controller is None or self.trainer is None:
+            return
+        self.kl_controller.update(sequence_kl, n_samples)
+        self.trainer.beta = float(self.kl_controller.value)
+
+
+class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
+    """PPO with a critic, the KL penalty in the reward, GAE, and the reward rails; used like `GRPOTrainer`.
+
+    Args:
+        model: a path, `tiny://` id, Hub id or a `PreTrainedModel` (the policy).
+        reward_funcs: callables with TRL's reward signature, sequence-classification reward models (objects or
+            paths), or a list mixing them, exactly as `GRPOTrainer` takes them.
+        args: a `SafePPOConfig`.
+        train_dataset / eval_dataset / processing_class / reward_processing_classes / callbacks / optimizers /
+            peft_config: as in `GRPOTrainer`.
+        value_model: an optional critic object (a sequence-classification `PreTrainedModel`); overrides
+            `args.critic_model_path`.
+    """
+
+    _tag_names = ["trl", "ppo", "trl-safeppo"]
+    _name = "SafePPO"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: Any = None,
+        args: SafePPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        value_model: PreTrainedModel | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            raise ValueError("SafePPOTrainer needs args=SafePPOConfig(output_dir=...)")
+        if not isinstance(args, SafePPOConfig):
+            raise TypeError(f"args must be a SafePPOConfig, got {type(args).__name__}; build one with SafePPOConfig(...)")
+        if isinstance(model, str):
+            model = resolve_model_path(model)
+        reward_funcs = _resolve_reward_funcs(reward_funcs)
+        _check_dataset(train_dataset, args)
+
+        wiring = PPOWiring.from_config(args.rails)
+        if wiring.kl_controller is None and args.beta > 0:
+            wiring.kl_controller = _build_kl_controller(args)
+        args, reward_funcs, reward_processing_classes = wiring.prepare_init(
+            args, reward_funcs, reward_processing_classes
+        )
+        self.rails_wiring = wiring
+        # Built before GRPO wraps the policy (PEFT injects its layers into the model object in place).
+        critic = value_model if value_model is not None else _load_critic(args, model, reward_funcs)
+
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+            **kwargs,
+        )
+        wiring.attach(self)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "SafePPOTrainer supports single-process and DDP training (accelerate launch --multi_gpu); DeepSpeed and "
+                "FSDP do not yet shard the critic. Launch without a DeepSpeed / FSDP config."
+            )
+
+        _check_critic(critic, self.processing_class, "value_model" if value_model is not None else "critic_model_path")
+        critic.config.pad_token_id = self.processing_class.pad_token_id if not self._is_vlm else None
+        if args.disable_dropout:
+            from trl.trainer.utils import disable_dropout_in_model
+
+            disable_dropout_in_model(critic)
+        if args.gradient_checkpointing:
+            critic.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False}
+            )
+        critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate
+        value_module = ValueModel(critic)
+        optimizer = torch.optim.AdamW(
+            value_module.parameters(),
+            lr=critic_lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+        )
+        self.critic = self.accelerator.prepare_model(value_module)
+        self.critic_optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.critic_lr_scheduler = None
+        self._ppo_capture = False
+        self._ppo_captured_logps: torch.Tensor | None = None
+        self._ppo_rewards_per_func: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ critic optimisation
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+        if self.critic_lr_scheduler is None:
+            from transformers import get_scheduler
+
+            self.critic_lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=self.critic_optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
+            )
+        return scheduler
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        self.critic.train()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the Trainer's optimizer-step boundary (end of gradient accumulation)
+            self._critic_optimizer_step()
+        return loss
+
+    def _critic_optimizer_step(self) -> None:
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(self.critic.parameters(), self.args.max_grad_norm)
+            self._metrics["train"]["ppo/val/grad_norm"].append(float(norm))
+        self.critic_optimizer.step()
+        if self.critic_lr_scheduler is not None:
+            self.critic_lr_scheduler.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def _critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
+        """`(B, T)` values V(s_t) of the states before each response token (hidden state of the previous position)."""
+        with self.accelerator.autocast():
+            values = self.critic(input_ids=input_ids, attention_mask=attention_mask)
+        return values[:, -logits_to_keep - 1 : -1]
+
+    # ------------------------------------------------------------------ rollout
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._ppo_rewards_per_func = rewards_per_func  # global (all processes), after the rails' adjustment column
+        return rewards_per_func
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if self._ppo_capture:
+            self._ppo_captured_logps = out[0].detach()
+        return out
+
+    def _generate_and_score_completions(self, inputs):
+        self._ppo_rewards_per_func = None
+        output = super()._generate_and_score_completions(inputs)
+        return self._ppo_rollout(output)
+
+    @torch.no_grad()
+    def _ppo_rollout(self, output: dict[str, Any]) -> dict[str, Any]:
+        from ..rails.gae import compute_gae, masked_whiten
+        from ..rails.kl import kl_penalized_token_rewards, kl_per_token
+
+        mode = "train" if self.model.training else "eval"
+        store = self._metrics[mode]
+        accelerator = self.accelerator
+        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        n_local, t_local = completion_ids.shape
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            old_logps = output.get("old_per_token_logps")
+            if old_logps is None:  # GRPO skips it when the batch is used for exactly one optimizer step
+                old_logps, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, input_ids, attention_mask, t_local, batch_size=batch_size
+                )
+            was_training = self.critic.training
+            self.critic.eval()
+            values = torch.cat(
+                [
+                    self._critic_values(input_ids[i : i + batch_size], attention_mask[i : i + batch_size], t_local)
+                    for i in range(0, n_local, batch_size)
+                ]
+            )
+            self.critic.train(was_training)
+        ref_logps = output.get("ref_per_token_logps")
+
+        # Everything below runs on the global batch (all processes), identically on every rank, then each rank keeps
+        # its rows: rows are gathered in process order, as GRPO gathers the rewards (process_slice).
+        def gather_bt(x: torch.Tensor) -> torch.Tensor:
+            return accelerator.gather(accelerator.pad_across_processes(x.contiguous(), dim=1, pad_index=0))
+
+        mask_g = gather_bt(mask.float())
+        old_g = gather_bt(old_logps.float())
+        values_g = gather_bt(values.float()) * mask_g
+        rpf = self._ppo_rewards_per_func
+        weights = self.reward_weights.to(rpf.device)
+        score = (rpf * weights.unsqueeze(0)).nansum(dim=1)
+        unscorable = torch.isnan(rpf).all(dim=1) | ~torch.isfinite(score)
+        score = torch.where(unscorable, torch.zeros_like(score), score).to(mask_g.device)
+        unscorable = unscorable.to(mask_g.device)
+        empty = mask_g.sum(dim=1) == 0
+        keep = (~unscorable & ~empty).float()
+        ppo_mask = mask_g * keep.unsqueeze(1)
+
+        beta = float(self.beta)
+        if ref_logps is not None:
+            ref_g = gather_bt(ref_logps.float())
+            kl = kl_per_token(old_g, ref_g, self.args.kl_estimator, mask=mask_g)
+        else:
+            kl = torch.zeros_like(old_g)
+            beta = 0.0
+        token_rewards = kl_penalized_token_rewards(score, kl, mask_g, beta)
+        non_score = -beta * kl.sum(dim=1)
+        n_valid = int(ppo_mask.sum().item())
+        if self.args.whiten_rewards and n_valid > 1:
+            token_rewards = masked_whiten(token_rewards, ppo_mask, shift_mean=False)
+        advantages, returns = compute_gae(token_rewards, values_g, mask_g, self.args.gamma, self.args.lam)
+        if self.args.whiten_advantages and n_valid > 1:
+            advantages = masked_whiten(advantages, ppo_mask)
+        advantages = advantages * ppo_mask
+
+        # Metrics (global)
+        seq_kl = kl.sum(dim=1)
+        scored = keep.bool()
+        store["beta"].append(beta)
+        store["kl"].append(_masked_mean(kl, mask_g))
+        store["ppo/kl_seq"].append(seq_kl[~empty].mean().item() if (~empty).any() else math.nan)
+        store["ppo/score/mean"].append(score[scored].mean().item() if scored.any() else math.nan)
+        store["ppo/score/std"].append(score[scored].std().item() if int(scored.sum()) > 1 else math.nan)
+        store["ppo/non_score_reward"].append(non_score[~empty].mean().item() if (~empty).any() else math.nan)
+        store["ppo/rlhf_reward"].append((score + non_score)[scored].mean().item() if scored.any() else math.nan)
+        store["ppo/unscorable"].append(float(unscorable.sum().item()))
+        store["ppo/empty_completions"].append(float(empty.sum().item()))
+        store["ppo/val/mean"].append(_masked_mean(values_g, ppo_mask))
+        store["ppo/returns/mean"].append(_masked_mean(returns, ppo_mask))
+        store["ppo/val/explained_variance"].append(_explained_variance(values_g, returns, ppo_mask))
+
+        if mode == "train" and ref_logps is not None:
+            finite = ~empty
+            if finite.any():
+                self.rails_wiring.update_kl(seq_kl[finite].mean().item(), int(finite.sum().item()))
+
+        rank = accelerator.process_index
+        rows = slice(rank * n_local, (rank + 1) * n_local)
+        dtype = old_logps.dtype
+        output["advantages"] = advantages[rows, :t_local].to(dtype)
+        output["ppo_values"] = values_g[rows, :t_local].to(dtype)
+        output["ppo_returns"] = returns[rows, :t_local].to(dtype)
+        output["ppo_mask"] = ppo_mask[rows, :t_local].to(dtype)
+        return output
+
+    # ------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        store = self._metrics[mode]
+        beta, self.beta = self.beta, 0.0  # the KL is in the reward: GRPO must not add it to the loss
+        self._ppo_capture = True
+        try:
+            policy_loss = super()._compute_loss(model, inputs)
+        finally:
+            self.beta = beta
+            self._ppo_capture = False
+        logps, self._ppo_captured_logps = self._ppo_captured_logps, None
+
+        mask = inputs["ppo_mask"]
+        old_logps = inputs.get("old_per_token_logps")
+        if logps is not None:
+            old = logps if old_logps is None else old_logps
+            log_ratio = logps - old
+            ratio = torch.exp(log_ratio)
+            eps_low, eps_high = self.epsilon_low, self.epsilon_high
+            clipped = ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float()
+            store["ppo/policy/approxkl"].append(self._global_masked_mean(0.5 * log_ratio.square(), mask))
+            store["ppo/policy/clipfrac"].append(self._global_masked_mean(clipped, mask))
+            store["ppo/policy/ratio_mean"].append(self._global_masked_mean(ratio, mask))
+
+        # Value loss, clipped around the rollout-time values (TRL PPOTrainer; Huang et al. 2024, detail 9)
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        vpred = self._critic_values(input_ids, attention_mask, completion_ids.size(1))
+        old_values, returns = inputs["ppo_values"].float(), inputs["ppo_returns"].float()
+        c = self.args.cliprange_value
+        vpred_clipped = old_values + torch.clamp(vpred - old_values, -c, c)
+        vf_losses1 = (vpred - returns).square()
+        vf_losses2 = (vpred_clipped - returns).square()
+        maskf = mask.float()
+        n_tokens = maskf.sum()
+        vf_loss = 0.5 * (torch.max(vf_losses1, vf_losses2) * maskf).sum() / n_tokens.clamp(min=1.0)
+        store["ppo/val/loss"].append(self._global_masked_mean(0.5 * torch.max(vf_losses1, vf_losses2).detach(), mask))
+        store["ppo/val/clipfrac"].append(self._global_masked_mean((vf_losses2 > vf_losses1).float(), mask))
+        store["ppo/val/vpred"].append(self._global_masked_mean(vpred.detach(), mask))
+
+        scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        policy_weight = 1.0
+        if mode == "train" and self.state.global_step < self.args.critic_warmup_steps:
+            policy_weight = 0.0  # critic warm-up: the policy's gradient is zero, only the critic learns
+        store["ppo/policy_trained"].append(policy_weight)
+        store["ppo/loss/policy"].append(float(policy_loss.detach()) * scale)
+        return policy_weight * policy_loss + self.args.vf_coef * vf_loss / scale
+
+    def _global_masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        mask = mask.float()
+        totals = self.accelerator.reduce(torch.stack([(x.float() * mask).sum(), mask.sum()]), reduction="sum")
+        return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)  # policy, its optimizer, rails + KL controller state
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            critic = self.accelerator.unwrap_model(self.critic).model
+            tmp = tempfile.mkdtemp(dir=folder, prefix=".tmp-critic-")
+            try:
+                critic.save_pretrained(tmp)
+                final = os.path.join(folder, CRITIC_DIR)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            finally:
+                if os.path.exists(tmp):
+                    shutil.rmtree(tmp)
+            _atomic_save(self.critic_optimizer.state_dict(), os.path.join(folder, CRITIC_OPTIMIZER_FILE))
+            if self.critic_lr_scheduler is not None:
+                _atomic_save(self.critic_lr_scheduler.state_dict(), os.path.join(folder, CRITIC_SCHEDULER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        critic_dir = os.path.join(checkpoint, CRITIC_DIR)
+        if not os.path.isdir(critic_dir):
+            raise ValueError(
+                f"resume_from_checkpoint={checkpoint!r} has no {CRITIC_DIR}/ directory: it was not written by "
+                "SafePPOTrainer, so the critic cannot be restored; resume from a SafePPOTrainer checkpoint"
+            )
+        critic = self.accelerator.unwrap_model(self.critic).model
+        loaded = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=critic.dtype)
+        critic.load_state_dict(loaded.state_dict())
+        del loaded
+        device = self.accelerator.device
+        state = torch.load(os.path.join(checkpoint, CRITIC_OPTIMIZER_FILE), map_location=device, weights_only=False)
+        self.critic_optimizer.load_state_dict(state)
+        sched_path = os.path.join(checkpoint, CRITIC_SCHEDULER_FILE)
+        if self.critic_lr_scheduler is not None and os.path.exists(sched_path):
+            self.critic_lr_scheduler.load_state_dict(torch.load(sched_path, weights_only=False))
+
+
+# ---------------------------------------------------------------------- helpers
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    n = mask.sum()
+    return ((x * mask).sum() / n).item() if n > 0 else math.nan
+
+
+def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns] over valid tokens (cleanrl's ppo.py)."""
+    n = mask.sum()
+    if n < 2:
+        return math.nan
+    var_ret = _masked_var(returns, mask)
+    if var_ret == 0:
+        return math.nan
+    return 1.0 - _masked_var(returns - values, mask) / var_ret
+
+
+def _masked_var(x: torch.Tensor, mask: torch.Tensor) -> float:
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    return (((x - mean) * mask).square().sum() / n).item()
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _build_kl_controller(args: SafePPOConfig):
+    from ..rails.kl import AdaptiveKLController, FixedKLController
+
+    if args.kl_target is None:
+        return FixedKLController(args.beta)
+    return AdaptiveKLController(
+        init_kl_coef=args.beta,
+        target=args.kl_target,
+        horizon=args.kl_horizon,
+        min_coef=min(1e-4, args.beta),
+        max_coef=max(10.0, args.beta),
+    )
+
+
+def _resolve_reward_funcs(reward_funcs: Any) -> Any:
+    """`tiny://` ids and local paths of reward models become paths GRPO loads; everything else is GRPO's business."""
+    if reward_funcs is None:
+        raise ValueError("reward_funcs is required: pass a callable rule checker, a reward model, or a list of them")
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if not funcs:
+        raise ValueError("reward_funcs is an empty list: pass at least one reward function or reward model")
+    return [resolve_model_path(f) if isinstance(f, str) else f for f in funcs]
+
+
+def _check_dataset(train_dataset, args: SafePPOConfig) -> None:
+    if train_dataset is None:
+        raise ValueError("train_dataset is required: a datasets.Dataset with a 'prompt' column")
+    try:
+        n = len(train_dataset)
+    except TypeError:  # IterableDataset
+        return
+    if n == 0:
+        raise ValueError("train_dataset is empty (0 rows), e.g. after filtering; PPO needs prompts to sample from")
+    per_rollout = args.generation_batch_size // args.num_generations
+    if n < per_rollout:
+        raise ValueError(
+            f"train_dataset has {n} prompts but one rollout needs {per_rollout} (generation_batch_size="
+            f"{args.generation_batch_size} / num_generations={args.num_generations}); add prompts or lower "
+            "per_device_train_batch_size / steps_per_generation"
+        )
+    if "prompt" not in getattr(train_dataset, "column_names", ["prompt"]):
+        raise ValueError(f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names})")
+
+
+def _model_init_kwargs(args: SafePPOConfig) -> dict:
+    kwargs = dict(args.model_init_kwargs or {})
+    kwargs.pop("device_map", None)
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return kwargs
+
+
+def _load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrainedModel:
+    """The critic's starting point, per `args.critic_model_path` (see SafePPOConfig)."""
+    import copy
+
+    spec = args.critic_model_path
+    if spec == "reward_model":
+        for func in reward_funcs:
+            if isinstance(func, str):
+                return _from_pretrained(func, args, "critic_model_path='reward_model'")
+            if isinstance(func, PreTrainedModel):
+                return copy.deepcopy(func)
+        raise ValueError(
+            "critic_model_path='reward_model' needs a sequence-classification reward model in reward_funcs, but all "
+            "of them are callables; set critic_model_path=None (start from the policy) or a critic path"
+        )
+    if spec is not None:
+        return _from_pretrained(resolve_model_path(spec), args, f"critic_model_path={spec!r}")
+    if isinstance(model, str):
+        return _from_pretrained(model, args, "critic_model_path=None (the policy)")
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "the policy is a PeftModel object, so the critic cannot be copied from it; pass the base model with "
+            "peft_config, or set critic_model_path"
+        )
+    critic = AutoModelForSequenceClassification.from_config(model.config, num_labels=1)
+    trunk = getattr(critic, critic.base_model_prefix)
+    trunk.load_state_dict(getattr(model, model.base_model_prefix).state_dict())
+    return critic.to(dtype=model.dtype)
+
+
+def _from_pretrained(path: str, args: SafePPOConfig, what: str) -> PreTrainedModel:
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_model_init_kwargs(args))
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"{what}: cannot load {path!r} as a critic (AutoModelForSequenceClassification, num_labels=1): {err}. "
+            "Pass a sequence-classification or causal-LM checkpoint whose weights match its config, that shares the "
+            "policy's tokenizer"
+        ) from err
+
+
+def _check_critic(critic: Any, processing_class: Any, field_name: str) -> None:
+    if not isinstance(critic, PreTrainedModel):
+        raise ValueError(f"{field_name}: the critic must be a transformers PreTrainedModel, got {type(critic).__name__}")
+    head = value_head(critic)
+    hidden = critic.config.get_text_config().hidden_size
+    if head.in_features != hidden or head.out_features != 1:
+        raise ValueError(
+            f"{field_name}: the critic's value head maps {head.in_features} -> {head.out_features} but its hidden size "
+            f"is {hidden} and a value is one number; use a checkpoint whose head is Linear({hidden}, 1)"
+        )
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    vocab = critic.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"{field_name}: the critic's vocabulary has {vocab} embeddings but the policy's tokenizer has "
+            f"{len(tokenizer)} tokens; the critic reads the policy's token ids, so it must share its tokenizer"
+        )
