@@ -14,6 +14,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("trl_safeppo.tiny", "build, list or locate the embedded tiny:// models"),
+    "report": ("trl_safeppo.monitoring.report", "rebuild report.md and plots/ of a finished or interrupted run"),
 }
 
 

@@ -1,21 +1,22 @@
 """Held-out evaluation: greedy answers on the held-out split, scored by the recipe's rules.
 
-Definitions (each completion is scored by a rule with TRL's reward signature; a score of ``None`` counts as a
-failure):
+Each completion is scored by the recipe's ``reward`` (normally a rule checker from ``trl_safeppo.rewards.resolve``,
+the same object the trainers were rewarded with). A score of ``None`` ("cannot judge") never passes. Recorded:
 
-- ``accuracy``: fraction of held-out prompts whose completion scores at least ``pass_threshold`` (default 1.0)
-  under the *correctness* rule (``accuracy_reward``; when not given, the recipe's combined ``reward``).
-- ``format_pass_rate``: fraction whose completion scores at least ``pass_threshold`` under the *format* rule
-  (``format_reward``); absent when no format rule is given.
+- ``accuracy``: fraction of held-out prompts answered *correctly*, i.e. whose correctness rule gave full marks
+  (score >= the rule's ``max_score``, 1.0 for the built-ins). The correctness rule is, in order: ``accuracy_reward``
+  when given; else the checker's first rule named ``math``, ``exact``, ``gsm8k``, ``choice`` or ``regex``; else the
+  whole checker (its ``passed``: total at full marks). ``accuracy_rule`` in the result names which one was used.
+- ``format_pass_rate``: fraction whose *format* rule gave full marks: ``format_reward`` when given, else the
+  checker's rule named ``format``; absent when there is neither.
+- ``pass_rate``: fraction the whole checker passes (every rule satisfied, gates included).
+- ``reward_mean``: mean of the checker's total (None scores left out).
 - ``mean_length``: mean completion length in tokens, up to and including EOS (as GRPO's
-  ``completions/mean_length``).
-- ``truncation_rate``: fraction of completions that hit ``max_new_tokens`` without EOS.
-- ``reward_mean``: mean of the combined ``reward`` (None scores skipped), when ``reward`` is given.
+  ``completions/mean_length``); ``truncation_rate``: fraction that hit ``max_new_tokens`` without EOS.
 - ``n``: number of held-out prompts scored.
 
-Rules are callables or specs for ``trl_safeppo.rewards.resolve`` (a built-in name, a dotted path, or a weighted
-list), so the evaluation uses exactly the rules the trainers were rewarded with. Generation is greedy, so the
-result is a property of the checkpoint. Runs on one process (call it on the main process only).
+Generation is greedy, so the result is a property of the checkpoint. Runs on one process (call it on the main
+process only).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-EVAL_KEYS = ("accuracy", "mean_length", "format_pass_rate", "truncation_rate", "reward_mean", "n")
+CORRECTNESS_RULES = ("math", "exact", "gsm8k", "choice", "regex")
+FORMAT_RULE = "format"
 
 
 def _resolve(spec: Any) -> Callable | None:
@@ -35,7 +37,7 @@ def _resolve(spec: Any) -> Callable | None:
     return resolve(spec)
 
 
-def _score(rule: Callable, prompts, completions, columns: dict[str, list]) -> list[float | None]:
+def _call(rule: Callable, prompts, completions, columns: dict[str, list]) -> list[float | None]:
     scores = list(rule(prompts=prompts, completions=completions, **columns))
     if len(scores) != len(completions):
         name = getattr(rule, "__name__", repr(rule))
@@ -43,9 +45,62 @@ def _score(rule: Callable, prompts, completions, columns: dict[str, list]) -> li
     return scores
 
 
-def _pass_rate(scores: Sequence[float | None], threshold: float) -> float:
-    ok = [s is not None and math.isfinite(s) and s >= threshold for s in scores]
-    return sum(ok) / len(ok)
+def _full_marks(scores: Sequence[float | None], max_score: float) -> list[bool]:
+    return [s is not None and math.isfinite(s) and s >= max_score - 1e-9 for s in scores]
+
+
+def _rate(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags)
+
+
+def score_completions(
+    prompts: Sequence[Any],
+    completions: Sequence[Any],
+    columns: dict[str, list],
+    reward: Any = None,
+    *,
+    accuracy_reward: Any = None,
+    format_reward: Any = None,
+) -> dict[str, Any]:
+    """Accuracy, format-pass rate, pass rate and mean reward of already generated completions (see module doc)."""
+    reward, accuracy_reward, format_reward = map(_resolve, (reward, accuracy_reward, format_reward))
+    if reward is None and accuracy_reward is None:
+        raise ValueError("evaluate_heldout: pass reward= (the recipe's rules) or accuracy_reward= (the correctness rule)")
+    result: dict[str, Any] = {}
+    breakdown: dict[str, list] = {}
+    max_scores: dict[str, float] = {}
+    passed: list[bool] = []
+    if reward is not None:
+        if hasattr(reward, "score") and hasattr(reward, "components"):  # a RuleChecker: per-rule breakdown
+            scored = reward.score(prompts=prompts, completions=completions, **columns)
+            totals, passed, breakdown = scored.total, scored.passed, scored.breakdown
+            max_scores = {c.name: c.max_score for c in reward.components}
+        else:
+            totals = _call(reward, prompts, completions, columns)
+            passed = _full_marks(totals, float(getattr(reward, "max_score", 1.0)))
+        finite = [t for t in totals if t is not None and math.isfinite(t)]
+        result["reward_mean"] = sum(finite) / len(finite) if finite else None
+        result["pass_rate"] = _rate(passed)
+
+    if accuracy_reward is not None:
+        name = getattr(accuracy_reward, "__name__", "accuracy_reward")
+        flags = _full_marks(_call(accuracy_reward, prompts, completions, columns),
+                            float(getattr(accuracy_reward, "max_score", 1.0)))
+    else:
+        name = next((r for r in CORRECTNESS_RULES if r in breakdown), None)
+        if name is not None:
+            flags = _full_marks(breakdown[name], max_scores.get(name, 1.0))
+        else:
+            name, flags = getattr(reward, "__name__", "reward"), passed
+    result["accuracy"] = _rate(flags)
+    result["accuracy_rule"] = name
+
+    if format_reward is not None:
+        result["format_pass_rate"] = _rate(_full_marks(_call(format_reward, prompts, completions, columns),
+                                                       float(getattr(format_reward, "max_score", 1.0))))
+    elif FORMAT_RULE in breakdown:
+        result["format_pass_rate"] = _rate(_full_marks(breakdown[FORMAT_RULE], max_scores.get(FORMAT_RULE, 1.0)))
+    return result
 
 
 def evaluate_heldout(
@@ -57,38 +112,41 @@ def evaluate_heldout(
     format_reward: Any = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
-    pass_threshold: float = 1.0,
+    n: int | None = None,
     tokenizer: Any = None,
     num_samples: int = 0,
 ) -> dict[str, Any]:
-    """Score ``dataset`` (a ``prompt`` column plus the columns the rules read, e.g. ``answer``).
+    """Generate greedily for the held-out ``dataset`` and score it (definitions in the module docstring).
 
     Args:
         model_or_path: a causal LM, a local path or a ``tiny://`` name.
-        dataset: a ``datasets.Dataset`` or a list of dicts with a ``prompt`` key.
-        reward: the recipe's combined reward (spec or callable); gives ``reward_mean`` and, when
-            ``accuracy_reward`` is None, ``accuracy``.
-        accuracy_reward: the correctness rule (spec or callable).
-        format_reward: the format rule (spec or callable); gives ``format_pass_rate``.
+        dataset: a ``datasets.Dataset`` or a list of dicts with a ``prompt`` column plus the columns the rules read
+            (e.g. ``answer``). Prompts may be strings or conversational.
+        reward: the recipe's rules (spec for ``rewards.resolve``, a RuleChecker, or any TRL reward function).
+        accuracy_reward: the correctness rule (spec or callable), overriding the one found in ``reward``.
+        format_reward: the format rule (spec or callable), overriding the checker's ``format`` rule.
         max_new_tokens, batch_size: greedy generation settings.
-        pass_threshold: a completion passes a rule when its score is at least this.
+        n: score only the first ``n`` rows (None: all).
         tokenizer: needed only when ``model_or_path`` is a model object without a saved path.
         num_samples: also return the first ``num_samples`` (prompt, completion) pairs under ``samples``.
 
     Returns:
-        ``{"accuracy", "mean_length", "format_pass_rate", "truncation_rate", "reward_mean", "n"}`` (keys whose rule
-        was not given are left out), plus ``samples`` when asked.
+        ``{"accuracy", "accuracy_rule", "format_pass_rate", "pass_rate", "reward_mean", "mean_length",
+        "truncation_rate", "n"}`` (keys whose rule is missing are left out), plus ``samples`` when asked.
     """
     from .generation import generate_greedy, load_policy
 
     rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"evaluate_heldout: n must be a positive integer or None, got {n!r}")
+        rows = rows[:n]
     if not rows:
         raise ValueError("evaluate_heldout: the held-out dataset is empty")
     if "prompt" not in rows[0]:
-        raise ValueError(f"evaluate_heldout: the dataset needs a 'prompt' column, got {sorted(rows[0])}")
-    reward, accuracy_reward, format_reward = map(_resolve, (reward, accuracy_reward, format_reward))
+        raise ValueError(f"evaluate_heldout: the dataset needs a 'prompt' column, got columns {sorted(rows[0])}")
     if reward is None and accuracy_reward is None:
-        raise ValueError("evaluate_heldout: pass reward= or accuracy_reward= (the correctness rule)")
+        raise ValueError("evaluate_heldout: pass reward= (the recipe's rules) or accuracy_reward= (the correctness rule)")
 
     model, tokenizer = load_policy(model_or_path, tokenizer)
     prompts = [r["prompt"] for r in rows]
@@ -97,15 +155,8 @@ def evaluate_heldout(
     completions = [[{"role": "assistant", "content": g.text}] if conversational else g.text for g in gens]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k not in ("prompt", "completion")}
 
-    result: dict[str, Any] = {}
-    if reward is not None:
-        scores = _score(reward, prompts, completions, columns)
-        finite = [s for s in scores if s is not None and math.isfinite(s)]
-        result["reward_mean"] = sum(finite) / len(finite) if finite else None
-    correctness = accuracy_reward if accuracy_reward is not None else reward
-    result["accuracy"] = _pass_rate(_score(correctness, prompts, completions, columns), pass_threshold)
-    if format_reward is not None:
-        result["format_pass_rate"] = _pass_rate(_score(format_reward, prompts, completions, columns), pass_threshold)
+    result = score_completions(prompts, completions, columns, reward,
+                               accuracy_reward=accuracy_reward, format_reward=format_reward)
     result["mean_length"] = sum(g.length for g in gens) / len(gens)
     result["truncation_rate"] = sum(g.truncated for g in gens) / len(gens)
     result["n"] = len(gens)

@@ -1,0 +1,241 @@
+"""Matplotlib figures of the run report, drawn from the trainers' logged history (``log_history.jsonl``).
+
+The numbers are exactly those ``report_to`` sends to TensorBoard / W&B: the trainer's ``state.log_history``.
+Each stage gets one figure with a panel per quantity that the stage logged:
+
+- reward mean with a +-1 std band (``reward``, ``reward_std``); for DPO the implicit rewards
+  (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``); for SFT the ``loss``;
+- ``kl`` and the KL coefficient ``beta`` on twin axes;
+- completion length mean with the min-max band, and the truncation rate (``completions/clipped_ratio``) on a
+  twin axis;
+- ``entropy``.
+
+Steps where a tripwire tripped are marked with a red dotted vertical line in every panel.
+Uses the Agg backend (no display needed); figures are written atomically (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+C_MAIN, C_SECOND, C_THIRD, C_TRIP = "#1f77b4", "#d62728", "#2ca02c", "#d62728"
+
+
+def series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of ``key`` over the history, skipping entries without a finite value."""
+    xs, ys = [], []
+    for i, entry in enumerate(history):
+        v = entry.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(float(entry.get("step", i)))
+            ys.append(float(v))
+    return xs, ys
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _legend(ax, *others):
+    handles, labels = ax.get_legend_handles_labels()
+    for other in others:
+        h, lab = other.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    if handles:  # below the x label, so it never hides data (twin axes would otherwise draw over it)
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=min(len(handles), 3),
+                  fontsize=8, frameon=False)
+
+
+def _panel_reward(ax, h) -> bool:
+    x, y = series(h, "reward")
+    if x:
+        ax.plot(x, y, color=C_MAIN, label="reward (mean)", marker="." if len(x) < 30 else None)
+        sx, sd = series(h, "reward_std")
+        if sx == x:
+            ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
+                            color=C_MAIN, alpha=0.2, label="± 1 std")
+        ax.set_title("Reward")
+        ax.set_ylabel("reward")
+        _legend(ax)
+        return True
+    drawn = False
+    for key, color in (("rewards/chosen", C_THIRD), ("rewards/rejected", C_SECOND), ("rewards/margins", C_MAIN)):
+        x, y = series(h, key)
+        if x:
+            ax.plot(x, y, color=color, label=key)
+            drawn = True
+    if drawn:
+        ax.set_title("DPO implicit rewards")
+        ax.set_ylabel("β · log-ratio")
+        _legend(ax)
+        return True
+    x, y = series(h, "loss")
+    if x:
+        ax.plot(x, y, color=C_MAIN, label="loss")
+        ax.set_title("Training loss")
+        ax.set_ylabel("loss")
+        x2, y2 = series(h, "mean_token_accuracy")
+        if x2:
+            ax2 = ax.twinx()
+            ax2.plot(x2, y2, color=C_THIRD, linestyle="--", label="token accuracy")
+            ax2.set_ylabel("token accuracy", color=C_THIRD)
+            _legend(ax, ax2)
+        else:
+            _legend(ax)
+        return True
+    return False
+
+
+def _panel_kl(ax, h) -> bool:
+    xk, yk = series(h, "kl")
+    xb, yb = series(h, "beta")
+    if not xk and not xb:
+        return False
+    ax.set_title("KL to reference and KL coefficient β")
+    others = []
+    if xk:
+        ax.plot(xk, yk, color=C_MAIN, label="kl")
+        ax.set_ylabel("kl", color=C_MAIN)
+    if xb:
+        target = ax.twinx() if xk else ax
+        target.plot(xb, yb, color=C_SECOND, linestyle="--", label="β (kl coef)")
+        target.set_ylabel("β", color=C_SECOND)
+        if target is not ax:
+            others.append(target)
+    _legend(ax, *others)
+    return True
+
+
+def _panel_length(ax, h) -> bool:
+    x, y = series(h, "completions/mean_length")
+    if not x:
+        return False
+    ax.plot(x, y, color=C_MAIN, label="mean length")
+    xl, lo = series(h, "completions/min_length")
+    xh, hi = series(h, "completions/max_length")
+    if xl == x and xh == x:
+        ax.fill_between(x, lo, hi, color=C_MAIN, alpha=0.15, label="min – max")
+    ax.set_title("Completion length and truncation")
+    ax.set_ylabel("tokens")
+    others = []
+    xc, yc = series(h, "completions/clipped_ratio")
+    if xc:
+        ax2 = ax.twinx()
+        ax2.plot(xc, yc, color=C_SECOND, linestyle="--", label="truncation rate")
+        ax2.set_ylabel("truncation rate", color=C_SECOND)
+        ax2.set_ylim(-0.02, 1.02)
+        others.append(ax2)
+    _legend(ax, *others)
+    return True
+
+
+def _panel_entropy(ax, h) -> bool:
+    x, y = series(h, "entropy")
+    if not x:
+        return False
+    ax.plot(x, y, color=C_MAIN, label="entropy")
+    ax.set_title("Policy entropy")
+    ax.set_ylabel("nats / token")
+    _legend(ax)
+    return True
+
+
+# panel -> the keys any of which makes it worth drawing
+PANELS = {
+    _panel_reward: ("reward", "rewards/chosen", "rewards/rejected", "rewards/margins", "loss"),
+    _panel_kl: ("kl", "beta"),
+    _panel_length: ("completions/mean_length",),
+    _panel_entropy: ("entropy",),
+}
+
+
+def plot_stage(history: Sequence[Mapping[str, Any]], path: Path, *, title: str,
+               trip_steps: Sequence[float] = ()) -> Path | None:
+    """One figure for a stage (a panel per logged quantity); None when the stage logged none of them."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    history = [e for e in history if not any(str(k).startswith("eval_") for k in e)]
+    present = [p for p, keys in PANELS.items() if any(series(history, k)[0] for k in keys)]
+    if not present:
+        return None
+    cols = 2 if len(present) > 1 else 1
+    rows = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 3.9 * rows + 0.5), squeeze=False)
+    for ax, panel in zip(axes.flat, present):
+        panel(ax, history)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        for s in trip_steps:
+            ax.axvline(s, color=C_TRIP, linestyle=":", linewidth=1.2)
+    for ax in list(axes.flat)[len(present):]:
+        ax.set_visible(False)
+    fig.suptitle(title + ("   (red dotted line: tripwire trip)" if trip_steps else ""), fontsize=12)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_heldout(stages: Sequence[tuple[str, Mapping[str, Any]]], path: Path) -> Path | None:
+    """Bar chart across stages: held-out accuracy and format-pass rate (left), mean length (right)."""
+    stages = [(name, ev) for name, ev in stages if ev]
+    if not stages:
+        return None
+    plt = _pyplot()
+    names = [name for name, _ in stages]
+    fig, (ax, axl) = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(names) + 5), 3.8),
+                                  gridspec_kw={"width_ratios": [2, 1]})
+    rates = [("accuracy", C_MAIN), ("format_pass_rate", C_THIRD)]
+    rates = [(k, c) for k, c in rates if any(isinstance(ev.get(k), (int, float)) for _, ev in stages)]
+    width = 0.8 / max(1, len(rates))
+    for j, (key, color) in enumerate(rates):
+        xs = [i + (j - (len(rates) - 1) / 2) * width for i in range(len(names))]
+        vals = [ev.get(key) if isinstance(ev.get(key), (int, float)) else 0.0 for _, ev in stages]
+        bars = ax.bar(xs, vals, width=width, color=color, label=key.replace("_", " "))
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=8, padding=2)
+    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("fraction of held-out prompts")
+    ax.set_title("Held-out accuracy and format-pass rate")
+    ax.legend(loc="upper left", fontsize=8, ncols=2)
+    ax.grid(axis="y", alpha=0.3)
+
+    lengths = [ev.get("mean_length") if isinstance(ev.get("mean_length"), (int, float)) else 0.0 for _, ev in stages]
+    bars = axl.bar(range(len(names)), lengths, color="#7f7f7f", width=0.6)
+    axl.bar_label(bars, labels=[f"{v:.1f}" for v in lengths], fontsize=8, padding=2)
+    axl.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
+    axl.set_ylim(0, max(lengths + [1.0]) * 1.2)
+    axl.set_ylabel("tokens")
+    axl.set_title("Held-out mean completion length")
+    axl.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

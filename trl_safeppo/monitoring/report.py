@@ -1,0 +1,365 @@
+"""The run report: ``report.md`` and ``plots/*.png`` in a run directory (see docs/architecture.md, "Run directory").
+
+``write_report(run_dir)`` reads only what the run left on disk: ``manifest.json``, and per stage
+``log_history.jsonl`` (the trainer's ``state.log_history``, i.e. the numbers ``report_to`` sent to TensorBoard / W&B),
+``tripwires.jsonl``, ``eval.json``, ``probes.json`` and ``gates.json``. Every piece is optional except the manifest,
+so the report of an interrupted run (a truncated last log line, a stage with no eval, a DPO stage with no KL)
+still builds. The runner calls it after every stage and at the end; ``trl-safeppo report RUN_DIR`` rebuilds it.
+
+Everything is written atomically (temporary file, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+# Columns of the summary table: (header, where, key). where = "train" (last logged value) or "eval" (eval.json).
+SUMMARY_COLUMNS = (
+    ("steps", "train", "step"),
+    ("reward", "train", "reward"),
+    ("reward std", "train", "reward_std"),
+    ("kl", "train", "kl"),
+    ("β", "train", "beta"),
+    ("entropy", "train", "entropy"),
+    ("length", "train", "completions/mean_length"),
+    ("trunc.", "train", "completions/clipped_ratio"),
+    ("DPO margin", "train", "rewards/margins"),
+    ("loss", "train", "loss"),
+    ("held-out acc.", "eval", "accuracy"),
+    ("format pass", "eval", "format_pass_rate"),
+    ("held-out len.", "eval", "mean_length"),
+)
+BAD_STATUSES = ("failed", "stopped", "gated")
+
+
+@dataclass
+class StageRecord:
+    """Everything the report knows about one stage."""
+
+    index: int
+    name: str
+    type: str = "?"
+    status: str = "pending"
+    dir: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    tripwires: list[dict[str, Any]] = field(default_factory=list)
+    eval: dict[str, Any] | None = None
+    probes: list[dict[str, Any]] | None = None
+    gates: list[dict[str, Any]] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.index:02d}-{self.name}"
+
+    def final(self, key: str) -> float | None:
+        """Last finite logged value of ``key`` (training entries; ``step`` is the last logged step)."""
+        meta_final = self.meta.get("final_metrics") or self.meta.get("metrics") or {}
+        for entry in reversed(self.history):
+            value = entry.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                return float(value)
+        value = meta_final.get(key) if isinstance(meta_final, Mapping) else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def final_metrics(self) -> dict[str, float]:
+        """Last logged value of every numeric training metric (what the report lists per stage)."""
+        out: dict[str, float] = {}
+        for entry in self.history:
+            if any(str(k).startswith("eval_") for k in entry):
+                continue
+            for k, v in entry.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    out[k] = float(v)
+        meta_final = self.meta.get("final_metrics") or self.meta.get("metrics") or {}
+        if isinstance(meta_final, Mapping):
+            for k, v in meta_final.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.setdefault(k, float(v))
+        return out
+
+
+# ---------------------------------------------------------------- reading the run directory
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # half-written by an interrupted run: treat as missing
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of an interrupted run may be cut short
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+_STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[StageRecord]]:
+    """``(manifest, stages)`` of a run directory; ValueError when ``run_dir`` is not one."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"run directory {str(run)!r} does not exist (pass the output_dir of `trl-safeppo run`)")
+    manifest_path = run / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(
+            f"{str(run)!r} is not a run directory: it has no manifest.json (pass the output_dir of `trl-safeppo run`, "
+            "which holds manifest.json and stages/)"
+        )
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{str(manifest_path)!r} is not a JSON object; the run directory is damaged")
+
+    metas = manifest.get("stages") or []
+    if isinstance(metas, Mapping):
+        metas = [dict(v, name=v.get("name", k)) for k, v in metas.items()]
+    stages: dict[str, StageRecord] = {}
+    for i, meta in enumerate(m for m in metas if isinstance(m, Mapping)):
+        index = int(meta.get("index", i + 1))
+        rec = StageRecord(index=index, name=str(meta.get("name", f"stage{index}")),
+                          type=str(meta.get("type", "?")), status=str(meta.get("status", "pending")), meta=dict(meta))
+        for key in ("dir", "output_dir", "stage_dir"):
+            if isinstance(meta.get(key), str):
+                d = Path(meta[key])
+                rec.dir = d if d.is_absolute() else run / d
+                break
+        else:
+            rec.dir = run / "stages" / rec.label
+        stages[rec.label] = rec
+    # Stage directories the manifest does not list (e.g. the run died before updating it).
+    known_dirs = {r.dir.resolve() for r in stages.values() if r.dir is not None}
+    for d in sorted((run / "stages").glob("*")) if (run / "stages").is_dir() else []:
+        m = _STAGE_DIR.match(d.name)
+        if d.is_dir() and m and d.resolve() not in known_dirs:
+            stages[d.name] = StageRecord(index=int(m.group(1)), name=m.group(2), status="unknown", dir=d)
+
+    records = sorted(stages.values(), key=lambda r: r.index)
+    for rec in records:
+        d = rec.dir
+        if d is None or not d.is_dir():
+            continue
+        rec.history = _read_jsonl(d / "log_history.jsonl")
+        rec.tripwires = _read_jsonl(d / "tripwires.jsonl")
+        ev = _read_json(d / "eval.json")
+        rec.eval = ev if isinstance(ev, dict) else None
+        pr = _read_json(d / "probes.json")
+        rec.probes = pr if isinstance(pr, list) else None
+        gates = _read_json(d / "gates.json")
+        if gates is None and isinstance(rec.meta.get("gates"), list):
+            gates = rec.meta["gates"]
+        rec.gates = gates if isinstance(gates, list) else None
+    return manifest, records
+
+
+# ---------------------------------------------------------------- markdown helpers
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == int(value) and abs(value) < 1e6:
+            return str(int(value))
+        return f"{value:.4g}"
+    return _cell(str(value))
+
+
+def _cell(text: str, limit: int | None = None) -> str:
+    text = str(text)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = re.sub(r"([\\`*_\[\]|#])", r"\\\1", text)  # markdown specials, and | which would split the cell
+    return text.replace("\r", "").replace("\n", "<br>")
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _run_status(manifest: Mapping[str, Any], stages: list[StageRecord]) -> tuple[str, str | None]:
+    status = manifest.get("status")
+    reason = manifest.get("stop_reason") or manifest.get("reason") or manifest.get("error")
+    bad = next((s for s in stages if s.status in BAD_STATUSES), None)
+    if bad is not None:
+        if reason is None:
+            failed_gates = [g for g in (bad.gates or []) if isinstance(g, Mapping) and not g.get("passed", True)]
+            reason = bad.meta.get("reason") or bad.meta.get("error") or (
+                "; ".join(f"gate {g.get('gate')}: {g.get('reason')}" for g in failed_gates) or None
+            )
+        status = status or f"stopped at stage {bad.label} ({bad.status})"
+    if status is None:
+        if stages and all(s.status == "completed" for s in stages):
+            status = "completed"
+        elif any(s.status == "running" for s in stages):
+            status = "interrupted or still running"
+        else:
+            status = "incomplete"
+    return str(status), (str(reason) if reason else None)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; return the report's path."""
+    from .plots import plot_heldout, plot_stage
+
+    run = Path(run_dir)
+    manifest, stages = load_run(run)
+    plots_dir = run / "plots"
+    status, reason = _run_status(manifest, stages)
+    title = manifest.get("name") or manifest.get("recipe_name") or run.name
+    md: list[str] = [f"# Run report: {_cell(str(title))}", ""]
+    md += [f"- **Run directory:** `{run}`", f"- **Status:** {_cell(status)}"]
+    if reason:
+        md.append(f"- **Stop reason:** {_cell(reason)}")
+    md += [f"- **Stages:** {len(stages)} ({', '.join(s.label for s in stages) or 'none yet'})",
+           f"- **Report written:** {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}", ""]
+    md += ["How to read this report: docs/monitoring.md.", ""]
+
+    # Summary table: each stage's final metrics.
+    md += ["## Final metrics per stage", ""]
+    cols = [c for c in SUMMARY_COLUMNS if any(
+        (s.final(c[2]) if c[1] == "train" else (s.eval or {}).get(c[2])) is not None for s in stages)]
+    rows = []
+    for s in stages:
+        row = [str(s.index), _cell(s.name), _cell(s.type), _cell(s.status)]
+        for _, where, key in cols:
+            row.append(_fmt(s.final(key) if where == "train" else (s.eval or {}).get(key)))
+        rows.append(row)
+    md += _table(["#", "stage", "type", "status"] + [c[0] for c in cols], rows) if stages else ["No stages yet.", ""]
+
+    # Gates.
+    md += ["## Gate outcomes", ""]
+    gate_rows = []
+    for s in stages:
+        for g in s.gates or []:
+            if isinstance(g, Mapping):
+                gate_rows.append([s.label, _cell(g.get("gate", "?")), "✅ pass" if g.get("passed") else "❌ FAIL",
+                                  _cell(g.get("reason", ""))])
+    md += _table(["stage", "gate", "result", "reason"], gate_rows) if gate_rows else ["No gates were evaluated.", ""]
+
+    # Tripwires.
+    md += ["## Tripwire events", ""]
+    trip_rows = []
+    for s in stages:
+        for e in s.tripwires:
+            trip_rows.append([s.label, _fmt(e.get("step")), _cell(e.get("detector", "?")), _cell(e.get("status", "?")),
+                              _cell(e.get("action", "")), _cell(e.get("reason", ""), 200)])
+    md += (_table(["stage", "step", "detector", "status", "action", "reason"], trip_rows) if trip_rows
+           else ["No tripwire events.", ""])
+
+    # Held-out evaluation across stages.
+    md += ["## Held-out evaluation", ""]
+    evaluated = [(s.label, s.eval) for s in stages if s.eval]
+    heldout_png = plot_heldout(evaluated, plots_dir / "heldout.png")
+    if heldout_png is not None:
+        md += ["![held-out evaluation per stage](plots/heldout.png)", ""]
+        keys = ("accuracy", "format_pass_rate", "mean_length", "truncation_rate", "reward_mean", "n")
+        keys = [k for k in keys if any(k in ev for _, ev in evaluated)]
+        md += _table(["stage"] + keys, [[label] + [_fmt(ev.get(k)) for k in keys] for label, ev in evaluated])
+    else:
+        md += ["No held-out evaluation was recorded.", ""]
+
+    # Probe prompts: probe rows, stage columns.
+    md += ["## Probe prompts (greedy answers after each stage)", ""]
+    probed = [s for s in stages if s.probes]
+    if probed:
+        prompts: list[str] = []
+        for s in probed:
+            for p in s.probes:
+                if isinstance(p, Mapping) and p.get("prompt") not in prompts:
+                    prompts.append(str(p.get("prompt")))
+        rows = []
+        for prompt in prompts:
+            row = [_cell(prompt, 120)]
+            for s in probed:
+                answer = next((p.get("completion") for p in s.probes
+                               if isinstance(p, Mapping) and str(p.get("prompt")) == prompt), None)
+                row.append("–" if answer is None else (_cell(answer, 300) if answer.strip() else "*(empty)*"))
+            rows.append(row)
+        md += _table(["probe"] + [s.label for s in probed], rows)
+    else:
+        md += ["No probe prompts were recorded.", ""]
+
+    # Per-stage detail.
+    md += ["## Stages", ""]
+    for s in stages:
+        md += [f"### {s.index}. {_cell(s.name)} ({_cell(s.type)}): {_cell(s.status)}", ""]
+        trips = [float(e["step"]) for e in s.tripwires
+                 if e.get("status") == "trip" and isinstance(e.get("step"), (int, float))]
+        png = plot_stage(s.history, plots_dir / f"{s.label}.png", title=f"Stage {s.label} ({s.type})",
+                         trip_steps=trips)
+        if png is not None:
+            md += [f"![stage {s.label}](plots/{png.name})", ""]
+        elif s.history:
+            md += ["This stage logged none of the plotted quantities (reward, kl, length, entropy, loss).", ""]
+        else:
+            md += ["No logged history (the stage did not train, or has not started).", ""]
+        metrics = s.final_metrics()
+        if metrics:
+            md += ["<details><summary>All final logged metrics</summary>", ""]
+            md += _table(["metric", "value"], [[_cell(k), _fmt(v)] for k, v in sorted(metrics.items())])
+            md += ["</details>", ""]
+
+    report = run / "report.md"
+    _atomic_write(report, "\n".join(md).rstrip() + "\n")
+    return report
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------- CLI: trl-safeppo report RUN_DIR
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="output directory of a finished or interrupted run")
+
+
+def run(args) -> int:
+    path = write_report(args.run_dir)
+    print(f"wrote {path} and {path.parent / 'plots'}/")
+    return 0
