@@ -1,0 +1,420 @@
+"""Shared wiring of the rails into TRL's GRPOTrainer (used by SafeGRPOTrainer and SafePPOTrainer).
+
+Everything here extends GRPOTrainer through ``super()`` and post-processes what it returns; no TRL private method
+is copied. The pieces:
+
+- :class:`RailsAdjustment`: a placeholder reward function appended to ``reward_funcs`` when reward rails are on.
+  GRPO sums the weighted per-function rewards and then normalizes them per group; the rails act on that sum, and
+  the adjustment column carries ``railed - raw`` so that GRPO's own sum *is* the railed reward. GRPO's group
+  normalization (``scale_rewards``), ``loss_type`` and ``mask_truncated_completions`` then run unchanged on it,
+  the per-function metrics ``rewards/<func>/mean`` stay the raw scores, and ``rewards/rails_adjustment/mean``
+  shows what the rails changed.
+- :class:`RailsWiring`: the state holder (reward rails, KL controller), ``apply`` (rewards -> :class:`RewardBatch`
+  -> rails -> rewards_per_func), the per-optimizer-step KL update of ``trainer.beta``, checkpoint save / load, and
+  the rollback snapshot used by the tripwires.
+- :class:`SafeRailsMixin`: the GRPOTrainer method overrides that call the wiring. ``class X(SafeRailsMixin,
+  GRPOTrainer)`` gets rails, adaptive KL and checkpointed rail state; with no rails configured every override is a
+  pass-through, so training is exactly GRPOTrainer's.
+
+The multi-process story: GRPO gathers ``rewards_per_func`` over all processes before normalizing, so
+:meth:`RailsWiring.apply` sees the global batch on every rank, gathers lengths the same way, and every rank updates
+identical rail state. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any
+
+from transformers import TrainerCallback
+
+RAILS_STATE_FILE = "safe_rails_state.pt"
+SNAPSHOT_FILE = "snapshot.pt"
+ADJUSTMENT_NAME = "rails_adjustment"
+
+
+class RailsAdjustment:
+    """Placeholder reward function whose column :class:`RailsWiring` fills with ``railed - raw`` (weight 1).
+
+    Returns ``None`` for every completion when called by GRPO; picklable, stable ``__name__``.
+    """
+
+    __name__ = ADJUSTMENT_NAME
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs) -> list[float | None]:
+        return [None] * len(prompts)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _as_rails_config(value: Any):
+    """``None`` | dict | RailsConfig -> RailsConfig or None."""
+    if value is None:
+        return None
+    from ..rails.config import RailsConfig
+
+    if isinstance(value, RailsConfig):
+        return value
+    if isinstance(value, dict):
+        return RailsConfig.from_dict(value)
+    raise ValueError(
+        f"rails={value!r} is not a rails configuration; pass a dict (the YAML `rails:` block) or a "
+        "trl_safeppo.RailsConfig"
+    )
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    import torch
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class RailsWiring:
+    """Reward rails + KL controller of one trainer, with the glue to GRPO's tensors and checkpoints.
+
+    Args:
+        rails: a :class:`trl_safeppo.rails.RewardRails` (``None``: rewards pass through untouched).
+        kl_controller: an ``AdaptiveKLController`` / ``FixedKLController`` (``None``: ``beta`` stays as configured).
+    """
+
+    def __init__(self, rails=None, kl_controller=None):
+        self.rails = rails
+        self.kl_controller = kl_controller
+        self.trainer = None
+        self.adjustment_index: int | None = None
+        # Global (all processes) rewards of the last scored batch: before and after the rails. (B,) float32.
+        self.last_raw_rewards = None
+        self.last_rewards = None
+        self._kl_values: list[float] = []
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, rails_config: Any) -> RailsWiring:
+        """Build from a ``RailsConfig`` (or its dict); ``None`` gives the pass-through wiring."""
+        config = _as_rails_config(rails_config)
+        if config is None:
+            return cls()
+        from ..rails.config import RewardRails
+
+        chain = config.build_reward_chain()
+        rails = RewardRails(chain) if chain is not None else None
+        return cls(rails=rails, kl_controller=config.build_kl_controller())
+
+    @property
+    def active(self) -> bool:
+        return self.rails is not None or self.kl_controller is not None
+
+    def prepare_init(self, args, reward_funcs, reward_processing_classes=None):
+        """Adjust GRPOTrainer's constructor arguments before ``super().__init__``.
+
+        Returns ``(args, reward_funcs, reward_processing_classes)``; ``args`` is a shallow copy when changed (the
+        caller's config is never mutated). With reward rails, the :class:`RailsAdjustment` column is appended (weight
+        1). With a KL controller, ``args.beta`` starts at the controller's value, which must be > 0: GRPO loads no
+        reference model when ``beta == 0``.
+        """
+        import copy
+
+        if self.kl_controller is not None:
+            beta0 = float(self.kl_controller.value)
+            adaptive = hasattr(self.kl_controller, "min_coef")
+            if adaptive and not beta0 > 0:
+                raise ValueError(
+                    f"rails.kl init_kl_coef={beta0!r}: the KL coefficient must start above 0, because GRPO loads no "
+                    "reference model when beta == 0; set init_kl_coef (and min_coef) > 0"
+                )
+            min_coef = getattr(self.kl_controller, "min_coef", None)
+            if adaptive and not min_coef > 0:
+                raise ValueError(
+                    f"rails.kl min_coef={min_coef!r}: the adaptive KL floor must be > 0, because GRPO loads no "
+                    "reference model when beta == 0; set min_coef to a small positive value such as 1e-3"
+                )
+            args = copy.copy(args)
+            args.beta = beta0
+        if self.rails is None:
+            return args, reward_funcs, reward_processing_classes
+        if getattr(args, "multi_objective_aggregation", "sum_then_normalize") != "sum_then_normalize":
+            raise ValueError(
+                f"multi_objective_aggregation={args.multi_objective_aggregation!r} cannot be combined with reward "
+                "rails: the rails act on the summed reward; use 'sum_then_normalize' or switch the reward rails off"
+            )
+        if reward_funcs is None:
+            reward_funcs = []
+        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        n_user = len(funcs)
+        funcs.append(RailsAdjustment())
+        args = copy.copy(args)
+        if args.reward_weights is not None:
+            args.reward_weights = [*args.reward_weights, 1.0]
+        if reward_processing_classes is not None:
+            rpc = list(reward_processing_classes) if isinstance(reward_processing_classes, (list, tuple)) else [
+                reward_processing_classes
+            ]
+            reward_processing_classes = [*rpc, *([None] * (n_user - len(rpc))), None]
+        return args, funcs, reward_processing_classes
+
+    def attach(self, trainer) -> None:
+        """Bind to a constructed trainer: find the adjustment column, register the KL callback."""
+        self.trainer = trainer
+        if self.rails is not None:
+            for i, func in enumerate(trainer.reward_funcs):
+                if isinstance(func, RailsAdjustment):
+                    self.adjustment_index = i
+        if self.kl_controller is not None:
+            trainer.beta = float(self.kl_controller.value)
+            trainer.add_callback(_KLStepCallback(self))
+
+    # ------------------------------------------------------------------ rewards
+    def reward_batch(self, trainer, raw_rewards, completion_ids_list, mode: str):
+        """GRPO's global rewards (B,) + this process's completion ids -> a :class:`RewardBatch` over all processes."""
+        import torch
+
+        from ..rails.base import RewardBatch
+
+        device = raw_rewards.device
+        eos_and_pad = {*trainer.eos_token_ids, trainer._tokenizer.pad_token_id}
+        lengths = torch.tensor([len(ids) for ids in completion_ids_list], dtype=torch.long, device=device)
+        truncated = torch.tensor(
+            [len(ids) == 0 or int(ids[-1]) not in eos_and_pad for ids in completion_ids_list], device=device
+        )
+        lengths = trainer.accelerator.gather(lengths)
+        truncated = trainer.accelerator.gather(truncated)
+        num_generations = trainer.num_generations if mode == "train" else trainer.num_generations_eval
+        group_ids = torch.arange(raw_rewards.numel(), device=device) // num_generations
+        return RewardBatch(
+            rewards=raw_rewards.float().cpu(),
+            lengths=lengths.cpu(),
+            truncated=truncated.bool().cpu(),
+            group_ids=group_ids.cpu(),
+            max_completion_length=trainer.max_completion_length,
+        )
+
+    def apply(self, trainer, rewards_per_func, completion_ids_list):
+        """Rail GRPO's gathered ``rewards_per_func`` (B, K); returns the (B, K) tensor GRPO normalizes next.
+
+        Rows whose railed reward is non-finite become all-NaN (GRPO gives them a zero advantage); non-finite
+        per-function entries are treated as missing (NaN). In eval mode the rails run on a copy of their state, so
+        evaluation never moves a running statistic.
+        """
+        import torch
+
+        if self.rails is None:
+            return rewards_per_func
+        mode = "train" if trainer.model.training else "eval"
+        idx = self.adjustment_index
+        device = rewards_per_func.device
+        weights = trainer.reward_weights.to(device)
+        user = [i for i in range(rewards_per_func.shape[1]) if i != idx]
+        values = rewards_per_func[:, user] * weights[user].unsqueeze(0)
+        raw = values.nansum(dim=1)
+        raw[torch.isnan(rewards_per_func[:, user]).all(dim=1)] = torch.nan
+
+        batch = self.reward_batch(trainer, raw, completion_ids_list, mode)
+        saved = self.rails.state_dict() if mode == "eval" else None
+        railed, metrics = self.rails(batch)
+        if saved is not None:
+            self.rails.load_state_dict(saved)
+        railed = railed.to(device=device, dtype=rewards_per_func.dtype)
+
+        out = rewards_per_func.clone()
+        out[:, user] = torch.where(torch.isfinite(out[:, user]), out[:, user], torch.nan)
+        drop = ~torch.isfinite(railed)
+        out[drop] = torch.nan
+        base = (out[:, user] * weights[user].unsqueeze(0)).nansum(dim=1)
+        out[:, idx] = torch.where(drop, torch.nan, (railed - base) / weights[idx])
+
+        self.last_raw_rewards, self.last_rewards = raw.detach(), railed.detach()
+        store = trainer._metrics[mode]
+        finite_raw = raw[torch.isfinite(raw)]
+        store["rails/raw_reward/mean"].append(finite_raw.mean().item() if finite_raw.numel() else math.nan)
+        store["rails/raw_reward/non_finite"].append(float((~torch.isfinite(raw)).sum().item()))
+        for name, value in metrics.items():
+            store[name].append(float(value))
+        return out
+
+    # ------------------------------------------------------------------ KL
+    def observe_kl(self, trainer) -> None:
+        """Collect GRPO's newest ``kl`` value (call after each ``training_step``)."""
+        values = trainer._metrics["train"].get("kl")
+        if values:
+            self._kl_values.append(float(values[-1]))
+
+    def step_kl(self) -> None:
+        """Once per optimizer step: log ``beta``, feed the mean KL of the step to the controller, set the new beta."""
+        if self.kl_controller is None or self.trainer is None:
+            return
+        trainer = self.trainer
+        trainer._metrics["train"]["beta"].append(float(trainer.beta))
+        finite = [v for v in self._kl_values if math.isfinite(v)]
+        self._kl_values.clear()
+        if not finite:
+            return
+        args = trainer.args
+        n_steps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        self.kl_controller.update(sum(finite) / len(finite), n_steps)
+        trainer.beta = float(self.kl_controller.value)
+
+    def set_beta(self, value: float) -> None:
+        """Set the KL coefficient everywhere it lives (trainer and controller), e.g. for ``raise_kl``."""
+        value = float(value)
+        self.trainer.beta = value
+        if self.kl_controller is not None:
+            state = self.kl_controller.state_dict()
+            if isinstance(state, dict) and "value" in state:
+                state = {**state, "value": value}
+                self.kl_controller.load_state_dict(state)
+            else:
+                self.kl_controller.value = value
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "version": 1,
+            "rails": self.rails.state_dict() if self.rails is not None else None,
+            "kl": self.kl_controller.state_dict() if self.kl_controller is not None else None,
+            "beta": float(self.trainer.beta) if self.trainer is not None and hasattr(self.trainer, "beta") else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.rails is not None and state.get("rails") is not None:
+            self.rails.load_state_dict(state["rails"])
+        if self.kl_controller is not None and state.get("kl") is not None:
+            self.kl_controller.load_state_dict(state["kl"])
+        if self.trainer is not None and state.get("beta") is not None:
+            self.trainer.beta = float(state["beta"])
+
+    def save(self, directory: str) -> None:
+        """Write the rail state into a checkpoint directory (atomically)."""
+        _atomic_torch_save(self.state_dict(), os.path.join(directory, RAILS_STATE_FILE))
+
+    def load(self, directory: str) -> bool:
+        """Load the rail state from a checkpoint directory; False when the checkpoint has none."""
+        import torch
+
+        path = os.path.join(directory, RAILS_STATE_FILE)
+        if not os.path.exists(path):
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        return True
+
+
+# ---------------------------------------------------------------------- snapshots (tripwire rollback)
+def save_snapshot(trainer, directory: str) -> str:
+    """Save policy weights, optimizer state and rail state of ``trainer`` to ``directory/snapshot.pt``.
+
+    Works for single-process and DDP training (every rank holds the full weights); the main process writes and the
+    others wait. Returns the file path.
+    """
+    path = os.path.join(directory, SNAPSHOT_FILE)
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model)
+        state = {
+            "step": int(trainer.state.global_step),
+            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else None,
+            "beta": float(getattr(trainer, "beta", math.nan)),
+            "wiring": trainer.rails_wiring.state_dict() if getattr(trainer, "rails_wiring", None) else None,
+        }
+        _atomic_torch_save(state, path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def restore_snapshot(trainer, directory: str) -> int:
+    """Load a :func:`save_snapshot` file back into ``trainer`` (weights, optimizer, rail state, beta).
+
+    The learning-rate schedule keeps following ``global_step``; GRPO's buffered generations are dropped so the
+    next batch is sampled from the restored policy. Returns the step the snapshot was taken at.
+    """
+    import torch
+
+    state = torch.load(os.path.join(directory, SNAPSHOT_FILE), map_location="cpu", weights_only=False)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.load_state_dict(state["model"])
+    if trainer.optimizer is not None and state["optimizer"] is not None:
+        current_lrs = [group["lr"] for group in trainer.optimizer.param_groups]
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(trainer.optimizer.param_groups, current_lrs, strict=True):
+            group["lr"] = lr
+    wiring = getattr(trainer, "rails_wiring", None)
+    if wiring is not None and state.get("wiring") is not None:
+        wiring.load_state_dict(state["wiring"])
+    elif hasattr(trainer, "beta") and math.isfinite(state.get("beta", math.nan)):
+        trainer.beta = state["beta"]
+    if hasattr(trainer, "_buffered_inputs"):
+        trainer._buffered_inputs = None
+    tr_loss = getattr(trainer, "_tr_loss", None)
+    if isinstance(tr_loss, torch.Tensor) and not torch.isfinite(tr_loss).all():
+        tr_loss.zero_()
+    return int(state["step"])
+
+
+def scale_learning_rate(trainer, factor: float) -> tuple[float, float]:
+    """Multiply the learning rate (optimizer groups and the scheduler's base rates); returns (before, after)."""
+    before = trainer.optimizer.param_groups[0]["lr"]
+    for group in trainer.optimizer.param_groups:
+        group["lr"] *= factor
+    scheduler = getattr(trainer, "lr_scheduler", None)
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    return before, trainer.optimizer.param_groups[0]["lr"]
+
+
+class _KLStepCallback(TrainerCallback):
+    """Runs :meth:`RailsWiring.step_kl` at the end of every optimizer step (before logging)."""
+
+    def __init__(self, wiring: RailsWiring):
+        self.wiring = wiring
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.wiring.step_kl()
+        return control
+
+
+class SafeRailsMixin:
+    """GRPOTrainer overrides that route through ``self.rails_wiring`` (a :class:`RailsWiring`).
+
+    Use as ``class MyTrainer(SafeRailsMixin, GRPOTrainer)``; build the wiring, call
+    ``rails_wiring.prepare_init`` before and ``rails_wiring.attach(self)`` after ``super().__init__``.
+    """
+
+    rails_wiring: RailsWiring | None = None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        wiring = self.rails_wiring
+        if wiring is None or wiring.rails is None:
+            return rewards_per_func
+        return wiring.apply(self, rewards_per_func, completion_ids_list)
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.rails_wiring is not None and self.rails_wiring.kl_controller is not None:
+            self.rails_wiring.observe_kl(self)
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.rails_wiring is not None and self.rails_wiring.active and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self.rails_wiring.save(os.path.join(self._get_output_dir(trial=trial), folder))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.rails_wiring is not None and self.rails_wiring.active and checkpoint is not None:
+            self.rails_wiring.load(checkpoint)

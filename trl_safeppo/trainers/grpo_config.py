@@ -1,0 +1,89 @@
+"""SafeGRPOConfig: TRL's GRPOConfig plus the rails, the adaptive KL and the tripwires of one GRPO stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig
+
+from .tripwires import TRIPWIRE_HELP, validate_tripwire_fields
+
+
+@dataclass
+class SafeGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`SafeGRPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the fields below. With
+    `rails=None` and `tripwires=None` (the defaults) training is exactly GRPOTrainer's.
+
+    Rails map onto GRPO's own knobs where they exist, instead of re-implementing them: group normalization is
+    `scale_rewards`, the per-token loss aggregation is `loss_type` (`"dr_grpo"` removes the length bias of the
+    original GRPO loss, Liu et al. 2025, https://huggingface.co/papers/2503.20783), masking truncated completions
+    out of the loss is `mask_truncated_completions` (DAPO, https://huggingface.co/papers/2503.14476), weighting
+    several rewards is `reward_weights`. The `rails` block adds what GRPO lacks: clipping, running normalization,
+    length rails, a missing-EOS penalty and a non-finite guard (applied to the summed reward *before* GRPO's group
+    normalization), and an adaptive KL coefficient on `beta` (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593).
+
+    Parameters:
+        > Rails
+
+        rails (`dict` or `RailsConfig`, *optional*):
+            The rails of this stage, in the format of `trl_safeppo.RailsConfig.from_dict` (the YAML `rails:` block):
+            reward rails in declared order and the KL controller. With an adaptive KL controller, its `init_kl_coef`
+            replaces `beta` and its `min_coef` must be > 0 (GRPO loads no reference model when `beta == 0`).
+            `None` disables all rails.
+
+        > Tripwires
+
+        tripwires (`list[dict]`, *optional*):
+            {tripwires}
+        tripwire_raise_kl_factor (`float`, *optional*, defaults to `2.0`):
+            {raise_kl_factor}
+        tripwire_rollback_beta_factor (`float`, *optional*, defaults to `2.0`):
+            {rollback_beta_factor}
+        tripwire_rollback_lr_factor (`float`, *optional*, defaults to `0.5`):
+            {rollback_lr_factor}
+        tripwire_max_rollbacks (`int`, *optional*, defaults to `2`):
+            {max_rollbacks}
+        tripwire_snapshot_every (`int`, *optional*, defaults to `1`):
+            {snapshot_every}
+        logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
+            Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in
+            the logs and would hide it from the `non_finite` tripwire.
+    """.format(**TRIPWIRE_HELP)
+
+    # Rails
+    rails: dict | Any | None = field(
+        default=None,
+        metadata={
+            "help": "The rails of this stage, in the format of `trl_safeppo.RailsConfig.from_dict` (the YAML `rails:` "
+            "block): reward rails in declared order and the KL controller. With an adaptive KL controller, its "
+            "`init_kl_coef` replaces `beta` and its `min_coef` must be > 0 (GRPO loads no reference model when "
+            "`beta == 0`). `None` disables all rails."
+        },
+    )
+
+    # Tripwires
+    tripwires: list[dict] | None = field(default=None, metadata={"help": TRIPWIRE_HELP["tripwires"]})
+    tripwire_raise_kl_factor: float = field(default=2.0, metadata={"help": TRIPWIRE_HELP["raise_kl_factor"]})
+    tripwire_rollback_beta_factor: float = field(
+        default=2.0, metadata={"help": TRIPWIRE_HELP["rollback_beta_factor"]}
+    )
+    tripwire_rollback_lr_factor: float = field(default=0.5, metadata={"help": TRIPWIRE_HELP["rollback_lr_factor"]})
+    tripwire_max_rollbacks: int = field(default=2, metadata={"help": TRIPWIRE_HELP["max_rollbacks"]})
+    tripwire_snapshot_every: int = field(default=1, metadata={"help": TRIPWIRE_HELP["snapshot_every"]})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running "
+            "average in the logs and would hide it from the `non_finite` tripwire."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rails is not None:
+            from ._wiring import _as_rails_config
+
+            _as_rails_config(self.rails)  # a bad rails block fails here, naming its field
+        validate_tripwire_fields(self)

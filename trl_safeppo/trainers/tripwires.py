@@ -1,0 +1,334 @@
+"""Tripwires that act: a TrainerCallback that runs the rails' detectors on the logged history and acts on a trip.
+
+Each configured tripwire names a detector of :mod:`trl_safeppo.rails` (``kl_limit``, ``non_finite``,
+``length_hacking``, ...), its parameters, and the action taken when it trips:
+
+- ``warn``: record the event, nothing else.
+- ``raise_kl``: multiply the KL coefficient ``beta`` by ``raise_kl_factor`` (the adaptive controller continues from
+  the new value).
+- ``rollback``: restore the last good snapshot (policy weights, optimizer state, rail state and beta), then continue
+  with the stated change: ``beta *= rollback_beta_factor`` and ``learning_rate *= rollback_lr_factor``. After
+  ``max_rollbacks`` rollbacks a further rollback trip becomes ``stop``.
+- ``stop``: restore the last good snapshot (so what the stage saves is the last good policy), end the stage cleanly
+  (``control.should_training_stop``) and record why.
+
+The callback works for every trainer of the package through a small protocol: the trainer has ``beta``,
+``optimizer``, ``accelerator``, ``model`` and, optionally, ``rails_wiring`` (a :class:`~._wiring.RailsWiring`, whose
+KL controller is kept in step with ``beta``).
+
+Snapshots (only when some tripwire's action is ``rollback`` or ``stop``): the metrics logged at step ``s`` were
+measured with the weights *before* update ``s``, so a clean log at ``s`` vouches for the weights of step ``s - 1``,
+not for the weights just produced. The callback therefore saves a *candidate* at each clean log (every
+``snapshot_every``-th) in ``<output_dir>/tripwire-candidate/`` and promotes it to ``<output_dir>/tripwire-last-good/``
+at the next clean log; the initial weights are good by definition. Rollback and stop restore the last good one.
+
+Every non-ok verdict is one JSON line in ``<output_dir>/tripwires.jsonl``: ``step``, ``detector``, ``status``,
+``reason``, ``values``, ``action`` (plus ``details`` saying what was done). The logged record of that step also
+gets ``tripwire/<detector>`` (0 ok, 1 warn, 2 trip) for every configured detector.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import TrainerCallback
+
+ACTIONS = ("warn", "raise_kl", "rollback", "stop")
+_SEVERITY = {"warn": 0, "raise_kl": 1, "rollback": 2, "stop": 3}
+STATUS_CODE = {"ok": 0.0, "warn": 1.0, "trip": 2.0}
+TRIPWIRES_FILE = "tripwires.jsonl"
+LAST_GOOD_DIR = "tripwire-last-good"
+CANDIDATE_DIR = "tripwire-candidate"
+
+TRIPWIRE_HELP = {
+    "tripwires": "Tripwires of this stage: a list of `{detector, action, params}`. `detector` is one of the rails' "
+    "detectors (`kl_limit`, `kl_acceleration`, `non_finite`, `length_hacking`, `format_gaming`, "
+    "`entropy_collapse`, `length_collapse`, `length_explosion`), `action` one of `warn`, `raise_kl`, `rollback`, "
+    "`stop`, `params` the detector's thresholds. Events go to `<output_dir>/tripwires.jsonl`. `None`: no tripwires.",
+    "raise_kl_factor": "`raise_kl` multiplies beta by this factor (> 1).",
+    "rollback_beta_factor": "After a `rollback`, beta is multiplied by this factor (>= 1; 1 keeps beta).",
+    "rollback_lr_factor": "After a `rollback`, the learning rate is multiplied by this factor (in (0, 1]).",
+    "max_rollbacks": "Rollbacks allowed in one stage; a further `rollback` trip ends the stage like `stop` (>= 0).",
+    "snapshot_every": "Take the last-good snapshot every this many clean logging steps (>= 1); used by `rollback` "
+    "and `stop`. Snapshots hold the policy and the optimizer state, so they cost memory and disk on large models.",
+}
+
+
+@dataclass(frozen=True)
+class TripwireActions:
+    """The knobs of the actions (one set per stage)."""
+
+    raise_kl_factor: float = 2.0
+    rollback_beta_factor: float = 2.0
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 2
+    snapshot_every: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("tripwire_raise_kl_factor", self.raise_kl_factor, self.raise_kl_factor > 1, "a number > 1 such as 2.0"),
+            ("tripwire_rollback_beta_factor", self.rollback_beta_factor, self.rollback_beta_factor >= 1, "a number >= 1"),
+            (
+                "tripwire_rollback_lr_factor",
+                self.rollback_lr_factor,
+                0 < self.rollback_lr_factor <= 1,
+                "a number in (0, 1] such as 0.5",
+            ),
+            ("tripwire_max_rollbacks", self.max_rollbacks, self.max_rollbacks >= 0, "an integer >= 0"),
+            ("tripwire_snapshot_every", self.snapshot_every, self.snapshot_every >= 1, "an integer >= 1"),
+        ]
+        for name, value, ok, fix in checks:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+                raise ValueError(f"{name}={value!r} is invalid; use {fix}")
+
+    @classmethod
+    def from_args(cls, args) -> TripwireActions:
+        return cls(
+            raise_kl_factor=args.tripwire_raise_kl_factor,
+            rollback_beta_factor=args.tripwire_rollback_beta_factor,
+            rollback_lr_factor=args.tripwire_rollback_lr_factor,
+            max_rollbacks=args.tripwire_max_rollbacks,
+            snapshot_every=args.tripwire_snapshot_every,
+        )
+
+
+def parse_tripwires(specs: Sequence[Any] | None, *, field: str = "tripwires") -> list:
+    """Validate a list of tripwire specs (dicts or ``TripwireSpec``); returns ``TripwireSpec`` objects.
+
+    An unknown detector or action, or bad params, raises one ``ValueError`` naming ``<field>[i].<key>``, the value
+    and what is accepted.
+    """
+    from ..rails.tripwires import DETECTORS, TripwireSpec
+
+    if specs is None:
+        return []
+    if isinstance(specs, (str, bytes, Mapping)) or not isinstance(specs, Sequence):
+        raise ValueError(f"{field}={specs!r} must be a list of {{detector, action, params}} entries")
+    parsed = []
+    for i, spec in enumerate(specs):
+        where = f"{field}[{i}]"
+        if isinstance(spec, TripwireSpec):
+            parsed.append(spec)
+            continue
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}={spec!r} must be a mapping with keys detector, action, params")
+        unknown = sorted(set(spec) - {"detector", "action", "params"})
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {unknown}; accepted: detector, action, params")
+        if "detector" not in spec:
+            raise ValueError(f"{where} has no detector; accepted: {sorted(DETECTORS)}")
+        if spec["detector"] not in DETECTORS:
+            raise ValueError(f"{where}.detector={spec['detector']!r} is not a detector; accepted: {sorted(DETECTORS)}")
+        action = spec.get("action", "warn")
+        if action not in ACTIONS:
+            raise ValueError(f"{where}.action={action!r} is not a tripwire action; accepted: {list(ACTIONS)}")
+        try:
+            parsed.append(TripwireSpec(detector=spec["detector"], action=action, params=spec.get("params") or {}))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{where}.params: {err}") from None
+    return parsed
+
+
+def validate_tripwire_fields(args) -> None:
+    """``__post_init__`` check shared by the Safe*Config classes."""
+    parse_tripwires(args.tripwires)
+    TripwireActions.from_args(args)
+
+
+def _numeric(logs: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in logs.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+        elif value is None:
+            out[key] = math.nan  # GRPO logs None when every value of a metric was NaN
+    return out
+
+
+def _set_beta(trainer, value: float) -> None:
+    wiring = getattr(trainer, "rails_wiring", None)
+    if wiring is not None and wiring.trainer is trainer:
+        wiring.set_beta(value)
+    else:
+        trainer.beta = float(value)
+
+
+class TripwireCallback(TrainerCallback):
+    """Evaluates the configured detectors at every training log and acts on trips (see the module docstring).
+
+    Args:
+        trainer: the trainer to act on (the protocol of the module docstring).
+        specs: validated ``TripwireSpec`` list (see :func:`parse_tripwires`).
+        actions: the knobs of the actions.
+        output_dir: where ``tripwires.jsonl`` and the last-good snapshot live.
+    """
+
+    def __init__(self, trainer, specs: Sequence[Any], actions: TripwireActions, output_dir: str):
+        self.trainer = trainer
+        self.specs = list(specs)
+        self.actions = actions
+        self.output_dir = output_dir
+        self.events_path = os.path.join(output_dir, TRIPWIRES_FILE)
+        self.snapshot_dir = os.path.join(output_dir, LAST_GOOD_DIR)
+        self.candidate_dir = os.path.join(output_dir, CANDIDATE_DIR)
+        self.candidate_step: int | None = None
+        self.history: list[dict[str, float]] = []
+        self.events: list[dict[str, Any]] = []
+        self.n_rollbacks = 0
+        self.n_clean = 0
+        self.snapshot_step: int | None = None
+        self.stopped_reason: str | None = None
+        self.needs_snapshots = any(spec.action in ("rollback", "stop") for spec in self.specs)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def _is_main(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
+    def _write_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        if not self._is_main:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        line = json.dumps(event, allow_nan=True, default=float) + "\n"
+        with open(self.events_path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+
+    def _snapshot(self, step: int, *, good: bool = False) -> None:
+        """Save the current weights as the candidate (or straight as the last good one when ``good``)."""
+        from ._wiring import save_snapshot
+
+        save_snapshot(self.trainer, self.snapshot_dir if good else self.candidate_dir)
+        if good:
+            self.snapshot_step = step
+        else:
+            self.candidate_step = step
+
+    def _promote(self) -> None:
+        """The candidate was followed by a clean log: it becomes the last good snapshot."""
+        from ._wiring import SNAPSHOT_FILE
+
+        if self.candidate_step is None:
+            return
+        if self._is_main:
+            os.makedirs(self.snapshot_dir, exist_ok=True)
+            os.replace(os.path.join(self.candidate_dir, SNAPSHOT_FILE), os.path.join(self.snapshot_dir, SNAPSHOT_FILE))
+        self.trainer.accelerator.wait_for_everyone()
+        self.snapshot_step, self.candidate_step = self.candidate_step, None
+
+    def _restore(self) -> int | None:
+        from ._wiring import restore_snapshot
+
+        if self.snapshot_step is None:
+            return None
+        step = restore_snapshot(self.trainer, self.snapshot_dir)
+        self.candidate_step = None  # taken on the abandoned trajectory
+        # The records logged after the snapshot belong to the abandoned trajectory.
+        self.history = [h for h in self.history if h.get("step", -1) <= step]
+        return step
+
+    # ------------------------------------------------------------------ callback
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0 and self._is_main and os.path.exists(self.events_path):
+            os.remove(self.events_path)  # a fresh stage starts a fresh event file; a resumed one appends
+        if self.needs_snapshots:
+            self._snapshot(state.global_step, good=True)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or any(key.startswith("eval_") for key in logs):
+            return control  # only training logs (not eval, not the final train summary)
+        record = _numeric(logs)
+        record["step"] = float(state.global_step)
+        self.history.append(record)
+
+        verdicts = [(spec, spec.check(self.history)) for spec in self.specs]
+        flags = {f"tripwire/{spec.detector}": STATUS_CODE.get(v.status, 0.0) for spec, v in verdicts}
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(flags)
+
+        trips = [(spec, v) for spec, v in verdicts if v.status == "trip"]
+        warns = [(spec, v) for spec, v in verdicts if v.status == "warn"]
+        for spec, verdict in warns:
+            self._write_event(self._event(state, verdict, "warn", {}))
+        if not trips:
+            self.n_clean += 1
+            if self.needs_snapshots:
+                self._promote()
+                if self.n_clean % self.actions.snapshot_every == 0:
+                    self._snapshot(state.global_step)
+            return control
+
+        # One action per log step: the most severe configured among the tripped detectors.
+        action = max((spec.action for spec, _ in trips), key=_SEVERITY.__getitem__)
+        if action == "rollback" and self.n_rollbacks >= self.actions.max_rollbacks:
+            action = "stop"
+        details = self._act(action, state, control, trips)
+        for spec, verdict in trips:
+            self._write_event(self._event(state, verdict, spec.action, details if spec.action == action or (
+                spec.action == "rollback" and action == "stop") else {"superseded_by": action}))
+        return control
+
+    def _event(self, state, verdict, action: str, details: dict) -> dict[str, Any]:
+        return {
+            "step": int(state.global_step),
+            "detector": verdict.detector,
+            "status": verdict.status,
+            "reason": verdict.reason,
+            "values": {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in dict(verdict.values).items()},
+            "action": action,
+            "details": details,
+        }
+
+    def _act(self, action: str, state, control, trips) -> dict[str, Any]:
+        trainer = self.trainer
+        if action == "warn":
+            return {}
+        if action == "raise_kl":
+            before = float(trainer.beta)
+            _set_beta(trainer, before * self.actions.raise_kl_factor)
+            return {"beta_before": before, "beta_after": float(trainer.beta)}
+        if action == "rollback":
+            from ._wiring import scale_learning_rate
+
+            restored = self._restore()
+            if restored is None:
+                action = "stop"
+            else:
+                self.n_rollbacks += 1
+                before = float(trainer.beta)
+                _set_beta(trainer, before * self.actions.rollback_beta_factor)
+                lr_before, lr_after = scale_learning_rate(trainer, self.actions.rollback_lr_factor)
+                return {
+                    "restored_step": restored,
+                    "rollbacks": self.n_rollbacks,
+                    "beta_before": before,
+                    "beta_after": float(trainer.beta),
+                    "lr_before": lr_before,
+                    "lr_after": lr_after,
+                }
+        # stop
+        restored = self._restore() if self.snapshot_step is not None else None
+        reasons = "; ".join(f"{v.detector}: {v.reason}" for _, v in trips)
+        self.stopped_reason = f"stopped at step {state.global_step}: {reasons}"
+        control.should_training_stop = True
+        return {"restored_step": restored, "stopped": True, "why": self.stopped_reason}
+
+
+def add_tripwires(trainer, args) -> TripwireCallback | None:
+    """Attach a :class:`TripwireCallback` built from ``args.tripwires`` (None when no tripwire is configured)."""
+    specs = parse_tripwires(args.tripwires)
+    if not specs:
+        return None
+    callback = TripwireCallback(trainer, specs, TripwireActions.from_args(args), args.output_dir)
+    trainer.add_callback(callback)
+    trainer.tripwire_callback = callback
+    return callback
