@@ -1,0 +1,137 @@
+"""RailsConfig: defaults, chain order, YAML/JSON round trip, errors at config time; RewardRails state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from trl_safeppo import AdaptiveKLController, FixedKLController, RailsConfig, RewardRails
+from trl_safeppo.rails.tripwires import TripwireSpec
+
+from .test_base import batch
+
+FULL = {
+    "non_finite": {"policy": "group_mean", "value": -1.0},
+    "missing_eos": {"penalty": 0.5},
+    "length": {"debias": "group", "alpha": 0.5, "budget": 8, "penalty_per_token": 0.01, "overlong_buffer": 4},
+    "clip": {"low": -3.0, "high": 3.0, "percentile_low": 1.0, "percentile_high": 99.0, "window": 64},
+    "normalize": {"enabled": True},
+    "kl": {"controller": "adaptive", "init_kl_coef": 0.1, "target": 2.0, "horizon": 500, "min_coef": 0.01},
+    "tripwires": [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 5.0}}],
+}
+
+
+def test_defaults_only_the_guard_is_on():
+    cfg = RailsConfig()
+    assert cfg.reward_rail_names() == ["non_finite"]
+    assert isinstance(cfg.build_kl_controller(), FixedKLController) and cfg.build_kl_controller().value == 0.0
+    assert cfg.build_kl_controller(default_kl_coef=0.04).value == 0.04
+    assert cfg.build_tripwires() == [TripwireSpec("non_finite", "stop")]
+    # finite rewards pass through unchanged
+    b = batch([0.25, -7.0, 3.0], lengths=[1, 5, 9])
+    rewards, metrics = RewardRails()(b)
+    assert_close(rewards, b.rewards)
+    assert metrics["rails/non_finite/count"] == 0.0
+
+
+def test_chain_order_follows_the_declared_order():
+    cfg = RailsConfig.from_dict(FULL)
+    assert cfg.reward_rail_names() == [
+        "non_finite", "length_debias", "length_power", "missing_eos", "length_linear", "overlong",
+        "normalize", "clip", "percentile_clip",
+    ]
+    before = RailsConfig.from_dict({**FULL, "clip": {**FULL["clip"], "position": "before_norm"}})
+    assert before.reward_rail_names()[-3:] == ["clip", "percentile_clip", "normalize"]
+
+
+def test_yaml_and_json_round_trip():
+    cfg = RailsConfig.from_dict(FULL)
+    assert RailsConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert RailsConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert RailsConfig.from_yaml("") == RailsConfig()
+    assert RailsConfig.from_dict(RailsConfig().to_dict()) == RailsConfig()
+
+
+def test_from_any_reads_a_yaml_file(tmp_path):
+    path = tmp_path / "rails.yaml"
+    path.write_text("normalize:\n  enabled: true\nkl:\n  controller: adaptive\n  init_kl_coef: 0.2\n")
+    cfg = RailsConfig.from_any(str(path))
+    assert cfg.normalize.enabled and cfg.kl.controller == "adaptive"
+    assert RailsConfig.from_any(None) == RailsConfig() and RailsConfig.from_any(cfg) is cfg
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"kl": {"target": -1.0}}, r"rails\.kl\.target must be a finite number > 0, got -1\.0"),
+        ({"kl": {"min_coef": 0.0}}, r"rails\.kl\.min_coef must be a finite number > 0"),
+        ({"kl": {"horizon": 0}}, r"rails\.kl\.horizon must be a finite number > 0"),
+        ({"kl": {"controller": "adaptive", "init_kl_coef": 50.0}}, r"rails\.kl\.init_kl_coef must be in \[min_coef"),
+        ({"kl": {"estimator": "k9"}}, r"rails\.kl\.estimator"),
+        ({"clip": {"low": 2.0, "high": 1.0}}, r"rails\.clip\.low must be <= rails\.clip\.high"),
+        ({"clip": {"position": "middle"}}, r"rails\.clip\.position"),
+        ({"clip": {"percentile_high": 120}}, r"rails\.clip\.percentile_high must be null or in \[0, 100\]"),
+        ({"length": {"alpha": -0.5}}, r"rails\.length\.alpha must be null or a finite number >= 0"),
+        ({"length": {"penalty_per_token": 0.1}}, r"needs rails\.length\.budget"),
+        ({"length": {"overlong_buffer": 8, "max_completion_length": 4}}, r"rails\.length\.max_completion_length"),
+        ({"missing_eos": {"penalty": 1.0, "value": 0.0}}, r"not both"),
+        ({"normalize": {"eps": 0}}, r"rails\.normalize\.eps"),
+        ({"non_finite": {"policy": "drop"}}, r"rails\.non_finite\.policy"),
+        ({"clipp": {}}, r"unknown keys \['clipp'\]; accepted: \['non_finite'"),
+        ({"kl": {"beta": 0.1}}, r"rails\.kl: unknown keys \['beta'\]; accepted: \['controller'"),
+        ({"tripwires": [{"detector": "kl_limit"}]}, r"missing required params \['limit'\]"),
+        ({"tripwires": [{"detector": "nope", "action": "stop"}]}, r"detector must be one of"),
+    ],
+)
+def test_bad_settings_fail_at_config_time(data, message):
+    with pytest.raises(ValueError, match=message):
+        RailsConfig.from_dict(data)
+
+
+def test_build_kl_controller():
+    ctl = RailsConfig.from_dict({"kl": {"controller": "adaptive", "min_coef": 0.01}}).build_kl_controller(0.05)
+    assert isinstance(ctl, AdaptiveKLController) and ctl.value == 0.05 and ctl.min_coef == 0.01
+    with pytest.raises(ValueError, match="init_kl_coef"):
+        RailsConfig.from_dict({"kl": {"controller": "adaptive"}}).build_kl_controller()
+
+
+def test_reward_rails_state_round_trip_resumes_exactly():
+    gen = torch.Generator().manual_seed(5)
+
+    def make():
+        n = 8
+        return batch(
+            torch.randn(n, generator=gen).tolist(),
+            lengths=torch.randint(1, 12, (n,), generator=gen).tolist(),
+            truncated=(torch.rand(n, generator=gen) < 0.3).tolist(),
+            group_ids=(torch.arange(n) // 4).tolist(),
+            max_len=12,
+        )
+
+    b1, b2 = make(), make()
+    a = RewardRails(FULL)
+    a(b1)
+    a.kl_controller.update(3.0, 8)
+    state = json.loads(json.dumps(a.state_dict()))  # plain JSON
+    resumed = RewardRails(FULL)
+    resumed.load_state_dict(state)
+    assert resumed.kl_controller.value == a.kl_controller.value
+    ra, ma = a(b2)
+    rb, mb = resumed(b2)
+    assert_close(ra, rb)
+    assert ma == mb
+    with pytest.raises(ValueError, match="rails"):
+        RewardRails().load_state_dict(state)  # built from a different config
+
+
+def test_reward_rails_diagnostics():
+    # raw rewards [1, 2, 3] grow with length [1, 2, 3]: correlation 1; debiasing leaves [2, 2, 2]: correlation 0
+    rails = RewardRails({"length": {"debias": "batch"}})
+    rewards, m = rails(batch([1.0, 2.0, 3.0], lengths=[1, 2, 3]))
+    assert_close(rewards, torch.tensor([2.0, 2.0, 2.0]))
+    assert m["rails/diagnostics/reward_length_corr"] == pytest.approx(1.0)
+    assert m["rails/diagnostics/shaped_reward_length_corr"] == 0.0
+    assert m["rails/diagnostics/raw_mean"] == pytest.approx(2.0) and rails.n_calls == 1
