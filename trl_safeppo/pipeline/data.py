@@ -1,0 +1,198 @@
+"""Datasets of a recipe stage: the accepted forms, loading, column renames and column checks.
+
+Accepted forms of a stage's ``dataset`` (and of each entry of the recipe's shared ``data``):
+
+- a key of the recipe's ``data`` mapping (``dataset: rl``);
+- ``task://<task>/<split>``: the embedded task (``task://arithmetic/sft``, ``.../rl``, ``.../eval``);
+- ``previous``: what the previous stage produced (the SFT set of a rejection-sampling stage; for a DPO stage, pairs
+  built with :func:`trl_safeppo.pairs.build_pairs` from the previous stage's scored samples);
+- a local file (``.json``, ``.jsonl``, ``.csv``, ``.parquet``) or a directory written by ``Dataset.save_to_disk``;
+- a Hugging Face Hub dataset id (``openai/gsm8k``).
+
+The mapping form adds options: ``{path: openai/gsm8k, name: main, split: train, n: 500, columns: {question: prompt},
+map: my_pkg.prepare_row}``. ``columns`` renames columns; ``map`` is a dotted path to a function applied with
+``Dataset.map`` (row -> dict of new or replaced columns); ``n`` keeps the first ``n`` rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .recipe import RecipeError, did_you_mean
+
+TASK_PREFIX = "task://"
+# embedded task name -> "module:function(split, n=None, seed=0)"
+TASKS: dict[str, str] = {"arithmetic": "trl_safeppo.tasks.arithmetic:load_arithmetic"}
+TASK_SPLITS: dict[str, tuple[str, ...]] = {"arithmetic": ("sft", "rl", "eval")}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+DATASET_KEYS = ("path", "name", "split", "n", "columns", "map")
+
+
+@dataclass
+class DatasetSpec:
+    """A dataset reference, normalized. ``kind`` is ``task``, ``file``, ``hub`` or ``previous``."""
+
+    kind: str
+    path: str
+    split: str | None = None
+    name: str | None = None
+    n: int | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    map: str | None = None
+
+    def describe(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in (("name", self.name), ("split", self.split), ("n", self.n)) if v)
+        return f"{self.kind}:{self.path}{extra}"
+
+
+def import_object(dotted: str, *, where: str, what: str = "object", must_call: bool = True) -> Any:
+    """Import ``pkg.module.attr`` (or ``pkg.module:attr``); one RecipeError if it does not import or call."""
+    if not isinstance(dotted, str) or not dotted.strip():
+        raise RecipeError(where, f"{what} {dotted!r} is not a dotted path", "write e.g. my_package.module.function")
+    text = dotted.strip()
+    module_name, sep, attr = text.partition(":") if ":" in text else text.rpartition(".")
+    if not module_name or not attr:
+        raise RecipeError(where, f"{what} {dotted!r} is not a dotted path", "write e.g. my_package.module.function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RecipeError(where, f"{what} {dotted!r} does not import: {err}",
+                          "check the spelling and that the module is installed / on PYTHONPATH") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            known = [n for n in dir(obj) if not n.startswith("_")]
+            raise RecipeError(where, f"{what} {dotted!r}: {module_name!r} has no attribute {part!r}"
+                              f"{did_you_mean(part, known)}", "check the name after the last dot")
+        obj = getattr(obj, part)
+    if must_call and not callable(obj):
+        raise RecipeError(where, f"{what} {dotted!r} is a {type(obj).__name__}, not a callable",
+                          "point at a function or a class")
+    return obj
+
+
+def normalize(value: Any, *, where: str, shared: dict[str, Any] | None = None, _depth: int = 0) -> DatasetSpec:
+    """Turn a recipe's dataset value into a :class:`DatasetSpec` (no I/O except checking a local path exists)."""
+    shared = shared or {}
+    if isinstance(value, str) and value in shared and _depth == 0:
+        return normalize(shared[value], where=f"data.{value}", shared=shared, _depth=1)
+    options: dict[str, Any] = {}
+    if isinstance(value, dict):
+        for key in value:
+            if key not in DATASET_KEYS:
+                hint = did_you_mean(str(key), DATASET_KEYS)
+                raise RecipeError(f"{where}.{key}", f"unknown dataset key {key!r}{hint}",
+                                  f"use: {', '.join(DATASET_KEYS)}")
+        if "path" not in value:
+            raise RecipeError(where, "a dataset mapping needs `path`", "add `path:` (file, Hub id or task://...)")
+        options = {k: v for k, v in value.items() if k != "path"}
+        value = value["path"]
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(where, f"dataset {value!r} is not a dataset reference",
+                          "write a data key, task://arithmetic/<split>, a path, a Hub id or `previous`")
+    value = value.strip()
+    n = options.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise RecipeError(f"{where}.n", f"n={n!r} must be a positive integer", "write e.g. `n: 500`, or remove it")
+    columns = options.get("columns") or {}
+    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
+        raise RecipeError(f"{where}.columns", f"columns={columns!r} must map old names to new names",
+                          "write e.g. `columns: {question: prompt}`")
+    for key in ("split", "name", "map"):
+        if options.get(key) is not None and not isinstance(options[key], str):
+            raise RecipeError(f"{where}.{key}", f"{key}={options[key]!r} must be a string", f"quote the {key}")
+    common = dict(n=n, columns=dict(columns), map=options.get("map"), name=options.get("name"))
+    if value == "previous":
+        return DatasetSpec(kind="previous", path="previous", **common)
+    if value.startswith(TASK_PREFIX):
+        task, _, split = value[len(TASK_PREFIX):].partition("/")
+        split = split or options.get("split")
+        if task not in TASKS:
+            raise RecipeError(where, f"unknown embedded task {task!r}{did_you_mean(task, list(TASKS))}",
+                              f"use one of: {', '.join(TASK_PREFIX + t for t in TASKS)}")
+        if split not in TASK_SPLITS[task]:
+            raise RecipeError(where, f"{value!r} has no split {split!r}",
+                              f"write one of: {', '.join(f'{TASK_PREFIX}{task}/{s}' for s in TASK_SPLITS[task])}")
+        return DatasetSpec(kind="task", path=task, split=split, **common)
+    from ..models import looks_like_path
+
+    local = Path(value).expanduser()
+    if local.exists() or looks_like_path(value) or local.suffix in FILE_BUILDERS:
+        if not local.exists():
+            raise RecipeError(where, f"dataset file {value!r} does not exist",
+                              "check the path (relative paths are relative to the current directory)")
+        if local.is_file():
+            if local.suffix not in FILE_BUILDERS:
+                raise RecipeError(where, f"dataset file {value!r} has an unsupported extension {local.suffix!r}",
+                                  f"use one of {', '.join(FILE_BUILDERS)} or a save_to_disk directory")
+            try:
+                with open(local, "rb") as handle:
+                    handle.read(1)
+            except OSError as err:
+                raise RecipeError(where, f"dataset file {value!r} is not readable ({err.strerror})",
+                                  "check the file's permissions") from None
+        elif not (local / "dataset_info.json").exists() and not (local / "state.json").exists():
+            raise RecipeError(where, f"dataset directory {value!r} was not written by Dataset.save_to_disk",
+                              "point at a data file (.jsonl, .csv, .parquet) or a save_to_disk directory")
+        return DatasetSpec(kind="file", path=str(local), split=options.get("split"), **common)
+    from ..models import _HUB_ID
+
+    if not _HUB_ID.match(value):
+        raise RecipeError(where, f"dataset {value!r} is neither an existing path nor a valid Hub dataset id",
+                          "write a data key, task://arithmetic/<split>, a path, a Hub id or `previous`")
+    return DatasetSpec(kind="hub", path=value, split=options.get("split") or "train", **common)
+
+
+def load(spec: DatasetSpec, *, where: str, seed: int = 0, previous_data: dict[str, str] | None = None,
+         previous_kind: str | None = None):
+    """Load a dataset. ``previous`` reads ``previous_data[previous_kind]`` (a save_to_disk directory)."""
+    import datasets
+
+    if spec.kind == "task":
+        loader = import_object(TASKS[spec.path].replace(":", "."), where=where, what="task loader")
+        ds = loader(spec.split, n=spec.n, seed=seed)
+    elif spec.kind == "previous":
+        path = (previous_data or {}).get(previous_kind or "")
+        if path is None:
+            raise RecipeError(where, f"the previous stage produced no {previous_kind!r} data",
+                              "put a stage that produces it (rejection_sampling) before this one, or name a dataset")
+        ds = datasets.load_from_disk(path)
+    elif spec.kind == "file":
+        path = Path(spec.path)
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[spec.split or "train"]
+        else:
+            ds = datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split=spec.split or "train")
+    else:  # hub
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
+    if spec.columns:
+        missing = [c for c in spec.columns if c not in ds.column_names]
+        if missing:
+            raise RecipeError(f"{where}.columns", f"cannot rename {missing}: the dataset has columns "
+                              f"{ds.column_names}", "rename columns that exist")
+        ds = ds.rename_columns(spec.columns)
+    if spec.map:
+        fn = import_object(spec.map, where=f"{where}.map", what="map function")
+        ds = ds.map(fn)
+    if spec.n is not None and spec.kind != "task":
+        ds = ds.select(range(min(spec.n, len(ds))))
+    return ds
+
+
+def check_columns(ds, accepted: tuple[tuple[str, ...], ...], *, where: str, stage_type: str) -> None:
+    """Raise one RecipeError unless the dataset has every column of at least one accepted set."""
+    if not accepted:
+        return
+    have = set(ds.column_names)
+    if any(set(group) <= have for group in accepted):
+        return
+    wanted = " or ".join("{" + ", ".join(group) + "}" for group in accepted)
+    best = min(accepted, key=lambda g: len(set(g) - have))
+    missing = [c for c in best if c not in have]
+    raise RecipeError(where, f"a {stage_type} stage needs the columns {wanted}; the dataset has {sorted(have)} "
+                      f"(missing {missing})", "rename columns with `columns: {old: new}` or add a `map:` function")

@@ -1,0 +1,339 @@
+"""Pre-flight: validate the whole recipe before anything trains, so a typo in stage 4 fails in the first second.
+
+Checks, in order, each failing with one :class:`~trl_safeppo.pipeline.recipe.RecipeError` that names the stage
+index, the key path and the fix:
+
+- the model and every explicit ``init`` resolve (``tiny://`` models are built; Hub ids are checked for form only);
+- every stage's ``args`` against its config dataclass (unknown keys with "did you mean", value types), then the
+  config is instantiated so its ``__post_init__`` checks run too;
+- the PEFT block against ``peft.LoraConfig``, and hand-off consistency (a kept adapter is continued, not re-wrapped);
+- every dataset: its form, that local files exist and are readable, the columns the stage needs (embedded tasks and
+  local files are loaded; Hub datasets are checked when their stage starts, since nothing is downloaded here),
+  ``dataset: previous`` only after a stage that produces such data; dotted ``map`` functions import and are callable;
+- the rewards: ``trl_safeppo.rewards.validate_spec`` plus its self-test on a handful of known completions;
+- rails (``RailsConfig.from_dict``, per stage with its overrides and tripwires), gates, probes and the ``eval`` block.
+
+The result is a :class:`Plan` the runner executes. ``check_hardware=False`` (``trl-safeppo run --check``, tests)
+validates a GPU recipe on a CPU machine: precision flags are masked when instantiating the configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import data as data_mod
+from .recipe import Recipe, RecipeError
+from .schema import accepted_fields, check_args
+from .stages import EVAL_RESERVED, RESERVED_ARGS, STAGE_TYPES, StageType, config_class
+
+HARDWARE_MASK = {"bf16": False, "fp16": False, "tf32": None}
+EVAL_STAGE_RESERVED = {**EVAL_RESERVED,
+                       "dataset": "set the stage's `dataset` (or the recipe's eval.dataset) instead",
+                       "reward": "set the stage's `reward` (or the recipe's reward) instead"}
+
+
+@dataclass
+class StagePlan:
+    index: int
+    spec: Any                       # StageSpec
+    stype: StageType
+    config_cls: Any
+    args: dict[str, Any]            # validated user args merged over the runner defaults (no output_dir yet)
+    dataset: data_mod.DatasetSpec | None
+    reward: Any
+    rails: dict[str, Any]
+    init: str                       # "previous" or a resolved model
+    where: str
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    model: str                      # the resolved starting model
+    stages: list[StagePlan]
+    eval_dataset: data_mod.DatasetSpec | None = None
+    eval_options: dict[str, Any] = field(default_factory=dict)
+    probes: list[str] = field(default_factory=list)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def default_args(recipe: Recipe, config_cls: Any, cuda: bool) -> dict[str, Any]:
+    """Runner defaults for a stage's config: the recipe's seed, no experiment trackers, bf16 only on a GPU."""
+    known = accepted_fields(config_cls)
+    defaults = {"seed": recipe.seed, "report_to": "none", "bf16": cuda}
+    return {k: v for k, v in defaults.items() if k in known}
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _resolve_model(value: str, where: str) -> str:
+    from ..models import resolve_model_path
+
+    try:
+        return resolve_model_path(value, field=where)
+    except ValueError as err:
+        raise RecipeError(where, str(err).split(": ", 1)[-1] if str(err).startswith(where) else str(err),
+                          "fix the model identifier") from None
+
+
+def _check_reward(spec: Any, where: str) -> None:
+    """``rewards.validate_spec`` (imports, options), then the self-test when the rewards package offers one."""
+    from .. import rewards
+
+    self_test = getattr(rewards, "self_test", None)
+    try:
+        rewards.validate_spec(spec, path=where)
+        if self_test is not None:
+            self_test(spec)
+    except (ValueError, ImportError, TypeError, AttributeError) as err:
+        message = str(err)
+        message = message[len(where) + 2:] if message.startswith(where + ": ") else message
+        raise RecipeError(where, message,
+                          "use built-in rule names or dotted paths to callables (see docs/rewards.md)") from None
+
+
+def _check_rails(rails: dict, where: str) -> None:
+    try:
+        from ..rails.config import RailsConfig
+    except ImportError:
+        return
+    try:
+        RailsConfig.from_dict(rails)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(where, f"invalid rails: {err}", "see docs/rails.md for the accepted keys") from None
+
+
+def _instantiate(config_cls: Any, args: dict, where: str, check_hardware: bool) -> None:
+    trial = dict(args, output_dir="/tmp/trl_safeppo_preflight") if "output_dir" in accepted_fields(config_cls) else dict(args)
+    if not check_hardware:
+        trial.update({k: v for k, v in HARDWARE_MASK.items() if k in accepted_fields(config_cls)})
+    try:
+        config_cls(**trial)
+    except (ValueError, TypeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fix = "set `bf16: false` on a machine without a GPU" if "bf16" in message else "fix the value named above"
+        raise RecipeError(where, f"{config_cls.__name__} rejects these args: {message}", fix) from None
+
+
+def _dataset_for(plan_so_far: list[StagePlan], recipe: Recipe, index: int, stype: StageType, where: str):
+    spec_value = recipe.stages[index].dataset
+    if spec_value is None:
+        spec_value = stype.default_dataset
+    if spec_value is None:
+        if stype.needs_dataset:
+            raise RecipeError(f"{where}.dataset", f"a {recipe.stages[index].type} stage needs a dataset",
+                              "add `dataset:` (a data key, task://arithmetic/<split>, a file, a Hub id or `previous`)")
+        return None
+    spec = data_mod.normalize(spec_value, where=f"{where}.dataset", shared=recipe.data)
+    if spec.kind == "previous":
+        if index == 0:
+            raise RecipeError(f"{where}.dataset", "`dataset: previous` on the first stage: there is no previous stage",
+                              "name a dataset")
+        prev = plan_so_far[index - 1]
+        wanted = stype.consumes
+        produced = prev.stype.produces
+        ok = wanted is not None and (wanted in produced or (wanted == "pairs" and "scored" in produced))
+        if not ok:
+            raise RecipeError(f"{where}.dataset", f"`dataset: previous` but the previous stage ({prev.where}) "
+                              f"produces no {wanted or 'usable'} data for a {recipe.stages[index].type} stage",
+                              "put a rejection_sampling stage before it, or name a dataset")
+    return spec
+
+
+def _check_columns(spec: data_mod.DatasetSpec, stype: StageType, stage_type: str, where: str, seed: int) -> None:
+    if spec.kind not in ("task", "file"):
+        return  # hub: checked when the stage starts (nothing is downloaded in pre-flight); previous: by contract
+    try:
+        ds = data_mod.load(spec, where=where, seed=seed)
+    except RecipeError:
+        raise
+    except Exception as err:  # unreadable or malformed file
+        raise RecipeError(where, f"cannot load the dataset {spec.describe()}: {type(err).__name__}: {err}",
+                          "check the file's format and contents") from None
+    data_mod.check_columns(ds, stype.columns, where=where, stage_type=stage_type)
+
+
+def preflight(recipe: Recipe, *, check_hardware: bool = True) -> Plan:
+    """Validate everything; return the plan. Raises one RecipeError (with the recipe file as source)."""
+    try:
+        return _preflight(recipe, check_hardware)
+    except RecipeError as err:
+        raise err.with_source(recipe.source) if recipe.source and not err.source else err
+
+
+def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
+    cuda = _cuda()
+    model = _resolve_model(recipe.model, "model")
+    if recipe.reward is not None:
+        _check_reward(recipe.reward, "reward")
+    if recipe.rails:
+        _check_rails(recipe.rails, "rails")
+
+    stages: list[StagePlan] = []
+    for i, spec in enumerate(recipe.stages):
+        where = f"stages[{i}] ({spec.name})"
+        stype = STAGE_TYPES[spec.type]
+        config_cls = config_class(spec.type, where)
+
+        # init
+        if spec.init is None or spec.init == "previous":
+            init = "previous"
+        else:
+            init = _resolve_model(spec.init, f"{where}.init")
+
+        # args (the stage's rails and tripwires go into its config's `rails` / `tripwires` fields)
+        fields = accepted_fields(config_cls)
+        rails = deep_merge(recipe.rails, spec.rails)
+        if spec.type == "eval":
+            args = check_args(spec.args, config_cls, where=f"{where}.args", what="evaluate_heldout",
+                              reserved=EVAL_STAGE_RESERVED)
+        else:
+            user = check_args(spec.args, config_cls, where=f"{where}.args", what=config_cls.__name__,
+                              reserved=RESERVED_ARGS)
+            args = {**default_args(recipe, config_cls, cuda), **user}
+            for key, value in (("rails", spec.rails), ("tripwires", spec.tripwires)):
+                if value and key not in fields:
+                    raise RecipeError(f"{where}.{key}", f"a {spec.type} stage ({config_cls.__name__}) takes no {key}",
+                                      f"remove `{key}` from this stage")
+                if value and key in user:
+                    raise RecipeError(f"{where}.args.{key}", f"{key} is set both in the stage and in its args",
+                                      f"keep the stage's `{key}:` and remove args.{key}")
+            if "rails" in fields and rails and "rails" not in user:
+                _check_rails(rails, f"{where}.rails" if spec.rails else "rails")
+                args["rails"] = rails
+            if "tripwires" in fields and spec.tripwires:
+                args["tripwires"] = list(spec.tripwires)
+            _instantiate(config_cls, args, f"{where}.args", check_hardware)
+
+        # PEFT and hand-off
+        if spec.peft is not None:
+            from peft import LoraConfig
+
+            lora = {k: v for k, v in spec.peft.items() if k != "handoff"}
+            lora = check_args(lora, LoraConfig, where=f"{where}.peft", what="peft.LoraConfig")
+            try:
+                LoraConfig(**{"task_type": "CAUSAL_LM", **lora})
+            except (ValueError, TypeError) as err:
+                raise RecipeError(f"{where}.peft", f"peft.LoraConfig rejects these settings: {err}",
+                                  "fix the value named above") from None
+            if not stype.trains or spec.type == "rejection_sampling":
+                raise RecipeError(f"{where}.peft", f"a {spec.type} stage trains nothing, so it takes no `peft` block",
+                                  "remove `peft`")
+        if init == "previous" and i > 0:
+            kept = _kept_adapter(recipe, i)
+            if kept and spec.peft is not None:
+                raise RecipeError(f"{where}.peft", f"the policy arrives as a LoRA adapter ({kept} has "
+                                  "`handoff: keep`), and this stage would wrap it in a second adapter",
+                                  f"remove this stage's `peft` (it continues training the adapter) or set "
+                                  f"`handoff: merge` on {kept}")
+
+        # data
+        dataset = _dataset_for(stages, recipe, i, stype, where)
+        if dataset is not None:
+            _check_columns(dataset, stype, spec.type, f"{where}.dataset", recipe.seed)
+
+        # reward
+        reward = spec.reward if spec.reward is not None else recipe.reward
+        if spec.reward is not None:
+            _check_reward(spec.reward, f"{where}.reward")
+        if stype.needs_reward and reward is None:
+            raise RecipeError(f"{where}.reward", f"a {spec.type} stage needs a reward and the recipe has none",
+                              "add a top-level `reward:` (e.g. [{name: accuracy, weight: 1.0}]) or a stage `reward:`")
+
+        if spec.gate:
+            _check_gate(spec.gate, f"{where}.gate")
+
+        stages.append(StagePlan(i, spec, stype, config_cls, args, dataset, reward, rails, init, where))
+
+    plan = Plan(recipe=recipe, model=model, stages=stages)
+    _check_eval_block(recipe, plan)
+    if recipe.probes:
+        from ..monitoring.probes import validate_probes
+
+        try:
+            plan.probes = validate_probes(recipe.probes)
+        except ValueError as err:
+            raise RecipeError("probes", str(err), "write a list of prompt strings") from None
+    return plan
+
+
+def _kept_adapter(recipe: Recipe, index: int) -> str | None:
+    """The stage whose kept LoRA adapter reaches stage ``index`` through `init: previous`, if any."""
+    j = index - 1
+    while j >= 0:
+        s = recipe.stages[j]
+        if STAGE_TYPES[s.type].trains and s.type != "rejection_sampling":
+            return f"stages[{j}] ({s.name})" if s.peft is not None and s.handoff == "keep" else None
+        if s.init not in (None, "previous"):
+            return None
+        j -= 1
+    return None
+
+
+def _check_gate(gate: dict, where: str) -> None:
+    try:
+        from ..monitoring.gates import GateConfig
+    except ImportError:  # pragma: no cover
+        return
+    try:
+        GateConfig.from_dict(gate)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        raise RecipeError(where, message.removeprefix("gates: ").removeprefix("gates."),
+                          "see docs/recipes.md (gate) for the accepted keys") from None
+
+
+def _check_eval_block(recipe: Recipe, plan: Plan) -> None:
+    options = dict(recipe.eval)
+    if not options:
+        if any(s.spec.type == "eval" and s.dataset is None for s in plan.stages):
+            raise RecipeError("eval", "an eval stage without a dataset needs the recipe's `eval.dataset`",
+                              "add `eval: {dataset: task://arithmetic/eval}` or give the eval stage a `dataset`")
+        return
+    from ..monitoring.evaluation import evaluate_heldout
+
+    dataset_value = options.pop("dataset", None)
+    reward = options.pop("reward", None)
+    options = check_args(options, evaluate_heldout, where="eval", what="evaluate_heldout",
+                         reserved={**EVAL_RESERVED, "dataset": "", "reward": ""})
+    if dataset_value is None:
+        raise RecipeError("eval.dataset", "the held-out evaluation needs a dataset",
+                          "add `dataset: task://arithmetic/eval` (or a file / Hub dataset with a prompt column)")
+    spec = data_mod.normalize(dataset_value, where="eval.dataset", shared=recipe.data)
+    if spec.kind == "previous":
+        raise RecipeError("eval.dataset", "the held-out set cannot be `previous`", "name a fixed held-out dataset")
+    _check_columns(spec, STAGE_TYPES["eval"], "eval", "eval.dataset", recipe.seed)
+    if reward is not None:
+        _check_reward(reward, "eval.reward")
+    reward = reward if reward is not None else recipe.reward
+    for key in ("accuracy_reward", "format_reward"):
+        if options.get(key) is not None:
+            _check_reward(options[key], f"eval.{key}")
+    if reward is None and options.get("accuracy_reward") is None:
+        raise RecipeError("eval", "the held-out evaluation has no rule to score with",
+                          "add a top-level `reward:` or `eval.accuracy_reward:`")
+    plan.eval_dataset = spec
+    for stage in plan.stages:  # an eval stage without its own dataset uses the held-out set
+        if stage.spec.type == "eval" and stage.dataset is None:
+            stage.dataset = spec
+    plan.eval_options = {"reward": reward, **options}

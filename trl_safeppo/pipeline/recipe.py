@@ -1,0 +1,458 @@
+"""Recipe files: the YAML format, ``key.path=value`` overrides, ``${...}`` references and schema validation.
+
+A recipe is plain YAML read with ``yaml.safe_load`` (no tags, no code). Loading goes in four steps, each of which
+fails with one :class:`RecipeError` naming the file, the key path (``stages[3].args.learning_rate``), the bad
+value and the fix:
+
+1. parse the YAML;
+2. apply command-line overrides (``stages.grpo.args.max_steps=5``; the value is parsed as YAML, so ``5`` is an int
+   and ``[a, b]`` a list);
+3. resolve ``${a.b.c}`` references (a whole-string reference keeps the referenced value's type; inside a longer
+   string it is formatted in) and ``${env:NAME}`` / ``${env:NAME,default}``;
+4. check the structure against :class:`Recipe` / :class:`StageSpec` (unknown keys get a "did you mean").
+
+The deeper checks that need the stage types (each stage's ``args`` against its TRL config dataclass, datasets,
+rewards, imports) are in :mod:`trl_safeppo.pipeline.preflight`. Nothing here imports torch or TRL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGE_TYPE_NAMES = ("sft", "ppo", "grpo", "rejection_sampling", "dpo", "eval")
+HANDOFF_POLICIES = ("merge", "keep")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class RecipeError(ValueError):
+    """One recipe problem: where it is (file and key path), what is wrong, and how to fix it."""
+
+    def __init__(self, where: str, problem: str, fix: str = "", *, source: str | None = None):
+        self.where, self.problem, self.fix, self.source = where, problem, fix, source
+        prefix = f"{source}: " if source else ""
+        location = f"{where}: " if where else ""
+        super().__init__(f"{prefix}{location}{problem}" + (f". Fix: {fix}" if fix else ""))
+
+    def with_source(self, source: str) -> RecipeError:
+        return RecipeError(self.where, self.problem, self.fix, source=source)
+
+
+def did_you_mean(word: str, candidates: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_key_error(where: str, key: str, known: Sequence[str], what: str) -> RecipeError:
+    hint = did_you_mean(key, known)
+    return RecipeError(
+        f"{where}.{key}" if where else key,
+        f"unknown key {key!r} in {what}{hint}",
+        f"use one of: {', '.join(sorted(known))}" if len(known) <= 30 else "see docs/recipes.md for the accepted keys",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema
+@dataclass
+class StageSpec:
+    """One stage of a recipe.
+
+    Parameters:
+        type (`str`):
+            What the stage does: `sft`, `ppo`, `grpo`, `rejection_sampling`, `dpo` or `eval`.
+        name (`str` or `None`, defaults to `None`):
+            Directory and display name (`stages/NN-<name>`); defaults to the type, suffixed `-2`, `-3` when repeated.
+        init (`str` or `None`, defaults to `None`):
+            The policy the stage starts from: `previous` (the final checkpoint of the previous stage; the default,
+            except for the first stage, which starts from the recipe's `model`), or an explicit model
+            (`tiny://...`, a path or a Hub id).
+        dataset (`str`, `dict` or `None`, defaults to `None`):
+            Training data: a key of the recipe's `data`, `task://arithmetic/<split>`, a local file, a Hub dataset
+            (`{path: org/name, split: train, ...}`) or `previous` (the data the previous stage produced).
+        args (`dict`, defaults to `{}`):
+            Fields of the stage's config dataclass (e.g. `trl.SFTConfig`, `SafeGRPOConfig`); every field can be set.
+        reward (`str`, `list` or `None`, defaults to `None`):
+            Overrides the recipe's shared `reward` for this stage.
+        rails (`dict`, defaults to `{}`):
+            Overrides merged on top of the recipe's shared `rails` (a `RailsConfig` dict).
+        tripwires (`list`, defaults to `[]`):
+            Tripwires of this stage, `[{detector, action, params}]` (the config's `tripwires` field; RL stages).
+        gate (`dict`, defaults to `{}`):
+            Gate that must pass before the next stage starts (a `monitoring.gates.GateConfig` dict).
+        peft (`dict` or `None`, defaults to `None`):
+            LoRA settings (`peft.LoraConfig` fields) plus `handoff: merge|keep`: merge the adapter into the weights
+            handed to the next stage (default), or keep it as an adapter.
+    """
+
+    type: str
+    name: str | None = None
+    init: str | None = None
+    dataset: Any = None
+    args: dict = field(default_factory=dict)
+    reward: Any = None
+    rails: dict = field(default_factory=dict)
+    tripwires: list = field(default_factory=list)
+    gate: dict = field(default_factory=dict)
+    peft: dict | None = None
+
+    @property
+    def handoff(self) -> str:
+        return (self.peft or {}).get("handoff", "merge")
+
+
+@dataclass
+class Recipe:
+    """A whole recipe: the shared settings and the ordered stages.
+
+    Parameters:
+        name (`str`):
+            Name of the run (shown in the report).
+        model (`str`):
+            The starting policy: `tiny://<name>`, a local model directory or a Hub id.
+        output_dir (`str`):
+            The run directory (manifest.json, recipe.yaml, stages/NN-name/...). Relative paths are relative to the
+            current directory.
+        stages (`list[StageSpec]`):
+            The stages, run in order.
+        seed (`int`, defaults to `0`):
+            Seed of every stage (a stage's `args.seed` overrides it) and of data subsampling.
+        data (`dict`, defaults to `{}`):
+            Named datasets that stages refer to by key (`dataset: rl`), each in any accepted dataset form.
+        reward (`str`, `list` or `None`, defaults to `None`):
+            The shared reward spec for `trl_safeppo.rewards.resolve`: built-in rule names or dotted paths to
+            callables, with weights.
+        rails (`dict`, defaults to `{}`):
+            The shared `RailsConfig` dict (reward clipping, normalization, length rails, KL control, tripwires).
+        eval (`dict`, defaults to `{}`):
+            Held-out evaluation run after every training stage (arguments of
+            `monitoring.evaluation.evaluate_heldout`, e.g. `{dataset: task://arithmetic/eval, n: 100}`).
+        probes (`list`, defaults to `[]`):
+            Probe prompts answered greedily after every stage (written to `probes.json`).
+        description (`str`, defaults to `""`):
+            Free text, shown in the report.
+    """
+
+    name: str
+    model: str
+    output_dir: str
+    stages: list[StageSpec]
+    seed: int = 0
+    data: dict = field(default_factory=dict)
+    reward: Any = None
+    rails: dict = field(default_factory=dict)
+    eval: dict = field(default_factory=dict)
+    probes: list = field(default_factory=list)
+    description: str = ""
+    source: str | None = field(default=None, repr=False, compare=False)  # where it was loaded from (not a key)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("stages", "source")}
+        out["stages"] = [dataclasses.asdict(stage) for stage in self.stages]
+        return out
+
+    def stage_where(self, index: int) -> str:
+        stage = self.stages[index]
+        return f"stages[{index}] ({stage.name})"
+
+
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "source")
+STAGE_KEYS = tuple(f.name for f in dataclasses.fields(StageSpec))
+_REQUIRED_RECIPE = ("name", "model", "output_dir", "stages")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key paths: shared by overrides and ${...} references. Segments are dict keys, list indices, or for `stages` the
+# name (or type, when unique) of a stage.
+def split_path(path: str) -> list[str]:
+    parts = [p for p in path.strip().split(".")]
+    if not path.strip() or any(not p for p in parts):
+        raise RecipeError(path, f"malformed key path {path!r}", "write dot-separated keys, e.g. stages.0.args.max_steps")
+    return parts
+
+
+def _list_index(container: list, segment: str, where: str, parent_key: str | None) -> int:
+    if re.fullmatch(r"-?\d+", segment):
+        index = int(segment)
+        if -len(container) <= index < len(container):
+            return index % len(container)
+        raise RecipeError(where, f"index {index} is out of range (the list has {len(container)} items)",
+                          f"use an index from 0 to {len(container) - 1}")
+    if parent_key == "stages":  # a stage by name, or by type when only one stage has it
+        names = [s.get("name") if isinstance(s, Mapping) else None for s in container]
+        if segment in names:
+            return names.index(segment)
+        types = [s.get("type") if isinstance(s, Mapping) else None for s in container]
+        if types.count(segment) == 1:
+            return types.index(segment)
+        labels = [n or t for n, t in zip(names, types)]
+        raise RecipeError(where, f"no stage named {segment!r}{did_you_mean(segment, [str(x) for x in labels])}",
+                          f"use a stage index (0 to {len(container) - 1}) or one of the names {labels}")
+    raise RecipeError(where, f"{segment!r} is not a list index", "use an integer index")
+
+
+def get_path(tree: Any, path: str) -> Any:
+    node, parent_key, done = tree, None, []
+    for segment in split_path(path):
+        where = ".".join(done + [segment])
+        if isinstance(node, Mapping):
+            if segment not in node:
+                raise RecipeError(where, f"no key {segment!r}{did_you_mean(segment, [str(k) for k in node])}",
+                                  f"existing keys here: {', '.join(map(str, node)) or '(none)'}")
+            node = node[segment]
+        elif isinstance(node, list):
+            node = node[_list_index(node, segment, where, parent_key)]
+        else:
+            raise RecipeError(where, f"cannot look up {segment!r} inside a {type(node).__name__}",
+                              "check the key path")
+        parent_key = segment
+        done.append(segment)
+    return node
+
+
+def set_path(tree: dict, path: str, value: Any) -> None:
+    """Set ``path`` in ``tree``; missing intermediate dict keys are created (so overrides can add args)."""
+    segments = split_path(path)
+    node, parent_key = tree, None
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        where = ".".join(segments[: i + 1])
+        if isinstance(node, dict):
+            if last:
+                node[segment] = value
+                return
+            if node.get(segment) is None:
+                node[segment] = {}
+            node = node[segment]
+        elif isinstance(node, list):
+            index = _list_index(node, segment, where, parent_key)
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+        else:
+            raise RecipeError(where, f"cannot set {segment!r} inside a {type(node).__name__}", "check the key path")
+        parent_key = segment
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"stages.1.args.max_steps=5"`` -> ``("stages.1.args.max_steps", 5)``; the value is parsed as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise RecipeError("", f"override {text!r} has no '='", "write overrides as key.path=value, e.g. seed=1")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(key, f"override value {raw!r} is not valid YAML ({err})", "quote it") from None
+    return key.strip(), value
+
+
+def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
+    for text in overrides:
+        key, value = parse_override(text)
+        set_path(tree, key, value)
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ${...} references
+_REF = re.compile(r"\$\{([^${}]+)\}")
+
+
+def resolve_references(tree: Any) -> Any:
+    """Replace every ``${key.path}`` / ``${env:NAME[,default]}`` in the strings of ``tree`` (a fresh copy)."""
+
+    def lookup(ref: str, where: str, stack: tuple[str, ...]) -> Any:
+        ref = ref.strip()
+        if ref.startswith("env:"):
+            name, _, default = ref[4:].partition(",")
+            if name in os.environ:
+                return os.environ[name]
+            if _:
+                return default
+            raise RecipeError(where, f"environment variable {name!r} in ${{{ref}}} is not set",
+                              f"export {name}=... or write ${{env:{name},default}}")
+        if ref in stack:
+            raise RecipeError(where, f"circular reference: {' -> '.join(stack + (ref,))}",
+                              "make one of these a literal value")
+        try:
+            target = get_path(tree, ref)
+        except RecipeError as err:
+            raise RecipeError(where, f"reference ${{{ref}}} does not resolve: {err.problem}", err.fix) from None
+        return walk(target, ref, stack + (ref,))
+
+    def walk(node: Any, where: str, stack: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k), stack) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{where}.{i}", stack) for i, v in enumerate(node)]
+        if isinstance(node, str) and "${" in node:
+            whole = _REF.fullmatch(node.strip())
+            if whole:
+                return lookup(whole.group(1), where, stack)
+            return _REF.sub(lambda m: str(lookup(m.group(1), where, stack)), node)
+        return node
+
+    return walk(tree, "", ())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Structure
+def _check_keys(mapping: Mapping, known: Sequence[str], where: str, what: str) -> None:
+    for key in mapping:
+        if key not in known:
+            raise unknown_key_error(where, str(key), known, what)
+
+
+def _expect(value: Any, types: type | tuple[type, ...], where: str, what: str, fix: str) -> Any:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        raise RecipeError(where, f"{what} must be {_type_words(types)}, got {type(value).__name__} {value!r}", fix)
+    return value
+
+
+def _type_words(types) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number",
+             bool: "true or false", type(None): "null"}
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def build_recipe(tree: Any, source: str | None = None) -> Recipe:
+    """Check the structure of a parsed (overridden, reference-resolved) recipe and build the dataclasses."""
+    try:
+        return _build_recipe(tree, source)
+    except RecipeError as err:
+        raise err.with_source(source) if source and not err.source else err
+
+
+def _build_recipe(tree: Any, source: str | None) -> Recipe:
+    if not isinstance(tree, dict):
+        raise RecipeError("", f"a recipe must be a YAML mapping at the top level, got {type(tree).__name__}",
+                          "start from recipes/demo.yaml")
+    _check_keys(tree, RECIPE_KEYS, "", "the recipe")
+    for key in _REQUIRED_RECIPE:
+        if tree.get(key) in (None, "", []):
+            raise RecipeError(key, f"the required key {key!r} is missing or empty", f"add `{key}:` (see docs/recipes.md)")
+    _expect(tree["name"], str, "name", "name", "write a short name, e.g. `name: demo`")
+    _expect(tree["model"], str, "model", "model", "write tiny://arithmetic, a local model directory or a Hub id")
+    _expect(tree["output_dir"], str, "output_dir", "output_dir", "write a directory, e.g. `output_dir: runs/demo`")
+    seed = _expect(tree.get("seed", 0), int, "seed", "seed", "write an integer, e.g. `seed: 0`")
+    data = _expect(tree.get("data") or {}, dict, "data", "data", "write a mapping of name -> dataset")
+    rails = _expect(tree.get("rails") or {}, dict, "rails", "rails", "write a RailsConfig mapping")
+    eval_cfg = _expect(tree.get("eval") or {}, dict, "eval", "eval", "write a mapping, e.g. {dataset: ..., n: 100}")
+    probes = _expect(tree.get("probes") or [], list, "probes", "probes", "write a list of prompts")
+    description = _expect(tree.get("description") or "", str, "description", "description", "write a string")
+    stages_raw = _expect(tree["stages"], list, "stages", "stages", "write a list of stages, each with a `type`")
+
+    stages: list[StageSpec] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(stages_raw):
+        where = f"stages[{i}]"
+        _expect(raw, dict, where, "a stage", "write a mapping with at least `type: sft|ppo|grpo|...`")
+        _check_keys(raw, STAGE_KEYS, where, "a stage")
+        stype = raw.get("type")
+        if stype is None:
+            raise RecipeError(f"{where}.type", "the stage has no type", f"add `type:` ({', '.join(STAGE_TYPE_NAMES)})")
+        if stype not in STAGE_TYPE_NAMES:
+            raise RecipeError(f"{where}.type", f"unknown stage type {stype!r}{did_you_mean(str(stype), STAGE_TYPE_NAMES)}",
+                              f"use one of: {', '.join(STAGE_TYPE_NAMES)}")
+        name = raw.get("name")
+        if name is None:
+            count = sum(1 for s in stages if s.type == stype)
+            name = stype if count == 0 else f"{stype}-{count + 1}"
+        _expect(name, str, f"{where}.name", "name", "write a short name such as `grpo`")
+        if not _NAME.match(name):
+            raise RecipeError(f"{where}.name", f"name {name!r} is not usable as a directory name",
+                              "use letters, digits, '-', '_' and '.'")
+        if name in seen:
+            raise RecipeError(f"{where}.name", f"name {name!r} is already used by stages[{seen[name]}]",
+                              "give each stage a distinct `name`")
+        seen[name] = i
+        where = f"stages[{i}] ({name})"
+        init = raw.get("init")
+        if init is not None:
+            _expect(init, str, f"{where}.init", "init", "write `previous` or a model (tiny://..., a path or a Hub id)")
+        if init == "previous" and i == 0:
+            raise RecipeError(f"{where}.init", "`init: previous` on the first stage: there is no previous stage",
+                              "remove `init` (the first stage starts from the recipe's `model`) or name a model")
+        if raw.get("dataset") is not None:
+            _expect(raw["dataset"], (str, dict), f"{where}.dataset", "dataset", "write a data key, a path, a "
+                    "task://arithmetic/<split> id, `previous`, or a mapping {path: ..., split: ...}")
+        for key in ("args", "rails", "gate"):
+            _expect(raw.get(key) or {}, dict, f"{where}.{key}", key, f"write `{key}:` as a mapping")
+        _expect(raw.get("tripwires") or [], list, f"{where}.tripwires", "tripwires",
+                "write a list of {detector, action, params}")
+        peft = raw.get("peft")
+        if peft is not None:
+            _expect(peft, dict, f"{where}.peft", "peft", "write a mapping of peft.LoraConfig fields plus handoff")
+            handoff = peft.get("handoff", "merge")
+            if handoff not in HANDOFF_POLICIES:
+                raise RecipeError(f"{where}.peft.handoff", f"unknown hand-off policy {handoff!r}",
+                                  f"use one of: {', '.join(HANDOFF_POLICIES)}")
+        stages.append(
+            StageSpec(
+                type=stype,
+                name=name,
+                init=init,
+                dataset=raw.get("dataset"),
+                args=dict(raw.get("args") or {}),
+                reward=raw.get("reward"),
+                rails=dict(raw.get("rails") or {}),
+                tripwires=list(raw.get("tripwires") or []),
+                gate=dict(raw.get("gate") or {}),
+                peft=dict(peft) if peft is not None else None,
+            )
+        )
+    return Recipe(
+        name=tree["name"], model=tree["model"], output_dir=tree["output_dir"], stages=stages, seed=seed, data=data,
+        reward=tree.get("reward"), rails=rails, eval=eval_cfg, probes=probes, description=description, source=source,
+    )
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe file, apply ``key.path=value`` overrides, resolve ``${...}`` and check the structure."""
+    import yaml
+
+    source = os.fspath(path)
+    file = Path(source)
+    if not file.is_file():
+        raise RecipeError("", f"recipe file {source!r} does not exist", "pass a YAML file, e.g. recipes/demo.yaml")
+    try:
+        tree = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError("", f"cannot read the recipe ({err})", "check the file's permissions", source=source) from None
+    except yaml.YAMLError as err:
+        raise RecipeError("", f"not valid YAML: {err}", "fix the YAML syntax at the line shown", source=source) from None
+    return recipe_from_dict(tree, overrides, source=source)
+
+
+def recipe_from_dict(tree: Any, overrides: Sequence[str] = (), source: str | None = None) -> Recipe:
+    import copy
+
+    tree = copy.deepcopy(tree)
+    try:
+        if isinstance(tree, dict):
+            apply_overrides(tree, overrides)
+        tree = resolve_references(tree)
+    except RecipeError as err:
+        raise err.with_source(source) if source else err
+    return build_recipe(tree, source)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None, width=120)

@@ -1,0 +1,462 @@
+"""``trl-safeppo run RECIPE.yaml [key.path=value ...]``: run every stage of a recipe, in one process or under
+``accelerate launch``.
+
+The loop, top to bottom:
+
+1. load the recipe (overrides, ``${...}``), pre-flight the whole of it (:mod:`.preflight`);
+2. reconcile with an existing ``manifest.json``: completed stages with an unchanged fingerprint are skipped, an
+   interrupted one resumes from its last ``checkpoint-*``, a changed one (and every stage after it) starts afresh;
+3. for each stage: resolve the init policy (the previous stage's ``final/`` by default), load its data, run it,
+   write ``log_history.jsonl``, then the monitoring hooks (held-out ``eval.json``, ``probes.json``,
+   ``gates.json``), and record it in the manifest; a failed gate stops the run;
+4. write the run report and print each stage's held-out score.
+
+Under ``accelerate launch`` every process runs the trainers; only the main process writes the run directory
+(manifest, recipe.yaml, logs, eval, report) and the processes meet at a barrier between stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import data as data_mod
+from .manifest import FINISHED, Manifest, final_metrics, hash_json, hash_path, library_versions, new_stage_entry, now
+from .preflight import Plan, StagePlan, preflight
+from .recipe import RecipeError, dump_recipe, load_recipe
+from .stages import StageContext, StageOutcome, stage_run_function, write_json
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/demo.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="override recipe values, e.g. stages.grpo.args.max_steps=5 output_dir=runs/x")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the recipe (pre-flight) and print the plan; train nothing")
+    parser.add_argument("--restart", action="store_true",
+                        help="ignore an existing manifest in output_dir and run every stage again")
+
+
+def run(args) -> int:
+    return run_recipe(args.recipe, args.overrides, check=args.check, restart=args.restart)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def stage_dir_name(index: int, name: str) -> str:
+    return f"{index + 1:02d}-{name}"
+
+
+def _say(is_main: bool, text: str) -> None:
+    if is_main:
+        print(f"[trl-safeppo] {text}", flush=True)
+
+
+def fingerprints(plan: Plan) -> list[str]:
+    """Chained hashes of what determines each stage's result (the gate is left out: changing a gate re-checks it
+    without retraining)."""
+    out, previous = [], hash_json({"model": plan.model, "seed": plan.recipe.seed})
+    for sp in plan.stages:
+        spec = {k: v for k, v in dataclasses.asdict(sp.spec).items() if k != "gate"}
+        blob = {"previous": previous, "spec": spec, "args": sp.args, "reward": sp.reward, "rails": sp.rails,
+                "dataset": dataclasses.asdict(sp.dataset) if sp.dataset else None, "init": sp.init}
+        previous = hash_json(blob)
+        out.append(previous)
+    return out
+
+
+def _stage_config(sp: StagePlan) -> dict[str, Any]:
+    config = dataclasses.asdict(sp.spec)
+    config["args"] = sp.args
+    config["reward"] = sp.reward
+    config["rails"] = sp.rails
+    config["dataset"] = sp.dataset.describe() if sp.dataset else None
+    return config
+
+
+def reconcile(plan: Plan, old: Manifest | None, run_dir: Path) -> Manifest:
+    """The manifest for this run: entries of the old one are kept where the stage's fingerprint is unchanged."""
+    prints = fingerprints(plan)
+    entries = []
+    for sp, fp in zip(plan.stages, prints):
+        directory = f"stages/{stage_dir_name(sp.index, sp.spec.name)}"
+        fresh = new_stage_entry(sp.index + 1, sp.spec.name, sp.spec.type, directory, _stage_config(sp), fp)
+        previous = None
+        if old is not None and sp.index < len(old.stages):
+            candidate = old.stages[sp.index]
+            if candidate.get("fingerprint") == fp and candidate.get("name") == sp.spec.name:
+                previous = candidate
+        if previous is not None:
+            previous["config"] = fresh["config"]  # the gate may have changed
+            entries.append(previous)
+        else:
+            entries.append(fresh)
+    manifest = Manifest.create(run_dir, plan.recipe.name, entries)
+    if old is not None:
+        manifest.data["created_at"] = old.data.get("created_at", manifest.data["created_at"])
+    return manifest
+
+
+def log_history_callback(path: Path, is_main: bool):
+    """A TrainerCallback appending each log to ``log_history.jsonl`` as it happens. The runner rewrites the file
+    from ``trainer.state.log_history`` when the stage ends, which also drops entries repeated by a resume."""
+    from transformers import TrainerCallback
+
+    class LogHistoryWriter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if is_main and logs:
+                with open(path, "a") as handle:
+                    handle.write(json.dumps({**logs, "step": state.global_step}, default=float) + "\n")
+
+    return LogHistoryWriter()
+
+
+def write_log_history(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(entry, default=float) + "\n" for entry in history))
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: bool = False) -> int:
+    started = time.time()
+    recipe = load_recipe(recipe_path, overrides)
+    plan = preflight(recipe, check_hardware=not check)
+    if check:
+        print(describe_plan(plan))
+        return 0
+    from accelerate import PartialState
+
+    state = PartialState()
+    is_main = state.is_main_process
+    _say(is_main, f"pre-flight passed: {len(plan.stages)} stages in {time.time() - started:.1f}s "
+         f"({state.num_processes} process{'es' if state.num_processes > 1 else ''})")
+    run_dir = Path(recipe.output_dir)
+    old = None if restart else Manifest.load(run_dir)
+    manifest = reconcile(plan, old, run_dir)
+    state.wait_for_everyone()  # everyone has read the old manifest before the main process rewrites it
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        manifest.data["status"] = "running"
+        manifest.save()
+    state.wait_for_everyone()
+
+    runner = _Runner(plan, manifest, run_dir, is_main, state)
+    rc = runner.run_all()
+    if is_main:
+        manifest.data["status"] = "completed" if rc == 0 else "stopped"
+        manifest.data["duration_s"] = round(time.time() - started, 1)
+        manifest.save()
+        _write_report(run_dir)
+        print(summary_table(manifest), flush=True)
+        _say(True, f"run directory: {run_dir} ({time.time() - started:.0f}s)")
+    state.wait_for_everyone()
+    return rc
+
+
+class _Runner:
+    def __init__(self, plan: Plan, manifest: Manifest, run_dir: Path, is_main: bool, state):
+        self.plan, self.manifest, self.run_dir, self.is_main, self.state = plan, manifest, run_dir, is_main, state
+
+    def barrier(self) -> None:
+        self.state.wait_for_everyone()
+
+    def run_all(self) -> int:
+        policy, data, previous_eval = self.plan.model, {}, None
+        for sp in self.plan.stages:
+            entry = self.manifest.stage(sp.index)
+            stage_dir = self.run_dir / entry["dir"]
+            if entry["status"] in FINISHED and _outputs_exist(entry):
+                _say(self.is_main, f"stage {entry['index']} ({sp.spec.name}): already {entry['status']}, skipped")
+            elif entry["status"] == "gated" and _outputs_exist(entry):
+                if not self._recheck_gate(sp, entry, stage_dir, previous_eval):
+                    return 1
+            else:
+                outcome_ok = self.run_stage(sp, entry, stage_dir, policy, data, previous_eval)
+                if not outcome_ok:
+                    return 1
+            policy = entry["outputs"]["final"]["path"]
+            data = {k: v["path"] for k, v in entry["outputs"].get("data", {}).items()}
+            previous_eval = entry.get("eval") or previous_eval
+        return 0
+
+    # -- one stage ------------------------------------------------------------------------------------------------
+    def run_stage(self, sp: StagePlan, entry: dict, stage_dir: Path, policy: str, data: dict[str, str],
+                  previous_eval: dict | None) -> bool:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume_from = None
+        if entry["status"] in ("running", "failed") and stage_dir.is_dir():
+            resume_from = get_last_checkpoint(str(stage_dir))
+        elif stage_dir.exists() and self.is_main:  # left over from a run of a different recipe: start afresh
+            shutil.rmtree(stage_dir)
+        self.barrier()
+        if self.is_main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+        self.barrier()
+
+        init = policy if sp.init == "previous" else sp.init
+        label = f"stage {entry['index']}/{len(self.plan.stages)} ({sp.spec.name}, {sp.spec.type})"
+        _say(self.is_main, f"{label}: " + (f"resuming from {Path(resume_from).name}" if resume_from else "starting")
+             + f" from {init}")
+        dataset = self._load_dataset(sp, stage_dir, data)
+        ctx = self._context(sp, stage_dir, init, dataset, data, resume_from)
+
+        timings = entry["timings"]
+        timings["attempts"] = timings.get("attempts", 0) + 1
+        timings["started_at"] = timings.get("started_at") or now()
+        timings["resumed_from"] = Path(resume_from).name if resume_from else timings.get("resumed_from")
+        entry.update(status="running", error=None, versions=library_versions())
+        entry["inputs"] = {
+            "model": {"path": init, "hash": hash_path(init)},
+            "dataset": None if dataset is None else {
+                "spec": sp.dataset.describe(), "rows": len(dataset),
+                "fingerprint": getattr(dataset, "_fingerprint", None)},
+        }
+        self._save()
+        t0 = time.time()
+        try:
+            outcome: StageOutcome = stage_run_function(sp.spec.type)(ctx)
+        except BaseException as err:
+            entry.update(status="failed", error=f"{type(err).__name__}: {err}")
+            timings["duration_s"] = round((timings.get("duration_s") or 0) + time.time() - t0, 1)
+            self._save()
+            raise
+        timings["duration_s"] = round((timings.get("duration_s") or 0) + time.time() - t0, 1)
+        timings["finished_at"] = now()
+        return self._finish(sp, entry, stage_dir, outcome, previous_eval)
+
+    def _finish(self, sp: StagePlan, entry: dict, stage_dir: Path, outcome: StageOutcome,
+                previous_eval: dict | None) -> bool:
+        """Monitoring hooks (eval, probes, gates) and the manifest entry; False when a gate failed."""
+        status = "completed"
+        gate_failed: list = []
+        if self.is_main:
+            history = outcome.log_history
+            if sp.stype.trains:
+                write_log_history(stage_dir / "log_history.jsonl", history)
+            eval_result = outcome.eval if outcome.eval is not None else self._heldout(sp, outcome.final)
+            if eval_result is not None:
+                write_json(stage_dir / "eval.json", eval_result)
+            if self.plan.probes and sp.stype.trains:
+                write_json(stage_dir / "probes.json", self._probes(outcome.final))
+            outcomes = self._gates(sp, stage_dir, history, eval_result, previous_eval, outcome.early_stops)
+            gate_failed = [o for o in outcomes if not o["passed"]]
+            if any(e and e.get("gate") == "plateau" for e in outcome.early_stops):
+                status = "stopped"
+            if gate_failed:
+                status = "gated"
+            entry.update(
+                status=status,
+                eval=eval_result,
+                gates=outcomes,
+                metrics=final_metrics(history),
+                outputs={
+                    "final": {"path": outcome.final, "hash": hash_path(outcome.final)},
+                    "data": {k: {"path": p, "hash": hash_path(p)} for k, p in outcome.data.items()},
+                },
+            )
+            self._save()
+            summary = _eval_line(eval_result)
+            _say(True, f"stage {entry['index']} ({sp.spec.name}): {status} in {entry['timings']['duration_s']}s"
+                 + (f"; held-out {summary}" if summary else ""))
+            for o in gate_failed:
+                _say(True, f"stage {entry['index']} ({sp.spec.name}): gate {o['gate']} failed: {o['reason']}; the run "
+                     f"stops here (the last good policy is the previous stage's final/)")
+        # every process needs the outcome: broadcast the main process's entry
+        self.barrier()
+        shared = _broadcast(entry, self.state)
+        if shared is not entry:
+            entry.clear()
+            entry.update(shared)
+        return entry["status"] != "gated"
+
+    def _recheck_gate(self, sp: StagePlan, entry: dict, stage_dir: Path, previous_eval: dict | None) -> bool:
+        if self.is_main:
+            history = read_jsonl(stage_dir / "log_history.jsonl")
+            outcomes = self._gates(sp, stage_dir, history, entry.get("eval"), previous_eval, [])
+            entry["gates"] = outcomes
+            entry["status"] = "gated" if any(not o["passed"] for o in outcomes) else "completed"
+            self._save()
+            _say(True, f"stage {entry['index']} ({sp.spec.name}): gate re-checked: {entry['status']}")
+        self.barrier()
+        shared = _broadcast(entry, self.state)
+        if shared is not entry:
+            entry.update(shared)
+        return entry["status"] != "gated"
+
+    # -- pieces -----------------------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        if self.is_main:
+            self.manifest.save()
+
+    def _load_dataset(self, sp: StagePlan, stage_dir: Path, data: dict[str, str]):
+        if sp.dataset is None:
+            return None
+        where = f"{sp.where}.dataset"
+        if sp.dataset.kind == "previous" and sp.stype.consumes == "pairs" and "pairs" not in data:
+            data = dict(data, pairs=self._build_pairs(sp, stage_dir, data))
+        ds = data_mod.load(sp.dataset, where=where, seed=self.plan.recipe.seed, previous_data=data,
+                           previous_kind=sp.stype.consumes)
+        data_mod.check_columns(ds, sp.stype.columns, where=where, stage_type=sp.spec.type)
+        return ds
+
+    def _build_pairs(self, sp: StagePlan, stage_dir: Path, data: dict[str, str]) -> str:
+        """DPO from the previous stage's scored samples (main process builds, everyone loads)."""
+        target = stage_dir / "data" / "pairs"
+        if self.is_main and not target.exists():
+            import datasets
+
+            from ..pairs import build_pairs
+
+            scored = datasets.load_from_disk(data["scored"])
+            pairs = build_pairs(scored)
+            pairs.save_to_disk(str(target))
+        self.barrier()
+        return str(target)
+
+    def _context(self, sp: StagePlan, stage_dir: Path, init: str, dataset, data, resume_from) -> StageContext:
+        args = dict(sp.args)
+        callbacks: list = []
+        if sp.spec.type == "eval":
+            args = {**{k: v for k, v in self.plan.eval_options.items() if k != "reward"}, **args}
+        else:
+            args["output_dir"] = str(stage_dir)
+            if sp.stype.trains:
+                callbacks.append(log_history_callback(stage_dir / "log_history.jsonl", self.is_main))
+            callbacks.extend(_gate_callbacks(sp.spec.gate))
+        reward = sp.reward if sp.spec.type != "eval" else (sp.spec.reward or self.plan.eval_options.get("reward"))
+        return StageContext(
+            recipe=self.plan.recipe, index=sp.index, spec=sp.spec, stage_dir=stage_dir, model=init, args=args,
+            dataset=dataset, reward=reward, rails=sp.rails, callbacks=callbacks, resume_from=resume_from,
+            is_main=self.is_main, previous_data=dict(data),
+        )
+
+    def _heldout(self, sp: StagePlan, policy: str) -> dict | None:
+        if self.plan.eval_dataset is None or not sp.stype.trains:
+            return None
+        from ..monitoring.evaluation import evaluate_heldout
+
+        ds = data_mod.load(self.plan.eval_dataset, where="eval.dataset", seed=self.plan.recipe.seed)
+        options = dict(self.plan.eval_options)
+        return evaluate_heldout(policy, ds, options.pop("reward"), **options)
+
+    def _probes(self, policy: str) -> list[dict]:
+        from ..monitoring.probes import run_probes
+
+        max_new = self.plan.eval_options.get("max_new_tokens", 64)
+        return run_probes(policy, self.plan.probes, max_new_tokens=max_new)
+
+    def _gates(self, sp, stage_dir, history, eval_result, previous_eval, early_stops) -> list[dict]:
+        from ..monitoring.gates import GateConfig, evaluate_gates
+
+        outcomes = evaluate_gates(
+            GateConfig.from_dict(sp.spec.gate or {}),
+            history=history,
+            eval_metrics=eval_result,
+            previous_eval=previous_eval,
+            tripwire_events=read_jsonl(stage_dir / "tripwires.jsonl"),
+            early_stops=early_stops,
+        )
+        result = [o.to_dict() for o in outcomes]
+        write_json(stage_dir / "gates.json", result)
+        return result
+
+
+def _gate_callbacks(gate: dict) -> list:
+    if not gate:
+        return []
+    from ..monitoring.gates import GateConfig
+
+    return GateConfig.from_dict(gate).callbacks()
+
+
+def _broadcast(entry: dict, state) -> dict:
+    if state.num_processes == 1:
+        return entry
+    from accelerate.utils import broadcast_object_list
+
+    box = [entry if state.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _outputs_exist(entry: dict) -> bool:
+    path = ((entry.get("outputs") or {}).get("final") or {}).get("path")
+    return bool(path) and (Path(path).exists() or _is_hub_id(path))
+
+
+def _is_hub_id(path: str) -> bool:
+    from ..models import looks_like_path
+
+    return not looks_like_path(path) and not Path(path).exists()
+
+
+def _write_report(run_dir: Path) -> None:
+    try:
+        from ..monitoring.report import write_report
+    except ImportError:
+        return
+    try:
+        path = write_report(run_dir)
+        _say(True, f"report: {path}")
+    except Exception as err:  # the report must never lose a finished run
+        _say(True, f"report not written: {type(err).__name__}: {err}")
+
+
+def _eval_line(result: dict | None) -> str:
+    if not result:
+        return ""
+    parts = []
+    for key in ("accuracy", "format_pass_rate", "mean_length"):
+        if result.get(key) is not None:
+            parts.append(f"{key} {result[key]:.3f}" if key != "mean_length" else f"{key} {result[key]:.1f}")
+    return ", ".join(parts)
+
+
+def summary_table(manifest: Manifest) -> str:
+    rows = [("stage", "type", "status", "time_s", "held-out accuracy", "format", "mean_len")]
+    for e in manifest.stages:
+        ev = e.get("eval") or {}
+        fmt = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        rows.append((f"{e['index']:02d}-{e['name']}", e["type"], e["status"],
+                     fmt(e["timings"].get("duration_s"), 1), fmt(ev.get("accuracy")), fmt(ev.get("format_pass_rate")),
+                     fmt(ev.get("mean_length"), 1)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def describe_plan(plan: Plan) -> str:
+    r = plan.recipe
+    lines = [f"recipe {r.name!r}: model {r.model} -> {r.output_dir} (seed {r.seed})"]
+    for sp in plan.stages:
+        init = "previous" if sp.init == "previous" else sp.init
+        data = sp.dataset.describe() if sp.dataset else "-"
+        peft = f", peft handoff={sp.spec.handoff}" if sp.spec.peft is not None else ""
+        lines.append(f"  {stage_dir_name(sp.index, sp.spec.name)}: {sp.spec.type} ({sp.config_cls.__name__}) "
+                     f"init={init} data={data}{peft}")
+    if plan.eval_dataset is not None:
+        lines.append(f"  held-out eval after each training stage: {plan.eval_dataset.describe()}")
+    lines.append("pre-flight passed")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..cli import main
+
+    sys.exit(main(["run", *sys.argv[1:]]))
