@@ -33,8 +33,8 @@ class SafePPOConfig(GRPOConfig):
         - `num_iterations`: PPO epochs over each rollout batch.
         - `epsilon`: the policy clip range of the PPO surrogate.
         - `beta`: the *initial* KL coefficient. Unlike GRPO, PPO puts the KL in the reward (`-beta * KL_t` on every
-          response token), never in the loss; beta then follows the KL controller (fixed, or adaptive when
-          `kl_target` is set).
+          response token), never in the loss; beta then follows the KL controller (fixed by default,
+          adaptive with `rails={"kl": {"controller": "adaptive", ...}}`).
         - `entropy_coef`: the optional entropy bonus (GRPO's implementation).
 
     Parameters:
@@ -43,17 +43,16 @@ class SafePPOConfig(GRPOConfig):
         beta (`float`, *optional*, defaults to `0.05`):
             Initial KL coefficient of the per-token KL penalty in the reward (TRL PPOTrainer `kl_coef=0.05`).
             `0.0` disables the penalty and loads no reference model.
-        kl_target (`float` or `None`, *optional*, defaults to `None`):
-            Target KL (nats per sequence) of the adaptive controller (Ziegler et al. 2019 used 6.0); `None` keeps beta
-            fixed. Ignored when `rails` configures a KL controller.
-        kl_horizon (`float`, *optional*, defaults to `10000`):
-            Horizon (samples) of the adaptive controller (Ziegler et al. 2019).
         kl_estimator (`str`, *optional*, defaults to `"k1"`):
             Per-token KL estimator in the reward: `"k1"` (log-ratio, unbiased, Ziegler et al. 2019), `"k2"` or `"k3"`
             (Schulman 2020, http://joschu.net/blog/kl-approx.html). The logged `kl` uses the same estimator.
+            `rails.kl.estimator`, when set, takes precedence.
         rails (`dict`, `RailsConfig` or `None`, *optional*, defaults to `None`):
-            Reward rails (clipping, normalization, length rails, missing-EOS penalty) and the KL controller, as a
-            `trl_safeppo.rails.RailsConfig` or its `to_dict()` form. `None` applies no reward rail.
+            Reward rails (non-finite guard, clipping, normalization, length rails, missing-EOS penalty) and the KL
+            controller, as a `trl_safeppo.rails.RailsConfig` or its `to_dict()` form (see docs/rails.md). The
+            adaptive controller of Ziegler et al. 2019 is `{"kl": {"controller": "adaptive", "target": 6.0}}`; its
+            target is in nats per sequence, `beta` is its initial value unless `rails.kl.init_kl_coef` is set.
+            `None`: no reward rail and a fixed `beta`.
 
         > Critic (value model)
 
@@ -121,28 +120,19 @@ class SafePPOConfig(GRPOConfig):
     )
 
     # --- KL penalty in the reward
-    kl_target: float | None = field(
-        default=None,
-        metadata={
-            "help": "Target KL (nats per sequence) of the adaptive controller (Ziegler et al. 2019 used 6.0); None "
-            "keeps beta fixed. Ignored when `rails` configures a KL controller."
-        },
-    )
-    kl_horizon: float = field(
-        default=10000, metadata={"help": "Horizon (samples) of the adaptive KL controller (Ziegler et al. 2019)."}
-    )
     kl_estimator: str = field(
         default="k1",
         metadata={
             "help": "Per-token KL estimator in the reward: 'k1' (Ziegler et al. 2019), 'k2' or 'k3' (Schulman 2020). "
-            "The logged `kl` uses the same estimator."
+            "The logged `kl` uses the same estimator; rails.kl.estimator, when set, takes precedence."
         },
     )
     rails: Any = field(
         default=None,
         metadata={
-            "help": "Reward rails and KL controller: a trl_safeppo.rails.RailsConfig or its to_dict() form; None "
-            "applies no reward rail."
+            "help": "Reward rails and KL controller: a trl_safeppo.rails.RailsConfig or its to_dict() form (adaptive KL: "
+            "{'kl': {'controller': 'adaptive', 'target': 6.0}}, target in nats per sequence); None: no reward rail, "
+            "fixed beta."
         },
     )
 
@@ -229,13 +219,6 @@ class SafePPOConfig(GRPOConfig):
             raise bad("importance_sampling_level", self.importance_sampling_level, "PPO uses per-token ratios: 'token'")
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
             raise bad("beta", self.beta, "use a finite KL coefficient >= 0")
-        if self.kl_target is not None:
-            if not (math.isfinite(self.kl_target) and self.kl_target > 0):
-                raise bad("kl_target", self.kl_target, "use a positive number of nats per sequence, or None")
-            if self.beta <= 0:
-                raise bad("beta", self.beta, "the adaptive KL controller (kl_target set) needs an initial beta > 0")
-        if not (math.isfinite(self.kl_horizon) and self.kl_horizon > 0):
-            raise bad("kl_horizon", self.kl_horizon, "use a positive number of samples")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise bad("kl_estimator", self.kl_estimator, f"use one of {list(KL_ESTIMATORS)}")
         if self.sync_ref_model:
@@ -254,5 +237,9 @@ class SafePPOConfig(GRPOConfig):
             raise bad("critic_warmup_steps", self.critic_warmup_steps, "use an integer >= 0")
         if self.num_iterations < 1:
             raise bad("num_iterations", self.num_iterations, "use at least 1 PPO epoch")
-        if self.rails is not None and not isinstance(self.rails, dict) and not hasattr(self.rails, "to_dict"):
-            raise bad("rails", type(self.rails).__name__, "pass a trl_safeppo.rails.RailsConfig, a dict, or None")
+        if self.rails is not None:
+            from ..rails.config import RailsConfig
+
+            if not isinstance(self.rails, (dict, RailsConfig)):
+                raise bad("rails", type(self.rails).__name__, "pass a trl_safeppo.RailsConfig, a dict, or None")
+            self.rails = RailsConfig.from_any(self.rails)  # validates now, at configuration time

@@ -34,6 +34,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from ..models import resolve_model_path
 from ._wiring import RailsWiring, SafeRailsMixin
 from .ppo_config import SafePPOConfig
+from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
 
 CRITIC_DIR = "critic"
 CRITIC_OPTIMIZER_FILE = "critic_optimizer.pt"
@@ -128,9 +129,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         reward_funcs = _resolve_reward_funcs(reward_funcs)
         _check_dataset(train_dataset, args)
 
-        wiring = PPOWiring.from_config(args.rails)
-        if wiring.kl_controller is None and args.beta > 0:
-            wiring.kl_controller = _build_kl_controller(args)
+        wiring = _build_wiring(args)
         args, reward_funcs, reward_processing_classes = wiring.prepare_init(
             args, reward_funcs, reward_processing_classes
         )
@@ -240,9 +239,6 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
 
     @torch.no_grad()
     def _ppo_rollout(self, output: dict[str, Any]) -> dict[str, Any]:
-        from ..rails.gae import compute_gae, masked_whiten
-        from ..rails.kl import kl_penalized_token_rewards, kl_per_token
-
         mode = "train" if self.model.training else "eval"
         store = self._metrics[mode]
         accelerator = self.accelerator
@@ -278,39 +274,35 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
 
         mask_g = gather_bt(mask.float())
         old_g = gather_bt(old_logps.float())
-        values_g = gather_bt(values.float()) * mask_g
+        values_g = gather_bt(values.float())
+        ref_g = gather_bt(ref_logps.float()) if ref_logps is not None else None
         rpf = self._ppo_rewards_per_func
-        weights = self.reward_weights.to(rpf.device)
-        score = (rpf * weights.unsqueeze(0)).nansum(dim=1)
-        unscorable = torch.isnan(rpf).all(dim=1) | ~torch.isfinite(score)
-        score = torch.where(unscorable, torch.zeros_like(score), score).to(mask_g.device)
-        unscorable = unscorable.to(mask_g.device)
+        score = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1).to(mask_g.device)
+        unscorable = (torch.isnan(rpf).all(dim=1).to(mask_g.device)) | ~torch.isfinite(score)
         empty = mask_g.sum(dim=1) == 0
-        keep = (~unscorable & ~empty).float()
-        ppo_mask = mask_g * keep.unsqueeze(1)
+        beta = float(self.beta) if ref_g is not None else 0.0
+        targets = rollout_targets(
+            score,
+            old_g,
+            ref_g,
+            values_g,
+            mask_g,
+            beta,
+            gamma=self.args.gamma,
+            lam=self.args.lam,
+            estimator=kl_estimator(self.args),
+            whiten_advantages=self.args.whiten_advantages,
+            whiten_rewards=self.args.whiten_rewards,
+            scorable=~unscorable & ~empty,
+        )
+        score = torch.where(unscorable, torch.zeros_like(score), score)
 
-        beta = float(self.beta)
-        if ref_logps is not None:
-            ref_g = gather_bt(ref_logps.float())
-            kl = kl_per_token(old_g, ref_g, self.args.kl_estimator, mask=mask_g)
-        else:
-            kl = torch.zeros_like(old_g)
-            beta = 0.0
-        token_rewards = kl_penalized_token_rewards(score, kl, mask_g, beta)
-        non_score = -beta * kl.sum(dim=1)
-        n_valid = int(ppo_mask.sum().item())
-        if self.args.whiten_rewards and n_valid > 1:
-            token_rewards = masked_whiten(token_rewards, ppo_mask, shift_mean=False)
-        advantages, returns = compute_gae(token_rewards, values_g, mask_g, self.args.gamma, self.args.lam)
-        if self.args.whiten_advantages and n_valid > 1:
-            advantages = masked_whiten(advantages, ppo_mask)
-        advantages = advantages * ppo_mask
-
-        # Metrics (global)
-        seq_kl = kl.sum(dim=1)
-        scored = keep.bool()
+        # Metrics (global batch, identical on every rank)
+        seq_kl = targets.kl.sum(dim=1)
+        non_score = -beta * seq_kl
+        scored = ~unscorable & ~empty
         store["beta"].append(beta)
-        store["kl"].append(_masked_mean(kl, mask_g))
+        store["kl"].append(_masked_mean(targets.kl, mask_g))
         store["ppo/kl_seq"].append(seq_kl[~empty].mean().item() if (~empty).any() else math.nan)
         store["ppo/score/mean"].append(score[scored].mean().item() if scored.any() else math.nan)
         store["ppo/score/std"].append(score[scored].std().item() if int(scored.sum()) > 1 else math.nan)
@@ -318,9 +310,9 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         store["ppo/rlhf_reward"].append((score + non_score)[scored].mean().item() if scored.any() else math.nan)
         store["ppo/unscorable"].append(float(unscorable.sum().item()))
         store["ppo/empty_completions"].append(float(empty.sum().item()))
-        store["ppo/val/mean"].append(_masked_mean(values_g, ppo_mask))
-        store["ppo/returns/mean"].append(_masked_mean(returns, ppo_mask))
-        store["ppo/val/explained_variance"].append(_explained_variance(values_g, returns, ppo_mask))
+        store["ppo/val/mean"].append(_masked_mean(values_g, targets.mask))
+        store["ppo/returns/mean"].append(_masked_mean(targets.returns, targets.mask))
+        store["ppo/val/explained_variance"].append(explained_variance(values_g, targets.returns, targets.mask))
 
         if mode == "train" and ref_logps is not None:
             finite = ~empty
@@ -330,10 +322,10 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         rank = accelerator.process_index
         rows = slice(rank * n_local, (rank + 1) * n_local)
         dtype = old_logps.dtype
-        output["advantages"] = advantages[rows, :t_local].to(dtype)
+        output["advantages"] = targets.advantages[rows, :t_local].to(dtype)
         output["ppo_values"] = values_g[rows, :t_local].to(dtype)
-        output["ppo_returns"] = returns[rows, :t_local].to(dtype)
-        output["ppo_mask"] = ppo_mask[rows, :t_local].to(dtype)
+        output["ppo_returns"] = targets.returns[rows, :t_local].to(dtype)
+        output["ppo_mask"] = targets.mask[rows, :t_local].to(dtype)
         return output
 
     # ------------------------------------------------------------------ loss
@@ -366,16 +358,17 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         vpred = self._critic_values(input_ids, attention_mask, completion_ids.size(1))
-        old_values, returns = inputs["ppo_values"].float(), inputs["ppo_returns"].float()
-        c = self.args.cliprange_value
-        vpred_clipped = old_values + torch.clamp(vpred - old_values, -c, c)
-        vf_losses1 = (vpred - returns).square()
-        vf_losses2 = (vpred_clipped - returns).square()
-        maskf = mask.float()
-        n_tokens = maskf.sum()
-        vf_loss = 0.5 * (torch.max(vf_losses1, vf_losses2) * maskf).sum() / n_tokens.clamp(min=1.0)
-        store["ppo/val/loss"].append(self._global_masked_mean(0.5 * torch.max(vf_losses1, vf_losses2).detach(), mask))
-        store["ppo/val/clipfrac"].append(self._global_masked_mean((vf_losses2 > vf_losses1).float(), mask))
+        vf_loss, vf_clipfrac = clipped_value_loss(
+            vpred, inputs["ppo_values"].float(), inputs["ppo_returns"].float(), mask, self.args.cliprange_value
+        )
+        n_tokens = mask.float().sum()
+        totals = self.accelerator.reduce(
+            torch.stack([vf_loss.detach() * n_tokens, torch.nan_to_num(vf_clipfrac) * n_tokens, n_tokens]),
+            reduction="sum",
+        )
+        if totals[2] > 0:
+            store["ppo/val/loss"].append((totals[0] / totals[2]).item())
+            store["ppo/val/clipfrac"].append((totals[1] / totals[2]).item())
         store["ppo/val/vpred"].append(self._global_masked_mean(vpred.detach(), mask))
 
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -442,23 +435,6 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return ((x * mask).sum() / n).item() if n > 0 else math.nan
 
 
-def _explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var[returns - values] / Var[returns] over valid tokens (cleanrl's ppo.py)."""
-    n = mask.sum()
-    if n < 2:
-        return math.nan
-    var_ret = _masked_var(returns, mask)
-    if var_ret == 0:
-        return math.nan
-    return 1.0 - _masked_var(returns - values, mask) / var_ret
-
-
-def _masked_var(x: torch.Tensor, mask: torch.Tensor) -> float:
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    return (((x - mean) * mask).square().sum() / n).item()
-
-
 def _atomic_save(obj: Any, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
     os.close(fd)
@@ -470,18 +446,25 @@ def _atomic_save(obj: Any, path: str) -> None:
             os.remove(tmp)
 
 
-def _build_kl_controller(args: SafePPOConfig):
-    from ..rails.kl import AdaptiveKLController, FixedKLController
+def _build_wiring(args: SafePPOConfig) -> PPOWiring:
+    """Reward rails and KL controller from `args.rails` (None: no reward rail, `FixedKLController(args.beta)`)."""
+    from ..rails.config import RewardRails
+    from ..rails.kl import FixedKLController
 
-    if args.kl_target is None:
-        return FixedKLController(args.beta)
-    return AdaptiveKLController(
-        init_kl_coef=args.beta,
-        target=args.kl_target,
-        horizon=args.kl_horizon,
-        min_coef=min(1e-4, args.beta),
-        max_coef=max(10.0, args.beta),
-    )
+    if args.rails is None:
+        rails, controller = None, FixedKLController(args.beta)
+    else:
+        rails = RewardRails(args.rails, default_kl_coef=args.beta)
+        controller = rails.kl_controller
+    if isinstance(controller, FixedKLController) and controller.value == 0:
+        controller = None  # no KL penalty, no reference model (GRPO loads none when beta == 0)
+    return PPOWiring(rails=rails, kl_controller=controller)
+
+
+def kl_estimator(args: SafePPOConfig) -> str:
+    """`rails.kl.estimator` when set, else `args.kl_estimator`."""
+    rails_estimator = getattr(getattr(args.rails, "kl", None), "estimator", None)
+    return rails_estimator or args.kl_estimator
 
 
 def _resolve_reward_funcs(reward_funcs: Any) -> Any:
