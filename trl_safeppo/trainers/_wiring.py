@@ -95,23 +95,32 @@ class RailsWiring:
         self.kl_controller = kl_controller
         self.trainer = None
         self.adjustment_index: int | None = None
-        # Global (all processes) rewards of the last scored batch: before and after the rails. (B,) float32.
+        # The last scored batch over all processes: the RewardBatch the rails saw (raw rewards, lengths, truncated,
+        # groups), and the rewards before / after the rails, (B,) float32 on the trainer's device.
+        self.last_batch = None
         self.last_raw_rewards = None
         self.last_rewards = None
         self._kl_values: list[float] = []
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, rails_config: Any) -> RailsWiring:
-        """Build from a ``RailsConfig`` (or its dict); ``None`` gives the pass-through wiring."""
+    def from_config(cls, rails_config: Any, default_kl_coef: float | None = None) -> RailsWiring:
+        """Build from a ``RailsConfig`` (or its dict); ``None`` gives the pass-through wiring.
+
+        ``default_kl_coef`` (the trainer's own ``beta``) is the KL coefficient when ``rails.kl.init_kl_coef`` is
+        null. A fixed controller at 0 means no KL term (and no reference model), so no controller is kept.
+        """
         config = _as_rails_config(rails_config)
         if config is None:
             return cls()
         from ..rails.config import RewardRails
+        from ..rails.kl import FixedKLController
 
-        chain = config.build_reward_chain()
-        rails = RewardRails(chain) if chain is not None else None
-        return cls(rails=rails, kl_controller=config.build_kl_controller())
+        rails = RewardRails(config, default_kl_coef=default_kl_coef)
+        controller = rails.kl_controller
+        if isinstance(controller, FixedKLController) and controller.value == 0:
+            controller = None
+        return cls(rails=rails, kl_controller=controller)
 
     @property
     def active(self) -> bool:
@@ -235,11 +244,8 @@ class RailsWiring:
         base = (out[:, user] * weights[user].unsqueeze(0)).nansum(dim=1)
         out[:, idx] = torch.where(drop, torch.nan, (railed - base) / weights[idx])
 
-        self.last_raw_rewards, self.last_rewards = raw.detach(), railed.detach()
+        self.last_batch, self.last_raw_rewards, self.last_rewards = batch, raw.detach(), railed.detach()
         store = trainer._metrics[mode]
-        finite_raw = raw[torch.isfinite(raw)]
-        store["rails/raw_reward/mean"].append(finite_raw.mean().item() if finite_raw.numel() else math.nan)
-        store["rails/raw_reward/non_finite"].append(float((~torch.isfinite(raw)).sum().item()))
         for name, value in metrics.items():
             store[name].append(float(value))
         return out

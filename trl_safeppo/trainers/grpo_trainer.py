@@ -35,7 +35,7 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
             args = SafeGRPOConfig(f"{name.split('/')[-1]}-SafeGRPO")
         if isinstance(model, str):
             model = resolve_model_path(model)
-        wiring = RailsWiring.from_config(getattr(args, "rails", None))
+        wiring = RailsWiring.from_config(getattr(args, "rails", None), default_kl_coef=args.beta)
         args, reward_funcs, reward_processing_classes = wiring.prepare_init(
             args, reward_funcs, reward_processing_classes
         )
@@ -46,5 +46,4 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
             **kwargs,
         )
         wiring.attach(self)
-        if getattr(args, "tripwires", None):
-            add_tripwires(self, args)
+        add_tripwires(self, args, wiring)

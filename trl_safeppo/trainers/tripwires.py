@@ -49,7 +49,8 @@ TRIPWIRE_HELP = {
     "tripwires": "Tripwires of this stage: a list of `{detector, action, params}`. `detector` is one of the rails' "
     "detectors (`kl_limit`, `kl_acceleration`, `non_finite`, `length_hacking`, `format_gaming`, "
     "`entropy_collapse`, `length_collapse`, `length_explosion`), `action` one of `warn`, `raise_kl`, `rollback`, "
-    "`stop`, `params` the detector's thresholds. Events go to `<output_dir>/tripwires.jsonl`. `None`: no tripwires.",
+    "`stop`, `params` the detector's thresholds. Events go to `<output_dir>/tripwires.jsonl`. `None`: the "
+    "`tripwires` of the `rails` block when rails are set (default there: `non_finite` -> `stop`), else none; `[]`: none.",
     "raise_kl_factor": "`raise_kl` multiplies beta by this factor (> 1).",
     "rollback_beta_factor": "After a `rollback`, beta is multiplied by this factor (>= 1; 1 keeps beta).",
     "rollback_lr_factor": "After a `rollback`, the learning rate is multiplied by this factor (in (0, 1]).",
@@ -323,9 +324,18 @@ class TripwireCallback(TrainerCallback):
         return {"restored_step": restored, "stopped": True, "why": self.stopped_reason}
 
 
-def add_tripwires(trainer, args) -> TripwireCallback | None:
-    """Attach a :class:`TripwireCallback` built from ``args.tripwires`` (None when no tripwire is configured)."""
-    specs = parse_tripwires(args.tripwires)
+def effective_tripwires(args, wiring=None) -> list:
+    """The stage's tripwires: ``args.tripwires`` when set, else those of the rails config (``rails.tripwires``)."""
+    if getattr(args, "tripwires", None) is not None:
+        return parse_tripwires(args.tripwires)
+    rails = getattr(wiring, "rails", None)
+    return list(getattr(rails, "tripwires", None) or [])
+
+
+def add_tripwires(trainer, args, wiring=None) -> TripwireCallback | None:
+    """Attach a :class:`TripwireCallback` for :func:`effective_tripwires` (None when there is none)."""
+    specs = effective_tripwires(args, wiring)
+    trainer.tripwire_callback = None
     if not specs:
         return None
     callback = TripwireCallback(trainer, specs, TripwireActions.from_args(args), args.output_dir)

@@ -1,0 +1,137 @@
+"""SafeGRPOTrainer on tiny://debug: rails off == GRPOTrainer, rails act before GRPO's group normalization, adaptive
+beta follows Ziegler's rule, rail state survives a checkpoint, bad configurations fail with the field named."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from trl_safeppo import SafeGRPOConfig, SafeGRPOTrainer  # noqa: E402
+from trl_safeppo.trainers._wiring import RAILS_STATE_FILE  # noqa: E402
+
+
+class CharLength:
+    """Reward = completion length in characters (deterministic, picklable, stable name)."""
+
+    __name__ = "char_length"
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [float(len(c[0]["content"])) for c in completions]
+
+
+def _dataset(n=16):
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(n)]})
+
+
+COMMON = dict(
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=8,
+    logging_steps=1,
+    learning_rate=1e-2,
+    seed=0,
+    report_to="none",
+    use_cpu=True,
+)
+
+
+def _train(trainer_cls, config_cls, model, tmp_path, max_steps=3, **overrides):
+    args = config_cls(output_dir=str(tmp_path), max_steps=max_steps, save_strategy="no", **{**COMMON, **overrides})
+    trainer = trainer_cls(model=model, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    trainer.train()
+    return trainer, [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_rails_off_trains_exactly_like_grpo(tmp_path, tiny_debug_path):
+    _, plain = _train(GRPOTrainer, GRPOConfig, tiny_debug_path, tmp_path / "plain", beta=0.1)
+    safe, railed = _train(SafeGRPOTrainer, SafeGRPOConfig, "tiny://debug", tmp_path / "safe", beta=0.1)
+    keys = ("loss", "reward", "kl", "entropy", "completions/mean_length", "grad_norm")
+    assert [{k: h[k] for k in keys} for h in railed] == [{k: h[k] for k in keys} for h in plain]
+    assert plain[-1]["kl"] > 0  # the comparison covers a moving policy, not three identical zeros
+    assert safe.tripwire_callback is None and safe.rails_wiring.rails is None
+    assert safe.reward_func_names == ["char_length"]
+
+
+def test_length_rail_shapes_the_reward_grpo_normalizes(tmp_path, tiny_debug_path):
+    rails = {"length": {"budget": 2, "penalty_per_token": 5.0}}
+    trainer, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path, max_steps=1, rails=rails)
+    wiring = trainer.rails_wiring
+    batch = wiring.last_batch
+    # length_linear: r' = r - 5 * max(0, len - 2)
+    expected = batch.rewards - 5.0 * (batch.lengths - 2).clamp(min=0).float()
+    torch.testing.assert_close(wiring.last_rewards.cpu(), expected)
+    assert trainer.reward_func_names == ["char_length", "rails_adjustment"]
+    log = logs[0]
+    # GRPO's `reward` is the railed reward; the per-function metric keeps the raw score; the adjustment column
+    # carries the difference.
+    assert log["reward"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert log["rewards/char_length/mean"] == pytest.approx(batch.rewards.mean().item(), rel=1e-5)
+    assert log["rewards/rails_adjustment/mean"] == pytest.approx((expected - batch.rewards).mean().item(), rel=1e-5)
+    assert log["rails/length_linear/over_budget_rate"] == pytest.approx((batch.lengths > 2).float().mean().item())
+    assert "tripwire/non_finite" in log  # the rails block's default tripwire (non_finite -> stop) is on
+
+
+def test_non_finite_reward_is_guarded(tmp_path, tiny_debug_path):
+    class SometimesNaN:
+        __name__ = "sometimes_nan"
+
+        def __call__(self, prompts, completions, **kwargs):
+            return [float("nan") if i % 4 == 0 else 1.0 + i for i in range(len(completions))]
+
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, save_strategy="no", rails={}, **COMMON)
+    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=SometimesNaN(), args=args, train_dataset=_dataset())
+    trainer.train()
+    log = trainer.state.log_history[0]
+    # 4 completions per process batch, row 0 of each is NaN -> 1 replaced by 0.0 (guard policy "value")
+    assert log["rails/non_finite/count"] == 1.0
+    torch.testing.assert_close(trainer.rails_wiring.last_rewards.cpu(), torch.tensor([0.0, 2.0, 3.0, 4.0]))
+    assert log["loss"] == log["loss"]  # finite, not NaN
+
+
+def test_adaptive_beta_follows_ziegler_and_survives_a_checkpoint(tmp_path, tiny_debug_path):
+    rails = {"kl": {"controller": "adaptive", "init_kl_coef": 0.1, "target": 1e-3, "horizon": 10, "min_coef": 1e-3}}
+    args = SafeGRPOConfig(
+        output_dir=str(tmp_path), max_steps=3, save_strategy="steps", save_steps=2, rails=rails, **COMMON
+    )
+    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    assert trainer.ref_model is not None and trainer.beta == 0.1  # init_kl_coef replaces GRPO's beta=0
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    betas = [h["beta"] for h in logs]
+    # n_steps = 4 completions per step, horizon 10; e = clip(kl/target - 1, -0.2, 0.2)
+    # step 1: kl = 0 (policy == reference)       -> e = -0.2, beta = 0.1 * (1 - 0.2 * 0.4) = 0.092
+    # step 2: kl = logs[1]["kl"] >> 1e-3          -> e = +0.2, beta = 0.092 * (1 + 0.2 * 0.4) = 0.09936
+    assert logs[0]["kl"] == 0.0 and logs[1]["kl"] > 2e-3
+    assert betas == pytest.approx([0.1, 0.092, 0.09936])
+
+    state = torch.load(os.path.join(tmp_path, "checkpoint-2", RAILS_STATE_FILE), weights_only=False)
+    assert state["beta"] == pytest.approx(0.09936) and state["kl"]["n_updates"] == 2
+
+    resumed = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    assert resumed.beta == 0.1
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-2"))
+    step3 = [h for h in resumed.state.log_history if h.get("step") == 3 and "loss" in h][0]
+    assert step3["beta"] == pytest.approx(0.09936)  # continued from the checkpoint, not from init_kl_coef
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"rails": {"kl": {"controller": "adaptive", "init_kl_coef": 0.1, "min_coef": 0.0}}}, "min_coef"),
+        ({"rails": {"clip": {"low": 1.0, "high": 0.0}}}, "rails.clip.low"),
+        ({"rails": {"lenght": {}}}, "unknown keys ['lenght']"),
+        ({"rails": {}, "multi_objective_aggregation": "normalize_then_sum"}, "multi_objective_aggregation"),
+        ({"tripwires": [{"detector": "kl_limit", "action": "panic", "params": {"limit": 1}}]}, "tripwires[0].action"),
+    ],
+)
+def test_bad_configuration_names_the_field(tmp_path, tiny_debug_path, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, **{**COMMON, **overrides})
+        SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
