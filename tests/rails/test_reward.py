@@ -206,3 +206,31 @@ def test_chain_state_round_trips_through_json():
     b, sb, mb = rail.update(b2, restored)
     assert_close(a.rewards, b.rewards)
     assert sa == sb and ma == mb
+
+
+@pytest.mark.parametrize(
+    "rail",
+    [
+        clip_rewards(-1e30, 1e30),
+        clip_rewards(None, None),
+        percentile_clip(0.0, 100.0),
+        length_power(0.0),
+        length_linear(10**9, 5.0),  # budget never reached
+        length_linear(0, 0.0),  # zero slope
+        missing_eos(penalty=0.0),
+        overlong(4, max_completion_length=10**9),  # buffer zone never reached
+        overlong(4, factor=0.0),
+        non_finite_guard(),  # all rewards finite
+    ],
+    ids=lambda r: "",
+)
+def test_extreme_thresholds_are_the_identity(rail):
+    gen = torch.Generator().manual_seed(6)
+    b = batch(
+        torch.randn(16, generator=gen).mul(10).tolist(),
+        lengths=torch.randint(1, 30, (16,), generator=gen).tolist(),
+        truncated=(torch.rand(16, generator=gen) < 0.5).tolist(),
+        max_len=32,
+    )
+    out, _, _ = run(rail, b)
+    assert torch.equal(out.rewards, b.rewards)

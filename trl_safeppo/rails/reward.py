@@ -246,7 +246,8 @@ def clip_rewards(low: float | None = None, high: float | None = None, name: str 
         r = batch.rewards
         low_frac = _mean(r < low) if low is not None else 0.0
         high_frac = _mean(r > high) if high is not None else 0.0
-        r = r.clamp(min=low, max=high)
+        if low is not None or high is not None:
+            r = r.clamp(min=low, max=high)
         return batch.replace(rewards=r), state, {f"rails/{name}/low_frac": low_frac, f"rails/{name}/high_frac": high_frac}
 
     return RewardRail(init, update)
