@@ -208,8 +208,8 @@ class GateOutcome:
 def window_gain(values: Sequence[float]) -> float:
     """Least-squares slope of ``values`` (x = 0..K-1) times (K - 1): the rise of the fitted line over the window.
 
-    >>> window_gain([0.0, 0.1, 0.2, 0.3])  # slope 0.1, span 3 -> 0.3
-    0.3000000000000001
+    >>> round(window_gain([0.0, 0.1, 0.2, 0.3]), 6)  # slope 0.1, span 3 -> 0.3
+    0.3
     """
     k = len(values)
     if k < 2:
@@ -399,7 +399,7 @@ def evaluate_gates(
             outcomes.append(GateOutcome("plateau", True, f"{config.plateau_metric} still improving: ran to the end", {}))
 
     if config.no_tripwire_stop:
-        stops = [e for e in tripwire_events if e.get("action") == "stop" and e.get("status") == "trip"]
+        stops = [e for e in tripwire_events if tripwire_stopped(e)]
         if stops:
             first = stops[0]
             reason = f"tripwire {first.get('detector')} stopped training at step {first.get('step')}: {first.get('reason')}"
@@ -407,6 +407,12 @@ def evaluate_gates(
         else:
             outcomes.append(GateOutcome("no_tripwire_stop", True, "no tripwire stopped the stage", {}))
     return outcomes
+
+
+def tripwire_stopped(event: Mapping[str, Any]) -> bool:
+    """Whether a tripwires.jsonl event ended training (action ``stop``, or a rollback turned into a stop)."""
+    details = event.get("details") if isinstance(event.get("details"), Mapping) else {}
+    return event.get("status") == "trip" and (event.get("action") == "stop" or bool(details.get("stopped")))
 
 
 def failed(outcomes: Iterable[GateOutcome]) -> list[GateOutcome]:

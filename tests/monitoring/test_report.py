@@ -1,0 +1,130 @@
+"""The run report (trl_safeppo/monitoring/report.py, plots.py) on synthetic run directories shaped like the runner's."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from trl_safeppo.cli import main
+from trl_safeppo.monitoring.plots import series
+from trl_safeppo.monitoring.report import load_run, write_report
+
+from .synthetic import PROBES, grpo_history, make_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _without_timestamp(text: str) -> str:
+    return re.sub(r"- \*\*Report written:\*\* .*\n", "", text)
+
+
+def _section(md: str, title: str) -> str:
+    start = md.index(f"## {title}")
+    end = md.find("\n## ", start + 1)
+    return md[start:] if end < 0 else md[start:end]
+
+
+def test_demo_report_has_every_plot_and_the_probe_table(tmp_path):
+    run = make_run(tmp_path / "run")
+    report = write_report(run)
+    md = report.read_text()
+
+    for name in ("01-sft", "02-grpo", "03-dpo", "heldout"):
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert f"](plots/{name}.png)" in md
+
+    probes = _section(md, "Probe prompts").splitlines()
+    assert probes[2] == "| probe | 01-sft | 02-grpo | 03-dpo |"  # stage columns
+    rows = [line for line in probes if line.startswith("| ") and not line.startswith("| probe")]
+    assert [r.split(" | ")[0][2:] for r in rows] == PROBES  # probe rows, in recipe order
+    # "What is 57 + 68?" moved from 115 (right) to 125 (wrong) between stage 1 and 2: visible side by side
+    assert "&lt;answer&gt;115&lt;/answer&gt; | &lt;think&gt;57 + 68 = 125" in rows[1]
+
+    summary = _section(md, "Final metrics per stage")
+    assert "| 2 | grpo | grpo | completed | 30 |" in summary  # 30 logged steps
+    assert "| 0.71 | 0.97 | 13.2 |" in summary  # grpo's held-out accuracy, format pass, length from eval.json
+    assert "| 02-grpo | 22 | length\\_collapse | warn | warn |" in _section(md, "Tripwire events")
+    assert "| 01-sft | no\\_tripwire\\_stop | ✅ pass |" in _section(md, "Gate outcomes")
+    assert "- **Status:** completed" in md
+
+
+def test_summary_reads_the_last_logged_value(tmp_path):
+    run = make_run(tmp_path / "run")
+    _, stages = load_run(run)
+    grpo = stages[1]
+    # the last training entry of grpo_history() (the summary entry after it has no reward)
+    assert grpo.final("reward") == grpo_history()[-2]["reward"]
+    assert grpo.final("kl") == pytest.approx(0.002 * 30 * (1 + (1 - 2.718281828 ** -3)), rel=1e-6)
+    assert stages[0].final("kl") is None  # SFT logs no KL
+
+
+def test_cli_rebuilds_the_same_report(tmp_path):
+    run = make_run(tmp_path / "run")
+    first = write_report(run).read_text()
+    png_before = (run / "plots" / "02-grpo.png").read_bytes()
+    (run / "report.md").unlink()
+    assert main(["report", str(run)]) == 0
+    assert _without_timestamp((run / "report.md").read_text()) == _without_timestamp(first)
+    assert (run / "plots" / "02-grpo.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(png_before) > 10_000
+
+
+def test_interrupted_run_still_reports(tmp_path):
+    run = make_run(tmp_path / "run", interrupted=True)
+    md = write_report(run).read_text()
+    assert "- **Status:** running" in md
+    assert "| 3 | dpo | dpo | running | 6 |" in md  # six good lines, the cut-off seventh is skipped
+    assert (run / "plots" / "03-dpo.png").is_file()
+    assert "| probe | 01-sft | 02-grpo |" in md  # no probes for the unfinished stage: no column
+
+
+def test_failed_gate_shows_in_status_and_gate_table(tmp_path):
+    run = make_run(tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.pop("status")
+    manifest["stages"][1]["status"] = "gated"
+    manifest["stages"][2]["status"] = "pending"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    gate = {"gate": "min:accuracy", "passed": False, "reason": "accuracy = 0.71 < 1.01", "values": {}}
+    (run / "stages" / "02-grpo" / "gates.json").write_text(json.dumps([gate]))
+    md = write_report(run).read_text()
+    assert "- **Status:** stopped at stage 02-grpo (gated)" in md
+    assert "- **Stop reason:** gate min:accuracy: accuracy = 0.71 &lt; 1.01" in md
+    assert "| 02-grpo | min:accuracy | ❌ FAIL | accuracy = 0.71 &lt; 1.01 |" in md
+
+
+def test_markdown_cells_are_escaped(tmp_path):
+    run = make_run(tmp_path / "run")
+    probes = [{"prompt": p, "completion": "a | b\n*c*"} for p in PROBES]
+    (run / "stages" / "01-sft" / "probes.json").write_text(json.dumps(probes))
+    md = write_report(run).read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| What is 2 + 2?"))
+    assert "a \\| b<br>\\*c\\*" in row
+    assert len(re.findall(r"(?<!\\)\|", row)) == 5  # 4 columns -> 5 unescaped pipes
+
+
+def test_stage_dirs_missing_from_the_manifest_are_reported(tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / "manifest.json").write_text(json.dumps({"name": "demo", "stages": []}))
+    _, stages = load_run(run)
+    assert [(s.index, s.name, s.status) for s in stages] == [(1, "sft", "unknown"), (2, "grpo", "unknown"),
+                                                              (3, "dpo", "unknown")]
+
+
+def test_not_a_run_directory_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="is not a run directory: it has no manifest.json"):
+        write_report(tmp_path)
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not a JSON object"):
+        write_report(tmp_path)
+
+
+def test_series_reads_logged_history_and_skips_missing_and_nan():
+    history = [{"reward": 0.1, "step": 1}, {"loss": 1.0, "step": 2}, {"reward": float("nan"), "step": 3},
+               {"reward": 0.4, "step": 4}]
+    assert series(history, "reward") == ([1.0, 4.0], [0.1, 0.4])
