@@ -1,0 +1,107 @@
+"""SafeDPOTrainer: TRL's DPOTrainer with a chosen-likelihood guard, drift monitoring and tripwires that act.
+
+Everything extends DPOTrainer through ``super()``: the guard is TRL's own ``"sft"`` loss term (configured on a copy
+of the arguments), the monitoring reads what DPOTrainer already measured (``rewards/chosen`` = beta * mean chosen
+log-ratio, ``rewards/rejected``) right after each ``compute_loss``, and the tripwires are the shared callback.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+from trl import DPOTrainer
+
+from ..models import resolve_model_path
+from .dpo_config import SafeDPOConfig
+from .tripwires import add_tripwires
+
+DPO_STATE_FILE = "safe_dpo_state.json"
+
+
+def check_preference_dataset(dataset, field: str = "train_dataset") -> None:
+    """A preference dataset needs `chosen` and `rejected` columns (and usually `prompt`): fail early, naming them."""
+    if dataset is None:
+        return
+    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+    for ds in datasets:
+        columns = getattr(ds, "column_names", None)
+        if columns is None:  # IterableDataset without known features: DPOTrainer will check
+            continue
+        missing = [c for c in ("chosen", "rejected") if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{field} is missing the column(s) {missing} of TRL's preference format (columns found: {columns}); "
+                "a DPO dataset needs `chosen` and `rejected` (and `prompt` unless it is implicit). "
+                "trl_safeppo.pairs.build_pairs builds one from scored samples."
+            )
+
+
+class SafeDPOTrainer(DPOTrainer):
+    """DPOTrainer plus the chosen-likelihood guard, drift monitoring and tripwires; ``args`` is a
+    :class:`SafeDPOConfig`. ``model`` (and a string ``ref_model``) may be a ``tiny://`` identifier, a local path or
+    a Hub id.
+
+    Attributes added to DPOTrainer's:
+        tripwire_callback: the :class:`~trl_safeppo.trainers.tripwires.TripwireCallback`, or None.
+    """
+
+    _tag_names = ["trl", "dpo", "trl_safeppo"]
+
+    def __init__(self, model, ref_model=None, args: SafeDPOConfig | None = None, train_dataset=None, eval_dataset=None,
+                 **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = SafeDPOConfig(f"{name.split('/')[-1]}-SafeDPO")
+        if isinstance(model, str):
+            model = resolve_model_path(model)
+        if isinstance(ref_model, str):
+            ref_model = resolve_model_path(ref_model, field="ref_model")
+        check_preference_dataset(train_dataset, "train_dataset")
+        check_preference_dataset(eval_dataset, "eval_dataset")
+        coef = getattr(args, "chosen_nll_coef", 0.0)
+        if coef > 0:  # the chosen-likelihood guard is TRL's own "sft" term, weighted
+            args = copy.copy(args)
+            weights = list(args.loss_weights or [1.0] * len(args.loss_type))
+            args.loss_type, args.loss_weights = [*args.loss_type, "sft"], [*weights, float(coef)]
+        self.tripwire_callback = None
+        super().__init__(
+            model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            **kwargs,
+        )
+        add_tripwires(self, args)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        store = self._metrics[mode]
+        if store.get("rewards/chosen") and store.get("rewards/rejected") and self.beta > 0:
+            # DPOTrainer logged beta * mean(log pi(y|x) - log pi_ref(y|x)) for the chosen and rejected completions.
+            chosen = store["rewards/chosen"][-1] / self.beta
+            rejected = store["rewards/rejected"][-1] / self.beta
+            store["dpo/chosen_logratio"].append(chosen)
+            store["dpo/rejected_logratio"].append(rejected)
+            store["kl"].append(0.5 * (abs(chosen) + abs(rejected)))
+            store["beta"].append(float(self.beta))
+        return out
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            tmp = os.path.join(folder, f".{DPO_STATE_FILE}.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"beta": float(self.beta)}, f)
+            os.replace(tmp, os.path.join(folder, DPO_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, DPO_STATE_FILE)):
+            with open(os.path.join(checkpoint, DPO_STATE_FILE)) as f:
+                beta = json.load(f).get("beta")
+            if isinstance(beta, (int, float)) and math.isfinite(beta):
+                self.beta = float(beta)  # a beta raised by a tripwire survives the resume
