@@ -25,12 +25,16 @@ def batch(rewards, lengths=None, truncated=None, group_ids=None, max_len=None):
 
 def shift(delta: float) -> RewardRail:
     """A toy stateful rail: adds delta, counts calls."""
-    return RewardRail(lambda: {"calls": 0}, lambda b, s: (b.replace(rewards=b.rewards + delta), {"calls": s["calls"] + 1}, {}))
+    def update(b, s):
+        return b.replace(rewards=b.rewards + delta), {"calls": s["calls"] + 1}, {}
+
+    return RewardRail(lambda: {"calls": 0}, update)
 
 
 def test_from_completion_id_lists():
     # TRL's completion_ids_list: padding removed, EOS (id 0) kept when generated.
-    b = reward_batch_from_completions([1.0, None, 0.5, 2.0], [[4, 5, 0], [4, 5, 6, 7], [0], [9, 9]], eos_token_id=0, group_size=2)
+    ids = [[4, 5, 0], [4, 5, 6, 7], [0], [9, 9]]
+    b = reward_batch_from_completions([1.0, None, 0.5, 2.0], ids, eos_token_id=0, group_size=2)
     assert b.lengths.tolist() == [3, 4, 1, 2]
     assert b.truncated.tolist() == [False, True, False, True]
     assert b.group_ids.tolist() == [0, 0, 1, 1]

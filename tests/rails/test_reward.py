@@ -155,7 +155,8 @@ def test_percentile_clip_running_window():
     # next batch [10]: window = last 5 raw rewards [2, 3, 4, 5, 10]; q25 = 3, q75 = 5 -> 10 is clipped to 5
     out, state, m = run(rail, batch([10.0]), state)
     assert_close(out.rewards, torch.tensor([5.0]))
-    assert m["rails/percentile_clip/low"] == pytest.approx(3.0) and m["rails/percentile_clip/high"] == pytest.approx(5.0)
+    assert m["rails/percentile_clip/low"] == pytest.approx(3.0)
+    assert m["rails/percentile_clip/high"] == pytest.approx(5.0)
     assert state == {"window": [2.0, 3.0, 4.0, 5.0, 10.0]}
     # a window of 3 keeps only the last 3 of the batch: [3, 4, 5] -> q25 = 3.5, q75 = 4.5
     out, _, _ = run(percentile_clip(25.0, 75.0, window=3), batch([1.0, 2.0, 3.0, 4.0, 5.0]))
@@ -197,7 +198,9 @@ def test_welford_batched_equals_numpy_over_concatenation():
 
 
 def test_chain_state_round_trips_through_json():
-    rail = chain(("guard", non_finite_guard()), ("pclip", percentile_clip(5.0, 95.0, window=16)), ("norm", normalize_rewards()))
+    rail = chain(
+        ("guard", non_finite_guard()), ("pclip", percentile_clip(5.0, 95.0, window=16)), ("norm", normalize_rewards())
+    )
     gen = torch.Generator().manual_seed(4)
     b1, b2 = (batch(torch.randn(10, generator=gen).tolist()) for _ in range(2))
     _, state, _ = rail.update(b1, rail.init())

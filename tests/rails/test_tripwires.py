@@ -86,7 +86,8 @@ def test_entropy_and_length_baselines():
     assert entropy_collapse(h("entropy", [1.0, 0.5]), baseline=1).status == "ok"
     assert entropy_collapse(h("entropy", [1.0, 0.2]), baseline=1).status == "warn"  # 0.2 < 0.3 * 1.0
     assert entropy_collapse(h("entropy", [1.0, 0.05]), baseline=1).status == "trip"  # 0.05 < 0.1 * 1.0
-    assert entropy_collapse(h("entropy", [0.05, 0.02, 0.005]), baseline=1, ratio=0.0, warn_ratio=0.0).status == "trip"  # < 0.01
+    floor_only = {"baseline": 1, "ratio": 0.0, "warn_ratio": 0.0}
+    assert entropy_collapse(h("entropy", [0.05, 0.02, 0.005]), **floor_only).status == "trip"  # 0.005 < 0.01
     key = "completions/mean_length"
     assert length_collapse(h(key, [100, 40]), baseline=1).status == "warn"  # 40 < 0.5 * 100
     assert length_collapse(h(key, [100, 20]), baseline=1).status == "trip"  # 20 < 0.3 * 100

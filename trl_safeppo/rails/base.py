@@ -50,7 +50,9 @@ class RewardBatch:
         for name in ("lengths", "truncated", "group_ids"):
             value = getattr(self, name)
             if value is not None and value.shape != n:
-                raise ValueError(f"RewardBatch.{name} must have shape {tuple(n)} like rewards, got {tuple(value.shape)}")
+                raise ValueError(
+                    f"RewardBatch.{name} must have shape {tuple(n)} like rewards, got {tuple(value.shape)}"
+                )
 
     def replace(self, **changes: Any) -> RewardBatch:
         """A copy with some fields replaced (`dataclasses.replace`)."""

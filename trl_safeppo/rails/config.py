@@ -41,8 +41,16 @@ def _check(cond: bool, field_name: str, accepted: str, value: Any) -> None:
         raise ValueError(f"rails.{field_name} must be {accepted}, got {value!r}")
 
 
-def _finite_or_none(x: Any) -> bool:
-    return x is None or (_is_number(x) and math.isfinite(x))
+def _check_number(
+    field_name: str, value: Any, *, gt: float | None = None, ge: float | None = None, nullable: bool = False
+) -> None:
+    """`value` must be a finite number (> gt, >= ge), or None when `nullable`."""
+    if nullable and value is None:
+        return
+    ok = _is_number(value) and math.isfinite(value)
+    ok = ok and (gt is None or value > gt) and (ge is None or value >= ge)
+    bound = f" > {gt:g}" if gt is not None else f" >= {ge:g}" if ge is not None else ""
+    _check(ok, field_name, f"{'null or ' if nullable else ''}a finite number{bound}", value)
 
 
 @dataclass
@@ -60,7 +68,7 @@ class NonFiniteConfig:
 
     def __post_init__(self) -> None:
         _check(self.policy in ("value", "group_mean"), "non_finite.policy", "'value' or 'group_mean'", self.policy)
-        _check(_is_number(self.value) and math.isfinite(self.value), "non_finite.value", "a finite number", self.value)
+        _check_number("non_finite.value", self.value)
 
 
 @dataclass
@@ -76,11 +84,8 @@ class MissingEOSConfig:
     value: float | None = field(default=None, metadata={"help": "Score given to truncated completions instead."})
 
     def __post_init__(self) -> None:
-        _check(
-            self.penalty is None or (_is_number(self.penalty) and math.isfinite(self.penalty) and self.penalty >= 0),
-            "missing_eos.penalty", "null or a finite number >= 0", self.penalty,
-        )
-        _check(_finite_or_none(self.value), "missing_eos.value", "null or a finite number", self.value)
+        _check_number("missing_eos.penalty", self.penalty, ge=0, nullable=True)
+        _check_number("missing_eos.value", self.value, nullable=True)
         if self.penalty is not None and self.value is not None:
             raise ValueError("rails.missing_eos: set penalty or value, not both")
 
@@ -114,32 +119,25 @@ class LengthConfig:
 
     def __post_init__(self) -> None:
         _check(self.debias in (None, "group", "batch"), "length.debias", "null, 'group' or 'batch'", self.debias)
-        _check(
-            self.alpha is None or (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha >= 0),
-            "length.alpha", "null or a finite number >= 0", self.alpha,
-        )
+        _check_number("length.alpha", self.alpha, ge=0, nullable=True)
         _check(
             self.budget is None or (isinstance(self.budget, int) and self.budget >= 0),
             "length.budget", "null or an integer >= 0", self.budget,
         )
-        _check(
-            _is_number(self.penalty_per_token) and math.isfinite(self.penalty_per_token) and self.penalty_per_token >= 0,
-            "length.penalty_per_token", "a finite number >= 0", self.penalty_per_token,
-        )
+        _check_number("length.penalty_per_token", self.penalty_per_token, ge=0)
         if self.budget is None and self.penalty_per_token > 0:
             raise ValueError("rails.length.penalty_per_token needs rails.length.budget (an integer >= 0)")
         _check(
             self.overlong_buffer is None or (isinstance(self.overlong_buffer, int) and self.overlong_buffer >= 1),
             "length.overlong_buffer", "null or an integer >= 1", self.overlong_buffer,
         )
-        _check(
-            _is_number(self.overlong_factor) and math.isfinite(self.overlong_factor) and self.overlong_factor >= 0,
-            "length.overlong_factor", "a finite number >= 0", self.overlong_factor,
-        )
+        _check_number("length.overlong_factor", self.overlong_factor, ge=0)
+        floor = self.overlong_buffer or 1
         _check(
             self.max_completion_length is None
-            or (isinstance(self.max_completion_length, int) and self.max_completion_length >= (self.overlong_buffer or 1)),
-            "length.max_completion_length", f"null or an integer >= overlong_buffer ({self.overlong_buffer or 1})",
+            or (isinstance(self.max_completion_length, int) and self.max_completion_length >= floor),
+            "length.max_completion_length",
+            f"null or an integer >= overlong_buffer ({floor})",
             self.max_completion_length,
         )
 
@@ -163,20 +161,26 @@ class ClipConfig:
     position: str = field(default="after_norm", metadata={"help": "'after_norm' or 'before_norm'."})
 
     def __post_init__(self) -> None:
-        _check(_finite_or_none(self.low), "clip.low", "null or a finite number", self.low)
-        _check(_finite_or_none(self.high), "clip.high", "null or a finite number", self.high)
+        _check_number("clip.low", self.low, nullable=True)
+        _check_number("clip.high", self.high, nullable=True)
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"rails.clip.low must be <= rails.clip.high, got low={self.low!r} > high={self.high!r}")
         for name in ("percentile_low", "percentile_high"):
             q = getattr(self, name)
             _check(q is None or (_is_number(q) and 0 <= q <= 100), f"clip.{name}", "null or in [0, 100]", q)
-        if self.percentile_low is not None and self.percentile_high is not None and self.percentile_low > self.percentile_high:
+        q_low, q_high = self.percentile_low, self.percentile_high
+        if q_low is not None and q_high is not None and q_low > q_high:
             raise ValueError(
                 f"rails.clip.percentile_low must be <= rails.clip.percentile_high, got "
                 f"{self.percentile_low!r} > {self.percentile_high!r}"
             )
         _check(isinstance(self.window, int) and self.window >= 1, "clip.window", "an integer >= 1", self.window)
-        _check(self.position in ("after_norm", "before_norm"), "clip.position", "'after_norm' or 'before_norm'", self.position)
+        _check(
+            self.position in ("after_norm", "before_norm"),
+            "clip.position",
+            "'after_norm' or 'before_norm'",
+            self.position,
+        )
 
     @property
     def fixed_enabled(self) -> bool:
@@ -204,7 +208,7 @@ class NormalizeConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.enabled, bool), "normalize.enabled", "true or false", self.enabled)
         _check(isinstance(self.shift_only, bool), "normalize.shift_only", "true or false", self.shift_only)
-        _check(_is_number(self.eps) and math.isfinite(self.eps) and self.eps > 0, "normalize.eps", "a finite number > 0", self.eps)
+        _check_number("normalize.eps", self.eps, gt=0)
 
 
 @dataclass
@@ -232,19 +236,19 @@ class KLConfig:
     def __post_init__(self) -> None:
         _check(self.controller in ("fixed", "adaptive"), "kl.controller", "'fixed' or 'adaptive'", self.controller)
         _check(self.estimator in (None, "k1", "k2", "k3"), "kl.estimator", "null, 'k1', 'k2' or 'k3'", self.estimator)
+        _check_number("kl.init_kl_coef", self.init_kl_coef, ge=0, nullable=True)
+        _check_number("kl.target", self.target, gt=0)
+        _check_number("kl.horizon", self.horizon, gt=0)
+        _check_number("kl.min_coef", self.min_coef, gt=0)
         _check(
-            self.init_kl_coef is None or (_is_number(self.init_kl_coef) and math.isfinite(self.init_kl_coef) and self.init_kl_coef >= 0),
-            "kl.init_kl_coef", "null or a finite number >= 0", self.init_kl_coef,
+            _is_number(self.max_coef) and self.max_coef >= self.min_coef,
+            "kl.max_coef", f">= kl.min_coef ({self.min_coef})", self.max_coef,
         )
-        _check(_is_number(self.target) and math.isfinite(self.target) and self.target > 0, "kl.target", "a finite number > 0", self.target)
-        _check(_is_number(self.horizon) and math.isfinite(self.horizon) and self.horizon > 0, "kl.horizon", "a finite number > 0", self.horizon)
-        _check(_is_number(self.min_coef) and math.isfinite(self.min_coef) and self.min_coef > 0, "kl.min_coef", "a finite number > 0", self.min_coef)
-        _check(_is_number(self.max_coef) and self.max_coef >= self.min_coef, "kl.max_coef", f">= kl.min_coef ({self.min_coef})", self.max_coef)
         if self.controller == "adaptive" and self.init_kl_coef is not None:
+            bounds = f"[{self.min_coef}, {self.max_coef}]"
             _check(
                 self.min_coef <= self.init_kl_coef <= self.max_coef,
-                "kl.init_kl_coef", f"in [min_coef, max_coef] = [{self.min_coef}, {self.max_coef}] for the adaptive controller",
-                self.init_kl_coef,
+                "kl.init_kl_coef", f"in [min_coef, max_coef] = {bounds} for the adaptive controller", self.init_kl_coef,
             )
 
 
@@ -358,7 +362,8 @@ class RailsConfig:
     def _reward_rails(self) -> list[tuple[str, RewardRail]]:
         from . import reward as R
 
-        rails: list[tuple[str, RewardRail]] = [("non_finite", R.non_finite_guard(self.non_finite.policy, self.non_finite.value))]
+        guard = R.non_finite_guard(self.non_finite.policy, self.non_finite.value)
+        rails: list[tuple[str, RewardRail]] = [("non_finite", guard)]
         length = self.length
         if length.debias is not None:
             rails.append(("length_debias", R.length_debias(length.debias)))
@@ -422,7 +427,9 @@ def _tripwire_from_any(value: Any, index: int) -> TripwireSpec:
         accepted = ["detector", "action", "params"]
         unknown = sorted(set(value) - set(accepted))
         if unknown or "detector" not in value:
-            raise ValueError(f"rails.tripwires[{index}]: keys must be {accepted} with 'detector' required, got {sorted(value)}")
+            raise ValueError(
+                f"rails.tripwires[{index}]: keys must be {accepted} with 'detector' required, got {sorted(value)}"
+            )
         return TripwireSpec(**value)
     raise ValueError(f"rails.tripwires[{index}] must be a mapping {{detector, action, params}}, got {value!r}")
 
@@ -456,7 +463,8 @@ class RewardRails:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able: `{"reward": {rail name: rail state}, "kl": controller state, "n_calls": int}`."""
-        return {"reward": json.loads(json.dumps(self.state)), "kl": self.kl_controller.state_dict(), "n_calls": self.n_calls}
+        reward_state = json.loads(json.dumps(self.state))  # a deep copy, and a check that it is plain JSON
+        return {"reward": reward_state, "kl": self.kl_controller.state_dict(), "n_calls": self.n_calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = set(self.state)

@@ -146,7 +146,9 @@ def validate_adaptive_kl(init_kl_coef: float, target: float, horizon: float, min
     if not (isinstance(max_coef, (int, float)) and max_coef >= min_coef):
         raise ValueError(f"max_coef must be >= min_coef ({min_coef}), got {max_coef!r}")
     if not (finite(init_kl_coef) and min_coef <= init_kl_coef <= max_coef):
-        raise ValueError(f"init_kl_coef must be in [min_coef, max_coef] = [{min_coef}, {max_coef}], got {init_kl_coef!r}")
+        raise ValueError(
+            f"init_kl_coef must be in [min_coef, max_coef] = [{min_coef}, {max_coef}], got {init_kl_coef!r}"
+        )
 
 
 def kl_per_token(

@@ -48,7 +48,8 @@ def non_finite_guard(policy: str = "value", value: float = 0.0, name: str = "non
                       completion gets a zero group-relative advantage (it is masked out of GRPO's signal); `value`
                       when the group has no finite reward.
     State: `{"total": int}`, the number of rewards replaced since init.
-    Metrics: `rails/<name>/count` (replaced in this batch), `rails/<name>/nan`, `rails/<name>/inf`, `rails/<name>/total`.
+    Metrics: `rails/<name>/count` (replaced in this batch), `rails/<name>/nan`, `rails/<name>/inf`,
+    `rails/<name>/total`.
     """
     if policy not in NON_FINITE_POLICIES:
         raise ValueError(f"non_finite.policy must be one of {list(NON_FINITE_POLICIES)}, got {policy!r}")
@@ -209,7 +210,8 @@ def overlong(
         isinstance(max_completion_length, int) and max_completion_length >= buffer
     ):
         raise ValueError(
-            f"length.max_completion_length must be an integer >= overlong_buffer ({buffer}), got {max_completion_length!r}"
+            f"length.max_completion_length must be an integer >= overlong_buffer ({buffer}), "
+            f"got {max_completion_length!r}"
         )
 
     def init() -> State:
@@ -248,7 +250,8 @@ def clip_rewards(low: float | None = None, high: float | None = None, name: str 
         high_frac = _mean(r > high) if high is not None else 0.0
         if low is not None or high is not None:
             r = r.clamp(min=low, max=high)
-        return batch.replace(rewards=r), state, {f"rails/{name}/low_frac": low_frac, f"rails/{name}/high_frac": high_frac}
+        metrics = {f"rails/{name}/low_frac": low_frac, f"rails/{name}/high_frac": high_frac}
+        return batch.replace(rewards=r), state, metrics
 
     return RewardRail(init, update)
 

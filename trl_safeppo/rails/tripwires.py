@@ -119,7 +119,8 @@ def kl_limit(history: History, limit: float, warn_fraction: float = 0.8, key: st
     if kl[-1] > limit:
         return Verdict("trip", name, f"{key} = {kl[-1]:.4g} is above the hard limit {limit:.4g}", values)
     if kl[-1] > warn_fraction * limit:
-        return Verdict("warn", name, f"{key} = {kl[-1]:.4g} is above {warn_fraction:.0%} of the limit {limit:.4g}", values)
+        reason = f"{key} = {kl[-1]:.4g} is above {warn_fraction:.0%} of the limit {limit:.4g}"
+        return Verdict("warn", name, reason, values)
     return _ok(name, f"{key} = {kl[-1]:.4g} <= {limit:.4g}", values)
 
 
@@ -138,7 +139,13 @@ def kl_acceleration(
     name = "kl_acceleration"
     _check_window(name, window, minimum=3)
     _require(_finite(factor) and factor >= 1, name, "factor", "a finite number >= 1", factor)
-    _require(_finite(warn_factor) and 1 <= warn_factor <= factor, name, "warn_factor", f"in [1, factor={factor}]", warn_factor)
+    _require(
+        _finite(warn_factor) and 1 <= warn_factor <= factor,
+        name,
+        "warn_factor",
+        f"in [1, factor={factor}]",
+        warn_factor,
+    )
     _require(_finite(min_slope) and min_slope > 0, name, "min_slope", "a finite number > 0", min_slope)
     kl = _series(history, key)
     if len(kl) < window:
@@ -149,10 +156,11 @@ def kl_acceleration(
     s_before, s_now = _mean(d[:h]), _mean(d[-h:])
     ref = max(s_before, min_slope)
     values = {"slope_before": s_before, "slope_now": s_now, "ratio": s_now / ref, "kl": kl[-1]}
+    reason = f"{key} slope rose from {s_before:.4g} to {s_now:.4g} per step (x{s_now / ref:.3g})"
     if s_now > factor * ref:
-        return Verdict("trip", name, f"{key} slope rose from {s_before:.4g} to {s_now:.4g} per step (x{s_now / ref:.3g})", values)
+        return Verdict("trip", name, reason, values)
     if s_now > warn_factor * ref:
-        return Verdict("warn", name, f"{key} slope rose from {s_before:.4g} to {s_now:.4g} per step (x{s_now / ref:.3g})", values)
+        return Verdict("warn", name, reason, values)
     return _ok(name, f"{key} slope {s_now:.4g} per step", values)
 
 
@@ -176,7 +184,8 @@ def non_finite(
         return Verdict("trip", name, f"non-finite {', '.join(bad)} in the latest step", values)
     count = last.get(count_key)
     if _finite(count) and count > 0:
-        return Verdict("warn", name, f"{count:g} non-finite rewards were replaced by the guard", {"count": float(count)})
+        reason = f"{count:g} non-finite rewards were replaced by the guard"
+        return Verdict("warn", name, reason, {"count": float(count)})
     return _ok(name, "all finite")
 
 
@@ -219,14 +228,11 @@ def length_hacking(
         corr_now, corr_rise = _pearson(rewards, length), _mean(l_now) - _mean(l_before)
     values = {"reward_rise": reward_rise, "corr": corr_now, "corr_rise": corr_rise}
     rising = reward_rise > min_reward_rise and corr_rise > 0
+    reason = f"reward rose by {reward_rise:.4g} while reward-length correlation climbed to {corr_now:.3g}"
     if rising and corr_now >= min_corr:
-        return Verdict(
-            "trip", name, f"reward rose by {reward_rise:.4g} while reward-length correlation climbed to {corr_now:.3g}", values
-        )
+        return Verdict("trip", name, reason, values)
     if rising and corr_now >= min_corr / 2:
-        return Verdict(
-            "warn", name, f"reward rose by {reward_rise:.4g} while reward-length correlation climbed to {corr_now:.3g}", values
-        )
+        return Verdict("warn", name, reason, values)
     return _ok(name, f"reward-length correlation {corr_now:.3g}", values)
 
 
@@ -259,7 +265,10 @@ def format_gaming(
     accuracy_change = _mean(a_now) - _mean(a_before)
     values = {"format": format_now, "format_rise": format_rise, "accuracy_change": accuracy_change}
     gaming = format_rise >= min_rise and accuracy_change <= flat_tol
-    reason = f"{format_key} rose by {format_rise:.3g} to {format_now:.3g} while {accuracy_key} changed by {accuracy_change:.3g}"
+    reason = (
+        f"{format_key} rose by {format_rise:.3g} to {format_now:.3g} "
+        f"while {accuracy_key} changed by {accuracy_change:.3g}"
+    )
     if gaming and format_now >= saturation:
         return Verdict("trip", name, reason, values)
     if gaming:
@@ -309,7 +318,9 @@ def length_collapse(
     name = "length_collapse"
     _require(_finite(ratio) and 0 <= ratio <= 1, name, "ratio", "in [0, 1]", ratio)
     _require(_finite(warn_ratio) and ratio <= warn_ratio <= 1, name, "warn_ratio", f"in [ratio={ratio}, 1]", warn_ratio)
-    _require(min_length is None or (_finite(min_length) and min_length >= 0), name, "min_length", "null or >= 0", min_length)
+    _require(
+        min_length is None or (_finite(min_length) and min_length >= 0), name, "min_length", "null or >= 0", min_length
+    )
     _check_baseline(name, baseline, smooth)
     sn = _start_now(_series(history, key), baseline, smooth)
     if sn is None:
@@ -341,7 +352,11 @@ def length_explosion(
     _require(_finite(warn_ratio) and 1 <= warn_ratio <= ratio, name, "warn_ratio", f"in [1, ratio={ratio}]", warn_ratio)
     _require(_finite(max_clipped) and 0 < max_clipped <= 1, name, "max_clipped", "in (0, 1]", max_clipped)
     _require(
-        _finite(warn_clipped) and 0 < warn_clipped <= max_clipped, name, "warn_clipped", f"in (0, max_clipped={max_clipped}]", warn_clipped
+        _finite(warn_clipped) and 0 < warn_clipped <= max_clipped,
+        name,
+        "warn_clipped",
+        f"in (0, max_clipped={max_clipped}]",
+        warn_clipped,
     )
     _check_baseline(name, baseline, smooth)
     clipped = _series(history, clipped_key)
