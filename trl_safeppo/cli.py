@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("trl_safeppo.pipeline.runner", "run a recipe: every stage of a YAML file, resumable (see docs/recipes.md)"),
     "report": ("trl_safeppo.monitoring.report", "rebuild report.md and plots/ of a finished or interrupted run"),
     "sample": ("trl_safeppo.rejection_sampling", "rejection sampling: generate, score, keep what passes, write SFT data"),
+    "check-rewards": ("trl_safeppo.rewards.selftest", "verifier self-test of a reward spec on a dataset (pre-flight)"),
 }
 
 
