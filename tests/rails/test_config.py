@@ -35,6 +35,13 @@ def test_defaults_only_the_guard_is_on():
     rewards, metrics = RewardRails()(b)
     assert_close(rewards, b.rewards)
     assert metrics["rails/non_finite/count"] == 0.0
+    # a None / NaN reward never comes out: the guard is on by default (value 0.0)
+    from trl_safeppo.rails import reward_batch_from_completions
+
+    none_batch = reward_batch_from_completions([None, 1.0], [[1, 0], [0]], eos_token_id=0)
+    rewards, metrics = RewardRails()(none_batch)
+    assert_close(rewards, torch.tensor([0.0, 1.0]))
+    assert metrics["rails/non_finite/count"] == 1.0
 
 
 def test_chain_order_follows_the_declared_order():
