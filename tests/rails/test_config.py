@@ -103,6 +103,9 @@ def test_build_kl_controller():
     assert isinstance(ctl, AdaptiveKLController) and ctl.value == 0.05 and ctl.min_coef == 0.01
     with pytest.raises(ValueError, match="init_kl_coef"):
         RailsConfig.from_dict({"kl": {"controller": "adaptive"}}).build_kl_controller()
+    # GRPO's default beta is 0.0: an adaptive controller cannot start there (beta must stay > 0)
+    with pytest.raises(ValueError, match=r"the trainer's KL coefficient = 0\.0 must be in \[min_coef, max_coef\]"):
+        RailsConfig.from_dict({"kl": {"controller": "adaptive"}}).build_kl_controller(0.0)
 
 
 def test_reward_rails_state_round_trip_resumes_exactly():

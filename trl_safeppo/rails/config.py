@@ -406,6 +406,12 @@ class RailsConfig:
             return FixedKLController(0.0 if coef is None else coef)
         if coef is None:
             raise ValueError("rails.kl.init_kl_coef is needed for the adaptive controller (or pass the trainer's beta)")
+        if not self.kl.min_coef <= coef <= self.kl.max_coef:
+            source = "rails.kl.init_kl_coef" if self.kl.init_kl_coef is not None else "the trainer's KL coefficient"
+            raise ValueError(
+                f"{source} = {coef!r} must be in [min_coef, max_coef] = [{self.kl.min_coef}, {self.kl.max_coef}] "
+                "for the adaptive controller; set rails.kl.init_kl_coef to a value in that range"
+            )
         return AdaptiveKLController(coef, self.kl.target, self.kl.horizon, self.kl.min_coef, self.kl.max_coef)
 
     def build_tripwires(self) -> list[TripwireSpec]:
