@@ -520,7 +520,11 @@ def _load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrai
             "of them are callables; set critic_model_path=None (start from the policy) or a critic path"
         )
     if spec is not None:
-        return _from_pretrained(resolve_model_path(spec), args, f"critic_model_path={spec!r}")
+        try:
+            path = resolve_model_path(spec)
+        except ValueError as err:
+            raise ValueError(f"critic_model_path={spec!r}: {err}") from err
+        return _from_pretrained(path, args, f"critic_model_path={spec!r}")
     if isinstance(model, str):
         return _from_pretrained(model, args, "critic_model_path=None (the policy)")
     from peft import PeftModel

@@ -1,0 +1,294 @@
+"""SafePPOTrainer on tiny://debug: trains end to end, the loss is PPO's, checkpoints resume the run, bad input fails
+early with one clear error. Tiny lengths and 2-3 steps: the slow reward-goes-up test is in test_ppo_integration.py."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_safeppo.trainers.ppo_config import SafePPOConfig
+from trl_safeppo.trainers.ppo_trainer import CRITIC_DIR, CRITIC_OPTIMIZER_FILE, SafePPOTrainer
+
+
+class LengthReward:
+    """Picklable rule: completion length / 8 (so every completion is scored)."""
+
+    __name__ = "length_reward"
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs):
+        return [len(ids) / 8.0 for ids in completion_ids]
+
+
+class SometimesNone:
+    """Returns None for every other completion and NaN for every third: unscorable rows must be handled."""
+
+    __name__ = "sometimes_none"
+
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs):
+        out = []
+        for i in range(len(prompts)):
+            out.append(None if i % 2 == 0 else (math.nan if i % 3 == 0 else 1.0))
+        return out
+
+
+def prompts(n: int = 16) -> Dataset:
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(n)]})
+
+
+def config(tmp_path, **overrides) -> SafePPOConfig:
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_completion_length=6, max_steps=2,
+        logging_steps=1, report_to=[], bf16=False, use_cpu=True, learning_rate=1e-3, num_iterations=1,
+        steps_per_generation=1, save_strategy="no", gradient_checkpointing=False, seed=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return SafePPOConfig(**kwargs)
+
+
+def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def changed(before: dict, module: torch.nn.Module) -> bool:
+    now = dict(module.named_parameters())
+    return any(not torch.equal(before[n], now[n].detach()) for n in before)
+
+
+def logged(trainer, key: str) -> list[float]:
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_trains_policy_and_critic_and_logs_ppo_metrics(tmp_path, tiny_debug_path):
+    args = config(tmp_path, num_iterations=2, steps_per_generation=2, max_steps=3)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    policy_before, critic_before = params(trainer.model), params(trainer.critic)
+    trainer.train()
+    assert changed(policy_before, trainer.model), "the policy did not move"
+    assert changed(critic_before, trainer.critic), "the critic did not move"
+    keys = set().union(*trainer.state.log_history)
+    for key in [
+        "reward", "reward_std", "rewards/length_reward/mean", "kl", "beta", "entropy", "completions/mean_length",
+        "completions/min_length", "completions/max_length", "completions/clipped_ratio", "ppo/score/mean",
+        "ppo/score/std", "ppo/kl_seq", "ppo/non_score_reward", "ppo/rlhf_reward", "ppo/val/loss", "ppo/val/clipfrac",
+        "ppo/val/explained_variance", "ppo/policy/clipfrac", "ppo/policy/approxkl", "ppo/val/grad_norm",
+        "ppo/unscorable",
+    ]:
+        assert key in keys, f"metric {key} was not logged"
+    # first rollout: the policy is the reference, so the KL is 0 and the non-score reward too
+    assert logged(trainer, "kl")[0] == pytest.approx(0.0, abs=1e-6)
+    assert logged(trainer, "beta")[0] == pytest.approx(0.05)
+    # the second and third optimizer steps reuse the rollout (2 minibatches x 2 epochs): the ratio moved off 1
+    assert max(logged(trainer, "ppo/policy/approxkl")) > 0
+
+
+def test_several_generations_per_prompt(tmp_path, tiny_debug_path):
+    args = config(tmp_path, num_generations=2, per_device_train_batch_size=4)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    trainer.train()
+    assert len(logged(trainer, "ppo/val/loss")) == 2
+
+
+def test_policy_loss_is_the_clipped_surrogate_without_kl(tmp_path, tiny_debug_path):
+    """Feed GRPO's loss (B, T) advantages and hand-set ratios; the KL must stay out of the loss."""
+    trainer = SafePPOTrainer(
+        model="tiny://debug", reward_funcs=LengthReward(), args=config(tmp_path), train_dataset=prompts()
+    )
+    tok = trainer.processing_class
+    prompt_ids = torch.tensor([tok("hello there")["input_ids"]] * 2)
+    completion_ids = torch.tensor([tok(" the answer is")["input_ids"][:3]] * 2)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    ones_p, ones_c = torch.ones_like(prompt_ids), torch.ones_like(completion_ids)
+    trainer.model.train()
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, torch.ones_like(input_ids), 3)
+        values = trainer._critic_values(input_ids, torch.ones_like(input_ids), 3)
+    # ratio = pi / pi_old: row 0 -> e^{ln 1.5} = 1.5, clipped to 1 + 0.2 = 1.2 with A = +1: term min(1.5, 1.2) = 1.2
+    #                       row 1 -> 0.5 with A = +1: min(0.5, clip(0.5) = 0.8) = 0.5
+    # bnpo loss = -mean over the 6 tokens = -(3 * 1.2 + 3 * 0.5) / 6 = -0.85; value loss is 0 (vpred = old = returns)
+    old = torch.stack([logps[0] - math.log(1.5), logps[1] - math.log(0.5)])
+    inputs = {
+        "prompt_ids": prompt_ids, "prompt_mask": ones_p, "completion_ids": completion_ids, "completion_mask": ones_c,
+        "advantages": torch.ones(2, 3), "old_per_token_logps": old, "num_items_in_batch": torch.tensor(6.0),
+        "ref_per_token_logps": logps - 5.0,  # a huge KL that must not enter the loss
+        "ppo_values": values, "ppo_returns": values, "ppo_mask": torch.ones(2, 3),
+    }
+    trainer.state.global_step = 0
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop otherwise
+    loss = trainer._compute_loss(trainer.model, inputs)
+    torch.testing.assert_close(loss, torch.tensor(-0.85), atol=1e-4, rtol=0)
+    assert trainer.beta == pytest.approx(0.05), "beta must be restored after the loss"
+
+
+def test_critic_warmup_keeps_the_policy_still(tmp_path, tiny_debug_path):
+    args = config(tmp_path, critic_warmup_steps=2, max_steps=2)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    policy_before, critic_before = params(trainer.model), params(trainer.critic)
+    trainer.train()
+    assert not changed(policy_before, trainer.model)
+    assert changed(critic_before, trainer.critic)
+    assert logged(trainer, "ppo/policy_trained") == [0.0, 0.0]
+
+
+def test_unscorable_completions_are_counted_not_fatal(tmp_path, tiny_debug_path):
+    args = config(tmp_path)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=SometimesNone(), args=args, train_dataset=prompts())
+    trainer.train()
+    # per rollout of 4: i = 0, 2 -> None; i = 3 -> NaN; i = 1 -> 1.0: 3 unscorable
+    assert logged(trainer, "ppo/unscorable") == [3.0, 3.0]
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+
+
+def test_peft_reference_is_the_base_model(tmp_path, tiny_debug_path):
+    from peft import LoraConfig
+
+    args = config(tmp_path)
+    trainer = SafePPOTrainer(
+        model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    assert trainer.ref_model is None  # GRPO disables the adapters for the reference
+    trainer.train()
+    assert len(logged(trainer, "kl")) == 2
+
+
+def test_reward_model_and_rule_mixed_and_critic_from_reward_model(tmp_path, tiny_debug_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_dir = str(tmp_path / "rm")
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_debug_path, num_labels=1)
+    torch.nn.init.constant_(rm.score.weight, 0.01)
+    rm.save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(tiny_debug_path).save_pretrained(rm_dir)
+    args = config(tmp_path, critic_model_path="reward_model", max_steps=1)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=[rm_dir, LengthReward()], args=args, train_dataset=prompts())
+    head = trainer.accelerator.unwrap_model(trainer.critic).head
+    torch.testing.assert_close(head.weight, torch.full_like(head.weight, 0.01))  # starts as the reward model
+    trainer.train()
+    assert "rewards/length_reward/mean" in trainer.state.log_history[0]
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restores_them(tmp_path, tiny_debug_path):
+    rails = {"kl": {"controller": "adaptive", "target": 0.01, "horizon": 10, "min_coef": 1e-3}, "normalize": {"enabled": True}}
+    args = config(tmp_path, max_steps=3, save_strategy="steps", save_steps=2, rails=rails)
+    run = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    run.train()
+    ckpt = os.path.join(args.output_dir, "checkpoint-2")
+    for name in (CRITIC_DIR, CRITIC_OPTIMIZER_FILE, "optimizer.pt", "safe_rails_state.pt"):
+        assert os.path.exists(os.path.join(ckpt, name)), f"{name} missing from the checkpoint"
+    saved = torch.load(os.path.join(ckpt, "safe_rails_state.pt"), weights_only=False)
+    betas = logged(run, "beta")  # beta used by rollouts 1, 2, 3 (the controller moves it after each)
+    assert betas[1] != betas[0], "the adaptive controller did not move beta"
+
+    # Resume from step 2 to step 3; a callback records what was loaded before the first resumed step.
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
+
+    seen = {}
+
+    class AtTrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["kl"] = resumed.rails_wiring.kl_controller.state_dict()
+            seen["beta"] = resumed.beta
+            seen["rails"] = resumed.rails_wiring.rails.state_dict()["reward"]
+            seen["critic"] = params(resumed.accelerator.unwrap_model(resumed.critic).model)
+            seen["critic_opt"] = copy.deepcopy(resumed.critic_optimizer.state_dict()["state"])
+
+    args2 = config(tmp_path, max_steps=3, rails=rails, output_dir=str(tmp_path / "resumed"))
+    resumed = SafePPOTrainer(
+        model="tiny://debug", reward_funcs=LengthReward(), args=args2, train_dataset=prompts(), callbacks=[AtTrainBegin()]
+    )
+    resumed.train(resume_from_checkpoint=ckpt)
+    assert seen["kl"] == saved["kl"] and seen["kl"]["n_updates"] == 2
+    assert seen["beta"] == pytest.approx(betas[2])  # the beta the third rollout of the original run used
+    assert seen["rails"] == saved["rails"]["reward"]  # the running normalizer continues where it was
+    assert seen["rails"]["normalize"]["count"] == 8  # 2 rollouts x 4 completions
+    on_disk = AutoModelForSequenceClassification.from_pretrained(os.path.join(ckpt, CRITIC_DIR), num_labels=1)
+    for name, q in on_disk.named_parameters():
+        torch.testing.assert_close(seen["critic"][name], q, msg=f"critic parameter {name} not restored")
+    assert seen["critic_opt"] and all(int(s["step"]) == 2 for s in seen["critic_opt"].values())
+    # and the run goes on: one more rollout moves the controller and the critic optimizer once more
+    assert resumed.rails_wiring.kl_controller.state_dict()["n_updates"] == 3
+    assert logged(resumed, "beta")[-1] == pytest.approx(betas[2])
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"loss_type": "cispo"}, "loss_type"),
+        ({"num_generations": 0}, "num_generations"),
+        ({"gamma": 1.5}, "gamma"),
+        ({"lam": -0.1}, "lam"),
+        ({"cliprange_value": 0.0}, "cliprange_value"),
+        ({"vf_coef": 0.0}, "vf_coef"),
+        ({"critic_warmup_steps": -1}, "critic_warmup_steps"),
+        ({"kl_estimator": "k4"}, "kl_estimator"),
+        ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
+        ({"rails": 3}, "rails"),
+        ({"steps_per_generation": 3, "gradient_accumulation_steps": 2}, "steps_per_generation"),
+        ({"num_generations": 3, "per_device_train_batch_size": 4}, "num_generations"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=field):
+        config(tmp_path, **overrides)
+
+
+def test_config_accepts_one_generation_and_odd_batches(tmp_path):
+    args = config(tmp_path, num_generations=1, per_device_train_batch_size=3)
+    assert args.num_generations == 1 and args.generation_batch_size == 3
+
+
+def test_empty_or_too_small_dataset(tmp_path, tiny_debug_path):
+    with pytest.raises(ValueError, match="empty"):
+        SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=config(tmp_path), train_dataset=prompts(0))
+    with pytest.raises(ValueError, match="one rollout needs 4"):
+        SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=config(tmp_path), train_dataset=prompts(2))
+
+
+def test_critic_errors(tmp_path, tiny_debug_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    with pytest.raises(ValueError, match="critic_model_path='reward_model'"):
+        SafePPOTrainer(
+            model="tiny://debug", reward_funcs=LengthReward(), args=config(tmp_path, critic_model_path="reward_model"),
+            train_dataset=prompts(),
+        )
+    with pytest.raises(ValueError, match="critic_model_path"):
+        SafePPOTrainer(
+            model="tiny://debug", reward_funcs=LengthReward(),
+            args=config(tmp_path, critic_model_path=str(tmp_path / "does-not-exist")), train_dataset=prompts(),
+        )
+    # a critic whose value head does not match its hidden size
+    cfg = AutoConfig.from_pretrained(tiny_debug_path, num_labels=1)
+    bad = AutoModelForSequenceClassification.from_config(cfg)
+    bad.score = torch.nn.Linear(cfg.hidden_size * 2, 1, bias=False)
+    with pytest.raises(ValueError, match="hidden size"):
+        SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=config(tmp_path), train_dataset=prompts(), value_model=bad)
+    # a critic checkpoint whose weights do not match its config (hidden size changed in config.json)
+    ckpt = str(tmp_path / "mismatch")
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(ckpt)
+    import json
+
+    with open(os.path.join(ckpt, "config.json")) as f:
+        data = json.load(f)
+    data["hidden_size"] = cfg.hidden_size * 2
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ValueError, match="critic_model_path"):
+        SafePPOTrainer(
+            model="tiny://debug", reward_funcs=LengthReward(), args=config(tmp_path, critic_model_path=ckpt),
+            train_dataset=prompts(),
+        )
+
+
+def test_missing_reward_funcs(tmp_path, tiny_debug_path):
+    with pytest.raises(ValueError, match="reward_funcs"):
+        SafePPOTrainer(model="tiny://debug", reward_funcs=[], args=config(tmp_path), train_dataset=prompts())
