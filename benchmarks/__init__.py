@@ -1,0 +1,1 @@
+"""Runnable benchmarks (not timed tests): `python -m benchmarks.run --help`."""

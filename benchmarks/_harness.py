@@ -1,0 +1,253 @@
+"""Shared machinery of the benchmarks: run one training configuration in a fresh subprocess, time every optimizer
+step, record peak memory, and summarize as medians with min/max and ratios measured in the same invocation.
+
+Each configuration runs in its own process so that peak memory (``ru_maxrss``) belongs to that configuration alone
+and one run's warm caches do not flatter the next. Configurations of one comparison are interleaved
+(A, B, A, B, ...) when ``--repeats`` > 1, so a load change on the machine hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inside the worker process
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def step_timer():
+    """A TrainerCallback recording the wall time of every optimizer step (generation included: GRPO and PPO
+    generate inside the step)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.step_seconds: list[float] = []
+            self._t0: float | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._t0 is not None:
+                self.step_seconds.append(time.perf_counter() - self._t0)
+                self._t0 = None
+
+    return StepTimer()
+
+
+class ModelTimer:
+    """Accumulates the wall time spent inside the models (generate, forward, backward) during training.
+
+    Nested calls count once (a forward inside generate is not added twice): a depth counter opens the clock on the
+    outermost entry and closes it on the matching exit. Install with :meth:`install` on a built trainer; it wraps
+    instance attributes only (``model.generate``, ``accelerator.backward``) and adds forward hooks, touching no
+    library code.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+        self._t0 = 0.0
+
+    def enter(self) -> None:
+        if self._depth == 0:
+            self._t0 = time.perf_counter()
+        self._depth += 1
+
+    def exit(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.perf_counter() - self._t0
+
+    def _wrap(self, fn: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            self.enter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit()
+
+        return wrapped
+
+    def install(self, trainer: Any) -> None:
+        import torch
+
+        modules = [trainer.model, getattr(trainer, "ref_model", None)]
+        for name in ("critic", "value_model", "critic_model"):
+            modules.append(getattr(trainer, name, None))
+        for module in modules:
+            if isinstance(module, torch.nn.Module):
+                module.register_forward_pre_hook(lambda *_: self.enter())
+                module.register_forward_hook(lambda *_: self.exit())
+                if hasattr(module, "generate"):
+                    module.generate = self._wrap(module.generate)
+        trainer.accelerator.backward = self._wrap(trainer.accelerator.backward)
+
+
+def emit(result: dict) -> None:
+    """Worker side: print the result as the last line of stdout, for :func:`run_worker`."""
+    result = dict(result)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("BENCHMARK-RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In the driver process
+def run_worker(
+    module: str, config: dict, *, python: str | None = None, env: dict | None = None, timeout: float = 1800
+) -> dict:
+    """Run ``python -m <module> '<json config>'`` in a fresh process from the repo root; return its result dict."""
+    cmd = [python or sys.executable, "-m", module, json.dumps(config)]
+    full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    full_env.setdefault("TRL_SAFEPPO_CACHE", os.path.join(tempfile.gettempdir(), "trl_safeppo_bench_cache"))
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK-RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise RuntimeError(f"benchmark worker {module} failed (exit {proc.returncode}) for {config}:\n{tail}")
+    result = json.loads(lines[-1][len("BENCHMARK-RESULT ") :])
+    result["process_wall_seconds"] = wall
+    return result
+
+
+def interleaved(configs: dict[str, tuple[str, dict, dict]], repeats: int) -> dict[str, list[dict]]:
+    """Run every named (module, config, run_worker kwargs) `repeats` times, interleaved A, B, A, B, ..."""
+    results: dict[str, list[dict]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, (module, config, kwargs) in configs.items():
+            print(f"  running {name} ...", flush=True)
+            results[name].append(run_worker(module, config, **kwargs))
+    return results
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    """Median with min and max (the figures docs/benchmarks.md reports)."""
+    values = [float(v) for v in values]
+    if not values:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def timed_steps(results: list[dict], warmup: int) -> list[float]:
+    """All steps' seconds of several runs, dropping each run's first `warmup` steps (lazy init, first compile)."""
+    return [s for r in results for s in r["step_seconds"][warmup:]]
+
+
+def fmt_stats(s: dict[str, float], unit: str = "s") -> str:
+    return f"{s['median']:.3f}{unit} [{s['min']:.3f}, {s['max']:.3f}]"
+
+
+def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n== {title}")
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+def machine() -> dict[str, Any]:
+    import platform
+
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        info["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        pass
+    return info
+
+
+def write_json(out: Path, name: str, payload: dict) -> Path:
+    """Write `<out>/<name>.json` atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def save_figure(fig, out: Path, name: str) -> Path:
+    """Save a matplotlib figure as `<out>/<name>.png` atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line shared by every benchmark
+def common_parser(name: str, description: str, *, steps: int, model: str = "tiny://arithmetic"):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per run (default {steps})")
+    parser.add_argument("--seed", type=int, default=0, help="seed shared by every configuration (default 0)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="where JSON/PNG go")
+    parser.add_argument("--model", default=model, help=f"policy: tiny://..., a path or a Hub id (default {model})")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration, interleaved (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
+    return parser
+
+
+def check_args(args, *, min_steps: int = 1) -> None:
+    """Impossible configurations fail before anything runs, naming the flag and the accepted range."""
+    if args.steps < min_steps:
+        raise SystemExit(f"--steps={args.steps}: this benchmark needs at least {min_steps} steps")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats={args.repeats}: must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads={args.threads}: must be >= 1")
+
+
+def base_config(args, trainer: str, **overrides) -> dict:
+    config = {
+        "trainer": trainer,
+        "model": args.model,
+        "steps": args.steps,
+        "seed": args.seed,
+        "output_dir": str(Path(tempfile.gettempdir()) / "trl_safeppo_bench" / trainer),
+    }
+    if args.threads is not None:
+        config["threads"] = args.threads
+    config.update(overrides)
+    return config

@@ -1,0 +1,111 @@
+"""One benchmark configuration, run in its own process: build a trainer, train `steps` steps, emit the figures.
+
+Usage (by the harness): python -m benchmarks._worker '<json config>'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def build_reward(name: str):
+    """-> (reward_funcs, reward_weights or None)."""
+    from trl_safeppo.rewards import resolve
+
+    if name == "arithmetic":
+        return resolve([{"name": "math", "weight": 1.0}, {"name": "format", "weight": 0.5}]), None
+    if name == "length_exploit":
+        from benchmarks._rewards import LengthExploitReward
+
+        # the math rule rides along with weight 0: logged as true accuracy, never optimized
+        return [LengthExploitReward(), resolve("math")], [1.0, 0.0]
+    if name.startswith("reward_model:"):
+        return name[len("reward_model:") :], None  # a sequence-classification model path, loaded by TRL
+    raise ValueError(f"reward={name!r}: accepted are 'arithmetic', 'length_exploit', 'reward_model:<path>'")
+
+
+def main(config: dict) -> None:
+    import torch
+
+    torch.manual_seed(config.get("seed", 0))
+    torch.set_num_threads(int(config.get("threads", torch.get_num_threads())))
+    from benchmarks._harness import ModelTimer, emit, step_timer
+    from trl_safeppo.models import resolve_model_path
+    from trl_safeppo.tasks.arithmetic import load_arithmetic
+
+    kind = config["trainer"]
+    steps = int(config["steps"])
+    batch = int(config.get("batch", 8))
+    common = dict(
+        output_dir=config["output_dir"],
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        num_generations=int(config.get("num_generations", 4)),
+        max_completion_length=int(config.get("max_completion_length", 16)),
+        learning_rate=float(config.get("learning_rate", 1e-5)),
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=int(config.get("seed", 0)),
+        data_seed=int(config.get("seed", 0)),
+        use_cpu=not torch.cuda.is_available(),
+        bf16=bool(config.get("bf16", False)),
+        beta=float(config.get("beta", 0.04)),
+        temperature=float(config.get("temperature", 1.0)),
+        disable_tqdm=True,
+        **config.get("args", {}),
+    )
+    if kind == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+    elif kind == "safe_grpo":
+        from trl_safeppo import SafeGRPOConfig as Config
+        from trl_safeppo import SafeGRPOTrainer as Trainer
+
+        common["rails"] = config.get("rails")
+    elif kind == "safe_ppo":
+        from trl_safeppo import SafePPOConfig as Config
+        from trl_safeppo import SafePPOTrainer as Trainer
+
+        common["rails"] = config.get("rails")
+    else:
+        raise ValueError(f"trainer={kind!r}: accepted are 'grpo', 'safe_grpo', 'safe_ppo'")
+
+    reward_funcs, reward_weights = build_reward(config.get("reward", "arithmetic"))
+    if reward_weights is not None:
+        common["reward_weights"] = reward_weights
+    dataset = load_arithmetic("rl", n=batch * steps * 2, seed=int(config.get("seed", 0)))
+    model = resolve_model_path(config.get("model", "tiny://debug"))
+    trainer = Trainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=Config(**common),
+        train_dataset=dataset,
+    )
+    timer = step_timer()
+    trainer.add_callback(timer)
+    model_timer = None
+    if config.get("profile"):
+        model_timer = ModelTimer()
+        model_timer.install(trainer)
+    t0 = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t0
+    history = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
+    gen_tokens = [h.get("completions/mean_length", float("nan")) * batch for h in history]
+    emit(
+        {
+            "config": config,
+            "step_seconds": timer.step_seconds,
+            "train_seconds": train_seconds,
+            "model_seconds": model_timer.seconds if model_timer else None,
+            "generated_tokens_per_step": gen_tokens,
+            "log_history": history,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,58 @@
+"""Benchmark 3, PPO cost: SafePPOTrainer vs plain GRPOTrainer on the same batch.
+
+Seconds per step, generated tokens per second and peak memory, side by side; and, profiled, the share of the PPO
+step spent inside the models (generate, forward of policy / reference / critic, backward) vs everything else.
+Goal: at least 85% of the PPO step inside the models; the rest is overhead to remove.
+"""
+
+from __future__ import annotations
+
+from benchmarks._harness import (
+    base_config, check_args, common_parser, fmt_stats, interleaved, machine, print_table, stats, timed_steps,
+    write_json,
+)
+
+
+def _tokens_per_second(runs: list[dict], warmup: int) -> float:
+    toks = [t for r in runs for t in r["generated_tokens_per_step"][warmup:]]
+    secs = timed_steps(runs, warmup)
+    return sum(toks) / sum(secs) if secs else float("nan")
+
+
+def main(argv=None) -> dict:
+    parser = common_parser("ppo_cost", __doc__.splitlines()[0], steps=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-completion-length", type=int, default=16)
+    args = parser.parse_args(argv)
+    check_args(args, min_steps=2)
+    shared = {"batch": args.batch, "num_generations": 4, "max_completion_length": args.max_completion_length,
+              "profile": True}
+    runs = interleaved(
+        {
+            "GRPOTrainer": ("benchmarks._worker", base_config(args, "grpo", **shared), {}),
+            "SafePPOTrainer": ("benchmarks._worker", base_config(args, "safe_ppo", **shared), {}),
+        },
+        args.repeats,
+    )
+    rows, result = [], {"machine": machine(), "args": vars(args)}
+    for name, rs in runs.items():
+        step = stats(timed_steps(rs, warmup=1))
+        # share of (all steps' time) spent inside the models; the model timer covers the whole training loop
+        share = sum(r["model_seconds"] for r in rs) / sum(sum(r["step_seconds"]) for r in rs)
+        peak = stats([r["peak_rss_mb"] for r in rs])
+        tps = _tokens_per_second(rs, warmup=1)
+        result[name] = {"step_seconds": step, "model_share": share, "peak_rss_mb": peak, "tokens_per_second": tps}
+        rows.append((name, fmt_stats(step), f"{tps:.1f}", f"{peak['median']:.0f}", f"{100 * share:.1f}%"))
+    ratio = result["SafePPOTrainer"]["step_seconds"]["median"] / result["GRPOTrainer"]["step_seconds"]["median"]
+    mem_ratio = result["SafePPOTrainer"]["peak_rss_mb"]["median"] / result["GRPOTrainer"]["peak_rss_mb"]["median"]
+    result.update(step_ratio=ratio, peak_memory_ratio=mem_ratio, goal_model_share=0.85)
+    print_table("PPO cost", rows, ("trainer", "s/step median [min, max]", "gen tok/s", "peak RSS MiB", "in models"))
+    print(f"PPO / GRPO: {ratio:.2f}x time per step, {mem_ratio:.2f}x peak memory")
+    share = result["SafePPOTrainer"]["model_share"]
+    print(f"goal: >= 85% of the PPO step inside the models -> {100 * share:.1f}% ({'met' if share >= 0.85 else 'NOT met'})")
+    write_json(args.out, "ppo_cost", {**result, "runs": runs})
+    return result
+
+
+if __name__ == "__main__":
+    main()

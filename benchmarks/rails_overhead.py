@@ -1,0 +1,56 @@
+"""Benchmark 1, rails overhead: SafeGRPOTrainer with every reward rail and adaptive KL on, vs plain GRPOTrainer.
+
+Same model, data, seed and batch; median seconds per optimizer step (first step dropped as warm-up) and the ratio
+safe / plain. Goal: ratio <= 1.03. The untrained tiny model rarely emits EOS, so both runs generate the same
+number of tokens per step and the ratio measures the rails, not a change in completion length.
+"""
+
+from __future__ import annotations
+
+from benchmarks._harness import (
+    base_config, check_args, common_parser, fmt_stats, interleaved, machine, print_table, stats, timed_steps,
+    write_json,
+)
+
+ALL_RAILS = {
+    "non_finite": {"policy": "value", "value": 0.0},
+    "missing_eos": {"penalty": 0.5},
+    "length": {"debias": "group", "budget": 12, "penalty_per_token": 0.01, "overlong_buffer": 4},
+    "clip": {"low": -5.0, "high": 5.0, "percentile_low": 1.0, "percentile_high": 99.0, "position": "after_norm"},
+    "normalize": {"enabled": True},
+    "kl": {"controller": "adaptive", "init_kl_coef": 0.04, "target": 0.1, "horizon": 1000, "min_coef": 0.001},
+}
+
+
+def main(argv=None) -> dict:
+    parser = common_parser("rails_overhead", __doc__.splitlines()[0], steps=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-completion-length", type=int, default=16)
+    args = parser.parse_args(argv)
+    check_args(args, min_steps=2)
+    shared = {"batch": args.batch, "num_generations": 4, "max_completion_length": args.max_completion_length}
+    runs = interleaved(
+        {
+            "GRPOTrainer": ("benchmarks._worker", base_config(args, "grpo", **shared), {}),
+            "SafeGRPOTrainer+rails": (
+                "benchmarks._worker", base_config(args, "safe_grpo", rails=ALL_RAILS, **shared), {},
+            ),
+        },
+        args.repeats,
+    )
+    plain = stats(timed_steps(runs["GRPOTrainer"], warmup=1))
+    safe = stats(timed_steps(runs["SafeGRPOTrainer+rails"], warmup=1))
+    ratio = safe["median"] / plain["median"]
+    print_table(
+        "rails overhead (seconds per step: median [min, max])",
+        [("GRPOTrainer", fmt_stats(plain), "1.000"), ("SafeGRPOTrainer + all rails", fmt_stats(safe), f"{ratio:.3f}")],
+        ("trainer", "s/step", "ratio"),
+    )
+    print(f"goal: ratio <= 1.03 -> {'met' if ratio <= 1.03 else 'NOT met'}")
+    result = {"plain": plain, "safe": safe, "ratio": ratio, "goal": 1.03, "machine": machine(), "args": vars(args)}
+    write_json(args.out, "rails_overhead", {**result, "runs": runs})
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Benchmark 6, scaling: SafePPOTrainer seconds per step as batch size and completion length double.
+
+Three points each, starting from (batch, length) = (4, 8); every figure is also printed as a ratio to the first
+point, so the growth is read off directly (2.0 = cost doubles with the setting).
+"""
+
+from __future__ import annotations
+
+from benchmarks._harness import (
+    base_config, check_args, common_parser, fmt_stats, interleaved, machine, print_table, save_figure, stats,
+    timed_steps, write_json,
+)
+
+
+def main(argv=None) -> dict:
+    parser = common_parser("scaling", __doc__.splitlines()[0], steps=5)
+    parser.add_argument("--trainer", default="safe_ppo", choices=["safe_ppo", "safe_grpo", "grpo"])
+    args = parser.parse_args(argv)
+    check_args(args, min_steps=2)
+    points = {f"batch={b} len=8": (b, 8) for b in (4, 8, 16)}
+    points.update({f"batch=4 len={n}": (4, n) for n in (16, 32)})
+    configs = {
+        name: ("benchmarks._worker", base_config(args, args.trainer, batch=b, num_generations=4 if b >= 4 else b,
+                                                 max_completion_length=n), {})
+        for name, (b, n) in points.items()
+    }
+    runs = interleaved(configs, args.repeats)
+    base = stats(timed_steps(runs["batch=4 len=8"], warmup=1))["median"]
+    rows, table = [], {}
+    for name, rs in runs.items():
+        s = stats(timed_steps(rs, warmup=1))
+        table[name] = {"step_seconds": s, "ratio_to_first": s["median"] / base, "point": points[name]}
+        rows.append((name, fmt_stats(s), f"{s['median'] / base:.2f}"))
+    print_table(f"scaling of {args.trainer} (seconds per step)", rows, ("setting", "s/step median [min, max]", "ratio"))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, values, label in (
+        (axes[0], "batch", (4, 8, 16), "batch size (completion length 8)"),
+        (axes[1], "len", (8, 16, 32), "max completion length (batch 4)"),
+    ):
+        names = [f"batch={v} len=8" if key == "batch" else f"batch=4 len={v}" for v in values]
+        ys = [table[n]["ratio_to_first"] for n in names]
+        ax.plot(values, ys, marker="o", label="measured")
+        ax.plot(values, [v / values[0] for v in values], "--", color="grey", label="linear")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(values, [str(v) for v in values])
+        ax.set_xlabel(label)
+        ax.set_ylabel("time per step / first point")
+        ax.legend(frameon=False)
+    fig.suptitle(f"{args.trainer}: cost growth")
+    fig.tight_layout()
+    save_figure(fig, args.out, "scaling")
+    result = {"points": table, "machine": machine(), "args": vars(args)}
+    write_json(args.out, "scaling", {**result, "runs": runs})
+    return result
+
+
+if __name__ == "__main__":
+    main()
