@@ -322,3 +322,16 @@ def test_cli_sample_and_its_errors(tmp_path, capsys):
     assert scored[0]["rewards"] == {"math": 0.0}
     assert main([*argv[:-2], "--seed", "1", "--output-dir", str(tmp_path)]) == 2  # a different run: refused
     assert "already holds a different run" in capsys.readouterr().err
+
+
+def test_sfttrainer_trains_on_the_selected_set(run_e, tiny_debug_path, tmp_path):
+    # The SFT stage consumes the output as is: TRL's SFTTrainer, prompt/completion format, provenance columns kept.
+    from trl import SFTConfig, SFTTrainer
+
+    out, summary = run_e
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                     use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=64)
+    trainer = SFTTrainer(model=tiny_debug_path, args=args, train_dataset=load_sft_dataset(out))
+    trainer.train()
+    assert trainer.state.global_step == 1 and summary.kept >= 2
+    assert trainer.state.log_history[-1]["train_loss"] > 0
