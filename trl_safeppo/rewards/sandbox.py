@@ -118,7 +118,14 @@ def _main():
     sys.addaudithook(hook)
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    thread.join()
+    # This interpreter is PID 1 of its namespace, which ignores SIGXCPU, so its own CPU time is polled here (its
+    # children, if any, are stopped by RLIMIT_CPU as usual).
+    while thread.is_alive():
+        thread.join(0.02)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        if usage.ru_utime + usage.ru_stime > cpu:
+            os.write(2, b"sandbox: CPU time limit exceeded\n")
+            os._exit(1)
     state["on"] = False
     if outcome != [None]:
         err = outcome[-1] if outcome else RuntimeError("the code did not finish")

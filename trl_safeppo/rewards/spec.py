@@ -203,7 +203,7 @@ def resolve(spec: Any, path: str = "reward") -> RuleChecker:
             gates.append((gate, component.name, f"{where}.gate"))
     names = [c.name for c in components]
     for i, c in enumerate(components):
-        if names.count(c.name) > 1:
+        if c.name in names[:i]:
             raise ValueError(f"{entries_path}[{i}]: rule name {c.name!r} appears more than once; give each an "
                              f"`alias` (e.g. alias: {c.name}_2)")
     built_gates = []

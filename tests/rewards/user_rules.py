@@ -1,0 +1,36 @@
+"""User-defined reward functions imported by dotted path in the tests (``rewards.user_rules:...``)."""
+
+from __future__ import annotations
+
+
+def starts_with_yes(prompts=None, completions=None, completion_ids=None, **kwargs):
+    return [1.0 if str(c).startswith("yes") else 0.0 for c in completions]
+
+
+def make_contains(word: str):
+    return _Contains(word)
+
+
+class _Contains:
+    __name__ = "contains"
+
+    def __init__(self, word):
+        self.word = word
+
+    def __call__(self, prompts=None, completions=None, **kwargs):
+        return [float(self.word in c) for c in completions]
+
+
+def raises(prompts=None, completions=None, **kwargs):
+    raise KeyError("boom")
+
+
+def wrong_length(prompts=None, completions=None, **kwargs):
+    return [1.0]
+
+
+def wrong_type(prompts=None, completions=None, **kwargs):
+    return ["high" for _ in completions]
+
+
+NOT_CALLABLE = 3
