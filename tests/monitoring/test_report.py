@@ -91,7 +91,7 @@ def test_failed_gate_shows_in_status_and_gate_table(tmp_path):
     gate = {"gate": "min:accuracy", "passed": False, "reason": "accuracy = 0.71 < 1.01", "values": {}}
     (run / "stages" / "02-grpo" / "gates.json").write_text(json.dumps([gate]))
     md = write_report(run).read_text()
-    assert "- **Status:** stopped at stage 02-grpo (gated)" in md
+    assert "- **Status:** stopped at stage 02-grpo (a gate failed); the last good policy is the previous" in md
     assert "- **Stop reason:** gate min:accuracy: accuracy = 0.71 &lt; 1.01" in md
     assert "| 02-grpo | min:accuracy | ❌ FAIL | accuracy = 0.71 &lt; 1.01 |" in md
 

@@ -123,6 +123,8 @@ def _panel_kl(ax, h) -> bool:
         target = ax.twinx() if xk else ax
         target.plot(xb, yb, color=C_SECOND, linestyle="--", label="β (kl coef)")
         target.set_ylabel("β", color=C_SECOND)
+        if max(yb) - min(yb) <= 1e-9 * max(1.0, abs(max(yb))):  # constant β: show it as a flat line, not noise
+            target.set_ylim(min(0.0, 2 * yb[0]), max(0.0, 2 * yb[0]) or 1.0)
         if target is not ax:
             others.append(target)
     _legend(ax, *others)

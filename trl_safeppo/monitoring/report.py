@@ -38,7 +38,8 @@ SUMMARY_COLUMNS = (
     ("format pass", "eval", "format_pass_rate"),
     ("held-out len.", "eval", "mean_length"),
 )
-BAD_STATUSES = ("failed", "stopped", "gated")
+BAD_STATUSES = ("failed", "gated")  # the run stopped at this stage
+FINISHED_STATUSES = ("completed", "stopped")  # stopped: ended early by the plateau gate, a success
 
 
 @dataclass
@@ -211,18 +212,23 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _run_status(manifest: Mapping[str, Any], stages: list[StageRecord]) -> tuple[str, str | None]:
+    """Run status line and stop reason. A stage ``gated`` (a gate failed) or ``failed`` (an error) stopped the run;
+    ``stopped`` is a stage ended early by its plateau gate, a success."""
     status = manifest.get("status")
     reason = manifest.get("stop_reason") or manifest.get("reason") or manifest.get("error")
     bad = next((s for s in stages if s.status in BAD_STATUSES), None)
     if bad is not None:
         if reason is None:
             failed_gates = [g for g in (bad.gates or []) if isinstance(g, Mapping) and not g.get("passed", True)]
-            reason = bad.meta.get("reason") or bad.meta.get("error") or (
+            reason = bad.meta.get("error") or bad.meta.get("reason") or (
                 "; ".join(f"gate {g.get('gate')}: {g.get('reason')}" for g in failed_gates) or None
             )
-        status = status or f"stopped at stage {bad.label} ({bad.status})"
+        what = "a gate failed" if bad.status == "gated" else "the stage failed"
+        status = f"stopped at stage {bad.label} ({what})"
+        if bad.status == "gated":
+            status += "; the last good policy is the previous stage's final/"
     if status is None:
-        if stages and all(s.status == "completed" for s in stages):
+        if stages and all(s.status in FINISHED_STATUSES for s in stages):
             status = "completed"
         elif any(s.status == "running" for s in stages):
             status = "interrupted or still running"
