@@ -174,6 +174,19 @@ def test_reward_model_and_rule_mixed_and_critic_from_reward_model(tmp_path, tiny
     assert "rewards/length_reward/mean" in trainer.state.log_history[0]
 
 
+def test_raise_kl_tripwire_acts_on_the_kl_controller(tmp_path, tiny_debug_path):
+    # kl_limit watching `beta` with limit 0.01 trips at every log (beta >= 0.05): raise_kl doubles beta each time.
+    trip = {"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 0.01, "key": "beta"}}
+    args = config(tmp_path, tripwires=[trip], tripwire_raise_kl_factor=2.0)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    trainer.train()
+    # rollout 1 used 0.05, the trip after step 1 made it 0.1 for rollout 2, the trip after step 2 made it 0.2
+    assert logged(trainer, "beta") == pytest.approx([0.05, 0.1])
+    assert trainer.rails_wiring.kl_controller.value == pytest.approx(0.2)
+    assert trainer.beta == pytest.approx(0.2)
+    assert os.path.exists(os.path.join(args.output_dir, "tripwires.jsonl"))
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restores_them(tmp_path, tiny_debug_path):
     rails = {"kl": {"controller": "adaptive", "target": 0.01, "horizon": 10, "min_coef": 1e-3}, "normalize": {"enabled": True}}

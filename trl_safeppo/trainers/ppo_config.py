@@ -8,6 +8,8 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from .tripwires import TRIPWIRE_HELP, validate_tripwire_fields
+
 # GRPO loss formulations that are the PPO clipped surrogate with a different token aggregation.
 PPO_LOSS_TYPES = ("bnpo", "dapo", "grpo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -34,7 +36,7 @@ class SafePPOConfig(GRPOConfig):
         - `epsilon`: the policy clip range of the PPO surrogate.
         - `beta`: the *initial* KL coefficient. Unlike GRPO, PPO puts the KL in the reward (`-beta * KL_t` on every
           response token), never in the loss; beta then follows the KL controller (fixed by default,
-          adaptive with `rails={"kl": {"controller": "adaptive", ...}}`).
+          adaptive with `rails={{"kl": {{"controller": "adaptive", ...}}}}`).
         - `entropy_coef`: the optional entropy bonus (GRPO's implementation).
 
     Parameters:
@@ -50,7 +52,7 @@ class SafePPOConfig(GRPOConfig):
         rails (`dict`, `RailsConfig` or `None`, *optional*, defaults to `None`):
             Reward rails (non-finite guard, clipping, normalization, length rails, missing-EOS penalty) and the KL
             controller, as a `trl_safeppo.rails.RailsConfig` or its `to_dict()` form (see docs/rails.md). The
-            adaptive controller of Ziegler et al. 2019 is `{"kl": {"controller": "adaptive", "target": 6.0}}`; its
+            adaptive controller of Ziegler et al. 2019 is `{{"kl": {{"controller": "adaptive", "target": 6.0}}}}`; its
             target is in nats per sequence, `beta` is its initial value unless `rails.kl.init_kl_coef` is set.
             `None`: no reward rail and a fixed `beta`.
 
@@ -80,6 +82,25 @@ class SafePPOConfig(GRPOConfig):
             Whiten advantages over the response tokens of the whole rollout batch (all processes).
         whiten_rewards (`bool`, *optional*, defaults to `False`):
             Whiten the per-token rewards before GAE (TRL PPOTrainer option, off by default).
+
+        > Tripwires (as in SafeGRPOConfig; `raise_kl` and `rollback` act on the PPO KL controller)
+
+        tripwires (`list[dict]`, *optional*):
+            {tripwires}
+        tripwire_raise_kl_factor (`float`, *optional*, defaults to `2.0`):
+            {raise_kl_factor}
+        tripwire_rollback_beta_factor (`float`, *optional*, defaults to `2.0`):
+            {rollback_beta_factor}
+        tripwire_rollback_lr_factor (`float`, *optional*, defaults to `0.5`):
+            {rollback_lr_factor} A rollback restores the policy, its optimizer, the rails and beta; the critic
+            keeps learning from where it is.
+        tripwire_max_rollbacks (`int`, *optional*, defaults to `2`):
+            {max_rollbacks}
+        tripwire_snapshot_every (`int`, *optional*, defaults to `1`):
+            {snapshot_every}
+        logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
+            Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in
+            the logs and would hide it from the `non_finite` tripwire.
 
         > GRPO fields with a PPO default
 
@@ -166,8 +187,26 @@ class SafePPOConfig(GRPOConfig):
         default=False, metadata={"help": "Whiten per-token rewards before GAE (TRL PPOTrainer option, off)."}
     )
 
+    # --- Tripwires (same fields as SafeGRPOConfig)
+    tripwires: list[dict] | None = field(default=None, metadata={"help": TRIPWIRE_HELP["tripwires"]})
+    tripwire_raise_kl_factor: float = field(default=2.0, metadata={"help": TRIPWIRE_HELP["raise_kl_factor"]})
+    tripwire_rollback_beta_factor: float = field(
+        default=2.0, metadata={"help": TRIPWIRE_HELP["rollback_beta_factor"]}
+    )
+    tripwire_rollback_lr_factor: float = field(default=0.5, metadata={"help": TRIPWIRE_HELP["rollback_lr_factor"]})
+    tripwire_max_rollbacks: int = field(default=2, metadata={"help": TRIPWIRE_HELP["max_rollbacks"]})
+    tripwire_snapshot_every: int = field(default=1, metadata={"help": TRIPWIRE_HELP["snapshot_every"]})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Overrides the TrainingArguments default (True), which replaces a NaN/inf loss by the running "
+            "average in the logs and would hide it from the `non_finite` tripwire."
+        },
+    )
+
     def __post_init__(self) -> None:
         self._check_ppo_fields()
+        validate_tripwire_fields(self)
         if self.num_generations == 1:
             # GRPO needs >= 2 completions per prompt for its group baseline; PPO's baseline is the critic, so 1 is
             # the classic setup. GRPOConfig raises its "at least 2" error after every batch-size computation, and
@@ -243,3 +282,8 @@ class SafePPOConfig(GRPOConfig):
             if not isinstance(self.rails, (dict, RailsConfig)):
                 raise bad("rails", type(self.rails).__name__, "pass a trl_safeppo.RailsConfig, a dict, or None")
             self.rails = RailsConfig.from_any(self.rails)  # validates now, at configuration time
+
+
+# The tripwire fields share their help text with SafeGRPOConfig; the docstring is a literal (so it is __doc__) and
+# the shared text is filled in here.
+SafePPOConfig.__doc__ = SafePPOConfig.__doc__.format(**TRIPWIRE_HELP)

@@ -33,6 +33,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from ..models import resolve_model_path
 from ._wiring import RailsWiring, SafeRailsMixin
+from .tripwires import add_tripwires
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
 
@@ -151,6 +152,8 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             **kwargs,
         )
         wiring.attach(self)
+        self.tripwire_callback = None
+        add_tripwires(self, args, wiring)  # raise_kl / rollback act on wiring.kl_controller through wiring.set_beta
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "SafePPOTrainer supports single-process and DDP training (accelerate launch --multi_gpu); DeepSpeed and "
@@ -448,17 +451,12 @@ def _atomic_save(obj: Any, path: str) -> None:
 
 def _build_wiring(args: SafePPOConfig) -> PPOWiring:
     """Reward rails and KL controller from `args.rails` (None: no reward rail, `FixedKLController(args.beta)`)."""
-    from ..rails.config import RewardRails
     from ..rails.kl import FixedKLController
 
-    if args.rails is None:
-        rails, controller = None, FixedKLController(args.beta)
-    else:
-        rails = RewardRails(args.rails, default_kl_coef=args.beta)
-        controller = rails.kl_controller
-    if isinstance(controller, FixedKLController) and controller.value == 0:
-        controller = None  # no KL penalty, no reference model (GRPO loads none when beta == 0)
-    return PPOWiring(rails=rails, kl_controller=controller)
+    wiring = PPOWiring.from_config(args.rails, default_kl_coef=args.beta)
+    if args.rails is None and args.beta > 0:
+        wiring.kl_controller = FixedKLController(args.beta)
+    return wiring
 
 
 def kl_estimator(args: SafePPOConfig) -> str:
