@@ -127,6 +127,7 @@ def test_adaptive_beta_follows_ziegler_and_survives_a_checkpoint(tmp_path, tiny_
         ({"rails": {"kl": {"controller": "adaptive", "init_kl_coef": 0.1, "min_coef": 0.0}}}, "min_coef"),
         ({"rails": {"clip": {"low": 1.0, "high": 0.0}}}, "rails.clip.low"),
         ({"rails": {"lenght": {}}}, "unknown keys ['lenght']"),
+        ({"rails": {"kl": {"estimator": "k1"}}}, "rails.kl.estimator='k1'"),
         ({"rails": {}, "multi_objective_aggregation": "normalize_then_sum"}, "multi_objective_aggregation"),
         ({"tripwires": [{"detector": "kl_limit", "action": "panic", "params": {"limit": 1}}]}, "tripwires[0].action"),
     ],

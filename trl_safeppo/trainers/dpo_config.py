@@ -18,7 +18,7 @@ class SafeDPOConfig(DPOConfig):
 
     The DPO rails use TRL's own options where they exist: length-normalized log-probabilities are
     `loss_type=["sigmoid_norm"]` (per-token average, as in SimPO / R-DPO), length-desensitized ones are `ld_alpha`
-    (LD-DPO, https://huggingface.co/papers/2409.06411; the paper's range is 0.3-0.7). The monitoring of the implicit
+    (LD-DPO, Liu et al. 2024, https://huggingface.co/papers/2409.06411). The monitoring of the implicit
     reward margin (`rewards/margins`) and of the drift from the reference (`dpo/chosen_logratio`,
     `dpo/rejected_logratio`, `kl`) is always on; see docs/metrics.md.
 

@@ -36,6 +36,13 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
         if isinstance(model, str):
             model = resolve_model_path(model)
         wiring = RailsWiring.from_config(getattr(args, "rails", None), default_kl_coef=args.beta)
+        estimator = getattr(getattr(wiring.rails, "config", None), "kl", None)
+        estimator = getattr(estimator, "estimator", None)
+        if estimator not in (None, "k3"):
+            raise ValueError(
+                f"rails.kl.estimator={estimator!r}: GRPO's KL term is its own k3 estimator; set rails.kl.estimator "
+                "to null or 'k3' for a GRPO stage"
+            )
         args, reward_funcs, reward_processing_classes = wiring.prepare_init(
             args, reward_funcs, reward_processing_classes
         )

@@ -153,6 +153,13 @@ def _numeric(logs: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _json_number(value: Any) -> Any:
+    """Strict JSON: a non-finite number becomes null (the event's reason still names it)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def _set_beta(trainer, value: float) -> None:
     wiring = getattr(trainer, "rails_wiring", None)
     if wiring is not None and wiring.trainer is trainer:
@@ -198,7 +205,7 @@ class TripwireCallback(TrainerCallback):
         if not self._is_main:
             return
         os.makedirs(self.output_dir, exist_ok=True)
-        line = json.dumps(event, allow_nan=True, default=float) + "\n"
+        line = json.dumps(event, allow_nan=False, default=str) + "\n"
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
@@ -284,7 +291,7 @@ class TripwireCallback(TrainerCallback):
             "detector": verdict.detector,
             "status": verdict.status,
             "reason": verdict.reason,
-            "values": {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in dict(verdict.values).items()},
+            "values": {k: _json_number(v) for k, v in dict(verdict.values).items()},
             "action": action,
             "details": details,
         }
