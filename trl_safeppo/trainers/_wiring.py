@@ -321,7 +321,8 @@ def save_snapshot(trainer, directory: str) -> str:
     """Save policy weights, optimizer state and rail state of ``trainer`` to ``directory/snapshot.pt``.
 
     Works for single-process and DDP training (every rank holds the full weights); the main process writes and the
-    others wait. Returns the file path.
+    others wait. A trainer with more trained state than the policy (PPO's critic) adds it by defining
+    ``tripwire_state_dict()`` and ``load_tripwire_state_dict(state)``. Returns the file path.
     """
     path = os.path.join(directory, SNAPSHOT_FILE)
     accelerator = trainer.accelerator
@@ -333,6 +334,8 @@ def save_snapshot(trainer, directory: str) -> str:
             "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else None,
             "beta": float(getattr(trainer, "beta", math.nan)),
             "wiring": trainer.rails_wiring.state_dict() if getattr(trainer, "rails_wiring", None) else None,
+            # hook for trainers with more trained state than the policy (e.g. PPO's critic)
+            "extra": trainer.tripwire_state_dict() if hasattr(trainer, "tripwire_state_dict") else None,
         }
         _atomic_torch_save(state, path)
     accelerator.wait_for_everyone()
@@ -360,6 +363,8 @@ def restore_snapshot(trainer, directory: str) -> int:
         wiring.load_state_dict(state["wiring"])
     elif hasattr(trainer, "beta") and math.isfinite(state.get("beta", math.nan)):
         trainer.beta = state["beta"]
+    if state.get("extra") is not None and hasattr(trainer, "load_tripwire_state_dict"):
+        trainer.load_tripwire_state_dict(state["extra"])
     if hasattr(trainer, "_buffered_inputs"):
         trainer._buffered_inputs = None
     tr_loss = getattr(trainer, "_tr_loss", None)
