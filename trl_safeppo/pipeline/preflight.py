@@ -28,9 +28,9 @@ from typing import Any
 from . import data as data_mod
 from .recipe import Recipe, RecipeError
 from .schema import accepted_fields, check_args
-from .stages import EVAL_RESERVED, RESERVED_ARGS, STAGE_TYPES, StageType, config_class
+from .stages import EVAL_RESERVED, RESERVED_ARGS, SAMPLING_RESERVED, STAGE_TYPES, StageType, config_class
 
-HARDWARE_MASK = {"bf16": False, "fp16": False, "tf32": None}
+HARDWARE_MASK = {"bf16": False, "fp16": False, "tf32": None, "use_vllm": False}
 EVAL_STAGE_RESERVED = {**EVAL_RESERVED,
                        "dataset": "set the stage's `dataset` (or the recipe's eval.dataset) instead",
                        "reward": "set the stage's `reward` (or the recipe's reward) instead"}
@@ -92,8 +92,12 @@ def _resolve_model(value: str, where: str) -> str:
     try:
         return resolve_model_path(value, field=where)
     except ValueError as err:
-        raise RecipeError(where, str(err).split(": ", 1)[-1] if str(err).startswith(where) else str(err),
-                          "fix the model identifier") from None
+        message = str(err)
+        prefix = f"{where}={value!r}"
+        if message.startswith(prefix):
+            message = f"model {value!r}{message[len(prefix):]}"
+        problem, _, accepted = message.partition("; accepted: ")
+        raise RecipeError(where, problem, f"use {accepted}" if accepted else "fix the model identifier") from None
 
 
 def _check_reward(spec: Any, where: str) -> None:
@@ -149,13 +153,14 @@ def _dataset_for(plan_so_far: list[StagePlan], recipe: Recipe, index: int, stype
         if index == 0:
             raise RecipeError(f"{where}.dataset", "`dataset: previous` on the first stage: there is no previous stage",
                               "name a dataset")
-        prev = plan_so_far[index - 1]
         wanted = stype.consumes
-        produced = prev.stype.produces
-        ok = wanted is not None and (wanted in produced or (wanted == "pairs" and "scored" in produced))
-        if not ok:
-            raise RecipeError(f"{where}.dataset", f"`dataset: previous` but the previous stage ({prev.where}) "
-                              f"produces no {wanted or 'usable'} data for a {recipe.stages[index].type} stage",
+        producer = next((p for p in reversed(plan_so_far) if wanted is not None and (
+            wanted in p.stype.produces or (wanted == "pairs" and "scored" in p.stype.produces))), None)
+        if producer is None:
+            prev = plan_so_far[index - 1]
+            raise RecipeError(f"{where}.dataset", f"`dataset: previous` but no earlier stage produces "
+                              f"{wanted or 'usable'} data for a {recipe.stages[index].type} stage (the previous "
+                              f"stage is {prev.where})",
                               "put a rejection_sampling stage before it, or name a dataset")
     return spec
 
@@ -208,8 +213,9 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
             args = check_args(spec.args, config_cls, where=f"{where}.args", what="evaluate_heldout",
                               reserved=EVAL_STAGE_RESERVED)
         else:
+            reserved = {**RESERVED_ARGS, **(SAMPLING_RESERVED if spec.type == "rejection_sampling" else {})}
             user = check_args(spec.args, config_cls, where=f"{where}.args", what=config_cls.__name__,
-                              reserved=RESERVED_ARGS)
+                              reserved=reserved)
             args = {**default_args(recipe, config_cls, cuda), **user}
             for key, value in (("rails", spec.rails), ("tripwires", spec.tripwires)):
                 if value and key not in fields:
@@ -262,6 +268,10 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
 
         if spec.gate:
             _check_gate(spec.gate, f"{where}.gate")
+        if spec.callbacks and not stype.trains:
+            raise RecipeError(f"{where}.callbacks", f"a {spec.type} stage runs no trainer", "remove `callbacks`")
+        for j, dotted in enumerate(spec.callbacks):
+            data_mod.import_object(dotted, where=f"{where}.callbacks[{j}]", what="callback")
 
         stages.append(StagePlan(i, spec, stype, config_cls, args, dataset, reward, rails, init, where))
 

@@ -90,6 +90,9 @@ class StageSpec:
         peft (`dict` or `None`, defaults to `None`):
             LoRA settings (`peft.LoraConfig` fields) plus `handoff: merge|keep`: merge the adapter into the weights
             handed to the next stage (default), or keep it as an adapter.
+        callbacks (`list[str]`, defaults to `[]`):
+            Dotted paths to `transformers.TrainerCallback` classes (or factories), instantiated without arguments
+            and added to the stage's trainer.
     """
 
     type: str
@@ -102,6 +105,7 @@ class StageSpec:
     tripwires: list = field(default_factory=list)
     gate: dict = field(default_factory=dict)
     peft: dict | None = None
+    callbacks: list = field(default_factory=list)
 
     @property
     def handoff(self) -> str:
@@ -288,7 +292,7 @@ def resolve_references(tree: Any) -> Any:
             target = get_path(tree, ref)
         except RecipeError as err:
             raise RecipeError(where, f"reference ${{{ref}}} does not resolve: {err.problem}", err.fix) from None
-        return walk(target, ref, stack + (ref,))
+        return walk(target, ref, stack)
 
     def walk(node: Any, where: str, stack: tuple[str, ...]) -> Any:
         if isinstance(node, dict):
@@ -296,10 +300,11 @@ def resolve_references(tree: Any) -> Any:
         if isinstance(node, list):
             return [walk(v, f"{where}.{i}", stack) for i, v in enumerate(node)]
         if isinstance(node, str) and "${" in node:
+            chain = stack if not where or where in stack else stack + (where,)
             whole = _REF.fullmatch(node.strip())
             if whole:
-                return lookup(whole.group(1), where, stack)
-            return _REF.sub(lambda m: str(lookup(m.group(1), where, stack)), node)
+                return lookup(whole.group(1), where, chain)
+            return _REF.sub(lambda m: str(lookup(m.group(1), where, chain)), node)
         return node
 
     return walk(tree, "", ())
@@ -395,6 +400,10 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
             _expect(raw.get(key) or {}, dict, f"{where}.{key}", key, f"write `{key}:` as a mapping")
         _expect(raw.get("tripwires") or [], list, f"{where}.tripwires", "tripwires",
                 "write a list of {detector, action, params}")
+        callbacks = _expect(raw.get("callbacks") or [], list, f"{where}.callbacks", "callbacks",
+                            "write a list of dotted paths to TrainerCallback classes")
+        for j, cb in enumerate(callbacks):
+            _expect(cb, str, f"{where}.callbacks[{j}]", "a callback", "write a dotted path, e.g. my_pkg.MyCallback")
         peft = raw.get("peft")
         if peft is not None:
             _expect(peft, dict, f"{where}.peft", "peft", "write a mapping of peft.LoraConfig fields plus handoff")
@@ -414,6 +423,7 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
                 tripwires=list(raw.get("tripwires") or []),
                 gate=dict(raw.get("gate") or {}),
                 peft=dict(peft) if peft is not None else None,
+                callbacks=list(callbacks),
             )
         )
     return Recipe(

@@ -189,7 +189,7 @@ class _Runner:
                 if not outcome_ok:
                     return 1
             policy = entry["outputs"]["final"]["path"]
-            data = {k: v["path"] for k, v in entry["outputs"].get("data", {}).items()}
+            data = {**data, **{k: v["path"] for k, v in entry["outputs"].get("data", {}).items()}}
             previous_eval = entry.get("eval") or previous_eval
         return 0
 
@@ -338,6 +338,8 @@ class _Runner:
             if sp.stype.trains:
                 callbacks.append(log_history_callback(stage_dir / "log_history.jsonl", self.is_main))
             callbacks.extend(_gate_callbacks(sp.spec.gate))
+            callbacks.extend(data_mod.import_object(d, where=f"{sp.where}.callbacks", what="callback")()
+                             for d in sp.spec.callbacks)
         reward = sp.reward if sp.spec.type != "eval" else (sp.spec.reward or self.plan.eval_options.get("reward"))
         return StageContext(
             recipe=self.plan.recipe, index=sp.index, spec=sp.spec, stage_dir=stage_dir, model=init, args=args,

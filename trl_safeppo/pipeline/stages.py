@@ -86,6 +86,12 @@ STAGE_TYPES: dict[str, StageType] = {
 RESERVED_ARGS = {
     "output_dir": "remove it: each stage writes to <output_dir>/stages/NN-<name>; set the recipe's top-level output_dir",
 }
+# extra args the runner fills for a rejection_sampling stage
+SAMPLING_RESERVED = {
+    "model": "use the stage's `init` (default: the previous stage's policy)",
+    "dataset": "use the stage's `dataset`",
+    "reward": "use the stage's `reward` (or the recipe's shared reward)",
+}
 # args of the eval stage / the recipe's `eval` block that the runner fills in
 EVAL_RESERVED = {
     "model_or_path": "remove it: the eval stage evaluates the current policy",
@@ -285,7 +291,18 @@ def run_dpo(ctx: StageContext) -> StageOutcome:
 
 
 def run_rejection_sampling(ctx: StageContext) -> StageOutcome:
-    raise RecipeError(f"{ctx.where}.type", "rejection sampling is not wired yet", "remove the stage")
+    """Sample from the current policy, score with the stage's reward, keep what passes (main process only; it
+    resumes itself from its ``parts/`` chunks). The policy passes through; ``data/sft`` feeds a following SFT stage,
+    ``data/scored`` a following DPO stage (pairs)."""
+    from ..rejection_sampling import RejectionSamplingConfig, run_rejection_sampling
+
+    out = ctx.stage_dir / "data"
+    if ctx.is_main:
+        config = RejectionSamplingConfig(model=ctx.model, dataset=ctx.dataset, reward=ctx.reward,
+                                         output_dir=str(out), **ctx.args)
+        run_rejection_sampling(config)
+    _barrier()
+    return StageOutcome(final=ctx.model, data={"sft": str(out / "sft"), "scored": str(out / "scored")})
 
 
 def run_eval(ctx: StageContext) -> StageOutcome:

@@ -1,0 +1,145 @@
+"""The runner end to end on tiny://debug with 1-2 steps per stage: run-directory layout, hand-off, manifest, skip on
+rerun, partial rerun after a recipe change, and resume after a hard kill in the middle of a stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_safeppo.pipeline.runner import run_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def micro_recipe(out: Path) -> dict:
+    return {
+        "name": "micro",
+        "model": "tiny://debug",
+        "output_dir": str(out),
+        "reward": [{"name": "format", "weight": 0.5}, {"name": "math"}],
+        "eval": {"dataset": {"path": "task://arithmetic/eval", "n": 4}, "max_new_tokens": 8,
+                 "accuracy_reward": "math", "format_reward": "format"},
+        "probes": ["What is 1 + 1?"],
+        "stages": [
+            {"type": "sft", "dataset": {"path": "task://arithmetic/sft", "n": 16},
+             "args": {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 1}},
+            {"type": "grpo", "dataset": {"path": "task://arithmetic/rl", "n": 8},
+             "args": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 4,
+                      "max_completion_length": 8, "logging_steps": 1, "save_steps": 1}},
+            {"type": "eval"},
+        ],
+    }
+
+
+def write(tmp_path: Path, tree: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_micro_recipe_runs_and_reruns(tmp_path, capsys):
+    out = tmp_path / "run"
+    recipe = write(tmp_path, micro_recipe(out))
+    assert run_recipe(str(recipe)) == 0
+
+    m = manifest(out)
+    assert m["status"] == "completed"
+    assert [s["status"] for s in m["stages"]] == ["completed"] * 3
+    sft, grpo, ev = m["stages"]
+    # run-directory contract (docs/architecture.md)
+    assert (out / "recipe.yaml").exists() and (out / "report.md").exists()
+    for name in ("final/config.json", "final/tokenizer_config.json", "log_history.jsonl", "eval.json", "gates.json",
+                 "probes.json"):
+        assert (out / "stages/01-sft" / name).exists(), name
+    # hand-off: stage 2 starts from stage 1's final/, and the eval stage evaluates stage 2's final/
+    assert grpo["inputs"]["model"]["path"] == sft["outputs"]["final"]["path"] == str(out / "stages/01-sft/final")
+    assert grpo["inputs"]["model"]["hash"] == sft["outputs"]["final"]["hash"]
+    assert ev["outputs"]["final"]["path"] == grpo["outputs"]["final"]["path"]
+    # SFT logged at steps 1 and 2, then the end-of-training summary: 3 lines, as trainer.state.log_history
+    history = [json.loads(line) for line in (out / "stages/01-sft/log_history.jsonl").read_text().splitlines()]
+    assert [h.get("step") for h in history] == [1, 2, 2] and "train_runtime" in history[-1]
+    assert sft["metrics"]["train_runtime"] == history[-1]["train_runtime"]
+    assert sft["inputs"]["dataset"]["rows"] == 16 and sft["versions"]["trl"]
+    assert ev["eval"]["n"] == 4 and set(json.loads((out / "stages/01-sft/eval.json").read_text())) >= {"accuracy", "n"}
+    assert "held-out accuracy" in capsys.readouterr().out  # the end-of-run table
+
+    # rerun: everything skipped
+    assert run_recipe(str(recipe)) == 0
+    again = manifest(out)
+    assert [s["timings"]["attempts"] for s in again["stages"]] == [1, 1, 1]
+    assert [s["timings"]["started_at"] for s in again["stages"]] == [s["timings"]["started_at"] for s in m["stages"]]
+
+    # a changed stage (and every stage after it) runs again; the stages before it are kept
+    assert run_recipe(str(recipe), ["stages.grpo.args.learning_rate=2.0e-6"]) == 0
+    changed = manifest(out)
+    assert changed["stages"][0]["fingerprint"] == m["stages"][0]["fingerprint"]
+    assert changed["stages"][0]["timings"]["started_at"] == m["stages"][0]["timings"]["started_at"]
+    assert changed["stages"][1]["fingerprint"] != m["stages"][1]["fingerprint"]
+    assert changed["stages"][2]["fingerprint"] != m["stages"][2]["fingerprint"]
+    assert changed["stages"][1]["config"]["args"]["learning_rate"] == 2.0e-6
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal
+    from pathlib import Path
+    from transformers import TrainerCallback
+
+    class KillOnce(TrainerCallback):
+        '''SIGKILL this process at step 5 of the first attempt (a hard kill: no cleanup, no exception).'''
+        def on_step_end(self, args, state, control, **kwargs):
+            marker = Path(os.environ["KILL_MARKER"])
+            if state.global_step == 5 and not marker.exists():
+                marker.write_text("killed")
+                os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_resume_after_kill_mid_stage(tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "killer_cb.py").write_text(KILLER)
+    tree = micro_recipe(out)
+    del tree["eval"], tree["probes"]
+    tree["stages"] = [
+        tree["stages"][0],
+        {"type": "sft", "name": "sft-long", "dataset": {"path": "task://arithmetic/sft", "n": 64},
+         "args": {"max_steps": 8, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 2},
+         "callbacks": ["killer_cb.KillOnce"]},
+    ]
+    recipe = write(tmp_path, tree)
+    env = dict(os.environ, KILL_MARKER=str(tmp_path / "killed"), OMP_NUM_THREADS="1",
+               PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    first = subprocess.run([sys.executable, "-m", "trl_safeppo", "run", str(recipe)], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == -9, first.stderr[-2000:]  # killed by SIGKILL
+    m = manifest(out)
+    assert [s["status"] for s in m["stages"]] == ["completed", "running"]
+    assert sorted(p.name for p in (out / "stages/02-sft-long").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "stages/02-sft-long/final").exists()
+
+    second = subprocess.run([sys.executable, "-m", "trl_safeppo", "run", str(recipe)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    m = manifest(out)
+    sft, long = m["stages"]
+    assert [s["status"] for s in m["stages"]] == ["completed", "completed"] and m["status"] == "completed"
+    assert sft["timings"]["attempts"] == 1  # not repeated
+    assert long["timings"]["attempts"] == 2 and long["timings"]["resumed_from"] == "checkpoint-4"
+    assert long["outputs"]["final"]["hash"] and (out / "stages/02-sft-long/final/config.json").exists()
+    state = json.loads((out / "stages/02-sft-long/checkpoint-8/trainer_state.json").read_text())
+    assert state["global_step"] == 8
+    # the rewritten log history has each step once, although steps 5 were logged before the kill too
+    steps = [json.loads(line).get("step") for line in (out / "stages/02-sft-long/log_history.jsonl").read_text().splitlines()]
+    assert steps[:-1] == list(range(1, 9))
