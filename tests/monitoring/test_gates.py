@@ -64,6 +64,7 @@ def test_metric_families_and_eval_metrics_are_accepted():
         ({"min_metrics": ["accuracy"]}, "gates.min_metrics: expected a mapping"),
         ({"plateau": 3}, "gates: unknown key(s) 'plateau'; accepted: min_metrics"),
         ({"no_tripwire_stop": "yes"}, "gates.no_tripwire_stop: expected true or false"),
+        ({"plateau_mode": "up"}, "gates.plateau_mode: expected 'max' or 'min'"),
     ],
 )
 def test_bad_gate_config_is_one_clear_error(raw, fragment):
@@ -156,6 +157,20 @@ def test_plateau_callback_stops_once_the_window_is_flat():
     assert outcome.passed and "stopped early at step 5" in outcome.reason  # a plateau is a success
 
 
+def test_plateau_in_min_mode_watches_a_falling_loss():
+    cb = PlateauCallback(window=3, min_gain=0.05, metric="loss", mode="min")
+    state, control = _state_control()
+    cb.on_train_begin(None, state, control)
+    # losses 1.0, 0.8, 0.6: fitted fall 0.4 -> go on; then 0.6, 0.59: window [0.6, 0.6, 0.59] has
+    # sxy = (-1)(0.6 - 0.59667) + (1)(0.59 - 0.59667) = -0.01, sxx = 2 -> slope -0.005, fall 0.01 < 0.05 -> stop
+    for step, loss in enumerate([1.0, 0.8, 0.6, 0.6, 0.59], start=1):
+        state.global_step = step
+        cb.on_log(None, state, control, logs={"loss": loss})
+        assert control.should_training_stop is (step == 5)
+    assert math.isclose(cb.event["values"]["gain"], 0.01, abs_tol=1e-9)
+    assert cb.event["reason"].startswith("loss fall over the last 3 logs was 0.01 < 0.05")
+
+
 def test_plateau_refits_from_restored_history_on_resume():
     cb = PlateauCallback(window=3, min_gain=0.05)
     state, control = _state_control()
@@ -186,7 +201,7 @@ def test_plateau_gate_ends_a_real_training_run_early(tmp_path, tiny_debug_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_debug_path)
     ids = torch.arange(1, 9).reshape(1, 8)
     data = [{"input_ids": ids[0], "labels": ids[0]}] * 4
-    cfg = GateConfig(plateau_window=3, plateau_min_gain=1e-3, plateau_metric="loss")
+    cfg = GateConfig(plateau_window=3, plateau_min_gain=1e-3, plateau_metric="loss", plateau_mode="min")
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=20, learning_rate=0.0, logging_steps=1,
                              per_device_train_batch_size=1, report_to=[], save_strategy="no", disable_tqdm=True,
                              use_cpu=True)

@@ -92,6 +92,9 @@ class GateConfig:
             The stage ends early when the fitted gain over the last K logs (slope * (K - 1)) is below this.
         plateau_metric (`str`, defaults to `"reward"`):
             Metric watched for a plateau (`rewards/margins` suits DPO).
+        plateau_mode (`str`, defaults to `"max"`):
+            `"max"`: improving means rising (reward, margins); `"min"`: improving means falling (loss), and the gain
+            is the fitted fall.
 
     Tripwires:
         no_tripwire_stop (`bool`, defaults to `True`):
@@ -130,6 +133,10 @@ class GateConfig:
         metadata={"help": "The stage ends early when the fitted gain over the last K logs is below this."},
     )
     plateau_metric: str = field(default="reward", metadata={"help": "Metric watched for a plateau."})
+    plateau_mode: str = field(
+        default="max",
+        metadata={"help": "'max': improving means rising (reward, margins); 'min': falling (loss)."},
+    )
     # Tripwires
     no_tripwire_stop: bool = field(
         default=True, metadata={"help": "Fail the gate if a tripwire stopped training during the stage."}
@@ -152,6 +159,8 @@ class GateConfig:
                 f"{', '.join(EVAL_METRICS)}."
             )
         check_metric_name(self.plateau_metric, "plateau_metric")
+        if self.plateau_mode not in ("max", "min"):
+            raise ValueError(f"gates.plateau_mode: expected 'max' or 'min', got {self.plateau_mode!r}.")
         for name in ("max_heldout_drop", "kl_budget"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -186,7 +195,8 @@ class GateConfig:
         """The in-stage early-stop callbacks this config asks for (add them to the stage's trainer)."""
         out: list = []
         if self.plateau_window is not None:
-            out.append(PlateauCallback(self.plateau_window, self.plateau_min_gain, self.plateau_metric))
+            out.append(PlateauCallback(self.plateau_window, self.plateau_min_gain, self.plateau_metric,
+                                       self.plateau_mode))
         if self.kl_budget is not None:
             out.append(KLBudgetCallback(self.kl_budget))
         return out
@@ -258,9 +268,9 @@ class PlateauCallback(_EarlyStop):
 
     gate = "plateau"
 
-    def __init__(self, window: int, min_gain: float, metric: str = "reward"):
+    def __init__(self, window: int, min_gain: float, metric: str = "reward", mode: str = "max"):
         super().__init__()
-        self.window, self.min_gain, self.metric = int(window), float(min_gain), metric
+        self.window, self.min_gain, self.metric, self.mode = int(window), float(min_gain), metric, mode
         self.values: list[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -273,12 +283,13 @@ class PlateauCallback(_EarlyStop):
             return
         self.values.append(float(value))
         if len(self.values) >= self.window:
-            gain = window_gain(self.values[-self.window :])
+            gain = window_gain(self.values[-self.window :]) * (1.0 if self.mode == "max" else -1.0)
             if gain < self.min_gain:
                 self._stop(
                     control,
                     state.global_step,
-                    f"{self.metric} gain over the last {self.window} logs was {gain:.4g} < {self.min_gain:g}: "
+                    f"{self.metric} {'gain' if self.mode == 'max' else 'fall'} over the last {self.window} logs was "
+                    f"{gain:.4g} < {self.min_gain:g}: "
                     f"stopped early at step {state.global_step}",
                     {"gain": gain, "min_gain": self.min_gain, "window": self.window, "metric": self.metric},
                 )
