@@ -50,6 +50,18 @@ def test_hostile_snippets_score_zero(name):
     assert not result.passed, (name, result)
 
 
+def test_process_limit_is_set_before_the_code_runs():
+    # Fork sleeping children until fork fails: the count stops below RLIMIT_NPROC (8 here), never at the 200 cap.
+    code = (
+        "import os, time\nn = 0\nwhile n < 200:\n    try:\n        pid = os.fork()\n    except OSError:\n"
+        "        break\n    if pid == 0:\n        time.sleep(2)\n        os._exit(0)\n    n += 1\nprint('forks', n)"
+    )
+    result = run_python(code, "", LIMITS)
+    assert result.passed, result
+    forks = int(result.stdout.split()[-1])
+    assert forks < LIMITS.max_processes
+
+
 def test_writing_outside_the_directory_is_blocked(tmp_path):
     target = tmp_path / f"escape-{uuid.uuid4().hex}"
     os.chmod(tmp_path, 0o777)  # even a world-writable directory is out of bounds

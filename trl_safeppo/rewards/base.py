@@ -157,11 +157,18 @@ class Rule:
             raise RewardRuleError(
                 f"reward rule {self.__name__!r}: `completion_ids` has {len(completion_ids)} items for {n} completions"
             )
-        out: list[float | None] = []
-        for i, text in enumerate(texts):
+        rows = []
+        for i in range(n):
             row = {col: values[i] for col, values in columns.items()}
             row["prompt"] = prompts[i] if prompts is not None else None
             row["completion_ids"] = completion_ids[i] if completion_ids is not None else None
-            value = self.score(text, row)
-            out.append(None if value is None else float(value))
-        return out
+            rows.append(row)
+        workers = getattr(self, "workers", 1)
+        if workers > 1 and n > 1:  # for rules that wait on subprocesses (code_tests); order is kept
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(workers, n)) as pool:
+                values = list(pool.map(self.score, texts, rows))
+        else:
+            values = [self.score(text, row) for text, row in zip(texts, rows)]
+        return [None if v is None else float(v) for v in values]

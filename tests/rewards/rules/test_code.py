@@ -33,7 +33,7 @@ def test_extract_code_takes_last_block():
 
 
 def test_code_tests_pass_fail_and_unusable_tests():
-    rule = code_tests_reward(timeout=10, cpu_seconds=5)
+    rule = code_tests_reward(timeout=10, cpu_seconds=5, workers=2)
     tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
     out = rule(completions=[ADD, SUB, "def add(:", ADD, ADD], tests=[tests, tests, tests, "", "assert ("])
     # correct, wrong, does not compile (no process started), blank tests -> None, broken tests -> None

@@ -70,13 +70,17 @@ class CodeTestsRule(Rule):
         memory_mb: int = 512,
         max_processes: int = 16,
         max_output_bytes: int = 1 << 20,
+        workers: int = 1,
     ):
+        if int(workers) < 1:
+            raise ValueError(f"reward rule 'code_tests': workers must be >= 1, got {workers}")
         self.__name__ = "code_tests"
         self.column = column
         self.columns = (column,)
         self.extract = check_extract("code_tests", extract)
         self.limits = SandboxLimits(timeout=float(timeout), cpu_seconds=int(cpu_seconds), memory_mb=int(memory_mb),
                                     max_processes=int(max_processes), max_output_bytes=int(max_output_bytes))
+        self.workers = int(workers)
 
     def score(self, text: str, row: dict[str, Any]) -> float | None:
         tests = row[self.column]
@@ -98,12 +102,14 @@ def code_tests_reward(
     memory_mb: int = 512,
     max_processes: int = 16,
     max_output_bytes: int = 1 << 20,
+    workers: int = 1,
 ) -> CodeTestsRule:
     """1.0 if the completion's code followed by the row's tests (Python source from ``column``, e.g. ``assert``
     statements; a list is joined by newlines) runs to the end in the sandbox, else 0.0. Missing, blank or
     non-compiling tests give ``None``. Each completion runs in a fresh subprocess with a wall-clock ``timeout``,
     ``cpu_seconds``, ``memory_mb``, ``max_processes`` and ``max_output_bytes`` limits, no network and a throwaway
     working directory; exiting early (``sys.exit``, ``os._exit``) does not pass. See `trl_safeppo.rewards.sandbox`.
+    ``workers`` sandboxes run at once (threads waiting on subprocesses; scores keep the completions' order).
 
     Example:
     ```python
@@ -114,4 +120,4 @@ def code_tests_reward(
 
     ```
     """
-    return CodeTestsRule(column, extract, timeout, cpu_seconds, memory_mb, max_processes, max_output_bytes)
+    return CodeTestsRule(column, extract, timeout, cpu_seconds, memory_mb, max_processes, max_output_bytes, workers)
