@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from trl_safeppo.rewards import BUILTINS, RuleChecker, resolve, validate_spec
@@ -14,6 +16,16 @@ def test_every_builtin_resolves_by_name():
     for name in BUILTINS:
         c = resolve({"name": name, **needs.get(name, {})})
         assert isinstance(c, RuleChecker) and c.__name__ == name and c.rule_names == [name]
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_every_builtin_pickles_with_its_name_and_scores(name):
+    needs = {"regex": {"pattern": "7"}, "length": {"max": 100}, "code_tests": {"timeout": 10}}
+    checker = resolve({"name": name, **needs.get(name, {})})
+    copy = pickle.loads(pickle.dumps(checker))
+    assert copy.__name__ == name == type(copy.components[0].func)(**needs.get(name, {})).__name__
+    batch = {"completions": [GOOD], "answer": ["7"], "unsafe": [False], "tests": ["assert True"]}
+    assert copy(**batch) == checker(**batch)
 
 
 def test_forms_of_the_spec():

@@ -15,6 +15,7 @@ None components are left out of the sum, as TRL does across several ``reward_fun
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -63,7 +64,7 @@ class RuleScores:
 def _as_score(value: Any, name: str, index: int) -> float | None:
     if value is None:
         return None
-    if isinstance(value, (bool, int, float)) or type(value).__name__ in ("float32", "float64", "int64", "int32"):
+    if isinstance(value, numbers.Real):  # bool, int, float, numpy scalars
         value = float(value)
         return None if math.isnan(value) else value
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # 0-d tensor / numpy scalar

@@ -84,6 +84,7 @@ def test_language_share_of_target_script():
     assert rule(completions=["<think>add 加法</think><answer>数</answer>"]) == [pytest.approx(0.6)]
     assert language_reward(target="zh")(completions=["<think>加法 ok</think>"]) == [pytest.approx(0.5)]  # 2 of 4
     assert rule(completions=["<think>1 + 2 = 3</think>"]) == [None]  # no letters: cannot judge
+    assert language_reward(no_letters=1.0)(completions=["<think>1 + 2 = 3</think>"]) == [1.0]
     per_row = language_reward(column="lang", scope="full")
     assert per_row(completions=["привет", "hello"], lang=["ru", "ru"]) == [1.0, 0.0]
     with pytest.raises(ValueError, match="unknown target"):

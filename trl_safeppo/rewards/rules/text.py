@@ -254,7 +254,8 @@ def _script(ch: str) -> str:
 
 
 class LanguageRule(Rule):
-    def __init__(self, target: str = "en", scope: str = "think", column: str | None = None):
+    def __init__(self, target: str = "en", scope: str = "think", column: str | None = None,
+                 no_letters: float | None = None):
         if column is None and target.lower() not in SCRIPTS:
             raise ValueError(f"reward rule 'language': unknown target {target!r}; known: {sorted(SCRIPTS)}")
         if scope not in ("think", "answer", "full"):
@@ -264,6 +265,7 @@ class LanguageRule(Rule):
         self.scope = scope
         self.column = column
         self.columns = (column,) if column else ()
+        self.no_letters = None if no_letters is None else float(no_letters)
 
     def region(self, text: str) -> str:
         if self.scope == "full":
@@ -282,15 +284,17 @@ class LanguageRule(Rule):
             return None
         letters = [ch for ch in self.region(text) if ch.isalpha()]
         if not letters:
-            return None
+            return self.no_letters
         return sum(_script(ch) in scripts for ch in letters) / len(letters)
 
 
-def language_reward(target: str = "en", scope: str = "think", column: str | None = None) -> LanguageRule:
+def language_reward(
+    target: str = "en", scope: str = "think", column: str | None = None, no_letters: float | None = None
+) -> LanguageRule:
     """Language consistency (DeepSeek-R1 §2.3.3): the share of letters in the reasoning written in the target
     language's script, in [0, 1]. ``scope`` is ``"think"`` (the reasoning, default), ``"answer"`` or ``"full"``.
     The target is fixed (``target``, a language code or script name) or read per row from ``column``. A region with
-    no letters (e.g. only digits) gives ``None``. Script-level: it tells English from Chinese, not English from
+    no letters (e.g. only digits) scores ``no_letters`` (default ``None``: cannot judge). Script-level: it tells English from Chinese, not English from
     French.
 
     Example:
@@ -301,4 +305,4 @@ def language_reward(target: str = "en", scope: str = "think", column: str | None
     ```
     ``add them 加``: 7 Latin letters of 8.
     """
-    return LanguageRule(target=target, scope=scope, column=column)
+    return LanguageRule(target=target, scope=scope, column=column, no_letters=no_letters)
