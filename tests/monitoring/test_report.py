@@ -8,10 +8,10 @@ import re
 import pytest
 
 from trl_safeppo.cli import main
-from trl_safeppo.monitoring.plots import series
+from trl_safeppo.monitoring.plots import panel_names, series
 from trl_safeppo.monitoring.report import load_run, write_report
 
-from .synthetic import PROBES, grpo_history, make_run
+from .synthetic import PROBES, dpo_history, grpo_history, make_run, sft_history
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -128,3 +128,12 @@ def test_series_reads_logged_history_and_skips_missing_and_nan():
     history = [{"reward": 0.1, "step": 1}, {"loss": 1.0, "step": 2}, {"reward": float("nan"), "step": 3},
                {"reward": 0.4, "step": 4}]
     assert series(history, "reward") == ([1.0, 4.0], [0.1, 0.4])
+
+
+def test_each_stage_type_gets_the_panels_it_logged():
+    assert panel_names(sft_history()) == ["reward", "entropy"]  # the first panel shows the SFT loss; no KL, no length
+    assert panel_names(grpo_history()) == ["reward", "kl", "length", "entropy"]
+    assert panel_names(dpo_history()) == ["reward", "entropy"]  # implicit rewards/chosen, rejected, margins
+    ppo = [dict(e, **{"ppo/val/explained_variance": 0.3}) for e in grpo_history()]
+    assert panel_names(ppo) == ["reward", "kl", "length", "entropy", "ppo"]
+    assert panel_names([{"learning_rate": 1e-3, "step": 1}, {"eval_loss": 1.0, "step": 1}]) == []

@@ -8,9 +8,10 @@ Each stage gets one figure with a panel per quantity that the stage logged:
 - ``kl`` and the KL coefficient ``beta`` on twin axes;
 - completion length mean with the min-max band, and the truncation rate (``completions/clipped_ratio``) on a
   twin axis;
-- ``entropy``.
+- ``entropy``;
+- for PPO, the policy and value clip fractions and the critic's explained variance.
 
-Steps where a tripwire tripped are marked with a red dotted vertical line in every panel.
+Steps where a tripwire tripped are marked with a purple dotted vertical line in every panel.
 Uses the Agg backend (no display needed); figures are written atomically (temporary file, then ``os.replace``).
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-C_MAIN, C_SECOND, C_THIRD, C_TRIP = "#1f77b4", "#d62728", "#2ca02c", "#d62728"
+C_MAIN, C_SECOND, C_THIRD, C_TRIP = "#1f77b4", "#d62728", "#2ca02c", "#9467bd"
 
 
 def series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -165,13 +166,43 @@ def _panel_entropy(ax, h) -> bool:
     return True
 
 
+def _panel_ppo(ax, h) -> bool:
+    drawn = False
+    for key, label, color, style in (
+        ("ppo/policy/clipfrac", "policy clip fraction", C_MAIN, "-"),
+        ("ppo/val/clipfrac", "value clip fraction", C_SECOND, "--"),
+        ("ppo/val/explained_variance", "value explained variance", C_THIRD, "-"),
+    ):
+        x, y = series(h, key)
+        if x:
+            ax.plot(x, y, color=color, linestyle=style, label=label)
+            drawn = True
+    if drawn:
+        ax.axhline(0.0, color="#7f7f7f", linewidth=0.8)
+        ax.set_title("PPO: clipping and critic quality")
+        ax.set_ylabel("fraction / explained var.")
+        _legend(ax)
+    return drawn
+
+
 # panel -> the keys any of which makes it worth drawing
 PANELS = {
     _panel_reward: ("reward", "rewards/chosen", "rewards/rejected", "rewards/margins", "loss"),
     _panel_kl: ("kl", "beta"),
     _panel_length: ("completions/mean_length",),
     _panel_entropy: ("entropy",),
+    _panel_ppo: ("ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/val/explained_variance"),
 }
+
+
+def _present_panels(history: Sequence[Mapping[str, Any]]) -> list:
+    history = [e for e in history if not any(str(k).startswith("eval_") for k in e)]
+    return [p for p, keys in PANELS.items() if any(series(history, k)[0] for k in keys)]
+
+
+def panel_names(history: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Names of the panels ``plot_stage`` draws for this history, in order (reward, kl, length, entropy, ppo)."""
+    return [p.__name__.removeprefix("_panel_") for p in _present_panels(history)]
 
 
 def plot_stage(history: Sequence[Mapping[str, Any]], path: Path, *, title: str,
@@ -181,7 +212,7 @@ def plot_stage(history: Sequence[Mapping[str, Any]], path: Path, *, title: str,
     from matplotlib.ticker import MaxNLocator
 
     history = [e for e in history if not any(str(k).startswith("eval_") for k in e)]
-    present = [p for p, keys in PANELS.items() if any(series(history, k)[0] for k in keys)]
+    present = _present_panels(history)
     if not present:
         return None
     cols = 2 if len(present) > 1 else 1
@@ -196,7 +227,7 @@ def plot_stage(history: Sequence[Mapping[str, Any]], path: Path, *, title: str,
             ax.axvline(s, color=C_TRIP, linestyle=":", linewidth=1.2)
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)
-    fig.suptitle(title + ("   (red dotted line: tripwire trip)" if trip_steps else ""), fontsize=12)
+    fig.suptitle(title + ("   (purple dotted line: tripwire trip)" if trip_steps else ""), fontsize=12)
     fig.tight_layout()
     try:
         return _save(fig, path)
