@@ -170,3 +170,91 @@ def test_trainer_loop_order():
         "Trainer.create_scheduler signature",
         PPO,
     )
+
+
+# ------------------------------------------------------------------ shared rails wiring, SafeGRPO, SafeDPO, tripwires
+WIRING = "trl_safeppo/trainers/_wiring.py (RailsWiring / SafeRailsMixin, used by SafeGRPO and SafePPO)"
+DPO = "trl_safeppo/trainers/dpo_trainer.py (SafeDPOTrainer)"
+TRIPWIRES = "trl_safeppo/trainers/tripwires.py (TripwireCallback)"
+
+
+def test_rewards_are_gathered_then_summed_with_weights_and_all_nan_rows_unscorable():
+    require(
+        "rewards_per_func = gather(rewards_per_func)" in source(GRPOTrainer._calculate_rewards),
+        "GRPOTrainer._calculate_rewards returning the rewards gathered over all processes",
+        WIRING + " (rails run on the global batch; lengths are gathered to match)",
+    )
+    src = source(GRPOTrainer._generate_and_score_completions)
+    require(
+        "rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)" in src
+        and "unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)" in src,
+        "the weighted nansum of rewards_per_func and the all-NaN 'unscorable' rows",
+        WIRING + " (the rails_adjustment column carries railed - raw through that sum)",
+    )
+    require(
+        "ids[-1] not in eos_and_pad" in src,
+        "GRPO's truncation test (last token not EOS / pad)",
+        WIRING + " (RewardBatch.truncated uses the same definition)",
+    )
+
+
+def test_grpo_attributes_read_by_the_wiring():
+    src = source(GRPOTrainer.__init__)
+    for attr in ["self._tokenizer", "self.num_generations_eval", "self.max_completion_length",
+                 "self._buffered_inputs", "self.reward_func_names"]:
+        require(attr in src, f"the GRPOTrainer attribute {attr}", WIRING)
+    require(
+        'self._metrics[mode]["kl"].append(' in source(GRPOTrainer._compute_loss),
+        "GRPO logging its per-token KL as `kl` from _compute_loss",
+        WIRING + " (the adaptive KL controller reads it after each training_step)",
+    )
+
+
+def test_trainer_logs_before_callbacks_and_has_output_dir_helper():
+    src = source(Trainer.log)
+    require(
+        src.index("self.state.log_history.append(output)") < src.index("self.callback_handler.on_log("),
+        "Trainer.log appending to log_history before calling on_log",
+        TRIPWIRES + " (adds tripwire/<detector> to the record just logged)",
+    )
+    require(params(Trainer._get_output_dir) == ["self", "trial"], "Trainer._get_output_dir signature", WIRING)
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    require(
+        "logging_nan_inf_filter" in {f.name for f in dataclasses.fields(TrainingArguments)},
+        "TrainingArguments.logging_nan_inf_filter",
+        "grpo_config.py / dpo_config.py (default False so non_finite sees NaN losses)",
+    )
+
+
+def test_dpo_surfaces():
+    from trl import DPOTrainer
+
+    require(
+        params(DPOTrainer.compute_loss) == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
+        f"DPOTrainer.compute_loss signature {params(DPOTrainer.compute_loss)}",
+        DPO,
+    )
+    for method in ("_save_checkpoint", "_load_optimizer_and_scheduler"):
+        require(hasattr(DPOTrainer, method), f"DPOTrainer.{method}", DPO + " (beta in checkpoints)")
+    src = source(DPOTrainer._compute_loss)
+    require(
+        "chosen_rewards = self.beta * chosen_logratios.detach()" in src
+        and 'self._metrics[mode]["rewards/chosen"].append(' in src
+        and 'self._metrics[mode]["rewards/rejected"].append(' in src,
+        "DPOTrainer logging rewards/chosen and rewards/rejected as beta * mean log-ratio",
+        DPO + " (dpo/chosen_logratio, dpo/rejected_logratio and kl are derived from them)",
+    )
+    require(
+        'elif loss_type == "sft":' in src and "self.loss_weights" in src,
+        "DPOTrainer's `sft` loss type and loss_weights",
+        DPO + " (the chosen-likelihood guard is TRL's sft term)",
+    )
+    init = source(DPOTrainer.__init__)
+    require(
+        "self.beta = args.beta" in init and "self.loss_types = args.loss_type" in init,
+        "DPOTrainer reading beta and loss_type from args at __init__",
+        DPO + " (configures the guard on a copy of args; raise_kl sets self.beta)",
+    )
