@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -81,3 +82,31 @@ def test_output_is_capped():
 def test_bad_limits():
     with pytest.raises(ValueError, match="timeout"):
         SandboxLimits(timeout=0)
+
+
+def test_without_namespaces_leftover_processes_are_killed(monkeypatch):
+    # Force the fallback (no unshare): a child that leaves the process group with setsid() must still be killed.
+    import trl_safeppo.rewards.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox, "unshare_command", lambda: ())
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    print(os.getpid(), flush=True)\n"
+            "    time.sleep(60)\n    os._exit(0)\ntime.sleep(0.5)")
+    result = sandbox.run_python(code, "", LIMITS)
+    assert result.isolation == "audit-hooks" and result.passed
+    pid = int(result.stdout.split()[0])
+    for _ in range(100):  # SIGKILL was sent; give the kernel a moment to tear the process down (<= 5 s)
+        state = _proc_state(pid)
+        if state in ("Z", "X", "gone"):  # dead (a zombie until its new parent reaps it)
+            break
+        time.sleep(0.05)
+    assert state in ("Z", "X", "gone")
+    # The audit hooks still block the network.
+    assert "socket.__new__ is not allowed" in sandbox.run_python("import socket\nsocket.socket()", "", LIMITS).stderr
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"

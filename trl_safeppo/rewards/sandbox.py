@@ -12,15 +12,17 @@ Layers, outermost first:
 3. Python audit hooks (PEP 578) installed before the code runs: no sockets, no ``ctypes``, no writes / deletes /
    renames outside the working directory, no reads under ``/proc``, no GC introspection, no ``sys._current_frames``
    (which, with the code running in its own thread, keeps the completion marker out of its reach, see below).
-4. A wall-clock timeout after which the whole process group is ``SIGKILL``-ed; the working directory is a fresh
-   temporary directory removed afterwards.
+4. A wall-clock timeout after which the whole process group is ``SIGKILL``-ed (without a PID namespace, processes
+   that left the group are found by a token in their environment and killed too); the working directory is a
+   fresh temporary directory removed afterwards.
 
 A run counts as passed only if the interpreter exits 0 **and** printed, after the test code, a random marker that
 the parent sent on stdin before the untrusted code started; so ``os._exit(0)`` or ``sys.exit(0)`` in a completion
 does not pass the tests.
 
 Limits, honestly: audit hooks are a Python-level guard (native extension code can bypass them); without ``unshare``
-there is no network namespace and no PID namespace, only the audit hooks and the process-group kill. Not a security
+there is no network namespace and no PID namespace, only the audit hooks, the process-group kill and the
+environment-token sweep (which a process that rewrites its own environment block would escape). Not a security
 boundary for adversarial humans; it is meant for model completions in RL training.
 """
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 
 _NOBODY = 65534
 
-# Runs in the child; receives the limits as argv, the marker on stdin, and the program in ./main.py.
+# Runs in the child; receives the limits as argv, the marker on stdin, and the program in ./program.py.
 _BOOTSTRAP = r'''
 import os, resource, sys
 def _main():
@@ -71,7 +73,6 @@ def _main():
     with open("program.py", encoding="utf-8") as f:
         program = compile(f.read(), "program.py", "exec")
     os.remove("program.py")
-    state = {"on": True}
     blocked = {"socket.__new__", "socket.connect", "socket.bind", "sys._current_frames", "sys.settrace",
                "sys.setprofile", "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.addaudithook",
                "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.kill"}
@@ -84,9 +85,7 @@ def _main():
         except Exception:
             return False
         return p == work or startswith(p, work + sep)
-    def hook(event, args):
-        if not state["on"]:
-            return
+    def hook(event, args):  # stays on until exit: threads the code started may outlive it
         if event in blocked or startswith(event, "ctypes."):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event == "open":
@@ -126,7 +125,6 @@ def _main():
         if usage.ru_utime + usage.ru_stime > cpu:
             os.write(2, b"sandbox: CPU time limit exceeded\n")
             os._exit(1)
-    state["on"] = False
     if outcome != [None]:
         err = outcome[-1] if outcome else RuntimeError("the code did not finish")
         traceback.print_exception(err) if isinstance(err, BaseException) else None
@@ -192,6 +190,23 @@ def unshare_command() -> tuple[str, ...]:
     return ()
 
 
+def _kill_leftovers(token: str) -> None:
+    """Without a PID namespace, a process the code started may have left the process group (``os.setsid``): find
+    the processes whose environment carries this run's token and kill them."""
+    needle = f"TRL_SAFEPPO_SANDBOX={token}".encode()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+
+
 def _read_capped(path: str, cap: int) -> str:
     with open(path, "rb") as f:
         return f.read(cap).decode("utf-8", "replace")
@@ -209,12 +224,14 @@ def run_python(solution: str, tests: str = "", limits: SandboxLimits = SandboxLi
         os.chmod(base, 0o711)
     with open(os.path.join(work, "program.py"), "w", encoding="utf-8") as f:
         f.write(solution.rstrip() + "\n\n" + tests)
-    marker = secrets.token_hex(16)
+    marker = secrets.token_hex(16)  # proves the tests ran to the end; never in the child's environment or files
+    token = secrets.token_hex(16)   # finds leftover processes; visible to the code, which is harmless
     prefix = unshare_command()
     argv = [*prefix, sys.executable, "-I", "-c", _BOOTSTRAP, str(limits.cpu_seconds), str(limits.memory_mb << 20),
             str(limits.max_processes), str(limits.max_output_bytes), str(int(drop))]
     env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           "TRL_SAFEPPO_SANDBOX": token}
     out_path, err_path = os.path.join(base, "stdout"), os.path.join(base, "stderr")
     timed_out, returncode = False, None
     try:
@@ -237,6 +254,8 @@ def run_python(solution: str, tests: str = "", limits: SandboxLimits = SandboxLi
                     pass
                 if returncode is None:
                     proc.wait()
+                if not prefix:
+                    _kill_leftovers(token)
         stdout = _read_capped(out_path, limits.max_output_bytes)
         stderr = _read_capped(err_path, 64 << 10)
     finally:
