@@ -24,6 +24,8 @@ MATH_CASES = [
     ("1.5", R1.format("3/2"), 1.0),
     ("50%", R1.format(r"$50\%$"), 1.0),                             # percentage on both sides
     (r"\sqrt{2}/2", R1.format(r"$\frac{\sqrt 2}{2}$"), 1.0),
+    ("(1,2)", R1.format("$(1, 2)$"), 1.0),                         # bare tuple gold, retried inside $...$
+    ("-3", R1.format("\u22123"), 1.0),                             # Unicode minus sign
     ("0.5", R1.format(r"\boxed{\frac{1}{3}}"), 0.0),
     ("7", "<think>7 is tempting</think><answer>8</answer>", 0.0),  # the answer block is judged, not the thinking
     ("7", "the answer is \\boxed{7}", 1.0),                        # no tags: whole text

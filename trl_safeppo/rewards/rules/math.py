@@ -47,11 +47,12 @@ def _math_verify():
 
 @functools.lru_cache(maxsize=4096)
 def parse_gold(gold: str) -> tuple:
-    """Parse a gold answer with math-verify; ``()`` when unparseable. Bare LaTeX (``\\frac{1}{3}``) is retried
-    inside ``$...$`` because math-verify's LaTeX extractor needs an anchor."""
+    """Parse a gold answer with math-verify; ``()`` when unparseable. Bare LaTeX or tuples (``\\frac{1}{3}``,
+    ``(1,2)``: a backslash or a digit) are retried inside ``$...$``, because math-verify's LaTeX extractor needs an
+    anchor; plain words are not (they would parse as products of symbols)."""
     mv, _ = _math_verify()
     parsed = mv.parse(gold, parsing_timeout=None)
-    if not parsed and "$" not in gold and "\\" in gold:
+    if not parsed and "$" not in gold and re.search(r"[\\\d]", gold):
         parsed = mv.parse(f"${gold}$", parsing_timeout=None)
     return tuple(parsed)
 
@@ -105,7 +106,7 @@ class MathRule(Rule):
         gold = _gold_string(row[self.column])
         if gold is None:
             return None
-        region = answer_region(text, self.extract).strip()
+        region = answer_region(text, self.extract).strip().replace("\u2212", "-")  # Unicode minus sign
         # Bound the sympy work: the tail holds the final answer (math-verify extracts the last boxed/anchored value).
         region = region[-self.max_chars :]
         verdict = math_equal(gold, region)
