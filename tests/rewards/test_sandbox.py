@@ -35,7 +35,8 @@ def test_early_exit_does_not_pass(snippet):
 
 HOSTILE = {
     "infinite_loop": "while True:\n    pass",
-    "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        break\nraise SystemExit(1)",
+    "fork_bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        break\n"
+                 "raise SystemExit(1)",
     "huge_allocation": "x = bytearray(8 * 1024 ** 3)",
     "socket_connect": "import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=1)",
     "subprocess": "import subprocess\nsubprocess.run(['true'])",

@@ -24,7 +24,9 @@ class FormatRule(Rule):
         empty_answer_score: float = 0.0,
     ):
         if prefilled_think not in ("auto", True, False):
-            raise ValueError(f"reward rule 'format': prefilled_think must be 'auto', true or false, got {prefilled_think!r}")
+            raise ValueError(
+                f"reward rule 'format': prefilled_think must be 'auto', true or false, got {prefilled_think!r}"
+            )
         if not 0.0 <= float(partial) < 1.0:
             raise ValueError(f"reward rule 'format': partial must be in [0, 1), got {partial}")
         self.__name__ = "format"

@@ -294,12 +294,13 @@ def language_reward(
     """Language consistency (DeepSeek-R1 §2.3.3): the share of letters in the reasoning written in the target
     language's script, in [0, 1]. ``scope`` is ``"think"`` (the reasoning, default), ``"answer"`` or ``"full"``.
     The target is fixed (``target``, a language code or script name) or read per row from ``column``. A region with
-    no letters (e.g. only digits) scores ``no_letters`` (default ``None``: cannot judge). Script-level: it tells English from Chinese, not English from
-    French.
+    no letters (e.g. only digits) scores ``no_letters`` (default ``None``: cannot judge). Script-level: it tells
+    English from Chinese, not English from French.
 
     Example:
     ```python
-    >>> language_reward(target="en")(completions=["<think>add them 加</think><answer>7</answer>", "<think>1+2</think>"])
+    >>> rule = language_reward(target="en")
+    >>> rule(completions=["<think>add them 加</think><answer>7</answer>", "<think>1+2</think>"])
     [0.875, None]
 
     ```
