@@ -155,7 +155,9 @@ def test_save_is_atomic_and_replaces(tmp_path):
     with open(target / REPORT_FILE) as f:
         assert json.load(f)["pairs"] == 1
     # a second save replaces the first, and leaves no temporary directory behind
-    more = build_pairs(_scored([(0, "right", 1.0, True), (0, "wrong", 0.0, False), (1, "a", 1.0, True), (1, "b", 0.0, False)]))
+    more = build_pairs(
+        _scored([(0, "right", 1.0, True), (0, "wrong", 0.0, False), (1, "a", 1.0, True), (1, "b", 0.0, False)])
+    )
     save_pairs(more, target)
     assert len(datasets.load_from_disk(str(target))) == 2
     assert sorted(os.listdir(tmp_path / "data")) == ["pairs"]

@@ -207,7 +207,8 @@ def build_pairs_with_report(
                     short, long = sorted((max(chosen["length"], 1), max(rejected["length"], 1)))
                     if long / short > max_length_ratio:
                         continue
-                key = (json.dumps(chosen["row"]["prompt"], sort_keys=True, default=str), chosen["text"], rejected["text"])
+                prompt_text = json.dumps(chosen["row"]["prompt"], sort_keys=True, default=str)
+                key = (prompt_text, chosen["text"], rejected["text"])
                 if key in seen_pairs:
                     report.skipped["duplicate_pairs"] += 1
                     continue

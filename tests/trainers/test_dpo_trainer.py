@@ -61,7 +61,8 @@ def test_rails_off_trains_exactly_like_dpo(tmp_path, tiny_debug_path):
 
 def test_chosen_nll_guard_is_trls_sft_term(tmp_path, tiny_debug_path):
     _, plain = _train(
-        DPOTrainer, DPOConfig, tiny_debug_path, tmp_path / "plain", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]
+        DPOTrainer, DPOConfig, tiny_debug_path, tmp_path / "plain",
+        loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
     )
     safe, guarded = _train(SafeDPOTrainer, SafeDPOConfig, tiny_debug_path, tmp_path / "safe", chosen_nll_coef=0.5)
     assert [{k: h[k] for k in KEYS} for h in guarded] == [{k: h[k] for k in KEYS} for h in plain]

@@ -140,7 +140,9 @@ def test_kl_blowup_stops_and_keeps_last_good(tmp_path, tiny_debug_path):
         {"detector": "kl_limit", "action": "stop", "params": {"limit": 0.5}},
         {"detector": "entropy_collapse", "action": "warn"},
     ]
-    trainer, rec = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=6, blowup_after=BLOWUP_AFTER)
+    trainer, rec = _trainer(
+        tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=6, blowup_after=BLOWUP_AFTER
+    )
     trainer.train()
 
     assert trainer.state.global_step == 3  # ended cleanly at the trip, not at max_steps=6

@@ -92,7 +92,8 @@ class SafeDPOTrainer(DPOTrainer):
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), folder)
             tmp = os.path.join(folder, f".{DPO_STATE_FILE}.tmp")
             with open(tmp, "w") as f:
                 json.dump({"beta": float(self.beta)}, f)

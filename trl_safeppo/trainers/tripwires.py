@@ -50,7 +50,8 @@ TRIPWIRE_HELP = {
     "detectors (`kl_limit`, `kl_acceleration`, `non_finite`, `length_hacking`, `format_gaming`, "
     "`entropy_collapse`, `length_collapse`, `length_explosion`), `action` one of `warn`, `raise_kl`, `rollback`, "
     "`stop`, `params` the detector's thresholds. Events go to `<output_dir>/tripwires.jsonl`. `None`: the "
-    "`tripwires` of the `rails` block when rails are set (default there: `non_finite` -> `stop`), else none; `[]`: none.",
+    "`tripwires` of the `rails` block when rails are set (default there: `non_finite` -> `stop`), else none; "
+    "`[]`: none.",
     "raise_kl_factor": "`raise_kl` multiplies beta by this factor (> 1).",
     "rollback_beta_factor": "After a `rollback`, beta is multiplied by this factor (>= 1; 1 keeps beta).",
     "rollback_lr_factor": "After a `rollback`, the learning rate is multiplied by this factor (in (0, 1]).",
@@ -73,7 +74,12 @@ class TripwireActions:
     def __post_init__(self) -> None:
         checks = [
             ("tripwire_raise_kl_factor", self.raise_kl_factor, self.raise_kl_factor > 1, "a number > 1 such as 2.0"),
-            ("tripwire_rollback_beta_factor", self.rollback_beta_factor, self.rollback_beta_factor >= 1, "a number >= 1"),
+            (
+                "tripwire_rollback_beta_factor",
+                self.rollback_beta_factor,
+                self.rollback_beta_factor >= 1,
+                "a number >= 1",
+            ),
             (
                 "tripwire_rollback_lr_factor",
                 self.rollback_lr_factor,
