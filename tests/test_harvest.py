@@ -198,3 +198,44 @@ def test_nothing_recorded_warns_and_writes_an_empty_valid_dataset(tmp_path):
     assert len(load_sft_dataset(tmp_path)) == 0 and "| completions generated | 0 |" in (tmp_path / "README.md").read_text()
     with pytest.raises(ValueError, match="not a harvest directory"):
         finalize_harvest(tmp_path / "elsewhere")
+
+
+_DISTRIBUTED_SCRIPT = """
+import sys
+from trl import GRPOConfig, GRPOTrainer
+from trl_safeppo.harvest import HarvestCallback
+from trl_safeppo.models import resolve_model_path
+from trl_safeppo.tasks.arithmetic import load_arithmetic
+
+harvest = HarvestCallback(sys.argv[1] + "/data", stage="grpo")
+args = GRPOConfig(output_dir=sys.argv[1] + "/trainer", per_device_train_batch_size=4, num_generations=2,
+                  max_completion_length=8, max_steps=2, report_to="none", logging_steps=1, save_strategy="no",
+                  seed=7, disable_tqdm=True, use_cpu=True, bf16=False)
+trainer = GRPOTrainer(model=resolve_model_path("tiny://debug"), reward_funcs=[harvest.watch("math")], args=args,
+                      train_dataset=load_arithmetic("rl", n=16), callbacks=[harvest])
+trainer.train()
+if trainer.accelerator.is_main_process:
+    print("SUMMARY", harvest.summary.completions_generated)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_each_record_their_share(tmp_path):
+    # 2 processes x 4 completions per step x 2 steps = 16 records, one part per process and step, merged once.
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "harvest.py"
+    script.write_text(_DISTRIBUTED_SCRIPT)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "29534", str(script), str(tmp_path)]
+    done = subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SUMMARY 16" in done.stdout
+    parts = sorted(p.name for p in (tmp_path / "data" / "parts").iterdir())
+    assert parts == [f"step-0000000{s}-rank{r}.jsonl" for s in (1, 2) for r in (0, 1)]
+    scored = load_scored_samples(tmp_path / "data")
+    assert len(scored) == 16 and set(scored["rewards"][0]) == {"math"}

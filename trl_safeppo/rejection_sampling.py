@@ -517,12 +517,12 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 class _TransformersGenerator:
     """Batched sampling with ``model.generate``: left padding, ``num_return_sequences=n``."""
 
-    def __init__(self, model_path: str, config: RejectionSamplingConfig):
+    def __init__(self, model_path: str, config: RejectionSamplingConfig, device=None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -578,7 +578,7 @@ class _TransformersGenerator:
 class _VLLMGenerator:
     """Sampling with vLLM (imported lazily; only when ``use_vllm=True``)."""
 
-    def __init__(self, model_path: str, config: RejectionSamplingConfig):
+    def __init__(self, model_path: str, config: RejectionSamplingConfig, device=None):
         try:
             from vllm import LLM
         except ImportError as err:  # config validation already checked; keep one clear message anyway
@@ -945,33 +945,40 @@ train_dataset = load_from_disk("{{this directory}}/sft")   # or sft.jsonl; score
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run
-def _prepare_output_dir(config: RejectionSamplingConfig) -> tuple[Path, bool]:
-    """Create or check ``output_dir``. Returns ``(path, resuming)``; refuses a directory holding something else."""
+def _check_output_dir(config: RejectionSamplingConfig) -> tuple[Path, str]:
+    """Read-only check of ``output_dir``: ``"new"``, ``"resume"`` (same fingerprint) or ``"replace"`` (a different
+    run and ``overwrite=True``); raises ``ValueError`` for a different run without overwrite, or foreign content."""
     out = Path(config.output_dir).expanduser()
-    run_file = out / "run.json"
-    fingerprint = config.fingerprint()
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir={config.output_dir!r} is a file; pass a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not run_file.exists():
-            raise ValueError(
-                f"output_dir={config.output_dir!r} is not empty and holds no rejection-sampling run (no run.json); "
-                "pass an empty or new directory (overwrite only replaces a previous run)"
-            )
-        previous = json.loads(run_file.read_text())
-        if previous.get("fingerprint") == fingerprint:
-            return out, True
-        if not config.overwrite:
-            changed = sorted(
-                k
-                for k, v in config.to_dict().items()
-                if k not in _NOT_FINGERPRINTED and previous.get("config", {}).get(k) != v
-            )
-            raise ValueError(
-                f"output_dir={config.output_dir!r} already holds a different run (fingerprint "
-                f"{previous.get('fingerprint')} vs {fingerprint}; settings that differ: {', '.join(changed) or '?'}); "
-                "pass overwrite=True (--overwrite) to replace it, or choose another output_dir"
-            )
+    if not out.is_dir() or not any(out.iterdir()):
+        return out, "new"
+    run_file = out / "run.json"
+    if not run_file.exists():
+        raise ValueError(
+            f"output_dir={config.output_dir!r} is not empty and holds no rejection-sampling run (no run.json); "
+            "pass an empty or new directory (overwrite only replaces a previous run)"
+        )
+    previous = json.loads(run_file.read_text())
+    fingerprint = config.fingerprint()
+    if previous.get("fingerprint") == fingerprint:
+        return out, "resume"
+    if not config.overwrite:
+        changed = sorted(
+            k for k, v in config.to_dict().items()
+            if k not in _NOT_FINGERPRINTED and previous.get("config", {}).get(k) != v
+        )
+        raise ValueError(
+            f"output_dir={config.output_dir!r} already holds a different run (fingerprint "
+            f"{previous.get('fingerprint')} vs {fingerprint}; settings that differ: {', '.join(changed) or '?'}); "
+            "pass overwrite=True (--overwrite) to replace it, or choose another output_dir"
+        )
+    return out, "replace"
+
+
+def _init_output_dir(out: Path, status: str, config: RejectionSamplingConfig) -> None:
+    """Main process only: remove the replaced run's files (only ours), then write run.json and parts/."""
+    if status == "replace":
         for name in (*_PRODUCTS, "parts", "run.json"):
             target = out / name
             if target.is_dir():
@@ -979,9 +986,10 @@ def _prepare_output_dir(config: RejectionSamplingConfig) -> tuple[Path, bool]:
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"fingerprint": fingerprint, "layout": LAYOUT_VERSION, "config": config.to_dict()}
-    _write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n", run_file)
-    return out, False
+    (out / "parts").mkdir(exist_ok=True)
+    if status != "resume":
+        payload = {"fingerprint": config.fingerprint(), "layout": LAYOUT_VERSION, "config": config.to_dict()}
+        _write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n", out / "run.json")
 
 
 def _load_prompts(config: RejectionSamplingConfig) -> tuple[list[dict], int, int, dict | None]:
@@ -1016,7 +1024,7 @@ def _load_prompts(config: RejectionSamplingConfig) -> tuple[list[dict], int, int
     return clean, seen, seen - len(clean), first
 
 
-def _build_scorer(config: RejectionSamplingConfig) -> _Scorer:
+def _build_scorer(config: RejectionSamplingConfig, device=None) -> _Scorer:
     scorer = _Scorer(reward_model_weight=config.reward_model_weight)
     if config.reward is not None:
         scorer.checker, scorer.version = resolve_reward(config.reward)
@@ -1027,7 +1035,7 @@ def _build_scorer(config: RejectionSamplingConfig) -> _Scorer:
         from .models import resolve_model_path
 
         path = resolve_model_path(config.reward_model, field="reward_model")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         scorer.reward_tokenizer = AutoTokenizer.from_pretrained(path)
         if scorer.reward_tokenizer.pad_token is None:
             scorer.reward_tokenizer.pad_token = scorer.reward_tokenizer.eos_token
@@ -1093,10 +1101,6 @@ def _process_chunk(rows: list[dict], config: RejectionSamplingConfig, generator,
     return records
 
 
-def _write_part(records: list[dict], path: Path) -> None:
-    _write_jsonl(records, path)
-
-
 def _read_parts(parts_dir: Path) -> list[dict]:
     records = []
     for path in sorted(parts_dir.glob("*.jsonl")):
@@ -1117,45 +1121,63 @@ def run_rejection_sampling(config: RejectionSamplingConfig) -> Summary:
     if config.reward is None and config.reward_model is None:
         raise ValueError("reward=None and reward_model=None: pass a reward spec (e.g. 'math'), a reward_model, or both")
     model_path = resolve_model_path(config.model)
-    scorer = _build_scorer(config)
+    # Under `accelerate launch`, every process runs this function: the main process prepares the directory and
+    # writes the products; each process generates its share of the chunks (chunk i goes to process i % world).
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets `accelerate launch` use gloo on CPU
+    scorer = _build_scorer(config, state.device)
     rows, seen, contaminated, first_row = _load_prompts(config)
     if config.self_test and scorer.checker is not None and rows:
         self_test_reward(scorer.checker, rows[: config.self_test_rows])
-    out, resuming = _prepare_output_dir(config)
+    out, status = _check_output_dir(config)  # every process checks, so all raise the same error
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _init_output_dir(out, status, config)
+    state.wait_for_everyone()
+    resuming = status == "resume"
     parts_dir = out / "parts"
-    parts_dir.mkdir(exist_ok=True)
     provenance = _provenance(config, scorer)
     summary = Summary(output_dir=str(out), prompts_seen=seen, prompts_contaminated=contaminated)
     summary.prompts_sampled = len(rows)
 
     chunks = [rows[i : i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
     todo = [i for i in range(len(chunks)) if not (parts_dir / f"chunk-{i:06d}.jsonl").exists()]
+    mine = [i for i in todo if i % state.num_processes == state.process_index]
     summary.chunks_resumed = len(chunks) - len(todo)
     if resuming and summary.chunks_resumed:
         logger.info("resuming %s: %d of %d chunks already done", out, summary.chunks_resumed, len(chunks))
 
     start = time.perf_counter()
-    if todo:
-        generator = (_VLLMGenerator if config.use_vllm else _TransformersGenerator)(model_path, config)
+    if mine:
+        generator = (_VLLMGenerator if config.use_vllm else _TransformersGenerator)(model_path, config, state.device)
         from tqdm.auto import tqdm
 
         done_prompts = sum(len(chunks[i]) for i in range(len(chunks)) if i not in set(todo))
-        bar = tqdm(total=len(rows), initial=done_prompts, unit="prompt", desc="sample+score", disable=not config.progress)
+        bar = tqdm(total=len(rows), initial=done_prompts, unit="prompt", desc="sample+score",
+                   disable=not config.progress or not state.is_main_process)
         try:
-            for i in todo:
+            for i in mine:
                 records = _process_chunk(chunks[i], config, generator, scorer, _chunk_seed(config.seed, i))
-                _write_part(records, parts_dir / f"chunk-{i:06d}.jsonl")
-                summary.completions_generated_now += len(records)
-                bar.update(len(chunks[i]))
+                _write_jsonl(records, parts_dir / f"chunk-{i:06d}.jsonl")
+                bar.update(len(chunks[i]) * state.num_processes)
                 bar.set_postfix(passed=f"{sum(r['passed'] for r in records)}/{len(records)}")
         finally:
             bar.close()
+    state.wait_for_everyone()
     summary.seconds = time.perf_counter() - start
+    summary.completions_generated_now = sum(len(chunks[i]) for i in todo) * config.num_completions
     summary.completions_per_second = summary.completions_generated_now / summary.seconds if summary.seconds > 0 else 0.0
 
-    scored = _read_parts(parts_dir)
-    template = _template_record(first_row, config, scorer) if first_row is not None else None
-    return _finish(out, scored, config, provenance, summary, template)
+    if state.is_main_process:
+        scored = _read_parts(parts_dir)
+        template = _template_record(first_row, config, scorer) if first_row is not None else None
+        summary = _finish(out, scored, config, provenance, summary, template)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        summary = Summary(**json.loads((out / "summary.json").read_text()))
+    return summary
 
 
 def _template_record(row: dict, config: RejectionSamplingConfig, scorer: _Scorer) -> dict:
