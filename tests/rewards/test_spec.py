@@ -49,6 +49,10 @@ def test_dotted_paths_functions_and_factories():
     c = resolve({"name": "rewards.user_rules:make_contains", "word": "cat", "weight": 2.0})
     assert c.rule_names == ["contains"] and c(completions=["a cat", "dog"]) == [2.0, 0.0]
     assert resolve(resolve("math")).__name__ == "math"  # a checker passes through
+    from . import user_rules
+
+    c = resolve([user_rules.starts_with_yes, {"name": user_rules.make_contains, "word": "s", "weight": 0.5}])
+    assert c.rule_names == ["starts_with_yes", "contains"] and c(completions=["yes", "no"]) == [1.5, 0.0]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ Accepted forms (see docs/rewards.md)::
 
     math                                              a built-in name
     my_pkg.my_rules:checker   /   my_pkg.my_rules.checker   a dotted path to a reward function
+    {name: <python callable>, weight: 2.0}            (Python API) a reward function object with a weight
     {name: length, max: 400, weight: 0.5}             one rule with options (flat, or under `kwargs:`)
     [{name: format, weight: 0.5, gate: {below: 1.0, value: 0.0}}, {name: math}]      several rules
     {rules: [...], name: r1, pass_threshold: 1.0}     several rules plus checker options
@@ -89,8 +90,12 @@ def _entry(raw: Any, where: str) -> tuple[Component, dict | None]:
     if "name" not in raw:
         raise ValueError(f"{where}: missing key `name` (a built-in rule {sorted(BUILTINS)} or a dotted path)")
     name = raw["name"]
-    if not isinstance(name, str) or not name:
+    if callable(name):  # Python API: {"name": my_reward_function, "weight": 2.0}
+        target, name = name, getattr(name, "__name__", type(name).__name__)
+    elif not isinstance(name, str) or not name:
         raise ValueError(f"{where}.name: expected a rule name or dotted path, got {name!r}")
+    else:
+        target = None
     options = {k: v for k, v in raw.items() if k not in _ENTRY_KEYS}
     extra = raw.get("kwargs") or {}
     if not isinstance(extra, Mapping):
@@ -100,7 +105,9 @@ def _entry(raw: Any, where: str) -> tuple[Component, dict | None]:
         raise ValueError(f"{where}: option(s) {both} given both flat and under `kwargs`; give each once")
     options.update(extra)
 
-    if name in BUILTINS:
+    if target is not None:
+        func = target(**options) if options else target
+    elif name in BUILTINS:
         factory = _builtin_factory(name)
         accepted = inspect.signature(factory).parameters
         unknown = sorted(k for k in options if k not in accepted)
