@@ -85,5 +85,6 @@ class SafeGRPOConfig(GRPOConfig):
         if self.rails is not None:
             from ._wiring import _as_rails_config
 
-            _as_rails_config(self.rails)  # a bad rails block fails here, naming its field
+            # a bad rails block fails here, naming its field; a RailsConfig is kept as its dict (JSON-able args)
+            self.rails = _as_rails_config(self.rails).to_dict()
         validate_tripwire_fields(self)

@@ -142,8 +142,10 @@ def parse_tripwires(specs: Sequence[Any] | None, *, field: str = "tripwires") ->
 
 
 def validate_tripwire_fields(args) -> None:
-    """``__post_init__`` check shared by the Safe*Config classes."""
-    parse_tripwires(args.tripwires)
+    """``__post_init__`` check shared by the Safe*Config classes; keeps ``args.tripwires`` as JSON-able dicts."""
+    specs = parse_tripwires(args.tripwires)
+    if args.tripwires is not None:
+        args.tripwires = [spec.to_dict() for spec in specs]
     TripwireActions.from_args(args)
 
 
