@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -72,8 +73,8 @@ def _builtin_factory(name: str) -> Callable:
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{where}: expected a finite number, got {type(value).__name__} {value!r}")
     return float(value)
 
 
