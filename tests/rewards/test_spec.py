@@ -60,7 +60,7 @@ def test_dotted_paths_functions_and_factories():
     [
         ("nope", r"reward\.name: unknown rule 'nope'"),
         ([{"name": "math"}, {"weight": 1.0}], r"reward\[1\]: missing key `name`"),
-        ([{"name": "math", "weight": "high"}], r"reward\[0\]\.weight: expected a number"),
+        ([{"name": "math", "weight": "high"}], r"reward\[0\]\.weight: expected a finite number, got str"),
         ([{"name": "math", "weight": float("nan")}], r"reward\[0\]\.weight: expected a finite number"),
         ({"name": "length", "maximum": 3}, r"reward: unknown option\(s\) \['maximum'\] for rule 'length'"),
         ({"name": "length", "max": 3, "kwargs": {"max": 4}}, r"given both flat and under `kwargs`"),
