@@ -98,6 +98,13 @@ class HarvestingReward:
     def __init__(self, reward_func, directory: str | os.PathLike, pass_threshold: float | None = None):
         if not callable(reward_func):
             raise ValueError(f"reward_func={reward_func!r}: pass a callable reward function (or a reward spec)")
+        from trl.trainer.utils import is_async_callable
+
+        if is_async_callable(reward_func):
+            raise ValueError(
+                f"reward_func={reward_func!r} is async; the harvester records synchronous reward functions only: "
+                "watch a synchronous checker (e.g. trl_safeppo.rewards.resolve(spec)) and pass the async one unwatched"
+            )
         self.reward_func = reward_func
         self.directory = os.fspath(directory)
         threshold = pass_threshold if pass_threshold is not None else getattr(reward_func, "pass_threshold", 1.0)
