@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -130,8 +131,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _cpu_processes_use_gloo() -> None:
+    """Under ``accelerate launch`` on a machine without a GPU, accelerate only goes multi-process (gloo) with
+    ``ACCELERATE_USE_CPU``; set it before any accelerate state exists, so every process joins one group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "1"
+
+
 def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: bool = False) -> int:
     started = time.time()
+    _cpu_processes_use_gloo()
     recipe = load_recipe(recipe_path, overrides)
     plan = preflight(recipe, check_hardware=not check)
     if check:
@@ -264,6 +276,7 @@ class _Runner:
                 eval=eval_result,
                 gates=outcomes,
                 metrics=final_metrics(history),
+                launch=outcome.launch,
                 outputs={
                     "final": {"path": outcome.final, "hash": hash_path(outcome.final)},
                     "data": {k: {"path": p, "hash": hash_path(p)} for k, p in outcome.data.items()},

@@ -143,6 +143,7 @@ class StageOutcome:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, Any] | None = None           # set by stages that evaluate (eval)
     early_stops: list[dict[str, Any]] = field(default_factory=list)
+    launch: dict[str, Any] = field(default_factory=dict)  # processes and distributed type the trainer ran with
 
 
 def stage_run_function(stage_type: str) -> Callable[[StageContext], StageOutcome]:
@@ -218,8 +219,11 @@ def train_and_save(ctx: StageContext, trainer) -> StageOutcome:
             processing.save_pretrained(str(partial))
         _replace_dir(partial, final)
     _barrier()
+    accelerator = trainer.accelerator
     return StageOutcome(final=str(final), log_history=list(trainer.state.log_history),
-                        early_stops=[getattr(cb, "event", None) for cb in ctx.callbacks if hasattr(cb, "event")])
+                        early_stops=[getattr(cb, "event", None) for cb in ctx.callbacks if hasattr(cb, "event")],
+                        launch={"num_processes": accelerator.num_processes,
+                                "distributed_type": str(accelerator.distributed_type).split(".")[-1]})
 
 
 def resolve_reward(ctx: StageContext):
