@@ -118,3 +118,18 @@ def test_bad_guard_coefficient(tmp_path):
         SafeDPOConfig(output_dir=str(tmp_path), use_cpu=True, chosen_nll_coef=-1)
     with pytest.raises(ValueError, match="keep one of them"):
         SafeDPOConfig(output_dir=str(tmp_path), use_cpu=True, chosen_nll_coef=1.0, loss_type=["sigmoid", "sft"])
+
+
+def test_raised_beta_survives_a_checkpoint_resume(tmp_path, tiny_debug_path):
+    tripwires = [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 1e-6, "warn_fraction": 1.0}}]
+    _train(SafeDPOTrainer, SafeDPOConfig, tiny_debug_path, tmp_path, tripwires=tripwires, save_strategy="steps",
+           save_steps=3)
+    # steps 2 and 3 tripped: beta 0.1 -> 0.2 -> 0.4, saved in checkpoint-3
+    with open(os.path.join(tmp_path, "checkpoint-3", "safe_dpo_state.json")) as f:
+        assert json.load(f)["beta"] == pytest.approx(0.4)
+    args = SafeDPOConfig(output_dir=str(tmp_path), **{**COMMON, "max_steps": 4, "tripwires": []})
+    resumed = SafeDPOTrainer(model=tiny_debug_path, args=args, train_dataset=_pairs())
+    assert resumed.beta == 0.1
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-3"))
+    step4 = [h for h in resumed.state.log_history if h.get("step") == 4 and "loss" in h][0]
+    assert step4["beta"] == pytest.approx(0.4)
