@@ -391,3 +391,18 @@ def test_two_processes_give_the_same_data_as_one(tmp_path):
                    capture_output=True)
     assert sorted(p.name for p in (tmp_path / "two" / "parts").iterdir()) == [f"chunk-00000{i}.jsonl" for i in range(3)]
     assert (tmp_path / "two" / "scored.jsonl").read_text() == (tmp_path / "one" / "scored.jsonl").read_text()
+
+
+def test_scored_table_feeds_build_pairs(run_e):
+    # The "Scored samples" contract: pairs.build_pairs reads the table as written, without generating again.
+    from trl_safeppo.pairs import build_pairs
+
+    out, _ = run_e
+    scored = load_scored_samples(out)
+    pairs = build_pairs(scored)
+    by_key = {(r["prompt_id"], _text(r["completion"])): r for r in scored}
+    assert len(pairs) > 0
+    for pair in pairs:
+        chosen, rejected = by_key[(pair["prompt_id"], _text(pair["chosen"]))], by_key[(pair["prompt_id"], _text(pair["rejected"]))]
+        assert chosen["passed"] and not rejected["passed"]  # a has_e completion over one without "e"
+        assert pair["source_model"] == "tiny://debug" and pair["seed"] == 3

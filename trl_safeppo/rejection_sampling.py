@@ -866,7 +866,7 @@ def write_products(
     scored_rows = [_scored_row(r, provenance) for r in scored]
     scored_template = [_scored_row(r, provenance) for r in template]
     sft_columns = [*(["messages"] if sft_format == "messages" else ["prompt", "completion"]), *PROVENANCE_COLUMNS]
-    scored_columns = [*SCORED_COLUMNS, "source_model", "stage", "reward_spec", "reward_version"]
+    scored_columns = [*SCORED_COLUMNS, "source_model", "stage", "reward_spec", "reward_version", "seed"]
     (out / "summary.json").unlink(missing_ok=True)
     _save_dataset(_as_dataset(sft_rows, sft_template, sft_columns), out / "sft")
     _write_jsonl(sft_rows, out / "sft.jsonl")
@@ -878,7 +878,7 @@ def write_products(
 
 def _scored_row(record: dict, provenance: dict) -> dict:
     row = dict(record)
-    for key in ("source_model", "stage", "reward_spec", "reward_version"):
+    for key in ("source_model", "stage", "reward_spec", "reward_version", "seed"):
         row.setdefault(key, provenance.get(key))
     return row
 
