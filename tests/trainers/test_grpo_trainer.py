@@ -78,6 +78,23 @@ def test_length_rail_shapes_the_reward_grpo_normalizes(tmp_path, tiny_debug_path
     assert "tripwire/non_finite" in log  # the rails block's default tripwire (non_finite -> stop) is on
 
 
+@pytest.mark.parametrize(
+    ("rails", "expected"),
+    [
+        # fixed clip after (no) normalization: r' = clamp(r, 15, 18)
+        ({"clip": {"low": 15.0, "high": 18.0}}, lambda b: b.rewards.clamp(15.0, 18.0)),
+        # missing EOS: a completion cut at max_completion_length without EOS loses 3 points
+        ({"missing_eos": {"penalty": 3.0}}, lambda b: b.rewards - 3.0 * b.truncated.float()),
+    ],
+)
+def test_other_reward_rails_act_before_normalization(tmp_path, tiny_debug_path, rails, expected):
+    trainer, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path, max_steps=1, rails=rails)
+    batch = trainer.rails_wiring.last_batch
+    torch.testing.assert_close(trainer.rails_wiring.last_rewards.cpu(), expected(batch))
+    assert not torch.equal(expected(batch), batch.rewards)  # the rail changed something on this batch
+    assert logs[0]["reward"] == pytest.approx(expected(batch).mean().item(), rel=1e-5)
+
+
 def test_non_finite_reward_is_guarded(tmp_path, tiny_debug_path):
     class SometimesNaN:
         __name__ = "sometimes_nan"
