@@ -53,6 +53,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -171,17 +172,24 @@ def _panel_ppo(ax, h) -> bool:
     for key, label, color, style in (
         ("ppo/policy/clipfrac", "policy clip fraction", C_MAIN, "-"),
         ("ppo/val/clipfrac", "value clip fraction", C_SECOND, "--"),
-        ("ppo/val/explained_variance", "value explained variance", C_THIRD, "-"),
     ):
         x, y = series(h, key)
         if x:
             ax.plot(x, y, color=color, linestyle=style, label=label)
             drawn = True
+    ax.set_ylabel("clip fraction")
+    others = []
+    x, y = series(h, "ppo/val/explained_variance")
+    if x:
+        ax2 = ax.twinx()
+        ax2.plot(x, y, color=C_THIRD, label="value explained variance")
+        ax2.axhline(0.0, color=C_THIRD, linewidth=0.8, linestyle=":")
+        ax2.set_ylabel("explained variance", color=C_THIRD)
+        others.append(ax2)
+        drawn = True
     if drawn:
-        ax.axhline(0.0, color="#7f7f7f", linewidth=0.8)
         ax.set_title("PPO: clipping and critic quality")
-        ax.set_ylabel("fraction / explained var.")
-        _legend(ax)
+        _legend(ax, *others)
     return drawn
 
 
