@@ -7,13 +7,15 @@ at most one extra forward/backward (the critic) over a GRPO step of the same bat
     extra = PPO s/step - GRPO s/step,  budget = 1 x (forward + backward of the policy on the batch)
 
 Both trainers see the same prompts, model, batch, completion length and KL setting (GRPO with the same beta, so it
-also loads and runs the reference model) and do one optimizer step per generated batch (PPO: num_iterations=1).
+also loads and runs the reference model) and take `--num-iterations` optimizer steps per generated batch (default 1: one step per batch).
 PPO additionally runs, per step: the critic's forward at rollout time and its forward + backward in the loss, and,
 because GRPO skips it when a batch is used for exactly one step, one no-grad forward of the policy for the
-rollout-time log-probabilities of the KL penalty (with several PPO epochs GRPO computes those itself).
+rollout-time log-probabilities of the KL penalty (with `--num-iterations` > 1 GRPO computes those itself, so
+that forward is no longer extra).
 
 Each trainer runs in a fresh spawned process (so peak memory belongs to it alone: max RSS on CPU, max allocated
-CUDA memory on GPU); the first `--warmup` steps are left out of the timings.
+CUDA memory on GPU); the first `--warmup` steps are left out of the timings (mean seconds per optimizer step over the rest; with
+`--num-iterations` > 1 every generation is spread over that many steps).
 
     python benchmarks/ppo_throughput.py                       # tiny://debug, CPU or the visible GPU
     python benchmarks/ppo_throughput.py --model tiny://arithmetic --batch 16 --steps 12 --max-completion-length 32
@@ -73,7 +75,7 @@ def _run(kind: str, opts: dict) -> dict:
     common = dict(
         output_dir=os.path.join(opts["out"], kind), per_device_train_batch_size=opts["batch"],
         num_generations=opts["num_generations"], max_completion_length=opts["max_completion_length"],
-        max_steps=opts["steps"], num_iterations=1, steps_per_generation=1, learning_rate=1e-5, beta=opts["beta"],
+        max_steps=opts["steps"], num_iterations=opts["num_iterations"], steps_per_generation=1, learning_rate=1e-5, beta=opts["beta"],
         logging_steps=1, report_to=[], save_strategy="no", gradient_checkpointing=False, disable_tqdm=True, seed=0,
         bf16=cuda, use_cpu=not cuda, disable_dropout=True, loss_type="bnpo",
     )
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8, help="completions per optimizer step")
     parser.add_argument("--num-generations", type=int, default=1, help="completions per prompt (GRPO needs >= 2)")
     parser.add_argument("--max-completion-length", type=int, default=16)
+    parser.add_argument("--num-iterations", type=int, default=1,
+                        help="optimizer steps per generated batch (PPO epochs), the same for both trainers")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.05, help="KL coefficient of both (GRPO then loads its reference)")
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     def summary(r: dict) -> dict:
         secs = r["step_seconds"][args.warmup :]
         toks = r["generated_tokens"][args.warmup : args.warmup + len(secs)]
-        return {"s_per_step": statistics.median(secs), "min": min(secs), "max": max(secs),
+        return {"s_per_step": statistics.fmean(secs), "min": min(secs), "max": max(secs),
                 "tokens_per_s": sum(toks) / sum(secs[: len(toks)]) if toks else float("nan"),
                 "peak_memory_mb": r["peak_memory_mb"]}
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     mem = "max allocated CUDA MiB" if device != "cpu" else "max RSS MiB"
     print(f"model {args.model}, batch {args.batch}, max_completion_length {args.max_completion_length}, "
           f"{args.steps - args.warmup} timed steps, device {device}")
-    print(f"{'trainer':<16}{'s/step median [min, max]':<30}{'gen tok/s':>10}{mem:>26}")
+    print(f"{'trainer':<16}{'s/step mean [min, max]':<30}{'gen tok/s':>10}{mem:>26}")
     for name, s in (("GRPOTrainer", grpo), ("SafePPOTrainer", ppo)):
         span = f"{s['s_per_step']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
         print(f"{name:<16}{span:<30}{s['tokens_per_s']:>10.1f}{s['peak_memory_mb']:>26.0f}")
