@@ -217,7 +217,7 @@ def plot_stage(history: Sequence[Mapping[str, Any]], path: Path, *, title: str,
                trip_steps: Sequence[float] = ()) -> Path | None:
     """One figure for a stage (a panel per logged quantity); None when the stage logged none of them."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     history = [e for e in history if not any(str(k).startswith("eval_") for k in e)]
     present = _present_panels(history)
@@ -235,6 +235,10 @@ def plot_stage(history: Sequence[Mapping[str, Any]], path: Path, *, title: str,
             ax.axvline(s, color=C_TRIP, linestyle=":", linewidth=1.2)
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)
+    for ax in fig.axes:  # plain tick labels: no "+6.239" offset above the axis
+        formatter = ax.yaxis.get_major_formatter()
+        if isinstance(formatter, ScalarFormatter):
+            formatter.set_useOffset(False)
     fig.suptitle(title + ("   (purple dotted line: tripwire trip)" if trip_steps else ""), fontsize=12)
     fig.tight_layout()
     try:
