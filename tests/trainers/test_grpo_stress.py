@@ -1,7 +1,7 @@
 """Stress test: a deliberately exploitable reward (reward = completion length in tokens).
 
 Plain GRPOTrainer learns to stop emitting EOS and its mean completion length runs to the budget; SafeGRPOTrainer
-with a linear length rail (budget 6 tokens, 2 per token beyond: the shaped reward peaks at 6 tokens) holds it.
+with a length rail (a linear budget, group debiasing, or DAPO's soft overlong punishment) holds it.
 The policy is tiny://debug with its EOS logit row pointed at the mean final hidden state, so that it starts with
 short completions (about 7 tokens of 24) and has room to grow.
 """
@@ -68,15 +68,32 @@ def _lengths(trainer_cls, config_cls, model, tmp_path, **extra):
     return [h["completions/mean_length"] for h in trainer.state.log_history if "loss" in h]
 
 
-def test_length_rail_holds_the_length_that_plain_grpo_inflates(tmp_path, eos_biased_model):
-    plain = _lengths(GRPOTrainer, GRPOConfig, eos_biased_model, tmp_path / "plain")
-    safe = _lengths(
-        SafeGRPOTrainer, SafeGRPOConfig, eos_biased_model, tmp_path / "safe",
-        rails={"length": {"budget": 6, "penalty_per_token": 2.0}},
-    )
-    assert plain[0] == safe[0] < 10  # same start: short completions
-    tail_plain, tail_safe = sum(plain[-5:]) / 5, sum(safe[-5:]) / 5
-    assert tail_plain > 0.8 * MAX_LEN  # plain GRPO: length runs to the generation budget
-    assert tail_plain > 2 * plain[0]
-    assert tail_safe < 0.5 * MAX_LEN  # with the rail it stays near the 6-token budget
+@pytest.fixture(scope="module")
+def plain_lengths(tmp_path_factory, eos_biased_model):
+    return _lengths(GRPOTrainer, GRPOConfig, eos_biased_model, tmp_path_factory.mktemp("plain"))
+
+
+def test_plain_grpo_inflates_the_length(plain_lengths):
+    tail = sum(plain_lengths[-5:]) / 5
+    assert plain_lengths[0] < 10  # starts short
+    assert tail > 0.8 * MAX_LEN and tail > 2 * plain_lengths[0]  # runs to the generation budget
+
+
+@pytest.mark.parametrize(
+    "rails",
+    [
+        # linear budget: shaped reward len - 2 * max(0, len - 6) peaks at 6 tokens
+        {"length": {"budget": 6, "penalty_per_token": 2.0}},
+        # group debiasing: the part of the reward explained by length within a group is removed
+        {"length": {"debias": "group"}},
+        # DAPO soft overlong punishment over the last 16 tokens of the budget, scaled to the reward's size
+        {"length": {"overlong_buffer": 16, "overlong_factor": 30.0}},
+    ],
+    ids=["budget", "debias", "overlong"],
+)
+def test_length_rail_holds_the_length(tmp_path, eos_biased_model, plain_lengths, rails):
+    safe = _lengths(SafeGRPOTrainer, SafeGRPOConfig, eos_biased_model, tmp_path, rails=rails)
+    assert safe[0] == plain_lengths[0]  # same start (same seed, same first batch)
+    tail_plain, tail_safe = sum(plain_lengths[-5:]) / 5, sum(safe[-5:]) / 5
+    assert tail_safe < 0.5 * MAX_LEN  # held well below the budget plain GRPO runs to
     assert tail_plain - tail_safe > 8
