@@ -88,11 +88,28 @@ def test_trains_policy_and_critic_and_logs_ppo_metrics(tmp_path, tiny_debug_path
     assert max(logged(trainer, "ppo/policy/approxkl")) > 0
 
 
-def test_several_generations_per_prompt(tmp_path, tiny_debug_path):
-    args = config(tmp_path, num_generations=2, per_device_train_batch_size=4)
-    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+def test_several_generations_per_prompt_with_eval_and_gradient_checkpointing(tmp_path, tiny_debug_path):
+    args = config(
+        tmp_path, num_generations=2, per_device_train_batch_size=4, gradient_checkpointing=True,
+        eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+    )
+    trainer = SafePPOTrainer(
+        model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts(), eval_dataset=prompts(4)
+    )
     trainer.train()
     assert len(logged(trainer, "ppo/val/loss")) == 2
+    assert len(logged(trainer, "eval_ppo/val/loss")) == 1 and len(logged(trainer, "eval_kl")) == 1
+    assert trainer.rails_wiring.kl_controller.n_updates == 2  # evaluation never moves the KL controller
+
+
+def test_every_logged_metric_is_documented(tmp_path, tiny_debug_path):
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "metrics.md")).read()
+    args = config(tmp_path, rails={"normalize": {"enabled": True}}, max_steps=1)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    trainer.train()
+    ours = {k for h in trainer.state.log_history for k in h if k.startswith("ppo/") or k in ("kl", "beta")}
+    missing = sorted(k for k in ours if f"`{k}`" not in docs)
+    assert not missing, f"metrics logged by SafePPOTrainer but not in docs/metrics.md: {missing}"
 
 
 def test_policy_loss_is_the_clipped_surrogate_without_kl(tmp_path, tiny_debug_path):
