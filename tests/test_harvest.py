@@ -195,7 +195,8 @@ def test_nothing_recorded_warns_and_writes_an_empty_valid_dataset(tmp_path):
     harvest.on_train_begin(args, state, None)
     with pytest.warns(UserWarning, match="nothing was recorded.*HarvestCallback.watch"):
         harvest.on_train_end(args, state, None)
-    assert len(load_sft_dataset(tmp_path)) == 0 and "| completions generated | 0 |" in (tmp_path / "README.md").read_text()
+    assert len(load_sft_dataset(tmp_path)) == 0
+    assert "| completions generated | 0 |" in (tmp_path / "README.md").read_text()
     with pytest.raises(ValueError, match="not a harvest directory"):
         finalize_harvest(tmp_path / "elsewhere")
 

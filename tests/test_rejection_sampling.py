@@ -210,13 +210,19 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
 
 
 def test_different_run_in_output_dir_is_refused_unless_overwrite(run_e, tmp_path):
-    out, _ = run_e
+    import shutil
+
+    out = tmp_path / "copy"  # a copy: the module's run stays intact for the other tests
+    shutil.copytree(run_e[0], out)
+    (tmp_path / "foreign").mkdir()
     different = dict(**SMALL, num_prompts=4, reward=HasLetterE(), output_dir=str(out), seed=4)  # seed 3 -> 4
     with pytest.raises(ValueError, match=r"already holds a different run.*seed.*overwrite=True"):
         run_rejection_sampling(RejectionSamplingConfig(**different))
-    (tmp_path / "notes.txt").write_text("not a run")
+    (tmp_path / "foreign" / "notes.txt").write_text("not a run")
     with pytest.raises(ValueError, match="holds no rejection-sampling run"):
-        run_rejection_sampling(RejectionSamplingConfig(**{**different, "output_dir": str(tmp_path)}, overwrite=True))
+        run_rejection_sampling(
+            RejectionSamplingConfig(**{**different, "output_dir": str(tmp_path / "foreign")}, overwrite=True)
+        )
     summary = run_rejection_sampling(RejectionSamplingConfig(**{**different, "num_prompts": 1}, overwrite=True))
     assert summary.prompts_seen == 1 and len(load_scored_samples(out)) == 4
 
@@ -403,6 +409,7 @@ def test_scored_table_feeds_build_pairs(run_e):
     by_key = {(r["prompt_id"], _text(r["completion"])): r for r in scored}
     assert len(pairs) > 0
     for pair in pairs:
-        chosen, rejected = by_key[(pair["prompt_id"], _text(pair["chosen"]))], by_key[(pair["prompt_id"], _text(pair["rejected"]))]
+        chosen = by_key[(pair["prompt_id"], _text(pair["chosen"]))]
+        rejected = by_key[(pair["prompt_id"], _text(pair["rejected"]))]
         assert chosen["passed"] and not rejected["passed"]  # a has_e completion over one without "e"
         assert pair["source_model"] == "tiny://debug" and pair["seed"] == 3

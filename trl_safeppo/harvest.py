@@ -257,7 +257,8 @@ class HarvestCallback(TrainerCallback):
     def _provenance(self, args, model) -> dict:
         source = self.source_model
         if source is None and model is not None:
-            source = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+            config = getattr(model, "config", None)
+            source = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
         spec = self.reward_spec
         if spec is None and self.watched:
             from .rewards import RuleChecker

@@ -28,14 +28,13 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
 import unicodedata
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +199,10 @@ class RejectionSamplingConfig:
     # Scoring
     reward: Any = field(
         default=None,
-        metadata={"help": "Reward spec for trl_safeppo.rewards.resolve (built-in name, dotted path, or list)."},
+        metadata={
+            "help": "Reward spec for trl_safeppo.rewards.resolve: a built-in name, a dotted path, or a YAML/JSON list "
+            "such as '[format, math]'."
+        },
     )
     reward_model: str | None = field(
         default=None, metadata={"help": "Sequence-classification reward model added to the score."}
@@ -635,7 +637,9 @@ def score_completions(
     breakdown: list[dict[str, float | None]] = [{} for _ in range(n)]
     passed: list[bool] = [True] * n
     if scorer.checker is not None:
-        scores = scorer.checker.score(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        scores = scorer.checker.score(
+            prompts=prompts, completions=completions, completion_ids=completion_ids, **columns
+        )
         totals, passed = list(scores.total), list(scores.passed)
         breakdown = scores.rows()
     rm_scores = _reward_model_scores(scorer, prompts, completions) if scorer.reward_model is not None else None
@@ -722,7 +726,7 @@ def select(
                 drop(record, "failed_check" if record["score"] is not None else "unscored")
             else:
                 eligible.append(record)
-        ranked = sorted(eligible, key=lambda r: (-(r["score"] if r["score"] is not None else -math.inf), r["sample_index"]))
+        ranked = sorted(eligible, key=_rank_key)
         seen: set[str] = set()
         survivors = []
         for record in ranked:
@@ -746,6 +750,12 @@ def select(
             record["kept"], record["drop_reason"] = True, None
         kept.extend(sorted(survivors, key=lambda r: r["sample_index"]))
     return kept, dropped
+
+
+def _rank_key(record: dict) -> tuple[float, int]:
+    """Score descending (None last), then generation order."""
+    score = record["score"] if record["score"] is not None else -math.inf
+    return -score, record["sample_index"]
 
 
 def _dedup_key(completion: Any, mode: str) -> str | None:
@@ -836,7 +846,11 @@ def _write_text(text: str, path: Path) -> None:
 
 
 def _save_dataset(dataset, path: Path) -> None:
+    from datasets.utils import logging as datasets_logging
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    bars = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()  # one "Saving the dataset" bar per product is noise
     try:
         # an empty dataset needs one explicit (empty) shard, or load_from_disk cannot read it back
         dataset.save_to_disk(str(tmp / "data"), num_shards=1 if len(dataset) == 0 else None)
@@ -845,6 +859,8 @@ def _save_dataset(dataset, path: Path) -> None:
         os.replace(tmp / "data", path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if bars:
+            datasets_logging.enable_progress_bar()
 
 
 def write_products(
@@ -1115,7 +1131,7 @@ def run_rejection_sampling(config: RejectionSamplingConfig) -> Summary:
     from .models import resolve_model_path
 
     if config.model is None:
-        raise ValueError("model=None: pass the policy to sample from (tiny://arithmetic, a model directory or a Hub id)")
+        raise ValueError("model=None: pass the policy to sample from (tiny://arithmetic, a model directory, a Hub id)")
     if config.output_dir is None:
         raise ValueError("output_dir=None: pass the directory to write the run to")
     if config.reward is None and config.reward_model is None:
@@ -1311,6 +1327,14 @@ def config_from_args(args: argparse.Namespace) -> RejectionSamplingConfig:
         value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = value
+    reward = values.get("reward")
+    if isinstance(reward, str) and reward.strip().startswith(("[", "{")):  # --reward '[{name: format}, math]'
+        import yaml
+
+        try:
+            values["reward"] = yaml.safe_load(reward)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--reward={reward!r} is not valid YAML/JSON: {err}") from None
     return RejectionSamplingConfig(**values)
 
 
