@@ -81,14 +81,15 @@ def make_run(root: Path, *, interrupted: bool = False) -> Path:
         d = root / "stages" / f"{i:02d}-{name}"
         last = interrupted and i == len(stages)
         status = "running" if last else "completed"
-        manifest["stages"].append({"index": i, "name": name, "type": kind, "status": status})
+        manifest["stages"].append({"index": i, "name": name, "type": kind, "status": status,
+                                   "timings": {"duration_s": None if last else 10.5 * i}})
         if last:
             lines = "".join(json.dumps(r) + "\n" for r in history[:6]) + '{"loss": 0.5, "rewa'
             d.mkdir(parents=True)
             (d / "log_history.jsonl").write_text(lines)
             continue
         _write_jsonl(d / "log_history.jsonl", history)
-        _write(d / "eval.json", evals[i - 1])
+        _write(d / "eval.json", dict(evals[i - 1], samples=[{"prompt": "What is 3 + 4?", "completion": answers[i - 1][0]}]))
         _write(d / "probes.json", [{"prompt": p, "completion": a} for p, a in zip(PROBES, answers[i - 1])])
         _write(d / "gates.json", [{"gate": "no_tripwire_stop", "passed": True, "reason": "no tripwire stopped the stage",
                                    "values": {}}])

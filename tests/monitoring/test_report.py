@@ -52,11 +52,13 @@ def test_demo_report_has_every_plot_and_the_probe_table(demo_run):
     assert "&lt;answer&gt;115&lt;/answer&gt; | &lt;think&gt;57 + 68 = 125" in rows[1]
 
     summary = _section(md, "Final metrics per stage")
-    assert "| 2 | grpo | grpo | completed | 30 |" in summary  # 30 logged steps
+    assert "| 2 | grpo | grpo | completed | 21 | 30 |" in summary  # duration 10.5 * 2 s, 30 logged steps
     assert "| 0.71 | 0.97 | 13.2 |" in summary  # grpo's held-out accuracy, format pass, length from eval.json
     assert "| 02-grpo | 22 | length\\_collapse | warn | warn |" in _section(md, "Tripwire events")
     assert "| 01-sft | no\\_tripwire\\_stop | ✅ pass |" in _section(md, "Gate outcomes")
     assert "- **Status:** completed" in md
+    grpo_section = md[md.index("### 2. grpo"):md.index("### 3. dpo")]
+    assert "| What is 3 + 4? | &lt;think&gt;2 + 2 = 4&lt;/think&gt;&lt;answer&gt;4&lt;/answer&gt; |" in grpo_section
 
 
 def test_summary_reads_the_last_logged_value(demo_run):
@@ -83,7 +85,7 @@ def test_interrupted_run_still_reports(tmp_path):
     run = make_run(tmp_path / "run", interrupted=True)
     md = write_report(run).read_text()
     assert "- **Status:** running" in md
-    assert "| 3 | dpo | dpo | running | 6 |" in md  # six good lines, the cut-off seventh is skipped
+    assert "| 3 | dpo | dpo | running | – | 6 |" in md  # six good lines, the cut-off seventh is skipped
     assert (run / "plots" / "03-dpo.png").is_file()
     assert "| probe | 01-sft | 02-grpo |" in md  # no probes for the unfinished stage: no column
 

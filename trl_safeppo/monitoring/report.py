@@ -263,11 +263,13 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         (s.final(c[2]) if c[1] == "train" else (s.eval or {}).get(c[2])) is not None for s in stages)]
     rows = []
     for s in stages:
-        row = [str(s.index), _cell(s.name), _cell(s.type), _cell(s.status)]
+        timings = s.meta.get("timings") if isinstance(s.meta.get("timings"), Mapping) else {}
+        row = [str(s.index), _cell(s.name), _cell(s.type), _cell(s.status), _fmt(timings.get("duration_s"))]
         for _, where, key in cols:
             row.append(_fmt(s.final(key) if where == "train" else (s.eval or {}).get(key)))
         rows.append(row)
-    md += _table(["#", "stage", "type", "status"] + [c[0] for c in cols], rows) if stages else ["No stages yet.", ""]
+    headers = ["#", "stage", "type", "status", "time (s)"] + [c[0] for c in cols]
+    md += _table(headers, rows) if stages else ["No stages yet.", ""]
 
     # Gates.
     md += ["## Gate outcomes", ""]
@@ -336,6 +338,11 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             md += ["This stage logged none of the plotted quantities (reward, kl, length, entropy, loss).", ""]
         else:
             md += ["No logged history (the stage did not train, or has not started).", ""]
+        samples = [x for x in (s.eval or {}).get("samples") or [] if isinstance(x, Mapping)]
+        if samples:
+            md += ["Held-out samples (greedy):", ""]
+            md += _table(["prompt", "completion"], [[_cell(x.get("prompt", ""), 200), _cell(x.get("completion", ""), 300)]
+                                                   for x in samples])
         metrics = s.final_metrics()
         if metrics:
             md += ["<details><summary>All final logged metrics</summary>", ""]
