@@ -115,6 +115,15 @@ def test_markdown_cells_are_escaped(tmp_path):
     assert len(re.findall(r"(?<!\\)\|", row)) == 5  # 4 columns -> 5 unescaped pipes
 
 
+def test_stale_figures_of_an_earlier_report_are_removed(tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / "plots").mkdir()
+    (run / "plots" / "07-old.png").write_bytes(PNG_MAGIC)  # from a stage the manifest no longer has
+    (run / "plots" / "mine.png").write_bytes(PNG_MAGIC)  # not a report figure: kept
+    write_report(run)
+    assert not (run / "plots" / "07-old.png").exists() and (run / "plots" / "mine.png").exists()
+
+
 def test_stage_dirs_missing_from_the_manifest_are_reported(tmp_path):
     run = make_run(tmp_path / "run")
     (run / "manifest.json").write_text(json.dumps({"name": "demo", "stages": []}))

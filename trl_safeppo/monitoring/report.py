@@ -295,7 +295,9 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     md += ["## Held-out evaluation", ""]
     evaluated = [(s.label, s.eval) for s in stages if s.eval]
     heldout_png = plot_heldout(evaluated, plots_dir / "heldout.png")
+    referenced: set[str] = set()
     if heldout_png is not None:
+        referenced.add(heldout_png.name)
         md += ["![held-out evaluation per stage](plots/heldout.png)", ""]
         keys = ("accuracy", "format_pass_rate", "mean_length", "truncation_rate", "reward_mean", "n")
         keys = [k for k in keys if any(k in ev for _, ev in evaluated)]
@@ -318,7 +320,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             for s in probed:
                 answer = next((p.get("completion") for p in s.probes
                                if isinstance(p, Mapping) and str(p.get("prompt")) == prompt), None)
-                row.append("–" if answer is None else (_cell(answer, 300) if answer.strip() else "*(empty)*"))
+                row.append("–" if answer is None else (_cell(str(answer), 300) if str(answer).strip() else "*(empty)*"))
             rows.append(row)
         md += _table(["probe"] + [s.label for s in probed], rows)
     else:
@@ -333,6 +335,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         png = plot_stage(s.history, plots_dir / f"{s.label}.png", title=f"Stage {s.label} ({s.type})",
                          trip_steps=trips)
         if png is not None:
+            referenced.add(png.name)
             md += [f"![stage {s.label}](plots/{png.name})", ""]
         elif s.history:
             md += ["This stage logged none of the plotted quantities (reward, kl, length, entropy, loss).", ""]
@@ -348,6 +351,12 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             md += ["<details><summary>All final logged metrics</summary>", ""]
             md += _table(["metric", "value"], [[_cell(k), _fmt(v)] for k, v in sorted(metrics.items())])
             md += ["</details>", ""]
+
+    # Figures of an earlier report that this one did not draw (a stage renamed, or without data now) would mislead.
+    if plots_dir.is_dir():
+        for path in plots_dir.glob("*.png"):
+            if path.name not in referenced and (path.name == "heldout.png" or _STAGE_DIR.match(path.stem)):
+                path.unlink(missing_ok=True)
 
     report = run / "report.md"
     _atomic_write(report, "\n".join(md).rstrip() + "\n")
