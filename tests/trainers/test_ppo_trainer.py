@@ -262,6 +262,7 @@ def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restore
         ({"kl_estimator": "k4"}, "kl_estimator"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
         ({"rails": 3}, "rails"),
+        ({"multi_objective_aggregation": "normalize_then_sum"}, "multi_objective_aggregation"),
         ({"steps_per_generation": 3, "gradient_accumulation_steps": 2}, "steps_per_generation"),
         ({"num_generations": 3, "per_device_train_batch_size": 4}, "num_generations"),
     ],
@@ -317,6 +318,17 @@ def test_critic_errors(tmp_path, tiny_debug_path):
             model="tiny://debug", reward_funcs=LengthReward(), args=config(tmp_path, critic_model_path=ckpt),
             train_dataset=prompts(),
         )
+
+
+def test_policy_object_critic_copies_its_trunk_and_rule_names_resolve(tmp_path, tiny_debug_path):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_debug_path)
+    trainer = SafePPOTrainer(model=policy, reward_funcs="format", args=config(tmp_path), train_dataset=prompts())
+    critic = trainer.accelerator.unwrap_model(trainer.critic).model
+    for name, p in trainer.model.model.named_parameters():
+        torch.testing.assert_close(critic.model.get_parameter(name), p, msg=f"critic trunk {name} is not the policy's")
+    assert trainer.reward_func_names == ["format"]  # a built-in rule name, resolved by trl_safeppo.rewards
 
 
 def test_missing_reward_funcs(tmp_path, tiny_debug_path):

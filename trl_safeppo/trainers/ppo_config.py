@@ -260,6 +260,11 @@ class SafePPOConfig(GRPOConfig):
             raise bad("beta", self.beta, "use a finite KL coefficient >= 0")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise bad("kl_estimator", self.kl_estimator, f"use one of {list(KL_ESTIMATORS)}")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise bad(
+                "multi_objective_aggregation", self.multi_objective_aggregation,
+                "PPO's score is the weighted sum of the reward functions (reward_weights): use 'sum_then_normalize'",
+            )
         if self.sync_ref_model:
             raise bad("sync_ref_model", self.sync_ref_model, "PPO keeps a frozen reference; set it to False")
         if not 0.0 <= self.gamma <= 1.0:

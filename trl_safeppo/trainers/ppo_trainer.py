@@ -161,7 +161,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             )
 
         _check_critic(critic, self.processing_class, "value_model" if value_model is not None else "critic_model_path")
-        critic.config.pad_token_id = self.processing_class.pad_token_id if not self._is_vlm else None
+        critic.config.pad_token_id = self._tokenizer.pad_token_id
         if args.disable_dropout:
             from trl.trainer.utils import disable_dropout_in_model
 
@@ -465,14 +465,34 @@ def kl_estimator(args: SafePPOConfig) -> str:
     return rails_estimator or args.kl_estimator
 
 
-def _resolve_reward_funcs(reward_funcs: Any) -> Any:
-    """`tiny://` ids and local paths of reward models become paths GRPO loads; everything else is GRPO's business."""
+def _resolve_reward_funcs(reward_funcs: Any) -> list:
+    """GRPO's reward_funcs, plus the package's conveniences: a `tiny://` id or local directory is a reward model path;
+    a built-in rule name (`"math"`), a `"module:function"` path or a dict spec goes through
+    `trl_safeppo.rewards.resolve`; anything else (callables, models, Hub ids) is passed to GRPO unchanged."""
     if reward_funcs is None:
         raise ValueError("reward_funcs is required: pass a callable rule checker, a reward model, or a list of them")
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     if not funcs:
         raise ValueError("reward_funcs is an empty list: pass at least one reward function or reward model")
-    return [resolve_model_path(f) if isinstance(f, str) else f for f in funcs]
+    return [_resolve_reward_func(f) for f in funcs]
+
+
+def _resolve_reward_func(func: Any) -> Any:
+    if isinstance(func, dict):
+        from ..rewards import resolve
+
+        return resolve(func)
+    if not isinstance(func, str):
+        return func
+    if func.startswith("tiny://") or os.path.isdir(os.path.expanduser(func)):
+        return resolve_model_path(func)
+    from ..rewards.spec import BUILTINS
+
+    if func in BUILTINS or ":" in func:
+        from ..rewards import resolve
+
+        return resolve(func)
+    return resolve_model_path(func)  # a Hub id of a reward model (or a clear error for a missing path)
 
 
 def _check_dataset(train_dataset, args: SafePPOConfig) -> None:
@@ -532,7 +552,9 @@ def _load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrai
             "the policy is a PeftModel object, so the critic cannot be copied from it; pass the base model with "
             "peft_config, or set critic_model_path"
         )
-    critic = AutoModelForSequenceClassification.from_config(model.config, num_labels=1)
+    config = copy.deepcopy(model.config)
+    config.num_labels = 1
+    critic = AutoModelForSequenceClassification.from_config(config)
     trunk = getattr(critic, critic.base_model_prefix)
     trunk.load_state_dict(getattr(model, model.base_model_prefix).state_dict())
     return critic.to(dtype=model.dtype)
