@@ -118,7 +118,8 @@ def test_reference_model_only_when_beta_nonzero():
     src = source(GRPOTrainer.__init__)
     require("if self.beta == 0.0:" in src and "self.ref_model = None" in src, "reference model creation", PPO)
     for attr in ["self.reward_weights", "self.eos_token_ids", "self.num_generations", "self.epsilon_low",
-                 "self.epsilon_high", "self.num_iterations", "self._metrics"]:
+                 "self.epsilon_high", "self.num_iterations", "self._metrics", "self._tokenizer", "self.reward_func_names",
+                 "self._is_vlm"]:
         require(attr in src, f"the GRPOTrainer attribute {attr}", PPO)
 
 
@@ -258,3 +259,17 @@ def test_dpo_surfaces():
         "DPOTrainer reading beta and loss_type from args at __init__",
         DPO + " (configures the guard on a copy of args; raise_kl sets self.beta)",
     )
+
+
+def test_trainer_helpers_used_by_ppo():
+    from transformers import TrainingArguments
+
+    for name in ["_get_output_dir", "create_scheduler", "_prepare_for_training"]:
+        require(hasattr(Trainer, name), f"transformers.Trainer.{name}", PPO + " (critic checkpoint / scheduler)")
+    require(hasattr(TrainingArguments, "get_warmup_steps"), "TrainingArguments.get_warmup_steps", PPO)
+    require(
+        "self.current_gradient_accumulation_steps" in source(GRPOTrainer._compute_loss),
+        "GRPOTrainer._compute_loss scaling by current_gradient_accumulation_steps",
+        PPO + " (scales the value loss the same way)",
+    )
+
