@@ -40,22 +40,25 @@ def peak_rss_mb() -> float:
 
 
 def step_timer():
-    """A TrainerCallback recording the wall time of every optimizer step (generation included: GRPO and PPO
-    generate inside the step)."""
+    """A TrainerCallback recording the wall time of every optimizer step, end to end: from the end of the previous
+    step (the start of training for the first) to the end of this one, so generation, the update, logging and every
+    callback (tripwires included) are inside. Works for any loop that calls ``on_train_begin`` and ``on_step_end``
+    (transformers' Trainer, and TRL 1.12's own PPO loop, whose step is one rollout)."""
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.step_seconds: list[float] = []
-            self._t0: float | None = None
+            self._last: float | None = None
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._t0 = time.perf_counter()
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._last = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self._t0 is not None:
-                self.step_seconds.append(time.perf_counter() - self._t0)
-                self._t0 = None
+            now = time.perf_counter()
+            if self._last is not None:
+                self.step_seconds.append(now - self._last)
+            self._last = now
 
     return StepTimer()
 
@@ -239,15 +242,33 @@ def check_args(args, *, min_steps: int = 1) -> None:
         raise SystemExit(f"--threads={args.threads}: must be >= 1")
 
 
-def base_config(args, trainer: str, **overrides) -> dict:
+def base_config(cli, trainer: str, /, **overrides) -> dict:
+    """The worker config of one run from the parsed command line; `overrides` may include the worker's own
+    `args` (extra trainer-config fields), hence the positional-only parameters."""
     config = {
         "trainer": trainer,
-        "model": args.model,
-        "steps": args.steps,
-        "seed": args.seed,
+        "model": cli.model,
+        "steps": cli.steps,
+        "seed": cli.seed,
         "output_dir": str(Path(tempfile.gettempdir()) / "trl_safeppo_bench" / trainer),
     }
-    if args.threads is not None:
-        config["threads"] = args.threads
+    if cli.threads is not None:
+        config["threads"] = cli.threads
     config.update(overrides)
     return config
+
+
+def sft_warm_start(cli) -> str:
+    """The SFT-warm-started policy of the reward-hacking and KL-control benchmarks: `cli.model` after one SFT pass
+    on the embedded task's sft split (benchmarks/_sft_worker.py), cached per model and seed in the temp directory.
+    A real model id (GPU) is taken as already instruction-tuned and returned as it is."""
+    if not str(cli.model).startswith("tiny://"):
+        return cli.model
+    from trl_safeppo.models import resolve_model_path
+
+    name = Path(resolve_model_path(cli.model)).name  # e.g. arithmetic-<fingerprint>: a changed tiny model re-trains
+    warm = Path(tempfile.gettempdir()) / f"trl_safeppo_bench_sft_{name}_seed{cli.seed}"
+    if not (warm / "config.json").exists():
+        print(f"SFT warm start of {cli.model} (cached in {warm}) ...", flush=True)
+    run_worker("benchmarks._sft_worker", {"model": cli.model, "output_dir": str(warm), "seed": cli.seed})
+    return str(warm)

@@ -30,7 +30,7 @@ def main(config: dict) -> None:
             args=SFTConfig(
                 output_dir=tmp,
                 learning_rate=float(DEMO_SETTINGS["sft_learning_rate"]),
-                num_train_epochs=float(DEMO_SETTINGS["sft_num_train_epochs"]),
+                num_train_epochs=float(config.get("epochs", DEMO_SETTINGS["sft_num_train_epochs"])),
                 per_device_train_batch_size=int(DEMO_SETTINGS["sft_per_device_train_batch_size"]),
                 save_strategy="no",
                 report_to="none",

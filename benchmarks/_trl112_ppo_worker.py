@@ -18,7 +18,7 @@ def main(config: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from benchmarks._harness import emit
+    from benchmarks._harness import emit, step_timer
     from trl_safeppo.tasks.arithmetic import load_arithmetic
 
     torch.manual_seed(config["seed"])
@@ -29,7 +29,8 @@ def main(config: dict) -> None:
     tok.padding_side = "left"
     prompts = load_arithmetic("rl", n=batch * rollouts * 2, seed=config["seed"])["prompt"]
     ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True) for p in prompts]
-    ids = [x["input_ids"] if isinstance(x, dict) else x for x in ids]
+    # transformers 5 returns a BatchEncoding (a mapping, not a dict) from a tokenizing chat template
+    ids = [list(x) if isinstance(x, list) else list(x["input_ids"]) for x in ids]
     dataset = Dataset.from_dict({"input_ids": ids})
 
     policy = AutoModelForCausalLM.from_pretrained(path)
@@ -53,6 +54,7 @@ def main(config: dict) -> None:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
+        disable_tqdm=True,  # as the SafePPO worker: the same PrinterCallback, no progress bar
         seed=config["seed"],
         use_cpu=not torch.cuda.is_available(),
     )
@@ -65,10 +67,13 @@ def main(config: dict) -> None:
         train_dataset=dataset,
         value_model=value_model,
     )
+    timer = step_timer()  # TRL 1.12's loop calls on_step_end once per rollout (after its num_ppo_epochs updates)
+    trainer.add_callback(timer)
     t0 = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - t0
-    emit({"config": config, "train_seconds": train_seconds, "rollouts": rollouts, "step_seconds": []})
+    emit({"config": config, "train_seconds": train_seconds, "rollouts": rollouts,
+          "rollout_seconds": timer.step_seconds, "step_seconds": timer.step_seconds})
 
 
 if __name__ == "__main__":

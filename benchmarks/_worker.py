@@ -90,10 +90,26 @@ def main(config: dict) -> None:
     if config.get("profile"):
         model_timer = ModelTimer()
         model_timer.install(trainer)
+    profiler = None
+    if config.get("cprofile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
     t0 = time.perf_counter()
-    trainer.train()
+    if profiler is not None:
+        profiler.runcall(trainer.train)
+    else:
+        trainer.train()
     train_seconds = time.perf_counter() - t0
     history = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
+    heldout = None
+    if config.get("eval_n"):  # greedy held-out accuracy of the final policy, by the math rule alone
+        from trl_safeppo.monitoring.evaluation import evaluate_heldout
+
+        heldout = evaluate_heldout(
+            trainer.model, load_arithmetic("eval", n=int(config["eval_n"])), accuracy_reward="math",
+            tokenizer=trainer.processing_class, max_new_tokens=int(common["max_completion_length"]),
+        )
     gen_tokens = [h.get("completions/mean_length", float("nan")) * batch for h in history]
     emit(
         {
@@ -103,8 +119,26 @@ def main(config: dict) -> None:
             "model_seconds": model_timer.seconds if model_timer else None,
             "generated_tokens_per_step": gen_tokens,
             "log_history": history,
+            "heldout": heldout,
+            "cprofile": top_functions(profiler, int(config["cprofile"])) if profiler is not None else None,
+            "cprofile_ours": top_functions(profiler, int(config["cprofile"]), cumulative=True, only="trl_safeppo")
+            if profiler is not None else None,
         }
     )
+
+
+def top_functions(profiler, n: int, *, cumulative: bool = False, only: str | None = None) -> list[dict]:
+    """The `n` functions with the most self time (cProfile `tottime`; or cumulative time), optionally only those
+    whose file path contains `only`, as plain rows for the JSON result."""
+    import pstats
+
+    st = pstats.Stats(profiler)
+    rows = [
+        {"function": f"{path}:{line}({name})", "self_s": tt, "cumulative_s": ct, "calls": nc}
+        for (path, line, name), (cc, nc, tt, ct, _) in st.stats.items()
+        if only is None or only in path
+    ]
+    return sorted(rows, key=lambda r: r["cumulative_s" if cumulative else "self_s"], reverse=True)[:n]
 
 
 if __name__ == "__main__":

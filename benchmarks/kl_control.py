@@ -8,12 +8,18 @@ warm-up, where fixed beta drifts out of it.
 from __future__ import annotations
 
 from benchmarks._harness import (
-    base_config, check_args, common_parser, interleaved, machine, print_table, save_figure, stats, write_json,
+    base_config, check_args, common_parser, interleaved, machine, print_table, save_figure, sft_warm_start, stats,
+    write_json,
 )
 
 
 def _series(run: dict, key: str) -> list[float]:
     return [h[key] for h in run["log_history"] if key in h]
+
+
+# The KL each controller acts on, in its unit: SafePPO feeds the mean KL per sequence of each rollout (`ppo/kl_seq`,
+# nats per sequence; its `kl` is per token), SafeGRPO the per-token `kl` of each step.
+KL_KEY = {"safe_ppo": "ppo/kl_seq", "safe_grpo": "kl"}
 
 
 def main(argv=None) -> dict:
@@ -31,7 +37,8 @@ def main(argv=None) -> dict:
     if target <= 0:
         raise SystemExit(f"--target={target}: must be > 0")
     warmup = args.warmup if args.warmup is not None else args.steps // 4
-    shared = {"batch": 8, "num_generations": 4 if args.trainer == "safe_grpo" else 1, "max_completion_length": 16,
+    warm = sft_warm_start(args)
+    shared = {"model": warm, "batch": 8, "num_generations": 4 if args.trainer == "safe_grpo" else 1, "max_completion_length": 16,
               "learning_rate": args.learning_rate, "beta": args.beta}
     if args.trainer == "safe_ppo":
         shared["args"] = {"num_iterations": 1}
@@ -46,7 +53,7 @@ def main(argv=None) -> dict:
     )
     rows, result = [], {"target": target, "warmup": warmup, "machine": machine(), "args": vars(args)}
     for name, rs in runs.items():
-        kls = [k for r in rs for k in _series(r, "kl")[warmup:]]
+        kls = [k for r in rs for k in _series(r, KL_KEY[args.trainer])[warmup:]]
         inside = sum(0.5 * target <= k <= 1.5 * target for k in kls) / max(1, len(kls))
         s = stats(kls)
         result[name] = {"kl_after_warmup": s, "share_in_band": inside}
@@ -64,8 +71,9 @@ def main(argv=None) -> dict:
     fig, (ax_kl, ax_beta) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, color in (("fixed", "tab:grey"), ("adaptive", "tab:blue")):
         run = runs[name][0]
-        ax_kl.plot(_series(run, "kl"), color=color, label=f"{name} beta")
-        ax_beta.plot(_series(run, "beta") or [args.beta] * len(_series(run, "kl")), color=color, label=name)
+        kl = _series(run, KL_KEY[args.trainer])
+        ax_kl.plot(kl, color=color, label=f"{name} beta")
+        ax_beta.plot(_series(run, "beta") or [args.beta] * len(kl), color=color, label=name)
     ax_kl.axhline(target, color="tab:green", ls="--", lw=1, label="target")
     ax_kl.axhspan(0.5 * target, 1.5 * target, color="tab:green", alpha=0.08, label="0.5x-1.5x target")
     ax_kl.axvline(warmup, color="black", ls=":", lw=1)

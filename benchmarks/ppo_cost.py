@@ -14,8 +14,11 @@ from benchmarks._harness import (
 
 
 def _tokens_per_second(runs: list[dict], warmup: int) -> float:
+    """Generated tokens over wall seconds of the timed steps (every step generates its batch here)."""
     toks = [t for r in runs for t in r["generated_tokens_per_step"][warmup:]]
     secs = timed_steps(runs, warmup)
+    if len(toks) != len(secs):
+        raise RuntimeError(f"{len(toks)} logged generations for {len(secs)} steps: every step must generate")
     return sum(toks) / sum(secs) if secs else float("nan")
 
 
@@ -25,12 +28,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-completion-length", type=int, default=16)
     args = parser.parse_args(argv)
     check_args(args, min_steps=2)
+    # The same batch for both: `batch` completions per step, 4 per prompt, generated fresh every step (PPO with one
+    # epoch per rollout, GRPO's default), so a step is generate + score + one update in both.
     shared = {"batch": args.batch, "num_generations": 4, "max_completion_length": args.max_completion_length,
               "profile": True}
     runs = interleaved(
         {
             "GRPOTrainer": ("benchmarks._worker", base_config(args, "grpo", **shared), {}),
-            "SafePPOTrainer": ("benchmarks._worker", base_config(args, "safe_ppo", **shared), {}),
+            "SafePPOTrainer": (
+                "benchmarks._worker", base_config(args, "safe_ppo", args={"num_iterations": 1}, **shared), {},
+            ),
         },
         args.repeats,
     )

@@ -2,9 +2,10 @@
 
 The same tiny policy, critic initialised from it, a sequence-classification reward model from the same weights,
 batch, completion length and PPO epochs; TRL 1.12 runs in its own environment (benchmarks/setup_trl112.sh).
-Figures per rollout (one batch generated, then `--ppo-epochs` optimizer updates on it): training-loop seconds and
-whole-process wall seconds, and peak memory of each process. Goal: ours at least 1.5x faster per step with no
-more peak memory.
+`--steps` counts rollouts (one batch generated, scored, then `--ppo-epochs` optimizer updates on it). Figures: wall
+seconds per rollout end to end (generation, scoring, updates, logging; the first rollout of each run is warm-up),
+whole-process wall seconds (imports and model loading included; they differ between the two environments), and
+peak resident memory of each process. Goal: ours at least 1.5x faster per rollout with no more peak memory.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from benchmarks._harness import REPO, base_config, check_args, common_parser, machine, print_table, run_worker, stats, write_json
+from benchmarks._harness import (
+    REPO, base_config, check_args, common_parser, fmt_stats, machine, print_table, run_worker, stats, write_json,
+)
 
 
 def main(argv=None) -> dict:
@@ -23,7 +26,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--trl112-python", default=str(REPO / ".venv-trl112" / "bin" / "python"),
                         help="python of the TRL 1.12 environment (create it with benchmarks/setup_trl112.sh)")
     args = parser.parse_args(argv)
-    check_args(args, min_steps=2)
+    check_args(args, min_steps=2)  # --steps = rollouts; the first is warm-up
     if not os.path.exists(args.trl112_python):
         raise SystemExit(f"--trl112-python={args.trl112_python} does not exist: run benchmarks/setup_trl112.sh first")
     from trl_safeppo.models import resolve_model_path
@@ -42,7 +45,7 @@ def main(argv=None) -> dict:
     )
     ours_cfg["steps"] = rollouts * args.ppo_epochs  # one optimizer step per PPO epoch, as TRL 1.12
     results: dict[str, list[dict]] = {"TRL 1.12 PPOTrainer": [], "SafePPOTrainer": []}
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # interleaved: old, ours, old, ours, ...
         print("  running TRL 1.12 PPOTrainer ...", flush=True)
         results["TRL 1.12 PPOTrainer"].append(
             run_worker("benchmarks._trl112_ppo_worker", legacy_cfg, python=args.trl112_python))
@@ -50,22 +53,35 @@ def main(argv=None) -> dict:
         results["SafePPOTrainer"].append(run_worker("benchmarks._worker", ours_cfg))
     rows, result = [], {"machine": machine(), "args": vars(args)}
     for name, rs in results.items():
-        loop = stats([r["train_seconds"] / rollouts for r in rs])
-        wall = stats([r["process_wall_seconds"] / rollouts for r in rs])
+        per_rollout = [rollout_seconds(r, 1 if name.startswith("TRL") else args.ppo_epochs) for r in rs]
+        step = stats([t for times in per_rollout for t in times[1:]])  # first rollout of each run: warm-up
+        wall = stats([r["process_wall_seconds"] for r in rs])
         peak = stats([r["peak_rss_mb"] for r in rs])
-        result[name] = {"loop_seconds_per_rollout": loop, "process_seconds_per_rollout": wall, "peak_rss_mb": peak}
-        rows.append((name, f"{loop['median']:.2f}", f"{wall['median']:.2f}", f"{peak['median']:.0f}"))
+        result[name] = {"seconds_per_rollout": step, "process_wall_seconds": wall, "peak_rss_mb": peak}
+        rows.append((name, fmt_stats(step), fmt_stats(wall), fmt_stats(peak, " MiB")))
     old, new = result["TRL 1.12 PPOTrainer"], result["SafePPOTrainer"]
-    speed = old["loop_seconds_per_rollout"]["median"] / new["loop_seconds_per_rollout"]["median"]
-    speed_wall = old["process_seconds_per_rollout"]["median"] / new["process_seconds_per_rollout"]["median"]
+    speed = old["seconds_per_rollout"]["median"] / new["seconds_per_rollout"]["median"]
+    speed_wall = old["process_wall_seconds"]["median"] / new["process_wall_seconds"]["median"]
     mem = new["peak_rss_mb"]["median"] / old["peak_rss_mb"]["median"]
-    result.update(speedup_loop=speed, speedup_process=speed_wall, peak_memory_ratio=mem)
-    print_table("PPO per rollout", rows, ("trainer", "loop s/rollout", "process s/rollout", "peak RSS MiB"))
-    print(f"SafePPO speed-up: {speed:.2f}x (training loop), {speed_wall:.2f}x (whole process); "
+    result.update(speedup_per_rollout=speed, speedup_process=speed_wall, peak_memory_ratio=mem)
+    print_table(
+        f"PPO, {rollouts} rollouts of batch {args.batch} x {args.max_completion_length} tokens, "
+        f"{args.ppo_epochs} PPO epochs each (median [min, max])",
+        rows,
+        ("trainer", "s/rollout (after the first)", "whole process s", "peak RSS"),
+    )
+    print(f"SafePPO speed-up: {speed:.2f}x per rollout, {speed_wall:.2f}x whole process; "
           f"peak memory {mem:.2f}x of TRL 1.12's")
     print(f"goal: >= 1.5x faster with no more peak memory -> {'met' if speed >= 1.5 and mem <= 1.0 else 'NOT met'}")
     write_json(args.out, "ppo_vs_trl112", {**result, "runs": results})
     return result
+
+
+def rollout_seconds(run: dict, steps_per_rollout: int) -> list[float]:
+    """Seconds per rollout (generation + all PPO epochs on it): TRL 1.12 ends a step per rollout; SafePPO ends one
+    per PPO epoch (GRPO's buffered generation), so its `steps_per_rollout` consecutive steps make one rollout."""
+    s = run["step_seconds"]
+    return [sum(s[i : i + steps_per_rollout]) for i in range(0, len(s) - steps_per_rollout + 1, steps_per_rollout)]
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ def main(argv=None) -> dict:
     check_args(args, min_steps=2)
     points = {f"batch={b} len=8": (b, 8) for b in (4, 8, 16)}
     points.update({f"batch=4 len={n}": (4, n) for n in (16, 32)})
+    # one PPO epoch per rollout, so that every step generates (as GRPO's default): a step is always generate + update
+    extra = {"args": {"num_iterations": 1}} if args.trainer == "safe_ppo" else {}
     configs = {
-        name: ("benchmarks._worker", base_config(args, args.trainer, batch=b, num_generations=4 if b >= 4 else b,
-                                                 max_completion_length=n), {})
+        name: ("benchmarks._worker", base_config(args, args.trainer, batch=b, num_generations=4,
+                                                 max_completion_length=n, **extra), {})
         for name, (b, n) in points.items()
     }
     runs = interleaved(configs, args.repeats)
@@ -29,9 +31,12 @@ def main(argv=None) -> dict:
     rows, table = [], {}
     for name, rs in runs.items():
         s = stats(timed_steps(rs, warmup=1))
-        table[name] = {"step_seconds": s, "ratio_to_first": s["median"] / base, "point": points[name]}
-        rows.append((name, fmt_stats(s), f"{s['median'] / base:.2f}"))
-    print_table(f"scaling of {args.trainer} (seconds per step)", rows, ("setting", "s/step median [min, max]", "ratio"))
+        tokens = stats([t for r in rs for t in r["generated_tokens_per_step"][1:]])
+        table[name] = {"step_seconds": s, "ratio_to_first": s["median"] / base, "point": points[name],
+                       "generated_tokens_per_step": tokens}
+        rows.append((name, fmt_stats(s), f"{s['median'] / base:.2f}", f"{tokens['median']:.0f}"))
+    print_table(f"scaling of {args.trainer} (seconds per step)", rows,
+                ("setting", "s/step median [min, max]", "ratio to first", "generated tokens/step"))
 
     import matplotlib
 

@@ -55,3 +55,58 @@ def test_impossible_configuration_is_refused_before_running():
     )
     assert proc.returncode != 0
     assert "--steps=2" in proc.stderr and "at least 8" in proc.stderr
+
+
+def test_step_timer_measures_end_to_end_intervals(monkeypatch):
+    # train begins at 0; steps end at 3, 4.5 and 10 -> steps of 3, 1.5 and 5.5 seconds (logging between steps is in)
+    clock = iter([0.0, 3.0, 4.5, 10.0])
+    monkeypatch.setattr(h.time, "perf_counter", lambda: next(clock))
+    timer = h.step_timer()
+    timer.on_train_begin(None, None, None)
+    for _ in range(3):
+        timer.on_step_end(None, None, None)
+    assert timer.step_seconds == [3.0, 1.5, 5.5]
+
+
+def test_base_config_takes_the_workers_own_args_field():
+    import argparse
+
+    cli = argparse.Namespace(model="tiny://debug", steps=3, seed=1, threads=None)
+    config = h.base_config(cli, "safe_ppo", args={"num_iterations": 2}, batch=4)
+    assert config["args"] == {"num_iterations": 2}
+    assert (config["trainer"], config["steps"], config["seed"], config["batch"]) == ("safe_ppo", 3, 1, 4)
+
+
+def test_rollout_seconds_groups_ppo_epochs():
+    from benchmarks.ppo_vs_trl112 import rollout_seconds
+
+    run = {"step_seconds": [4.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 9.0]}
+    # 4 epochs per rollout: 4+1+1+1 = 7, 3+1+1+1 = 6; the incomplete trailing rollout (9.0) is dropped
+    assert rollout_seconds(run, 4) == [7.0, 6.0]
+    assert rollout_seconds(run, 1) == run["step_seconds"]
+
+
+def test_length_exploit_reward_by_hand():
+    from benchmarks._rewards import LengthExploitReward
+
+    reward = LengthExploitReward(bonus_per_token=0.05, max_bonus=2.0)
+    completions = [[{"role": "assistant", "content": "<answer>5</answer>"}]] * 3
+    ids = [[1] * 10, [1] * 10, [1] * 100]
+    # correct + 0.05 * 10 = 1.5; wrong + 0.5 = 0.5; correct + min(2.0, 0.05 * 100 = 5.0) = 3.0
+    scores = reward(prompts=["q"] * 3, completions=completions, completion_ids=ids, answer=["5", "4", "5"])
+    assert scores == pytest.approx([1.5, 0.5, 3.0])
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("reward_hacking", ["--batch", "6"], "--batch=6"),
+        ("reward_hacking", ["--max-completion-length", "8"], "--max-completion-length=8"),
+        ("kl_control", ["--target", "0"], "--target=0"),
+        ("rails_overhead", ["--repeats", "0"], "--repeats=0"),
+    ],
+)
+def test_bad_flags_name_the_flag(name, argv, message):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", name, *argv], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert message in proc.stderr
