@@ -286,7 +286,9 @@ class SafePPOConfig(GRPOConfig):
 
             if not isinstance(self.rails, (dict, RailsConfig)):
                 raise bad("rails", type(self.rails).__name__, "pass a trl_safeppo.RailsConfig, a dict, or None")
-            self.rails = RailsConfig.from_any(self.rails)  # validates now, at configuration time
+            # Validate now, at configuration time; keep the plain dict form so that the config stays JSON-serializable
+            # (TrainingArguments.to_json_string, loggers, checkpoints).
+            self.rails = RailsConfig.from_any(self.rails).to_dict()
 
 
 # The tripwire fields share their help text with SafeGRPOConfig; the docstring is a literal (so it is __doc__) and

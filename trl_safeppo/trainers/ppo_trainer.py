@@ -135,8 +135,11 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             args, reward_funcs, reward_processing_classes
         )
         self.rails_wiring = wiring
-        # Built before GRPO wraps the policy (PEFT injects its layers into the model object in place).
+        # Built before GRPO wraps the policy (PEFT injects its layers into the model object in place), and checked
+        # before the policy and reference load.
+        critic_field = "value_model" if value_model is not None else "critic_model_path"
         critic = value_model if value_model is not None else _load_critic(args, model, reward_funcs)
+        _check_critic(critic, None, critic_field)
 
         super().__init__(
             model=model,
@@ -160,7 +163,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 "FSDP do not yet shard the critic. Launch without a DeepSpeed / FSDP config."
             )
 
-        _check_critic(critic, self.processing_class, "value_model" if value_model is not None else "critic_model_path")
+        _check_critic(critic, self.processing_class, critic_field)
         critic.config.pad_token_id = self._tokenizer.pad_token_id
         if args.disable_dropout:
             from trl.trainer.utils import disable_dropout_in_model
@@ -461,7 +464,7 @@ def _build_wiring(args: SafePPOConfig) -> PPOWiring:
 
 def kl_estimator(args: SafePPOConfig) -> str:
     """`rails.kl.estimator` when set, else `args.kl_estimator`."""
-    rails_estimator = getattr(getattr(args.rails, "kl", None), "estimator", None)
+    rails_estimator = ((args.rails or {}).get("kl") or {}).get("estimator")
     return rails_estimator or args.kl_estimator
 
 
@@ -581,6 +584,8 @@ def _check_critic(critic: Any, processing_class: Any, field_name: str) -> None:
             f"{field_name}: the critic's value head maps {head.in_features} -> {head.out_features} but its hidden size "
             f"is {hidden} and a value is one number; use a checkpoint whose head is Linear({hidden}, 1)"
         )
+    if processing_class is None:
+        return
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     vocab = critic.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
