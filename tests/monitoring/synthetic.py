@@ -62,12 +62,14 @@ def _write_jsonl(path: Path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def make_run(root: Path, *, interrupted: bool = False) -> Path:
+def make_run(root: Path, *, interrupted: bool = False, n_stages: int = 3) -> Path:
     """A demo-like run: sft -> grpo -> dpo, each with eval, probes and gates; grpo had a tripwire warning.
 
     interrupted=True: the dpo stage is 'running' with a cut-off last log line and no eval/probes/gates.
+    n_stages < 3 keeps only the first stages (fewer figures: faster tests).
     """
     stages = [("sft", "sft", sft_history()), ("grpo", "grpo", grpo_history()), ("dpo", "dpo", dpo_history())]
+    stages = stages[:n_stages]
     evals = [{"accuracy": 0.42, "mean_length": 17.5, "format_pass_rate": 0.5, "truncation_rate": 0.1, "n": 64},
              {"accuracy": 0.71, "mean_length": 13.2, "format_pass_rate": 0.97, "truncation_rate": 0.0, "n": 64},
              {"accuracy": 0.74, "mean_length": 12.9, "format_pass_rate": 0.98, "truncation_rate": 0.0, "n": 64}]
@@ -79,7 +81,7 @@ def make_run(root: Path, *, interrupted: bool = False) -> Path:
     manifest = {"name": "demo", "status": "running" if interrupted else "completed", "stages": []}
     for i, (name, kind, history) in enumerate(stages, start=1):
         d = root / "stages" / f"{i:02d}-{name}"
-        last = interrupted and i == len(stages)
+        last = interrupted and i == 3
         status = "running" if last else "completed"
         manifest["stages"].append({"index": i, "name": name, "type": kind, "status": status,
                                    "timings": {"duration_s": None if last else 10.5 * i}})

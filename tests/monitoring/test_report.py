@@ -106,17 +106,33 @@ def test_failed_gate_shows_in_status_and_gate_table(tmp_path):
 
 
 def test_markdown_cells_are_escaped(tmp_path):
-    run = make_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", n_stages=1)
     probes = [{"prompt": p, "completion": "a | b\n*c*"} for p in PROBES]
     (run / "stages" / "01-sft" / "probes.json").write_text(json.dumps(probes))
     md = write_report(run).read_text()
     row = next(line for line in md.splitlines() if line.startswith("| What is 2 + 2?"))
     assert "a \\| b<br>\\*c\\*" in row
-    assert len(re.findall(r"(?<!\\)\|", row)) == 5  # 4 columns -> 5 unescaped pipes
+    assert len(re.findall(r"(?<!\\)\|", row)) == 3  # 2 columns -> 3 unescaped pipes
+
+
+def test_sampling_stage_summary_is_shown(tmp_path):
+    run = make_run(tmp_path / "run", n_stages=1)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"].append({"index": 4, "name": "rs", "type": "rejection_sampling", "status": "completed"})
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    data = run / "stages" / "04-rs" / "data"
+    data.mkdir(parents=True)
+    summary = {"prompts_sampled": 8, "completions_generated": 32, "completions_passed": 5, "kept": 5,
+               "dropped": {"failed_check": 27}, "warnings": ["only 5 kept"]}
+    (data / "summary.json").write_text(json.dumps(summary))
+    md = write_report(run).read_text()
+    section = md[md.index("### 4. rs"):]
+    assert "| 8 | 32 | 5 | 5 |" in section and "Dropped: failed\_check 27" in section
+    assert "> ⚠️ only 5 kept" in section
 
 
 def test_stale_figures_of_an_earlier_report_are_removed(tmp_path):
-    run = make_run(tmp_path / "run")
+    run = make_run(tmp_path / "run", n_stages=1)
     (run / "plots").mkdir()
     (run / "plots" / "07-old.png").write_bytes(PNG_MAGIC)  # from a stage the manifest no longer has
     (run / "plots" / "mine.png").write_bytes(PNG_MAGIC)  # not a report figure: kept

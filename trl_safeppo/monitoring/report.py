@@ -57,6 +57,7 @@ class StageRecord:
     eval: dict[str, Any] | None = None
     probes: list[dict[str, Any]] | None = None
     gates: list[dict[str, Any]] | None = None
+    sampling: dict[str, Any] | None = None  # data/summary.json of a rejection-sampling stage
 
     @property
     def label(self) -> str:
@@ -174,6 +175,8 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict[str, Any], list[StageReco
         if gates is None and isinstance(rec.meta.get("gates"), list):
             gates = rec.meta["gates"]
         rec.gates = gates if isinstance(gates, list) else None
+        summary = _read_json(d / "data" / "summary.json")
+        rec.sampling = summary if isinstance(summary, dict) else None
     return manifest, records
 
 
@@ -339,8 +342,20 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             md += [f"![stage {s.label}](plots/{png.name})", ""]
         elif s.history:
             md += ["This stage logged none of the plotted quantities (reward, kl, length, entropy, loss).", ""]
-        else:
-            md += ["No logged history (the stage did not train, or has not started).", ""]
+        elif s.type not in ("eval", "rejection_sampling"):  # those do not train: no history expected
+            md += ["No logged history (the stage has not trained yet).", ""]
+        if s.sampling:
+            keys = ("prompts_sampled", "completions_generated", "completions_passed", "kept", "prompts_with_kept",
+                    "seconds")
+            shown = [k for k in keys if isinstance(s.sampling.get(k), (int, float))]
+            if shown:
+                md += ["Sampling:", ""]
+                md += _table(shown, [[_fmt(s.sampling[k]) for k in shown]])
+            dropped = s.sampling.get("dropped")
+            if isinstance(dropped, Mapping) and dropped:
+                md += ["Dropped: " + ", ".join(f"{_cell(str(k))} {_fmt(v)}" for k, v in dropped.items()), ""]
+            for warning in s.sampling.get("warnings") or []:
+                md += [f"> ⚠️ {_cell(str(warning))}", ""]
         samples = [x for x in (s.eval or {}).get("samples") or [] if isinstance(x, Mapping)]
         if samples:
             md += ["Held-out samples (greedy):", ""]
