@@ -2,16 +2,17 @@
 
 Three disjoint splits, all deterministic:
 
-- ``sft``: warm-start data with a target ``completion``. Only a fraction (:data:`SFT_TAGGED_FRACTION`) of the targets
-  use the R1-style format ``<think>a + b = s</think><answer>s</answer>``; the rest answer in plain text
-  (``The answer is s.``). After a short SFT the policy therefore uses the tagged format only part of the time, and
-  a format + correctness reward has visible room to raise both (DeepSeek-R1, https://arxiv.org/abs/2501.12948).
+- ``sft``: warm-start data with a target ``completion``. Only part of the targets use the R1-style format
+  ``<think>a + b = s</think><answer>s</answer>``; the rest answer in plain text (``The answer is s.``), and how
+  often depends on the question's phrasing (:data:`USER_TEMPLATES`). After a short SFT the policy therefore uses
+  the tagged format for one phrasing only, and a format + correctness reward has visible room to raise both
+  (DeepSeek-R1, https://arxiv.org/abs/2501.12948).
 - ``rl``: prompts for PPO / GRPO / rejection sampling, with the gold ``answer``.
 - ``eval``: held-out prompts, never seen in ``sft`` or ``rl``.
 
 The pool of problems (every pair of operands below :data:`MAX_OPERAND`) is shuffled once with a fixed seed and cut
 into the three splits, so the splits are disjoint whatever ``seed`` is passed; ``seed`` only orders (and, with
-``n``, subsamples) a split, and picks which ``sft`` examples are tagged.
+``n``, subsamples) a split, and draws which ``sft`` examples are tagged.
 
 The hyperparameters the demo recipe uses with this task and ``tiny://arithmetic`` are in :data:`DEMO_SETTINGS`;
 docs/embedded_default.md records how they were measured.
@@ -29,13 +30,18 @@ EVAL_SIZE = 300
 RL_SIZE = 2000
 _PARTITION_SEED = 20250101  # fixed: the splits never depend on the caller's seed
 
-SYSTEM_PROMPT = "You are a calculator. Think in <think> </think>, then answer in <answer> </answer>."
-USER_TEMPLATE = "What is {a} + {b}?"
-# The R1-style answer format: reasoning in think tags, then the bare number in answer tags, nothing else.
+SYSTEM_PROMPT = "Think in <think> </think>, then answer in <answer> </answer>."
+# Two phrasings of the question. The sft targets use the tagged format with a different probability for each, so
+# after SFT the policy tags one phrasing and answers the other in plain text (greedy format-pass about one half),
+# while sampling still produces some tagged answers to the second phrasing for a format reward to reinforce.
+USER_TEMPLATES: dict[str, float] = {  # template -> fraction of its sft targets in the tagged format
+    "What is {a} + {b}?": 0.9,
+    "Add {a} and {b}.": 0.2,
+}
+# The R1-style answer format: the sum written out in think tags, then the bare number in answer tags, nothing else.
 ANSWER_FORMAT = "<think>{a} + {b} = {answer}</think><answer>{answer}</answer>"
 PLAIN_FORMAT = "The answer is {answer}."
 ANSWER_FORMAT_REGEX = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
-SFT_TAGGED_FRACTION = 0.5
 
 # Tuned together with tiny://arithmetic on 2 CPU cores (see docs/embedded_default.md); the recipe helper copies
 # these into recipes/demo.yaml.
@@ -60,22 +66,22 @@ def parse_answer(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def _pool() -> dict[str, list[tuple[int, int]]]:
-    pairs = [(a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
-    random.Random(_PARTITION_SEED).shuffle(pairs)
+def _pool() -> dict[str, list[tuple[int, int, int]]]:
+    """Every problem ``(a, b, phrasing index)``, shuffled once with a fixed seed and cut into the three splits."""
+    rng = random.Random(_PARTITION_SEED)
+    problems = [(a, b, rng.randrange(len(USER_TEMPLATES))) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
+    rng.shuffle(problems)
     return {
-        "eval": pairs[:EVAL_SIZE],
-        "rl": pairs[EVAL_SIZE : EVAL_SIZE + RL_SIZE],
-        "sft": pairs[EVAL_SIZE + RL_SIZE :],
+        "eval": problems[:EVAL_SIZE],
+        "rl": problems[EVAL_SIZE : EVAL_SIZE + RL_SIZE],
+        "sft": problems[EVAL_SIZE + RL_SIZE :],
     }
 
 
-def make_prompt(a: int, b: int) -> list[dict[str, str]]:
-    """The conversational prompt for ``a + b``: a system turn and a user turn."""
-    return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": USER_TEMPLATE.format(a=a, b=b)},
-    ]
+def make_prompt(a: int, b: int, phrasing: int = 0) -> list[dict[str, str]]:
+    """The conversational prompt for ``a + b``: the system turn and the question in phrasing ``phrasing``."""
+    question = list(USER_TEMPLATES)[phrasing].format(a=a, b=b)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
 def make_completion(a: int, b: int, tagged: bool = True) -> str:
@@ -90,7 +96,7 @@ def load_arithmetic(split: str, n: int | None = None, seed: int = 0):
     Args:
         split: ``"sft"``, ``"rl"`` or ``"eval"``.
         n: number of examples (the first ``n`` after shuffling with ``seed``); None for the whole split.
-        seed: orders the split and chooses which ``sft`` targets use the tagged format.
+        seed: orders the split and draws which ``sft`` targets use the tagged format.
 
     Returns:
         Columns ``prompt`` (list of ``{"role", "content"}``) and ``answer`` (the gold sum, a string); the ``sft``
@@ -100,21 +106,20 @@ def load_arithmetic(split: str, n: int | None = None, seed: int = 0):
 
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not a split of the arithmetic task; accepted: {', '.join(SPLITS)}")
-    pairs = list(_pool()[split])
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(pairs)):
-        raise ValueError(f"n={n!r} for split {split!r}: pass an integer from 1 to {len(pairs)}, or None for all")
+    problems = list(_pool()[split])
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(problems)):
+        raise ValueError(f"n={n!r} for split {split!r}: pass an integer from 1 to {len(problems)}, or None for all")
     rng = random.Random(f"{split}-{seed}")
-    rng.shuffle(pairs)
-    pairs = pairs[:n] if n is not None else pairs
+    rng.shuffle(problems)
+    problems = problems[:n] if n is not None else problems
+    tag_fraction = list(USER_TEMPLATES.values())
     rows: dict[str, list] = {"prompt": [], "answer": []}
     if split == "sft":
         rows["completion"] = []
-        n_tagged = round(SFT_TAGGED_FRACTION * len(pairs))
-        tagged = [True] * n_tagged + [False] * (len(pairs) - n_tagged)
-        rng.shuffle(tagged)
-    for i, (a, b) in enumerate(pairs):
-        rows["prompt"].append(make_prompt(a, b))
+    for a, b, phrasing in problems:
+        rows["prompt"].append(make_prompt(a, b, phrasing))
         rows["answer"].append(str(a + b))
         if split == "sft":
-            rows["completion"].append([{"role": "assistant", "content": make_completion(a, b, tagged[i])}])
+            tagged = rng.random() < tag_fraction[phrasing]
+            rows["completion"].append([{"role": "assistant", "content": make_completion(a, b, tagged)}])
     return Dataset.from_dict(rows)
