@@ -13,6 +13,8 @@ Inside a stage, two TRL/transformers callbacks end training early by setting ``c
   ``kl_budget`` gate fails, so the pipeline stops.
 
 Both record why in ``callback.event`` (a dict), which ``evaluate_gates(early_stops=...)`` turns into outcomes.
+They decide on the logged values, which the trainers gather over all processes before logging, so under
+``accelerate launch`` every process takes the same decision at the same step and all ranks stop together.
 
 Gain over a window is the least-squares slope of the last K values times the span (K - 1):
 ``gain = slope * (K - 1)``, i.e. how much the fitted line rose across the window. It is less noisy than
