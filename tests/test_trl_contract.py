@@ -148,7 +148,17 @@ def test_grpo_config_min_generations_error_is_last_batch_check():
 
 def test_helpers_imported_from_trl():
     from trl.models.utils import disable_gradient_checkpointing  # noqa: F401
-    from trl.trainer.utils import disable_dropout_in_model  # noqa: F401
+    from trl.trainer.utils import disable_dropout_in_model, shuffle_sequence_dict, split_tensor_dict  # noqa: F401
+
+
+def test_rollout_buffer_indexing():
+    src = source(GRPOTrainer._prepare_inputs)
+    require(
+        "self._buffered_inputs[self._step % self.args.steps_per_generation]" in src
+        and "generate_every = self.args.steps_per_generation * self.num_iterations" in src,
+        "how GRPOTrainer._prepare_inputs buffers a rollout and serves its slices",
+        PPO + " (_prepare_inputs re-splits the buffered slices at every later PPO epoch)",
+    )
 
 
 def test_trainer_loop_order():

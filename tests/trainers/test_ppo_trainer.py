@@ -112,6 +112,25 @@ def test_every_logged_metric_is_documented(tmp_path, tiny_debug_path):
     assert not missing, f"metrics logged by SafePPOTrainer but not in docs/metrics.md: {missing}"
 
 
+def test_every_epoch_draws_new_minibatches(tmp_path, tiny_debug_path):
+    # rollout of 8 completions, 2 minibatches of 4, 2 epochs: 4 optimizer steps on one rollout
+    args = config(tmp_path, per_device_train_batch_size=4, steps_per_generation=2, num_iterations=2, max_steps=4,
+                  max_completion_length=8)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    seen = []
+    original = trainer._compute_loss
+
+    def recording(model, inputs):
+        seen.append(frozenset(tuple(row.tolist()) for row in torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)))
+        return original(model, inputs)
+
+    trainer._compute_loss = recording
+    trainer.train()
+    assert len(seen) == 4
+    assert seen[0] | seen[1] == seen[2] | seen[3]  # the same rollout in both epochs ...
+    assert {seen[0], seen[1]} != {seen[2], seen[3]}  # ... cut into different minibatches (seeded, so deterministic)
+
+
 def test_policy_loss_is_the_clipped_surrogate_without_kl(tmp_path, tiny_debug_path):
     """Feed GRPO's loss (B, T) advantages and hand-set ratios; the KL must stay out of the loss."""
     trainer = SafePPOTrainer(

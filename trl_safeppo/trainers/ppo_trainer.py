@@ -220,6 +220,21 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             self.critic_lr_scheduler.step()
         self.critic_optimizer.zero_grad(set_to_none=True)
 
+    def _prepare_inputs(self, generation_batch):
+        # PPO draws fresh minibatches in every epoch (cleanrl's ppo.py; TRL's former PPOTrainer). GRPO shuffles a
+        # rollout once and walks the same slices in every iteration, so at each later epoch's first step the
+        # buffered slices are re-pooled, shuffled and split again (each process its own rows) before GRPO serves one.
+        spg = self.args.steps_per_generation
+        if (
+            self.model.training
+            and self._buffered_inputs is not None
+            and self._step % (spg * self.num_iterations) != 0
+            and self._step % spg == 0
+            and spg > 1
+        ):
+            self._buffered_inputs = _reshuffle(self._buffered_inputs)
+        return super()._prepare_inputs(generation_batch)
+
     def _critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
         """`(B, T)` values V(s_t) of the states before each response token (hidden state of the previous position)."""
         with self.accelerator.autocast():
@@ -439,6 +454,26 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     n = mask.sum()
     return ((x * mask).sum() / n).item() if n > 0 else math.nan
+
+
+def _reshuffle(slices: list[dict]) -> list[dict]:
+    """Pool the minibatch slices of one rollout, shuffle the rows, split again into as many slices.
+
+    Only for text batches whose values are all tensors (or None); anything else (multimodal lists) is left as is.
+    """
+    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+    keys = slices[0].keys()
+    if not all(v is None or isinstance(v, torch.Tensor) for sl in slices for v in sl.values()):
+        return slices
+    pooled = {}
+    for key in keys:
+        values = [sl[key] for sl in slices]
+        if values[0] is None or values[0].ndim == 0:
+            pooled[key] = values[0]
+        else:
+            pooled[key] = torch.cat(values, dim=0)
+    return split_tensor_dict(shuffle_sequence_dict(pooled), len(slices))
 
 
 def _atomic_save(obj: Any, path: str) -> None:
