@@ -231,7 +231,7 @@ def test_two_processes_each_record_their_share(tmp_path):
     script = tmp_path / "harvest.py"
     script.write_text(_DISTRIBUTED_SCRIPT)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "29534", str(script), str(tmp_path)]
+              "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
     done = subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -240,3 +240,11 @@ def test_two_processes_each_record_their_share(tmp_path):
     assert parts == [f"step-0000000{s}-rank{r}.jsonl" for s in (1, 2) for r in (0, 1)]
     scored = load_scored_samples(tmp_path / "data")
     assert len(scored) == 16 and set(scored["rewards"][0]) == {"math"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # a port no other test run holds (several helpers share this machine)
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

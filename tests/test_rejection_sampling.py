@@ -372,7 +372,7 @@ import sys
 from trl_safeppo.rejection_sampling import RejectionSamplingConfig, run_rejection_sampling
 config = RejectionSamplingConfig(model="tiny://debug", num_prompts=6, num_completions=3, max_new_tokens=6,
                                  batch_size=2, reward="math", output_dir=sys.argv[1], progress=False, seed=5)
-print("SUMMARY", run_rejection_sampling(config).completions_generated)
+print("SUMMARY", run_rejection_sampling(config, distributed=True).completions_generated)
 """
 
 
@@ -389,7 +389,7 @@ def test_two_processes_give_the_same_data_as_one(tmp_path):
     script.write_text(_DISTRIBUTED_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", "29533", str(script), str(tmp_path / "two")]
+              "--main_process_port", str(_free_port()), str(script), str(tmp_path / "two")]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("SUMMARY 18") == 2  # both processes return the summary: 6 prompts x 3
@@ -413,3 +413,11 @@ def test_scored_table_feeds_build_pairs(run_e):
         rejected = by_key[(pair["prompt_id"], _text(pair["rejected"]))]
         assert chosen["passed"] and not rejected["passed"]  # a has_e completion over one without "e"
         assert pair["source_model"] == "tiny://debug" and pair["seed"] == 3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # a port no other test run holds (several helpers share this machine)
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
