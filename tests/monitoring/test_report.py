@@ -39,7 +39,7 @@ def test_demo_report_has_every_plot_and_the_probe_table(demo_run):
     run = demo_run
     md = (run / "report.md").read_text()
 
-    for name in ("01-sft", "02-grpo", "03-dpo", "heldout"):
+    for name in ("overview", "01-sft", "02-grpo", "03-dpo", "heldout"):
         png = run / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert f"](plots/{name}.png)" in md

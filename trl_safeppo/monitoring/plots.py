@@ -247,6 +247,59 @@ def plot_stage(history: Sequence[Mapping[str, Any]], path: Path, *, title: str,
         plt.close(fig)
 
 
+OVERVIEW_KEYS = (
+    ("kl", "kl"),
+    ("reward", "reward"),
+    ("completions/mean_length", "mean length (tokens)"),
+    ("entropy", "entropy"),
+)
+
+
+def plot_overview(stages: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: Path) -> Path | None:
+    """The whole run at a glance: KL, reward, length and entropy across stages, one column per stage.
+
+    Each stage gets the same width whatever its number of steps (its steps are scaled into it), so a 15-step PPO
+    stage is as visible as a 125-step SFT stage and the stage labels never overlap.
+    """
+    stages = [(label, [e for e in h if not any(str(k).startswith("eval_") for k in e)]) for label, h in stages]
+    keys = [(k, lab) for k, lab in OVERVIEW_KEYS if any(series(h, k)[0] for _, h in stages)]
+    if not keys or not stages:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import ScalarFormatter
+
+    n = len(stages)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(max(8.0, 1.6 * n + 2), 1.9 * len(keys) + 1.0), sharex=True,
+                             squeeze=False)
+    for ax, (key, label) in zip(axes[:, 0], keys):
+        for i, (_, history) in enumerate(stages):
+            xs, ys = series(history, key)
+            if not xs:
+                continue
+            lo, hi = min(xs), max(xs)
+            span = hi - lo
+            xs = [i + 0.05 + 0.9 * ((x - lo) / span if span else 0.5) for x in xs]
+            ax.plot(xs, ys, color=C_MAIN, marker="." if len(xs) < 30 else None)
+        for i in range(1, n):
+            ax.axvline(i, color="#7f7f7f", linewidth=0.8, linestyle="--")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+        formatter = ax.yaxis.get_major_formatter()
+        if isinstance(formatter, ScalarFormatter):
+            formatter.set_useOffset(False)
+    bottom = axes[-1, 0]
+    bottom.set_xlim(0, n)
+    bottom.set_xticks([i + 0.5 for i in range(n)], [label for label, _ in stages],
+                      rotation=20 if n > 4 else 0, ha="right" if n > 4 else "center")
+    bottom.set_xlabel("stage (each stage's steps scaled to its column)")
+    fig.suptitle("The run at a glance", fontsize=12)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def plot_heldout(stages: Sequence[tuple[str, Mapping[str, Any]]], path: Path) -> Path | None:
     """Bar chart across stages: held-out accuracy and format-pass rate (left), mean length (right)."""
     stages = [(name, ev) for name, ev in stages if ev]

@@ -245,7 +245,7 @@ def _run_status(manifest: Mapping[str, Any], stages: list[StageRecord]) -> tuple
 
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Write ``report.md`` and ``plots/*.png`` into ``run_dir``; return the report's path."""
-    from .plots import plot_heldout, plot_stage
+    from .plots import plot_heldout, plot_overview, plot_stage
 
     run = Path(run_dir)
     manifest, stages = load_run(run)
@@ -259,6 +259,10 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     md += [f"- **Stages:** {len(stages)} ({', '.join(s.label for s in stages) or 'none yet'})",
            f"- **Report written:** {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}", ""]
     md += ["How to read this report: docs/monitoring.md.", ""]
+
+    overview_png = plot_overview([(s.label, s.history) for s in stages], plots_dir / "overview.png")
+    if overview_png is not None:
+        md += ["![the run at a glance](plots/overview.png)", ""]
 
     # Summary table: each stage's final metrics.
     md += ["## Final metrics per stage", ""]
@@ -298,7 +302,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     md += ["## Held-out evaluation", ""]
     evaluated = [(s.label, s.eval) for s in stages if s.eval]
     heldout_png = plot_heldout(evaluated, plots_dir / "heldout.png")
-    referenced: set[str] = set()
+    referenced: set[str] = {overview_png.name} if overview_png is not None else set()
     if heldout_png is not None:
         referenced.add(heldout_png.name)
         md += ["![held-out evaluation per stage](plots/heldout.png)", ""]
@@ -370,7 +374,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     # Figures of an earlier report that this one did not draw (a stage renamed, or without data now) would mislead.
     if plots_dir.is_dir():
         for path in plots_dir.glob("*.png"):
-            if path.name not in referenced and (path.name == "heldout.png" or _STAGE_DIR.match(path.stem)):
+            if path.name not in referenced and (path.name in ("heldout.png", "overview.png") or _STAGE_DIR.match(path.stem)):
                 path.unlink(missing_ok=True)
 
     report = run / "report.md"
