@@ -26,6 +26,10 @@ _LAZY: dict[str, str] = {
     "SafeGRPOTrainer": ".trainers.grpo_trainer",
     "SafeDPOConfig": ".trainers.dpo_config",
     "SafeDPOTrainer": ".trainers.dpo_trainer",
+    # rejection sampling and harvesting
+    "RejectionSamplingConfig": ".rejection_sampling",
+    "run_rejection_sampling": ".rejection_sampling",
+    "HarvestCallback": ".harvest",
     # models and data
     "resolve_model_path": ".models",
     "load_arithmetic": ".tasks.arithmetic",
@@ -48,10 +52,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .harvest import HarvestCallback
     from .models import resolve_model_path
     from .rails.config import RailsConfig, RewardRails
     from .rails.gae import compute_gae
     from .rails.kl import AdaptiveKLController, FixedKLController
+    from .rejection_sampling import RejectionSamplingConfig, run_rejection_sampling
     from .tasks.arithmetic import load_arithmetic
     from .trainers.dpo_config import SafeDPOConfig
     from .trainers.dpo_trainer import SafeDPOTrainer
