@@ -21,14 +21,19 @@ class Generation:
 
 
 def load_policy(model_or_path: Any, tokenizer: Any = None):
-    """``(model, tokenizer)`` from a model object or a path / ``tiny://`` name (tokenizer loaded beside it)."""
+    """``(model, tokenizer)`` from a model object (used where it is) or a path / ``tiny://`` name (loaded, on the GPU
+    when there is one; the tokenizer is loaded from beside it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(model_or_path, str):
         from ..models import resolve_model_path
 
+        import torch
+
         path = resolve_model_path(model_or_path)
         model = AutoModelForCausalLM.from_pretrained(path)
+        if torch.cuda.is_available():  # greedy evaluation of a real model on CPU would take far too long
+            model = model.to("cuda")
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
     else:
         model = model_or_path
