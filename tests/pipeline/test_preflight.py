@@ -174,3 +174,12 @@ def test_unknown_init_model():
     tree = micro()
     tree["stages"][1]["init"] = "./no/such/model"
     fails(tree, where="stages[1] (grpo).init", match="does not exist")
+
+
+def test_reward_self_test_runs_on_the_stage_data():
+    # a rule that passes anything: the control completion ("__wrong__" in the answer tags) passes too
+    tree = micro(reward=[{"name": "regex", "pattern": ".*"}])
+    err = fails(tree, where="reward", match="fails its self-test on 8 rows of this stage's data")
+    assert "self_test: false" in str(err)
+    preflight(recipe_from_dict(micro(reward=[{"name": "regex", "pattern": ".*"}], self_test=False)),
+              check_hardware=False)

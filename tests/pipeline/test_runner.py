@@ -18,12 +18,25 @@ from trl_safeppo.pipeline.runner import run_recipe
 REPO = Path(__file__).resolve().parents[2]
 
 
+PARITY = textwrap.dedent(
+    """
+    def parity(prompts, completions, **kwargs):
+        # 1.0 for a completion with an even number of characters: a random tiny model passes about half the time,
+        # so rejection sampling keeps some samples and pairs can be built.
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [1.0 if len(t) % 2 == 0 else 0.0 for t in texts]
+    """
+)
+
+
 def micro_recipe(out: Path) -> dict:
+    """Every stage type but PPO, 1-2 steps each, on tiny://debug."""
     return {
         "name": "micro",
         "model": "tiny://debug",
         "output_dir": str(out),
-        "reward": [{"name": "format", "weight": 0.5}, {"name": "math"}],
+        "reward": "parity_reward.parity",
+        "self_test": False,  # parity has no gold answer to test against
         "eval": {"dataset": {"path": "task://arithmetic/eval", "n": 4}, "max_new_tokens": 8,
                  "accuracy_reward": "math", "format_reward": "format"},
         "probes": ["What is 1 + 1?"],
@@ -32,10 +45,23 @@ def micro_recipe(out: Path) -> dict:
              "args": {"max_steps": 2, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 1}},
             {"type": "grpo", "dataset": {"path": "task://arithmetic/rl", "n": 8},
              "args": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 4,
-                      "max_completion_length": 8, "logging_steps": 1, "save_steps": 1}},
+                      "max_completion_length": 8, "logging_steps": 1}},
+            {"type": "rejection_sampling", "dataset": {"path": "task://arithmetic/rl", "n": 4},
+             "args": {"num_completions": 4, "max_new_tokens": 8, "progress": False}},
+            {"type": "sft", "name": "sft-rs", "dataset": "previous",
+             "args": {"max_steps": 1, "per_device_train_batch_size": 4, "logging_steps": 1}},
+            {"type": "dpo", "dataset": "previous",
+             "args": {"max_steps": 1, "per_device_train_batch_size": 2, "logging_steps": 1}},
             {"type": "eval"},
         ],
     }
+
+
+@pytest.fixture
+def parity_module(tmp_path, monkeypatch):
+    (tmp_path / "parity_reward.py").write_text(PARITY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
 
 
 def write(tmp_path: Path, tree: dict, name: str = "recipe.yaml") -> Path:
@@ -48,24 +74,32 @@ def manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
-def test_micro_recipe_runs_and_reruns(tmp_path, capsys):
+def test_micro_recipe_runs_and_reruns(tmp_path, parity_module, capsys):
     out = tmp_path / "run"
     recipe = write(tmp_path, micro_recipe(out))
     assert run_recipe(str(recipe)) == 0
 
     m = manifest(out)
     assert m["status"] == "completed"
-    assert [s["status"] for s in m["stages"]] == ["completed"] * 3
-    sft, grpo, ev = m["stages"]
+    assert [s["status"] for s in m["stages"]] == ["completed"] * 6
+    sft, grpo, rs, sft_rs, dpo, ev = m["stages"]
     # run-directory contract (docs/architecture.md)
     assert (out / "recipe.yaml").exists() and (out / "report.md").exists()
     for name in ("final/config.json", "final/tokenizer_config.json", "log_history.jsonl", "eval.json", "gates.json",
                  "probes.json"):
         assert (out / "stages/01-sft" / name).exists(), name
-    # hand-off: stage 2 starts from stage 1's final/, and the eval stage evaluates stage 2's final/
+    # hand-off: each stage starts from the previous final/; rejection sampling and eval pass the policy through
     assert grpo["inputs"]["model"]["path"] == sft["outputs"]["final"]["path"] == str(out / "stages/01-sft/final")
     assert grpo["inputs"]["model"]["hash"] == sft["outputs"]["final"]["hash"]
-    assert ev["outputs"]["final"]["path"] == grpo["outputs"]["final"]["path"]
+    assert rs["inputs"]["model"]["path"] == rs["outputs"]["final"]["path"] == grpo["outputs"]["final"]["path"]
+    assert sft_rs["inputs"]["model"]["path"] == grpo["outputs"]["final"]["path"]
+    assert dpo["inputs"]["model"]["path"] == sft_rs["outputs"]["final"]["path"]
+    assert ev["outputs"]["final"]["path"] == dpo["outputs"]["final"]["path"]
+    # data hand-off: the SFT set of rejection sampling trains sft-rs; DPO pairs come from its scored samples
+    kept = json.loads((out / "stages/03-rejection_sampling/data/summary.json").read_text())["kept"]
+    assert sft_rs["inputs"]["dataset"]["rows"] == kept > 0
+    assert (out / "stages/05-dpo/data/pairs").is_dir() and dpo["inputs"]["dataset"]["rows"] >= 1
+    assert set(rs["outputs"]["data"]) == {"sft", "scored"}
     # SFT logged at steps 1 and 2, then the end-of-training summary: 3 lines, as trainer.state.log_history
     history = [json.loads(line) for line in (out / "stages/01-sft/log_history.jsonl").read_text().splitlines()]
     assert [h.get("step") for h in history] == [1, 2, 2] and "train_runtime" in history[-1]
@@ -77,17 +111,17 @@ def test_micro_recipe_runs_and_reruns(tmp_path, capsys):
     # rerun: everything skipped
     assert run_recipe(str(recipe)) == 0
     again = manifest(out)
-    assert [s["timings"]["attempts"] for s in again["stages"]] == [1, 1, 1]
+    assert [s["timings"]["attempts"] for s in again["stages"]] == [1] * 6
     assert [s["timings"]["started_at"] for s in again["stages"]] == [s["timings"]["started_at"] for s in m["stages"]]
 
-    # a changed stage (and every stage after it) runs again; the stages before it are kept
-    assert run_recipe(str(recipe), ["stages.grpo.args.learning_rate=2.0e-6"]) == 0
+    # a changed stage (and every stage after it: fingerprints are chained) runs again; the stages before it are kept
+    assert run_recipe(str(recipe), ["stages.dpo.args.learning_rate=2.0e-6"]) == 0
     changed = manifest(out)
-    assert changed["stages"][0]["fingerprint"] == m["stages"][0]["fingerprint"]
-    assert changed["stages"][0]["timings"]["started_at"] == m["stages"][0]["timings"]["started_at"]
-    assert changed["stages"][1]["fingerprint"] != m["stages"][1]["fingerprint"]
-    assert changed["stages"][2]["fingerprint"] != m["stages"][2]["fingerprint"]
-    assert changed["stages"][1]["config"]["args"]["learning_rate"] == 2.0e-6
+    before, after = m["stages"], changed["stages"]
+    assert [s["fingerprint"] for s in after[:4]] == [s["fingerprint"] for s in before[:4]]
+    assert [s["timings"]["started_at"] for s in after[:4]] == [s["timings"]["started_at"] for s in before[:4]]
+    assert after[4]["fingerprint"] != before[4]["fingerprint"] and after[5]["fingerprint"] != before[5]["fingerprint"]
+    assert after[4]["config"]["args"]["learning_rate"] == 2.0e-6
 
 
 KILLER = textwrap.dedent(
@@ -111,7 +145,7 @@ def test_resume_after_kill_mid_stage(tmp_path):
     out = tmp_path / "run"
     (tmp_path / "killer_cb.py").write_text(KILLER)
     tree = micro_recipe(out)
-    del tree["eval"], tree["probes"]
+    del tree["eval"], tree["probes"], tree["reward"]
     tree["stages"] = [
         tree["stages"][0],
         {"type": "sft", "name": "sft-long", "dataset": {"path": "task://arithmetic/sft", "n": 64},

@@ -4,8 +4,9 @@ Accepted forms of a stage's ``dataset`` (and of each entry of the recipe's share
 
 - a key of the recipe's ``data`` mapping (``dataset: rl``);
 - ``task://<task>/<split>``: the embedded task (``task://arithmetic/sft``, ``.../rl``, ``.../eval``);
-- ``previous``: what the previous stage produced (the SFT set of a rejection-sampling stage; for a DPO stage, pairs
-  built with :func:`trl_safeppo.pairs.build_pairs` from the previous stage's scored samples);
+- ``previous``: the most recent data of the needed kind produced by an earlier stage (for an SFT stage, the SFT set
+  of a rejection-sampling stage; for a DPO stage, pairs built with :func:`trl_safeppo.pairs.build_pairs` from its
+  scored samples, with options under ``pairs:``);
 - a local file (``.json``, ``.jsonl``, ``.csv``, ``.parquet``) or a directory written by ``Dataset.save_to_disk``;
 - a Hugging Face Hub dataset id (``openai/gsm8k``).
 
@@ -28,7 +29,7 @@ TASK_PREFIX = "task://"
 TASKS: dict[str, str] = {"arithmetic": "trl_safeppo.tasks.arithmetic:load_arithmetic"}
 TASK_SPLITS: dict[str, tuple[str, ...]] = {"arithmetic": ("sft", "rl", "eval")}
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-DATASET_KEYS = ("path", "name", "split", "n", "columns", "map")
+DATASET_KEYS = ("path", "name", "split", "n", "columns", "map", "pairs")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class DatasetSpec:
     n: int | None = None
     columns: dict[str, str] = field(default_factory=dict)
     map: str | None = None
+    pairs: dict[str, Any] = field(default_factory=dict)  # build_pairs options (DPO from `previous` scored samples)
 
     def describe(self) -> str:
         extra = "".join(f" {k}={v}" for k, v in (("name", self.name), ("split", self.split), ("n", self.n)) if v)
@@ -105,8 +107,22 @@ def normalize(value: Any, *, where: str, shared: dict[str, Any] | None = None, _
         if options.get(key) is not None and not isinstance(options[key], str):
             raise RecipeError(f"{where}.{key}", f"{key}={options[key]!r} must be a string", f"quote the {key}")
     common = dict(n=n, columns=dict(columns), map=options.get("map"), name=options.get("name"))
+    pairs = options.get("pairs") or {}
+    if pairs and value != "previous":
+        raise RecipeError(f"{where}.pairs", "`pairs` options apply to `path: previous` (pairs built from scored "
+                          "samples)", "remove `pairs`, or use `path: previous` after a rejection_sampling stage")
+    if not isinstance(pairs, dict):
+        raise RecipeError(f"{where}.pairs", f"pairs={pairs!r} must be a mapping of build_pairs options",
+                          "write e.g. `pairs: {min_margin: 0.5, max_pairs_per_prompt: 2}`")
     if value == "previous":
-        return DatasetSpec(kind="previous", path="previous", **common)
+        if pairs:
+            from ..pairs import build_pairs_with_report
+            from .schema import check_args
+
+            pairs = check_args(pairs, build_pairs_with_report, where=f"{where}.pairs", what="trl_safeppo.pairs.build_pairs",
+                               reserved={"scored": "the scored samples come from the earlier stage",
+                                         "provenance": "the runner fills the provenance"})
+        return DatasetSpec(kind="previous", path="previous", pairs=dict(pairs), **common)
     if value.startswith(TASK_PREFIX):
         task, _, split = value[len(TASK_PREFIX):].partition("/")
         split = split or options.get("split")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,10 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def default_args(recipe: Recipe, config_cls: Any, cuda: bool) -> dict[str, Any]:
-    """Runner defaults for a stage's config: the recipe's seed, no experiment trackers, bf16 only on a GPU."""
+    """Runner defaults for a stage's config: the recipe's seed, no experiment trackers, bf16 only on a GPU, and
+    (rejection sampling) the recipe's reward self-test switch."""
     known = accepted_fields(config_cls)
-    defaults = {"seed": recipe.seed, "report_to": "none", "bf16": cuda}
+    defaults = {"seed": recipe.seed, "report_to": "none", "bf16": cuda, "self_test": recipe.self_test}
     return {k: v for k, v in defaults.items() if k in known}
 
 
@@ -101,14 +103,11 @@ def _resolve_model(value: str, where: str) -> str:
 
 
 def _check_reward(spec: Any, where: str) -> None:
-    """``rewards.validate_spec`` (imports, options), then the self-test when the rewards package offers one."""
+    """``rewards.validate_spec``: names, options, dotted paths (the self-test runs on each stage's data)."""
     from .. import rewards
 
-    self_test = getattr(rewards, "self_test", None)
     try:
         rewards.validate_spec(spec, path=where)
-        if self_test is not None:
-            self_test(spec)
     except (ValueError, ImportError, TypeError, AttributeError) as err:
         message = str(err)
         message = message[len(where) + 2:] if message.startswith(where + ": ") else message
@@ -165,9 +164,11 @@ def _dataset_for(plan_so_far: list[StagePlan], recipe: Recipe, index: int, stype
     return spec
 
 
-def _check_columns(spec: data_mod.DatasetSpec, stype: StageType, stage_type: str, where: str, seed: int) -> None:
+def _check_columns(spec: data_mod.DatasetSpec, stype: StageType, stage_type: str, where: str, seed: int):
+    """Load a task / local dataset and check its columns; returns it (None for Hub and `previous` data, which are
+    checked when their stage starts: nothing is downloaded in pre-flight)."""
     if spec.kind not in ("task", "file"):
-        return  # hub: checked when the stage starts (nothing is downloaded in pre-flight); previous: by contract
+        return None
     try:
         ds = data_mod.load(spec, where=where, seed=seed)
     except RecipeError:
@@ -176,6 +177,30 @@ def _check_columns(spec: data_mod.DatasetSpec, stype: StageType, stage_type: str
         raise RecipeError(where, f"cannot load the dataset {spec.describe()}: {type(err).__name__}: {err}",
                           "check the file's format and contents") from None
     data_mod.check_columns(ds, stype.columns, where=where, stage_type=stage_type)
+    return ds
+
+
+SELF_TEST_ROWS = 16
+
+
+def _self_test(reward: Any, ds, where: str, done: set) -> None:
+    """The reward's verifier self-test on the first rows of the stage's data: gold answers pass, wrong ones fail."""
+    from ..rewards.selftest import check_rewards
+
+    key = (json.dumps(reward, sort_keys=True, default=str), getattr(ds, "_fingerprint", id(ds)))
+    if key in done:
+        return
+    done.add(key)
+    rows = ds.select(range(min(SELF_TEST_ROWS, len(ds))))
+    fix = ("fix the reward spec (try `trl-safeppo check-rewards`), or set `self_test: false` at the top of the "
+           "recipe for a reward without a gold answer")
+    try:
+        report = check_rewards(reward, rows, threads=2, processes=0)
+    except ValueError as err:
+        raise RecipeError(where, f"the reward cannot be self-tested on this stage's data: {err}", fix) from None
+    if not report.ok:
+        raise RecipeError(where, f"the reward fails its self-test on {report.n} rows of this stage's data: "
+                          f"{'; '.join(report.failures)}", fix)
 
 
 def preflight(recipe: Recipe, *, check_hardware: bool = True) -> Plan:
@@ -195,6 +220,7 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
         _check_rails(recipe.rails, "rails")
 
     stages: list[StagePlan] = []
+    self_tested: set = set()
     for i, spec in enumerate(recipe.stages):
         where = f"stages[{i}] ({spec.name})"
         stype = STAGE_TYPES[spec.type]
@@ -255,8 +281,9 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
 
         # data
         dataset = _dataset_for(stages, recipe, i, stype, where)
+        loaded = None
         if dataset is not None:
-            _check_columns(dataset, stype, spec.type, f"{where}.dataset", recipe.seed)
+            loaded = _check_columns(dataset, stype, spec.type, f"{where}.dataset", recipe.seed)
 
         # reward
         reward = spec.reward if spec.reward is not None else recipe.reward
@@ -264,7 +291,9 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
             _check_reward(spec.reward, f"{where}.reward")
         if stype.needs_reward and reward is None:
             raise RecipeError(f"{where}.reward", f"a {spec.type} stage needs a reward and the recipe has none",
-                              "add a top-level `reward:` (e.g. [{name: accuracy, weight: 1.0}]) or a stage `reward:`")
+                              "add a top-level `reward:` (e.g. [{name: math}]) or a stage `reward:`")
+        if stype.needs_reward and recipe.self_test and loaded is not None:
+            _self_test(reward, loaded, f"{where}.reward" if spec.reward is not None else "reward", self_tested)
 
         if spec.gate:
             _check_gate(spec.gate, f"{where}.gate")

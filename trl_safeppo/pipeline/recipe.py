@@ -142,6 +142,10 @@ class Recipe:
             Probe prompts answered greedily after every stage (written to `probes.json`).
         description (`str`, defaults to `""`):
             Free text, shown in the report.
+        self_test (`bool`, defaults to `True`):
+            Pre-flight runs the reward's verifier self-test (`trl_safeppo.rewards.selftest.check_rewards`) on the
+            first rows of each rewarded stage's dataset: a gold answer must pass, a wrong one must fail. Set `false`
+            for a reward without a gold answer.
     """
 
     name: str
@@ -155,6 +159,7 @@ class Recipe:
     eval: dict = field(default_factory=dict)
     probes: list = field(default_factory=list)
     description: str = ""
+    self_test: bool = True
     source: str | None = field(default=None, repr=False, compare=False)  # where it was loaded from (not a key)
 
     def to_dict(self) -> dict[str, Any]:
@@ -360,6 +365,7 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
     eval_cfg = _expect(tree.get("eval") or {}, dict, "eval", "eval", "write a mapping, e.g. {dataset: ..., n: 100}")
     probes = _expect(tree.get("probes") or [], list, "probes", "probes", "write a list of prompts")
     description = _expect(tree.get("description") or "", str, "description", "description", "write a string")
+    self_test = _expect(tree.get("self_test", True), bool, "self_test", "self_test", "write true or false")
     stages_raw = _expect(tree["stages"], list, "stages", "stages", "write a list of stages, each with a `type`")
 
     stages: list[StageSpec] = []
@@ -428,7 +434,8 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
         )
     return Recipe(
         name=tree["name"], model=tree["model"], output_dir=tree["output_dir"], stages=stages, seed=seed, data=data,
-        reward=tree.get("reward"), rails=rails, eval=eval_cfg, probes=probes, description=description, source=source,
+        reward=tree.get("reward"), rails=rails, eval=eval_cfg, probes=probes, description=description, self_test=self_test,
+        source=source,
     )
 
 

@@ -324,19 +324,28 @@ class _Runner:
             data = dict(data, pairs=self._build_pairs(sp, stage_dir, data))
         ds = data_mod.load(sp.dataset, where=where, seed=self.plan.recipe.seed, previous_data=data,
                            previous_kind=sp.stype.consumes)
+        if len(ds) == 0:
+            origin = (f"an earlier stage produced no {sp.stype.consumes} data (see its data/summary.json)"
+                      if sp.dataset.kind == "previous" else f"{sp.dataset.describe()} has no rows")
+            raise RecipeError(where, f"the dataset is empty: {origin}",
+                              "train the policy longer before sampling, sample more completions, or name a dataset")
         data_mod.check_columns(ds, sp.stype.columns, where=where, stage_type=sp.spec.type)
         return ds
 
     def _build_pairs(self, sp: StagePlan, stage_dir: Path, data: dict[str, str]) -> str:
-        """DPO from the previous stage's scored samples (main process builds, everyone loads)."""
+        """DPO pairs from an earlier stage's scored samples (the main process builds them, everyone loads)."""
         target = stage_dir / "data" / "pairs"
         if self.is_main and not target.exists():
             import datasets
 
-            from ..pairs import build_pairs
+            from ..pairs import build_pairs_with_report
 
             scored = datasets.load_from_disk(data["scored"])
-            pairs = build_pairs(scored)
+            pairs, report = build_pairs_with_report(scored, **sp.dataset.pairs)
+            if len(pairs) == 0:
+                raise RecipeError(f"{sp.where}.dataset", f"no preference pairs could be built from the "
+                                  f"{len(scored)} scored samples ({report.summary()})",
+                                  "sample more completions per prompt, or relax `pairs: {min_margin: ...}`")
             pairs.save_to_disk(str(target))
         self.barrier()
         return str(target)

@@ -302,8 +302,9 @@ def run_rejection_sampling(ctx: StageContext) -> StageOutcome:
 
     out = ctx.stage_dir / "data"
     if ctx.is_main:
+        args = {k: v for k, v in ctx.args.items() if k != "output_dir"}  # its output_dir is the stage's data/
         config = RejectionSamplingConfig(model=ctx.model, dataset=ctx.dataset, reward=ctx.reward,
-                                         output_dir=str(out), **ctx.args)
+                                         output_dir=str(out), **args)
         run_rejection_sampling(config)
     _barrier()
     return StageOutcome(final=ctx.model, data={"sft": str(out / "sft"), "scored": str(out / "scored")})
