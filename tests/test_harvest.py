@@ -248,3 +248,40 @@ def _free_port() -> int:
     with socket.socket() as sock:  # a port no other test run holds (several helpers share this machine)
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_harvest_on_our_trainers_records_every_generated_completion(kind, tmp_path):
+    # SafeGRPOTrainer / SafePPOTrainer (GRPOTrainer subclasses, here with a reward rail adding its own reward
+    # column): every completion returned by the trainer's generation is recorded once, and the checker's own
+    # metrics keep their names.
+    from trl import GRPOTrainer
+
+    from trl_safeppo import SafeGRPOConfig, SafeGRPOTrainer, SafePPOConfig, SafePPOTrainer
+    from trl_safeppo.models import resolve_model_path
+    from trl_safeppo.tasks.arithmetic import load_arithmetic
+
+    config_cls, trainer_cls = {"grpo": (SafeGRPOConfig, SafeGRPOTrainer), "ppo": (SafePPOConfig, SafePPOTrainer)}[kind]
+    generated = []
+    original = GRPOTrainer._generate
+
+    def counting(self, prompts):
+        out = original(self, prompts)
+        generated.extend(out[3])  # the decoded completions
+        return out
+
+    harvest = HarvestCallback(tmp_path / "data", stage=kind)
+    args = config_cls(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=8, max_steps=2, report_to="none", logging_steps=1, save_strategy="no",
+                      use_cpu=True, bf16=False, disable_tqdm=True, rails={"clip": {"low": -5.0, "high": 5.0}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GRPOTrainer, "_generate", counting)
+        trainer = trainer_cls(model=resolve_model_path("tiny://debug"),
+                              reward_funcs=[harvest.watch(["format", "math"])], args=args,
+                              train_dataset=load_arithmetic("rl", n=8), callbacks=[harvest])
+        trainer.train()
+    scored = load_scored_samples(tmp_path / "data")
+    assert len(generated) > 0
+    assert [c[0]["content"] for c in scored["completion"]] == [c[0]["content"] for c in generated]
+    assert set(scored["rewards"][0]) == {"format", "math"}
+    assert {"rewards/rules/mean", "rewards/format/mean", "rewards/rules/pass_rate"} <= set(trainer.state.log_history[0])
