@@ -534,6 +534,22 @@ class _TransformersGenerator:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
+    def _generation_config(self, n: int):
+        """Exactly the recorded settings: a fresh GenerationConfig, so the model's own defaults (top_k,
+        repetition_penalty, a different temperature, ...) never apply unseen. Only the special tokens are kept."""
+        from transformers import GenerationConfig
+
+        cfg, own = self.config, self.model.generation_config
+        sampling = {"do_sample": True, "temperature": float(cfg.temperature), "top_p": float(cfg.top_p), "top_k": 0}
+        return GenerationConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=sorted(self.eos_ids),
+            bos_token_id=own.bos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **(sampling if cfg.temperature > 0 else {"do_sample": False}),
+        )
+
     def __call__(self, prompts: list, seed: int) -> list[list[dict]]:
         import torch
 
@@ -541,22 +557,11 @@ class _TransformersGenerator:
         texts = [_prompt_text(self.tokenizer, p) for p in prompts]
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        sampling = (
-            {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0}
-            if cfg.temperature > 0
-            else {"do_sample": False}
-        )
         # Greedy decoding gives n identical completions: generate one and repeat it (generate refuses n > 1).
         n_generate = cfg.num_completions if cfg.temperature > 0 else 1
         torch.manual_seed(seed)
         with torch.inference_mode():
-            out = self.model.generate(
-                **inputs,
-                max_new_tokens=cfg.max_new_tokens,
-                num_return_sequences=n_generate,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **sampling,
-            )
+            out = self.model.generate(**inputs, generation_config=self._generation_config(n_generate))
         new_tokens = out[:, inputs["input_ids"].shape[1] :].tolist()
         if n_generate == 1:
             new_tokens = [ids for ids in new_tokens for _ in range(cfg.num_completions)]
