@@ -59,3 +59,16 @@ def test_disabled_progress_writes_nothing():
         list(progress.bar(range(3)))
     progress.close()
     assert buf.getvalue() == ""
+
+
+def test_terminal_shows_a_stage_bar_with_the_stage_name():
+    buf = io.StringIO()
+    progress = PipelineProgress(2, stream=buf, interactive=True)  # as on a terminal
+    with progress.stage(1, "sft", "sft"):
+        for _ in progress.bar(range(3), desc="sampling"):
+            pass
+    progress.close()
+    text = buf.getvalue()
+    assert "stage 1/2: sft (sft)" in text and "1/2 stages" in text  # the pipeline bar after one stage
+    assert "sampling" in text  # the inner bar
+    assert "stage 1/2: sft (sft): completed in" in text
