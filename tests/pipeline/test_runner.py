@@ -177,3 +177,45 @@ def test_resume_after_kill_mid_stage(tmp_path):
     # the rewritten log history has each step once, although steps 5 were logged before the kill too
     steps = [json.loads(line).get("step") for line in (out / "stages/02-sft-long/log_history.jsonl").read_text().splitlines()]
     assert steps[:-1] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_peft_handoff_merge_then_keep(tmp_path, tiny_debug_path):
+    import torch
+
+    out = tmp_path / "run"
+    sft = {"dataset": {"path": "task://arithmetic/sft", "n": 8},
+           "args": {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 1.0e-2}}
+    tree = {
+        "name": "peft",
+        "model": "tiny://debug",
+        "output_dir": str(out),
+        "stages": [
+            {"type": "sft", "name": "merged", **sft, "peft": {"r": 2, "lora_alpha": 4, "handoff": "merge"}},
+            {"type": "sft", "name": "kept", **sft, "peft": {"r": 2, "lora_alpha": 4, "handoff": "keep"}},
+            {"type": "sft", "name": "continued", **sft},  # continues training the kept adapter
+        ],
+    }
+    assert run_recipe(str(write(tmp_path, tree))) == 0
+    stages = out / "stages"
+    # merge: the adapter is kept beside; final/ is an ordinary model whose LoRA-targeted weights moved
+    assert (stages / "01-merged/adapter/adapter_config.json").exists()
+    assert (stages / "01-merged/final/config.json").exists()
+    assert not (stages / "01-merged/final/adapter_config.json").exists()
+    from safetensors.torch import load_file
+
+    base = load_file(str(Path(tiny_debug_path) / "model.safetensors"))
+    merged = load_file(str(stages / "01-merged/final/model.safetensors"))
+    assert base.keys() == merged.keys()  # no lora_A / lora_B left: merged into the linear weights
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all(k.endswith(".weight") and "proj" in k for k in changed)  # only LoRA-targeted layers
+    # keep: final/ is the adapter, whose base is stage 1's merged model
+    kept = json.loads((stages / "02-kept/final/adapter_config.json").read_text())
+    assert kept["base_model_name_or_path"] == str(stages / "01-merged/final")
+    assert not (stages / "02-kept/final/config.json").exists()
+    # the next stage trained that same adapter (no second one) and hands it on
+    continued = json.loads((stages / "03-continued/final/adapter_config.json").read_text())
+    assert continued["base_model_name_or_path"] == str(stages / "01-merged/final")
+    m = manifest(out)
+    assert m["stages"][2]["inputs"]["model"]["path"] == str(stages / "02-kept/final")
+    assert m["stages"][2]["outputs"]["final"]["hash"] != m["stages"][1]["outputs"]["final"]["hash"]

@@ -167,7 +167,13 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
     state.wait_for_everyone()
 
     runner = _Runner(plan, manifest, run_dir, is_main, state)
-    rc = runner.run_all()
+    try:
+        rc = runner.run_all()
+    except BaseException:
+        if is_main:
+            manifest.data["status"] = "failed"
+            manifest.save()
+        raise
     if is_main:
         manifest.data["status"] = "completed" if rc == 0 else "stopped"
         manifest.data["duration_s"] = round(time.time() - started, 1)
@@ -469,7 +475,7 @@ def describe_plan(plan: Plan) -> str:
     r = plan.recipe
     lines = [f"recipe {r.name!r}: model {r.model} -> {r.output_dir} (seed {r.seed})"]
     for sp in plan.stages:
-        init = "previous" if sp.init == "previous" else sp.init
+        init = sp.init if sp.init != "previous" else (r.model if sp.index == 0 else "previous")
         data = sp.dataset.describe() if sp.dataset else "-"
         peft = f", peft handoff={sp.spec.handoff}" if sp.spec.peft is not None else ""
         lines.append(f"  {stage_dir_name(sp.index, sp.spec.name)}: {sp.spec.type} ({sp.config_cls.__name__}) "
