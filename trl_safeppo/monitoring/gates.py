@@ -46,9 +46,13 @@ TRAIN_METRICS: tuple[str, ...] = (
     "mean_token_accuracy",
 )
 # Metrics of the held-out evaluation (eval.json), see evaluation.evaluate_heldout.
-EVAL_METRICS: tuple[str, ...] = ("accuracy", "mean_length", "format_pass_rate")
+EVAL_METRICS: tuple[str, ...] = (
+    "accuracy", "mean_length", "format_pass_rate", "pass_rate", "truncation_rate", "reward_mean"
+)
 # Families of names: any name starting with one of these is accepted (e.g. rewards/accuracy/mean, rails/clip/frac).
-METRIC_PREFIXES: tuple[str, ...] = ("rewards/", "rails/", "ppo/", "dpo/", "tripwire/", "logps/", "logits/")
+METRIC_PREFIXES: tuple[str, ...] = (
+    "rewards/", "rails/", "ppo/", "dpo/", "tripwire/", "logps/", "logits/", "completions/", "clip_ratio/"
+)
 
 KNOWN_METRICS: tuple[str, ...] = TRAIN_METRICS + EVAL_METRICS
 
