@@ -183,3 +183,17 @@ def test_reward_self_test_runs_on_the_stage_data():
     assert "self_test: false" in str(err)
     preflight(recipe_from_dict(micro(reward=[{"name": "regex", "pattern": ".*"}], self_test=False)),
               check_hardware=False)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    from trl_safeppo.cli import main
+
+    tree = micro()
+    tree["stages"][2]["type"] = "evaluate"
+    path = tmp_path / "bad.yaml"
+    path.write_text(__import__("yaml").safe_dump(tree))
+    assert main(["run", str(path), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err == (f"trl-safeppo run: error: {path}: stages[2].type: unknown stage type 'evaluate' (did you mean "
+                   "'eval'?). Fix: use one of: sft, ppo, grpo, rejection_sampling, dpo, eval")
