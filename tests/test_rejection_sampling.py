@@ -421,3 +421,17 @@ def _free_port() -> int:
     with socket.socket() as sock:  # a port no other test run holds (several helpers share this machine)
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_same_settings_but_other_prompts_is_a_different_run(tmp_path):
+    # The fingerprint covers the content of the sampled rows: an edited data file is not resumed into.
+    from trl_safeppo.tasks.arithmetic import load_arithmetic
+
+    data = tmp_path / "prompts.jsonl"
+    load_arithmetic("rl", n=2).to_json(str(data))
+    config = dict(**{**SMALL, "num_completions": 1}, dataset=str(data), reward=Always(1.0),
+                  output_dir=str(tmp_path / "out"))
+    run_rejection_sampling(RejectionSamplingConfig(**config))
+    load_arithmetic("rl", n=3).to_json(str(data))  # same path, one more row
+    with pytest.raises(ValueError, match=r"different run.*the prompts \(their content\)"):
+        run_rejection_sampling(RejectionSamplingConfig(**config))

@@ -298,10 +298,13 @@ class RejectionSamplingConfig:
         """JSON-able settings (datasets and callables described by name and fingerprint)."""
         return {f.name: _describe(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    def fingerprint(self) -> str:
-        """Hash of every setting that changes the output (all but output_dir, overwrite, progress, self_test*)."""
+    def fingerprint(self, prompts_hash: str | None = None) -> str:
+        """Hash of every setting that changes the output (all but output_dir, overwrite, progress, self_test*) and
+        of the prompts actually sampled (``prompts_hash``, see :func:`hash_rows`)."""
         settings = {k: v for k, v in self.to_dict().items() if k not in _NOT_FINGERPRINTED}
-        blob = json.dumps({"layout": LAYOUT_VERSION, "settings": settings}, sort_keys=True, default=str)
+        blob = json.dumps(
+            {"layout": LAYOUT_VERSION, "settings": settings, "prompts": prompts_hash}, sort_keys=True, default=str
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -324,16 +327,15 @@ def _vllm_available() -> bool:
 
 
 def _describe(value: Any) -> Any:
-    """A JSON-able, stable description of a setting (datasets by fingerprint, callables by qualified name)."""
+    """A JSON-able, stable description of a setting (datasets by shape, callables by qualified name)."""
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, (list, tuple)):
         return [_describe(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _describe(v) for k, v in value.items()}
-    fingerprint = getattr(value, "_fingerprint", None)  # datasets.Dataset
-    if fingerprint is not None:
-        return {"dataset_fingerprint": fingerprint, "num_rows": getattr(value, "num_rows", None)}
+    if hasattr(value, "column_names") and hasattr(value, "num_rows"):  # a datasets.Dataset: its rows enter the
+        return {"dataset": "in memory", "columns": list(value.column_names), "num_rows": value.num_rows}  # hash
     name = getattr(value, "__name__", None) or type(value).__name__
     module = getattr(value, "__module__", None) or type(value).__module__
     return f"{module}.{name}"
@@ -966,7 +968,15 @@ train_dataset = load_from_disk("{{this directory}}/sft")   # or sft.jsonl; score
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run
-def _check_output_dir(config: RejectionSamplingConfig) -> tuple[Path, str]:
+def hash_rows(rows: list[dict]) -> str:
+    """Content hash of the prompt rows a run samples (prompts and every other column, in order)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_output_dir(config: RejectionSamplingConfig, prompts_hash: str) -> tuple[Path, str]:
     """Read-only check of ``output_dir``: ``"new"``, ``"resume"`` (same fingerprint) or ``"replace"`` (a different
     run and ``overwrite=True``); raises ``ValueError`` for a different run without overwrite, or foreign content."""
     out = Path(config.output_dir).expanduser()
@@ -981,14 +991,14 @@ def _check_output_dir(config: RejectionSamplingConfig) -> tuple[Path, str]:
             "pass an empty or new directory (overwrite only replaces a previous run)"
         )
     previous = json.loads(run_file.read_text())
-    fingerprint = config.fingerprint()
+    fingerprint = config.fingerprint(prompts_hash)
     if previous.get("fingerprint") == fingerprint:
         return out, "resume"
     if not config.overwrite:
         changed = sorted(
             k for k, v in config.to_dict().items()
             if k not in _NOT_FINGERPRINTED and previous.get("config", {}).get(k) != v
-        )
+        ) + (["the prompts (their content)"] if previous.get("prompts_hash") != prompts_hash else [])
         raise ValueError(
             f"output_dir={config.output_dir!r} already holds a different run (fingerprint "
             f"{previous.get('fingerprint')} vs {fingerprint}; settings that differ: {', '.join(changed) or '?'}); "
@@ -997,7 +1007,7 @@ def _check_output_dir(config: RejectionSamplingConfig) -> tuple[Path, str]:
     return out, "replace"
 
 
-def _init_output_dir(out: Path, status: str, config: RejectionSamplingConfig) -> None:
+def _init_output_dir(out: Path, status: str, config: RejectionSamplingConfig, prompts_hash: str) -> None:
     """Main process only: remove the replaced run's files (only ours), then write run.json and parts/."""
     if status == "replace":
         for name in (*_PRODUCTS, "parts", "run.json"):
@@ -1009,7 +1019,12 @@ def _init_output_dir(out: Path, status: str, config: RejectionSamplingConfig) ->
     out.mkdir(parents=True, exist_ok=True)
     (out / "parts").mkdir(exist_ok=True)
     if status != "resume":
-        payload = {"fingerprint": config.fingerprint(), "layout": LAYOUT_VERSION, "config": config.to_dict()}
+        payload = {
+            "fingerprint": config.fingerprint(prompts_hash),
+            "prompts_hash": prompts_hash,
+            "layout": LAYOUT_VERSION,
+            "config": config.to_dict(),
+        }
         _write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n", out / "run.json")
 
 
@@ -1173,10 +1188,11 @@ def run_rejection_sampling(config: RejectionSamplingConfig, *, distributed: bool
     rows, seen, contaminated, first_row = _load_prompts(config)
     if config.self_test and scorer.checker is not None and rows:
         self_test_reward(scorer.checker, rows[: config.self_test_rows])
-    out, status = _check_output_dir(config)  # every process checks, so all raise the same error
+    prompts_hash = hash_rows(rows)
+    out, status = _check_output_dir(config, prompts_hash)  # every process checks, so all raise the same error
     state.wait_for_everyone()
     if state.is_main_process:
-        _init_output_dir(out, status, config)
+        _init_output_dir(out, status, config, prompts_hash)
     state.wait_for_everyone()
     resuming = status == "resume"
     parts_dir = out / "parts"
