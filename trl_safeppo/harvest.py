@@ -125,15 +125,16 @@ class HarvestingReward:
             scores = self.reward_func.score(prompts=prompts, completions=completions, completion_ids=completion_ids,
                                             **kwargs)
             self.reward_func._log(scores, kwargs.get("log_metric"), kwargs.get("log_extra"))
+            returned = scores.total
             totals, passed, rewards = list(scores.total), list(scores.passed), scores.rows()
         else:
-            totals = list(self.reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                                           **kwargs))
-            totals = [None if t is None or (isinstance(t, float) and math.isnan(t)) else float(t) for t in totals]
+            returned = list(self.reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                             **kwargs))
+            totals = [None if t is None or math.isnan(float(t)) else float(t) for t in returned]
             passed = [t is not None and t >= self.pass_threshold for t in totals]
             rewards = [{self.__name__: t} for t in totals]
         self._record(prompts, completions, totals, passed, rewards, kwargs)
-        return totals
+        return returned  # the checker's own values
 
     def _record(self, prompts, completions, totals, passed, rewards, kwargs) -> None:
         if prompts is None or completions is None:
