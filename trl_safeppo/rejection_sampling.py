@@ -111,6 +111,8 @@ class RejectionSamplingConfig:
             Prompts per generation batch; also the unit of resume (one file in `parts/` per batch).
         use_vllm (`bool`, *optional*, defaults to `False`):
             Generate with vLLM (`pip install trl-safeppo[vllm]`) instead of transformers.
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.9`):
+            Share of GPU memory vLLM may take (vLLM's own default); lower it when another model stays resident.
 
         > Scoring
 
@@ -196,6 +198,9 @@ class RejectionSamplingConfig:
     seed: int = field(default=0, metadata={"help": "Base seed; each chunk of prompts derives its own seed from it."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch (and per resume chunk)."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM instead of transformers."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "Share of GPU memory vLLM may take (lower it when another model is resident)."}
+    )
     # Scoring
     reward: Any = field(
         default=None,
@@ -283,6 +288,8 @@ class RejectionSamplingConfig:
             from .rewards import validate_spec
 
             validate_spec(self.reward, path="reward")  # names, options and dotted paths; the self-test runs later
+        if not _finite(self.vllm_gpu_memory_utilization) or not 0 < self.vllm_gpu_memory_utilization <= 1:
+            bad("vllm_gpu_memory_utilization", "pass a number in (0, 1]")
         if not _finite(self.reward_model_weight):
             bad("reward_model_weight", "pass a finite number")
         if not isinstance(self.stage, str) or not self.stage:
@@ -309,7 +316,9 @@ class RejectionSamplingConfig:
 
 
 # settings that do not change the output (a rerun that differs only in these resumes)
-_NOT_FINGERPRINTED = ("output_dir", "overwrite", "progress", "self_test", "self_test_rows")
+_NOT_FINGERPRINTED = (
+    "output_dir", "overwrite", "progress", "self_test", "self_test_rows", "vllm_gpu_memory_utilization",
+)
 
 
 def _not_int(value) -> bool:
@@ -595,7 +604,7 @@ class _VLLMGenerator:
                 "use_vllm=True but vLLM cannot be imported: `pip install trl-safeppo[vllm]`, or set use_vllm=False"
             ) from err
         self.config = config
-        self.llm = LLM(model=model_path, seed=config.seed)
+        self.llm = LLM(model=model_path, seed=config.seed, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
         self.tokenizer = self.llm.get_tokenizer()
 
     def __call__(self, prompts: list, seed: int) -> list[list[dict]]:
@@ -1184,6 +1193,11 @@ def run_rejection_sampling(config: RejectionSamplingConfig, *, distributed: bool
         state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True lets `accelerate launch` use gloo on CPU
     else:
         state = _OneProcess()
+    if config.use_vllm and state.num_processes > 1:
+        raise ValueError(
+            f"use_vllm=True with {state.num_processes} processes: vLLM generation runs in one process here; launch "
+            "`trl-safeppo sample` without accelerate (vLLM uses the GPU itself), or set use_vllm=False"
+        )
     scorer = _build_scorer(config, state.device)
     rows, seen, contaminated, first_row = _load_prompts(config)
     if config.self_test and scorer.checker is not None and rows:
