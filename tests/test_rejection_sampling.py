@@ -435,3 +435,48 @@ def test_same_settings_but_other_prompts_is_a_different_run(tmp_path):
     load_arithmetic("rl", n=3).to_json(str(data))  # same path, one more row
     with pytest.raises(ValueError, match=r"different run.*the prompts \(their content\)"):
         run_rejection_sampling(RejectionSamplingConfig(**config))
+
+
+def test_vllm_path_with_a_stand_in_module(tmp_path, monkeypatch):
+    # vLLM is not installed here; a stand-in with vLLM's API (LLM.generate -> outputs with text, token_ids,
+    # finish_reason; SamplingParams) checks the wiring: settings and per-chunk seeds reach vLLM, outputs are scored.
+    import importlib.machinery
+    import sys
+    import types
+
+    calls = []
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, model, seed, gpu_memory_utilization):
+            self.model = model
+
+        def get_tokenizer(self):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.model)
+
+        def generate(self, prompts, params, use_tqdm=False):
+            calls.append(params.kwargs)
+            out = types.SimpleNamespace
+            return [out(outputs=[out(text=f"eh {i}", token_ids=[1, 2], finish_reason="stop") if i % 2 else
+                                 out(text="xx", token_ids=[3], finish_reason="length")
+                                 for i in range(params.kwargs["n"])]) for _ in prompts]
+
+    stub = types.ModuleType("vllm")
+    stub.LLM, stub.SamplingParams = LLM, SamplingParams
+    stub.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    monkeypatch.setitem(sys.modules, "vllm", stub)
+    summary = run_rejection_sampling(
+        RejectionSamplingConfig(**SMALL, num_prompts=3, reward=HasLetterE(), use_vllm=True, output_dir=str(tmp_path))
+    )
+    # 3 prompts in chunks of 2 -> 2 calls, each with the recorded settings and its own seed
+    assert [c["n"] for c in calls] == [4, 4] and calls[0]["max_tokens"] == 8 and calls[0]["temperature"] == 1.0
+    assert calls[0]["seed"] == rs._chunk_seed(0, 0) and calls[1]["seed"] == rs._chunk_seed(0, 1)
+    scored = load_scored_samples(tmp_path)
+    assert scored["truncated"][:4] == [True, False, True, False] and scored["num_tokens"][:2] == [1, 2]
+    # per prompt: "eh 1" and "eh 3" pass ("e"), "xx" twice fails
+    assert summary.kept == 6 and summary.dropped == {"failed_check": 6}
