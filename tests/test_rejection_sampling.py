@@ -480,3 +480,23 @@ def test_vllm_path_with_a_stand_in_module(tmp_path, monkeypatch):
     assert scored["truncated"][:4] == [True, False, True, False] and scored["num_tokens"][:2] == [1, 2]
     # per prompt: "eh 1" and "eh 3" pass ("e"), "xx" twice fails
     assert summary.kept == 6 and summary.dropped == {"failed_check": 6}
+
+
+def test_string_prompts_and_messages_format(tmp_path):
+    # Plain-text prompts give plain-text completions (as messages: a user and an assistant turn); conversational
+    # prompts in sft_format="messages" become one conversation per row.
+    data = tmp_path / "plain.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi:", "answer": "hi"}) + "\n")
+    run_rejection_sampling(RejectionSamplingConfig(**{**SMALL, "num_completions": 1}, dataset=str(data),
+                                                   reward=Always(1.0), output_dir=str(tmp_path / "plain")))
+    row = load_sft_dataset(tmp_path / "plain", provenance=False)[0]
+    assert row["prompt"] == "Say hi:" and isinstance(row["completion"], str)
+    as_messages = rs.sft_row({**row, "prompt_id": 0, "sample_index": 0, "score": 1.0}, {}, "messages")["messages"]
+    assert as_messages == [{"role": "user", "content": "Say hi:"}, {"role": "assistant", "content": row["completion"]}]
+
+    run_rejection_sampling(RejectionSamplingConfig(**{**SMALL, "num_completions": 1}, num_prompts=1,
+                                                   reward=Always(1.0), sft_format="messages",
+                                                   output_dir=str(tmp_path / "messages")))
+    messages = load_sft_dataset(tmp_path / "messages", provenance=False)
+    assert messages.column_names == ["messages"]
+    assert [m["role"] for m in messages[0]["messages"]] == ["system", "user", "assistant"]

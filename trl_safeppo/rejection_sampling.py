@@ -162,7 +162,7 @@ class RejectionSamplingConfig:
             a directory holding a different run is refused unless `overwrite=True`.
         sft_format (`str`, *optional*, defaults to `"prompt_completion"`):
             TRL SFT format of the selected set: `prompt_completion` (SFTTrainer trains on the completion only) or
-            `messages` (one conversation per row; needs conversational prompts).
+            `messages` (one conversation per row; a plain-text prompt becomes a user turn).
         stage (`str`, *optional*, defaults to `"rejection_sampling"`):
             Stage name written in the provenance columns.
         overwrite (`bool`, *optional*, defaults to `False`):
@@ -809,8 +809,10 @@ SCORED_COLUMNS = (
 def sft_row(record: dict, provenance: dict, sft_format: str) -> dict:
     """One SFT row in TRL's format plus the provenance columns."""
     prompt, completion = record["prompt"], record["completion"]
-    if sft_format == "messages":
-        row = {"messages": list(prompt) + list(completion)}
+    if sft_format == "messages":  # a plain-text prompt / completion becomes a user / assistant turn
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        reply = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+        row = {"messages": turns + reply}
     else:
         row = {"prompt": prompt, "completion": completion}
     row.update({k: provenance.get(k) for k in PROVENANCE_COLUMNS})
