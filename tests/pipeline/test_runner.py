@@ -219,3 +219,32 @@ def test_peft_handoff_merge_then_keep(tmp_path, tiny_debug_path):
     m = manifest(out)
     assert m["stages"][2]["inputs"]["model"]["path"] == str(stages / "02-kept/final")
     assert m["stages"][2]["outputs"]["final"]["hash"] != m["stages"][1]["outputs"]["final"]["hash"]
+
+
+@pytest.mark.slow
+def test_failed_gate_stops_the_run_and_a_relaxed_gate_is_rechecked_without_retraining(tmp_path):
+    out = tmp_path / "run"
+    sft = {"dataset": {"path": "task://arithmetic/sft", "n": 8}, "args": {"max_steps": 1, "per_device_train_batch_size": 4}}
+    tree = {
+        "name": "gated",
+        "model": "tiny://debug",
+        "output_dir": str(out),
+        "reward": "math",
+        "eval": {"dataset": {"path": "task://arithmetic/eval", "n": 2}, "max_new_tokens": 4},
+        "stages": [
+            {"type": "sft", "name": "first", **sft, "gate": {"min_metrics": {"accuracy": 0.99}}},
+            {"type": "sft", "name": "second", **sft},
+        ],
+    }
+    recipe = write(tmp_path, tree)
+    assert run_recipe(str(recipe)) == 1  # a random tiny model answers no sum: accuracy 0.0 < 0.99
+    m = manifest(out)
+    assert [s["status"] for s in m["stages"]] == ["gated", "pending"] and m["status"] == "stopped"
+    gates = json.loads((out / "stages/01-first/gates.json").read_text())
+    assert {"gate": "min:accuracy", "passed": False} == {k: gates[0][k] for k in ("gate", "passed")}
+    assert not (out / "stages/02-second").exists()
+
+    assert run_recipe(str(recipe), ["stages.first.gate.min_metrics.accuracy=0.0"]) == 0
+    m = manifest(out)
+    assert [s["status"] for s in m["stages"]] == ["completed", "completed"]
+    assert m["stages"][0]["timings"]["attempts"] == 1  # re-checked, not retrained
