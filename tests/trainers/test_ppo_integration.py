@@ -55,14 +55,16 @@ def test_ppo_raises_heldout_reward_with_kl_near_target(tmp_path):
     beta = [h["beta"] for h in history if "beta" in h]
     # held-out greedy reward (format + math, in [0, 2]) up by a clear margin
     assert after >= before + 0.2, f"held-out reward {before:.3f} -> {after:.3f}"
-    # the sampled training reward trends up: mean of the last quarter above the first quarter
-    q = max(1, len(train_reward) // 4)
-    assert sum(train_reward[-q:]) / q > sum(train_reward[:q]) / q + 0.1, train_reward
-    # the KL never runs away from the target, and the controller pushes beta the right way
+    # the sampled training reward (temperature 1) trends up too: the later half of the run above the first rollout
+    half = train_reward[len(train_reward) // 2 :]
+    assert sum(half) / len(half) > train_reward[0] + 0.05, train_reward
+    # the KL never runs away from the target and settles near it
     assert max(kl) < 2.5 * KL_TARGET, kl
     late = kl[len(kl) // 2 :]
-    assert 0.1 * KL_TARGET < sum(late) / len(late) < 2.5 * KL_TARGET, kl
-    if sum(late) / len(late) < KL_TARGET:
-        assert beta[-1] < beta[0], (kl, beta)  # KL below target -> beta decreased
-    else:
-        assert beta[-1] > beta[0], (kl, beta)
+    assert 0.2 * KL_TARGET < sum(late) / len(late) < 2.0 * KL_TARGET, kl
+    # and the controller moved beta the way the measured KL asked: Ziegler's update multiplies beta by
+    # (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) after each rollout, so the sign of beta_last - beta_first
+    # is the sign of the summed clipped errors of the rollouts before the last logged beta.
+    errors = sum(min(max(k / KL_TARGET - 1.0, -0.2), 0.2) for k in kl[:-1])
+    if abs(errors) > 0.1:
+        assert (beta[-1] - beta[0]) * errors > 0, (kl, beta)
