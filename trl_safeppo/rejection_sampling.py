@@ -85,9 +85,9 @@ class RejectionSamplingConfig:
             Policy to sample from: `tiny://<name>`, a local model directory (e.g. a previous stage's `final/`), or a
             Hub id.
         dataset (`str` or `datasets.Dataset`, *optional*, defaults to `"arithmetic:rl"`):
-            Prompts: `arithmetic:<split>` (the embedded task), a `save_to_disk` directory, a `.jsonl`/`.json`/
-            `.parquet` file, or a `datasets.Dataset`. Other columns (e.g. the gold `answer`) are passed to the reward
-            and kept in the scored table.
+            Prompts: `arithmetic:<split>` or `task://arithmetic/<split>` (the embedded task), a `save_to_disk`
+            directory, a `.jsonl`/`.json`/`.parquet` file, or a `datasets.Dataset`. Other columns (e.g. the gold
+            `answer`) are passed to the reward and kept in the scored table.
         prompt_column (`str`, *optional*, defaults to `"prompt"`):
             Column holding the prompt: conversational (a list of `{"role", "content"}`) or a plain string.
         num_prompts (`int` or `None`, *optional*, defaults to `None`):
@@ -443,11 +443,11 @@ def load_prompt_dataset(spec: Any, *, field_name: str = "dataset"):
             ".jsonl/.json/.parquet file, or a datasets.Dataset"
         )
     spec = os.fspath(spec)
-    if spec.startswith("arithmetic"):
+    if spec.startswith(("arithmetic", "task://arithmetic")):  # the embedded task, as here or as in recipes
         from .tasks.arithmetic import load_arithmetic
 
-        split = spec.partition(":")[2] or "rl"
-        return load_arithmetic(split)
+        split = spec.partition("task://arithmetic/")[2] if spec.startswith("task://") else spec.partition(":")[2]
+        return load_arithmetic(split or "rl")
     path = Path(spec).expanduser()
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
@@ -1365,7 +1365,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             elif f.name in ("score_threshold",):
                 kind = float
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
-    parser.set_defaults(_defaults_marker=True)
 
 
 def config_from_args(args: argparse.Namespace) -> RejectionSamplingConfig:
