@@ -30,6 +30,9 @@ _LAZY: dict[str, str] = {
     "RejectionSamplingConfig": ".rejection_sampling",
     "run_rejection_sampling": ".rejection_sampling",
     "HarvestCallback": ".harvest",
+    # recipes
+    "load_recipe": ".pipeline.recipe",
+    "run_recipe": ".pipeline.runner",
     # models and data
     "resolve_model_path": ".models",
     "load_arithmetic": ".tasks.arithmetic",
@@ -54,6 +57,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .harvest import HarvestCallback
     from .models import resolve_model_path
+    from .pipeline.recipe import load_recipe
+    from .pipeline.runner import run_recipe
     from .rails.config import RailsConfig, RewardRails
     from .rails.gae import compute_gae
     from .rails.kl import AdaptiveKLController, FixedKLController
