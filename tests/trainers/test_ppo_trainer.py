@@ -296,6 +296,15 @@ def test_config_accepts_one_generation_and_odd_batches(tmp_path):
     assert args.num_generations == 1 and args.generation_batch_size == 3
 
 
+def test_config_defaults_work_without_a_bf16_accelerator(tmp_path):
+    import torch
+
+    args = SafePPOConfig(output_dir=str(tmp_path / "defaults"))
+    assert args.num_generations == 1 and args.num_iterations == 4 and args.beta == 0.05
+    if not torch.cuda.is_available():
+        assert args.bf16 is False
+
+
 def test_empty_or_too_small_dataset(tmp_path, tiny_debug_path):
     with pytest.raises(ValueError, match="empty"):
         SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=config(tmp_path), train_dataset=prompts(0))

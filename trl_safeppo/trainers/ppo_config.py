@@ -207,6 +207,12 @@ class SafePPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         self._check_ppo_fields()
         validate_tripwire_fields(self)
+        if self.bf16 is None and not self.fp16 and not self.use_cpu:
+            # TRL turns bf16 on whenever fp16 is off, which TrainingArguments rejects on a machine without a bf16
+            # accelerator; there, default to fp32 instead so that SafePPOConfig(output_dir=...) works everywhere.
+            from transformers.utils import is_torch_bf16_gpu_available
+
+            self.bf16 = bool(is_torch_bf16_gpu_available())
         if self.num_generations == 1:
             # GRPO needs >= 2 completions per prompt for its group baseline; PPO's baseline is the critic, so 1 is
             # the classic setup. GRPOConfig raises its "at least 2" error after every batch-size computation, and
