@@ -28,6 +28,10 @@ class NetworkAccessError(RuntimeError):
     """Raised when code under test tries to reach the network."""
 
 
+# Every blocked attempt, in order, even when the code under test catches the error (tests/test_offline.py reads it).
+BLOCKED_ATTEMPTS: list[str] = []
+
+
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
 _real_create_connection = socket.create_connection
@@ -44,21 +48,26 @@ def _is_allowed(address) -> bool:
     return not isinstance(address, tuple) or host.startswith(_LOOPBACK_PREFIXES)
 
 
+def _block(address):
+    BLOCKED_ATTEMPTS.append(repr(address))
+    raise NetworkAccessError(f"test tried to open a network connection to {address!r}")
+
+
 def _guarded_connect(self, address):
     if not _is_allowed(address):
-        raise NetworkAccessError(f"test tried to open a network connection to {address!r}")
+        _block(address)
     return _real_connect(self, address)
 
 
 def _guarded_connect_ex(self, address):
     if not _is_allowed(address):
-        raise NetworkAccessError(f"test tried to open a network connection to {address!r}")
+        _block(address)
     return _real_connect_ex(self, address)
 
 
 def _guarded_create_connection(address, *args, **kwargs):
     if not _is_allowed(address):
-        raise NetworkAccessError(f"test tried to open a network connection to {address!r}")
+        _block(address)
     return _real_create_connection(address, *args, **kwargs)
 
 

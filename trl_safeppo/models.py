@@ -62,15 +62,35 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, field: str = "model")
     return value
 
 
-def load_tokenizer(name_or_path: str, **kwargs):
-    """``AutoTokenizer.from_pretrained`` on a resolved identifier."""
+def _from_pretrained(loader, name_or_path: str, field: str, kwargs: dict):
+    """``loader.from_pretrained`` on a resolved identifier; a Hub id that cannot be fetched gives one clear error."""
+    resolved = resolve_model_path(name_or_path, field=field)
+    try:
+        return loader.from_pretrained(resolved, **kwargs)
+    except OSError as err:  # transformers reports a missing / unreachable repo as OSError (EnvironmentError)
+        if Path(resolved).is_dir():
+            raise
+        from huggingface_hub.constants import is_offline_mode
+
+        if is_offline_mode():
+            why = (
+                "it is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1); download it "
+                "once with network access (`hf download " + resolved + "`), or pass a local directory"
+            )
+        else:
+            why = f"it could not be loaded from the Hugging Face Hub ({str(err).splitlines()[0]})"
+        raise ValueError(f"{field}={name_or_path!r}: {why}; {ACCEPTED}") from err
+
+
+def load_tokenizer(name_or_path: str, *, field: str = "model", **kwargs):
+    """``AutoTokenizer.from_pretrained`` on a resolved identifier (``tiny://``, a local directory or a Hub id)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    return _from_pretrained(AutoTokenizer, name_or_path, field, kwargs)
 
 
-def load_causal_lm(name_or_path: str, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` on a resolved identifier."""
+def load_causal_lm(name_or_path: str, *, field: str = "model", **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` on a resolved identifier (``tiny://``, a local directory or a Hub id)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, name_or_path, field, kwargs)

@@ -19,11 +19,12 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "tiny://"
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "3"
 
 # ChatML special tokens. `<|im_end|>` ends every turn and is the EOS of generation.
 BOS_TOKEN = "<|endoftext|>"
@@ -43,8 +44,14 @@ CHAT_TEMPLATE = (
 # Text the tokenizer is trained on: the words the embedded task and the chat template use, plus plain English so
 # that real prompts still tokenize into sensible pieces. Digits are always split one per token (see _train).
 _CORPUS = """
-system user assistant
-You are a careful calculator. Think briefly, then give the final answer inside answer tags.
+system
+user
+assistant
+system
+user
+assistant
+Think in <think> </think>, then answer in <answer> </answer>. Think in, then answer in.
+The answer is 12. The answer is 7. What is 3 + 4? What is 5 + 6? Add 3 and 4. Add 5 and 6. Add 12 and 7.
 What is 12 + 7? What is 45 - 19? Compute 3 * 8. Calculate 56 + 27. Add 14 and 9. Subtract 6 from 40.
 The answer is 19. So the sum is 83. First add the tens, then add the ones. Carry the one.
 plus minus times equals sum difference product total result number digit tens ones carry borrow
@@ -67,7 +74,7 @@ class TinySpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 512
-    vocab_size: int = 384
+    vocab_size: int = 512
     seed: int = 0
     rope_theta: float = 10000.0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -120,6 +127,11 @@ def tiny_path(identifier: str) -> Path:
     return cache_root() / "tiny" / f"{name}-{fingerprint(name)}"
 
 
+# Weight init draws from torch's global RNG, so builds inside one process take turns (processes are kept apart by
+# building into a private temporary directory and renaming it into place).
+_BUILD_LOCK = threading.Lock()
+
+
 def build_tiny(identifier: str, *, force: bool = False) -> Path:
     """Build ``tiny://<name>`` (tokenizer + randomly initialised weights from the spec's seed) unless cached.
 
@@ -129,6 +141,13 @@ def build_tiny(identifier: str, *, force: bool = False) -> Path:
     target = tiny_path(name)
     if target.is_dir() and (target / "config.json").exists() and not force:
         return target
+    with _BUILD_LOCK:
+        if target.is_dir() and (target / "config.json").exists() and not force:
+            return target  # another thread built it while this one waited
+        return _build_locked(name, target, force)
+
+
+def _build_locked(name: str, target: Path, force: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -171,10 +190,10 @@ def _train_tokenizer(spec: TinySpec):
         pad_token=PAD_TOKEN,
         additional_special_tokens=["<|im_start|>"],
         clean_up_tokenization_spaces=False,
+        padding_side="left",  # decoder-only generation pads on the left
     )
     fast.add_tokens(TAG_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
-    fast.padding_side = "left"
     fast.model_max_length = spec.max_position_embeddings
     return fast
 
