@@ -181,6 +181,18 @@ def test_unscorable_completions_are_counted_not_fatal(tmp_path, tiny_debug_path)
     assert all(math.isfinite(v) for v in logged(trainer, "loss"))
 
 
+def test_empty_batch_after_masking_is_counted_not_fatal(tmp_path, tiny_debug_path):
+    # max_completion_length=2 truncates every completion and mask_truncated_completions masks all of them out:
+    # the rollout has no token to learn from
+    args = config(tmp_path, max_completion_length=2, mask_truncated_completions=True)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    policy_before = params(trainer.model)
+    trainer.train()
+    assert logged(trainer, "ppo/empty_completions") == [4.0, 4.0]
+    assert all(math.isfinite(v) for v in logged(trainer, "loss"))
+    assert not changed(policy_before, trainer.model)
+
+
 def test_peft_reference_is_the_base_model(tmp_path, tiny_debug_path):
     from peft import LoraConfig
 
