@@ -342,7 +342,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
 
         rank = accelerator.process_index
         rows = slice(rank * n_local, (rank + 1) * n_local)
-        dtype = old_logps.dtype
+        dtype = torch.float32  # advantages, values and returns stay in full precision under bf16 autocast
         output["advantages"] = targets.advantages[rows, :t_local].to(dtype)
         output["ppo_values"] = values_g[rows, :t_local].to(dtype)
         output["ppo_returns"] = targets.returns[rows, :t_local].to(dtype)
