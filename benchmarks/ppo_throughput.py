@@ -90,10 +90,14 @@ def _run(kind: str, opts: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     result = {
         "step_seconds": timer.seconds,
-        "generated_tokens": [m * opts["batch"] for m in lengths],
+        # (optimizer step, tokens generated for it): one entry per generated batch
+        "generated_tokens": [
+            (h["step"], h["completions/mean_length"] * opts["batch"])
+            for h in trainer.state.log_history
+            if "completions/mean_length" in h
+        ],
         "peak_memory_mb": (torch.cuda.max_memory_allocated() / 2**20) if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -157,9 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def summary(r: dict) -> dict:
         secs = r["step_seconds"][args.warmup :]
-        toks = r["generated_tokens"][args.warmup : args.warmup + len(secs)]
+        toks = sum(t for step, t in r["generated_tokens"] if step > args.warmup)  # steps are numbered from 1
         return {"s_per_step": statistics.fmean(secs), "min": min(secs), "max": max(secs),
-                "tokens_per_s": sum(toks) / sum(secs[: len(toks)]) if toks else float("nan"),
+                "tokens_per_s": toks / sum(secs),
                 "peak_memory_mb": r["peak_memory_mb"]}
 
     grpo, ppo = summary(results["grpo"]), summary(results["ppo"])
