@@ -1,5 +1,6 @@
 """SafePPOTrainer under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): the per-token tensors of
-both ranks line up with GRPO's slicing, DDP keeps policy and critic identical on both ranks, rails and KL state agree."""
+both ranks line up with GRPO's slicing, DDP (with gradient accumulation) keeps policy and critic identical on both
+ranks, rails and KL state agree."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ SCRIPT = textwrap.dedent(
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(32)]})
     args = SafePPOConfig(
         output_dir=out, per_device_train_batch_size=2, num_generations=2, max_completion_length=6, max_steps=2,
-        num_iterations=2, steps_per_generation=1, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
+        num_iterations=2, steps_per_generation=2, gradient_accumulation_steps=2, logging_steps=1, report_to=[], bf16=False, use_cpu=True,
         learning_rate=1e-3, save_strategy="steps", save_steps=2, gradient_checkpointing=False, disable_tqdm=True,
         rails={"kl": {"controller": "adaptive", "target": 0.01, "horizon": 10, "min_coef": 1e-3},
                "normalize": {"enabled": True}},
@@ -71,7 +72,8 @@ def test_two_processes_on_cpu(tmp_path, tiny_debug_path):
     assert r0["critic_sum"] == pytest.approx(r1["critic_sum"], rel=1e-9), "DDP critics diverged"
     assert r0["kl_state"] == r1["kl_state"] and r0["kl_state"]["n_updates"] == 1
     assert r0["rails_state"] == r1["rails_state"]
-    assert r0["rails_state"]["normalize"]["count"] == 4  # one rollout of 2 prompts x 2 generations, both ranks
+    # one rollout: 2 per device x 2 processes x steps_per_generation 2 = 8 completions (4 prompts x 2 generations)
+    assert r0["rails_state"]["normalize"]["count"] == 8
     assert len(r0["val_loss"]) == 2
     ckpt = out / "checkpoint-2"
     assert (ckpt / "critic").is_dir() and (ckpt / "critic_optimizer.pt").exists()

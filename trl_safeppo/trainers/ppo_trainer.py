@@ -19,6 +19,7 @@ Notation follows TRL's former PPOTrainer and cleanrl's ppo.py. Shapes: B complet
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -206,8 +207,12 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch):
         self.critic.train()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:  # the Trainer's optimizer-step boundary (end of gradient accumulation)
+        # sync_gradients is the Trainer's optimizer-step boundary (the last micro-batch of gradient accumulation):
+        # before it, the critic's DDP gradient all-reduce is deferred exactly as the Trainer defers the policy's.
+        sync = self.accelerator.sync_gradients
+        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.critic):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if sync:
             self._critic_optimizer_step()
         return loss
 
