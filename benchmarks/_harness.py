@@ -250,7 +250,6 @@ def base_config(cli, trainer: str, /, **overrides) -> dict:
         "model": cli.model,
         "steps": cli.steps,
         "seed": cli.seed,
-        "output_dir": str(Path(tempfile.gettempdir()) / "trl_safeppo_bench" / trainer),
     }
     if cli.threads is not None:
         config["threads"] = cli.threads

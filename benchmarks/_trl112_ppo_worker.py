@@ -13,6 +13,13 @@ import time
 
 
 def main(config: dict) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trl_safeppo_bench_trl112_") as tmp:  # never shared between runs
+        run(config, tmp)
+
+
+def run(config: dict, output_dir: str) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -38,7 +45,7 @@ def main(config: dict) -> None:
     reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     value_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     args = PPOConfig(
-        output_dir=config["output_dir"],
+        output_dir=output_dir,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         num_mini_batches=1,

@@ -27,6 +27,14 @@ def build_reward(name: str):
 
 
 def main(config: dict) -> None:
+    import tempfile
+
+    # a fresh output directory per run (trainers write tripwire snapshots there), so concurrent runs never collide
+    with tempfile.TemporaryDirectory(prefix=f"trl_safeppo_bench_{config['trainer']}_") as tmp:
+        run(config, config.get("output_dir") or tmp)
+
+
+def run(config: dict, output_dir: str) -> None:
     import torch
 
     torch.manual_seed(config.get("seed", 0))
@@ -39,7 +47,7 @@ def main(config: dict) -> None:
     steps = int(config["steps"])
     batch = int(config.get("batch", 8))
     common = dict(
-        output_dir=config["output_dir"],
+        output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=batch,
         num_generations=int(config.get("num_generations", 4)),

@@ -1,8 +1,14 @@
 """Benchmark 5, KL control: fixed beta vs the adaptive KL controller (Ziegler et al. 2019) with a target.
 
-Both runs use a learning rate high enough that KL to the reference grows. Plots KL and beta over steps; reports the
-share of post-warm-up steps whose KL lies within [0.5, 1.5] x target. Goal: adaptive keeps KL inside that band after
-warm-up, where fixed beta drifts out of it.
+The pressure: the exploitable reward of benchmark 4 (math + 0.05 per token, capped at 40 tokens) on the SFT warm
+start, with a learning rate at which the fixed-beta run drifts steadily away from the reference as it lengthens
+its answers. Both runs are identical but for the controller. The adaptive one uses a target a user would set and
+a horizon of one rollout batch: `beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * batch / horizon`, i.e. beta can move
+by up to 20% per step, the fastest the controller allows. (Ziegler et al.'s horizon of 10000 samples suits runs of
+millions of samples; here it would move beta by 0.03% per step and never act within the run.)
+
+Plots KL and beta over steps; reports the share of post-warm-up steps whose KL lies within [0.5, 1.5] x target.
+Goal: adaptive keeps KL inside that band after warm-up, where fixed beta drifts out of it.
 """
 
 from __future__ import annotations
@@ -20,38 +26,53 @@ def _series(run: dict, key: str) -> list[float]:
 # The KL each controller acts on, in its unit: SafePPO feeds the mean KL per sequence of each rollout (`ppo/kl_seq`,
 # nats per sequence; its `kl` is per token), SafeGRPO the per-token `kl` of each step.
 KL_KEY = {"safe_ppo": "ppo/kl_seq", "safe_grpo": "kl"}
+KL_UNIT = {"safe_ppo": "nats per sequence", "safe_grpo": "per token (k3)"}
+DEFAULT_TARGET = {"safe_ppo": 4.0, "safe_grpo": 0.5}
 
 
 def main(argv=None) -> dict:
-    parser = common_parser("kl_control", __doc__.splitlines()[0], steps=40)
-    parser.add_argument("--trainer", default="safe_ppo", choices=["safe_ppo", "safe_grpo"])
+    parser = common_parser("kl_control", __doc__.splitlines()[0], steps=60)
+    parser.add_argument("--trainer", default="safe_grpo", choices=["safe_grpo", "safe_ppo"])
     parser.add_argument("--target", type=float, default=None,
-                        help="KL target (default: 1.0 nats per sequence for PPO, 0.05 per token for GRPO)")
-    parser.add_argument("--beta", type=float, default=0.05, help="initial / fixed KL coefficient")
-    parser.add_argument("--horizon", type=float, default=64.0)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+                        help="KL target (default: 0.5 per token for GRPO, 4.0 nats per sequence for PPO)")
+    parser.add_argument("--beta", type=float, default=0.04, help="fixed / initial KL coefficient (default 0.04)")
+    parser.add_argument("--batch", type=int, default=16, help="completions per step (default 16)")
+    parser.add_argument("--horizon", type=float, default=None, help="adaptive horizon in samples (default: --batch)")
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from the band check (steps // 4)")
     args = parser.parse_args(argv)
     check_args(args, min_steps=8)
-    target = args.target if args.target is not None else (1.0 if args.trainer == "safe_ppo" else 0.05)
+    target = args.target if args.target is not None else DEFAULT_TARGET[args.trainer]
     if target <= 0:
         raise SystemExit(f"--target={target}: must be > 0")
+    horizon = args.horizon if args.horizon is not None else float(args.batch)
+    if horizon <= 0:
+        raise SystemExit(f"--horizon={horizon}: must be > 0 (samples)")
+    if args.batch < 4 or args.batch % 4:
+        raise SystemExit(f"--batch={args.batch}: GRPO samples 4 completions per prompt; use a multiple of 4")
     warmup = args.warmup if args.warmup is not None else args.steps // 4
+    if not 0 <= warmup < args.steps:
+        raise SystemExit(f"--warmup={warmup}: must be in [0, --steps={args.steps})")
     warm = sft_warm_start(args)
-    shared = {"model": warm, "batch": 8, "num_generations": 4 if args.trainer == "safe_grpo" else 1, "max_completion_length": 16,
-              "learning_rate": args.learning_rate, "beta": args.beta}
+    shared = {"model": warm, "reward": "length_exploit", "batch": args.batch,
+              "num_generations": 4 if args.trainer == "safe_grpo" else 1,
+              "max_completion_length": args.max_completion_length, "learning_rate": args.learning_rate,
+              "beta": args.beta}
     if args.trainer == "safe_ppo":
         shared["args"] = {"num_iterations": 1}
+    fixed = {"kl": {"controller": "fixed", "init_kl_coef": args.beta}}
     adaptive = {"kl": {"controller": "adaptive", "init_kl_coef": args.beta, "target": target,
-                       "horizon": args.horizon, "min_coef": 1e-3, "max_coef": 10.0}}
+                       "horizon": horizon, "min_coef": 1e-3, "max_coef": 10.0}}
     runs = interleaved(
         {
-            "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=None, **shared), {}),
+            "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
             "adaptive": ("benchmarks._worker", base_config(args, args.trainer, rails=adaptive, **shared), {}),
         },
         args.repeats,
     )
-    rows, result = [], {"target": target, "warmup": warmup, "machine": machine(), "args": vars(args)}
+    rows, result = [], {"target": target, "horizon": horizon, "warmup": warmup, "kl_key": KL_KEY[args.trainer],
+                        "warm_start": warm, "machine": machine(), "args": vars(args)}
     for name, rs in runs.items():
         kls = [k for r in rs for k in _series(r, KL_KEY[args.trainer])[warmup:]]
         inside = sum(0.5 * target <= k <= 1.5 * target for k in kls) / max(1, len(kls))
@@ -59,31 +80,46 @@ def main(argv=None) -> dict:
         result[name] = {"kl_after_warmup": s, "share_in_band": inside}
         rows.append((name, f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]", f"{s['median'] / target:.2f}",
                      f"{100 * inside:.0f}%"))
-    print_table(f"KL control (target {target})", rows, ("beta", "KL after warm-up", "median/target", "in band"))
-    ok = result["adaptive"]["share_in_band"]
-    print(f"goal: adaptive KL within [0.5, 1.5] x target after warm-up -> {100 * ok:.0f}% of steps")
+    print_table(f"KL control: {KL_KEY[args.trainer]} ({KL_UNIT[args.trainer]}), target {target:g}, steps after "
+                f"warm-up ({warmup})", rows, ("beta", "KL median [min, max]", "median/target", "in band"))
+    ok, drift = result["adaptive"]["share_in_band"], result["fixed"]["share_in_band"]
+    met = ok >= 0.9 and drift < 0.5  # reading of the goal: nearly all adaptive steps in band, fixed mostly out
+    result["goal_met"] = met
+    print(f"goal: adaptive KL within [0.5, 1.5] x target after warm-up -> {100 * ok:.0f}% of steps in band "
+          f"(fixed beta: {100 * drift:.0f}%); met when >= 90% while fixed < 50% -> {'met' if met else 'NOT met'}")
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_kl, ax_beta) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_kl, ax_beta, ax_len) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, color in (("fixed", "tab:grey"), ("adaptive", "tab:blue")):
         run = runs[name][0]
         kl = _series(run, KL_KEY[args.trainer])
-        ax_kl.plot(kl, color=color, label=f"{name} beta")
-        ax_beta.plot(_series(run, "beta") or [args.beta] * len(kl), color=color, label=name)
-    ax_kl.axhline(target, color="tab:green", ls="--", lw=1, label="target")
-    ax_kl.axhspan(0.5 * target, 1.5 * target, color="tab:green", alpha=0.08, label="0.5x-1.5x target")
-    ax_kl.axvline(warmup, color="black", ls=":", lw=1)
-    ax_kl.set_xlabel("step")
-    ax_kl.set_ylabel("KL to reference")
-    ax_kl.legend(frameon=False, fontsize=8)
-    ax_beta.set_xlabel("step")
-    ax_beta.set_ylabel("KL coefficient beta")
-    ax_beta.legend(frameon=False, fontsize=8)
-    fig.suptitle(f"{args.trainer}: fixed vs adaptive KL control")
+        steps = range(1, len(kl) + 1)
+        ax_kl.plot(steps, kl, color=color, label=f"{name} beta", lw=1.4)
+        beta = _series(run, "beta")
+        ax_beta.plot(range(1, len(beta) + 1), beta, color=color, label=name, lw=1.4)
+        length = _series(run, "completions/mean_length")
+        ax_len.plot(range(1, len(length) + 1), length, color=color, label=name, lw=1.4)
+    ax_kl.axhline(target, color="tab:green", ls="--", lw=1, label=f"target {target:g}")
+    ax_kl.axhspan(0.5 * target, 1.5 * target, color="tab:green", alpha=0.12, label="band 0.5x-1.5x target")
+    ax_kl.axvline(warmup + 0.5, color="black", ls=":", lw=1, label=f"end of warm-up (step {warmup})")
+    ax_kl.set_ylabel(f"KL to reference, {KL_UNIT[args.trainer]}")
+    ax_kl.set_title("KL", fontsize=10)
+    ax_beta.set_yscale("log")
+    ax_beta.set_ylabel("KL coefficient beta (log scale)")
+    ax_beta.set_title("beta", fontsize=10)
+    ax_len.set_ylabel("tokens")
+    ax_len.set_title("mean completion length", fontsize=10)
+    for ax in (ax_kl, ax_beta, ax_len):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False, fontsize=8, loc="upper left")
+    fig.suptitle(f"{args.trainer} under a length-exploitable reward: fixed beta {args.beta:g} vs adaptive "
+                 f"(target {target:g}, horizon {horizon:g} samples), lr {args.learning_rate:g}, seed {args.seed}",
+                 fontsize=11)
     fig.tight_layout()
     save_figure(fig, args.out, "kl_control")
     write_json(args.out, "kl_control", {**result, "runs": runs})

@@ -8,8 +8,8 @@ Goal: at least 85% of the PPO step inside the models; the rest is overhead to re
 from __future__ import annotations
 
 from benchmarks._harness import (
-    base_config, check_args, common_parser, fmt_stats, interleaved, machine, print_table, stats, timed_steps,
-    write_json,
+    base_config, check_args, common_parser, fmt_stats, interleaved, machine, print_table, run_worker, stats,
+    timed_steps, write_json,
 )
 
 
@@ -26,8 +26,12 @@ def main(argv=None) -> dict:
     parser = common_parser("ppo_cost", __doc__.splitlines()[0], steps=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=16)
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also run SafePPO once under cProfile (untimed) and print its N heaviest functions")
     args = parser.parse_args(argv)
     check_args(args, min_steps=2)
+    if args.cprofile < 0:
+        raise SystemExit(f"--cprofile={args.cprofile}: must be >= 0 (0: no profile run)")
     # The same batch for both: `batch` completions per step, 4 per prompt, generated fresh every step (PPO with one
     # epoch per rollout, GRPO's default), so a step is generate + score + one update in both.
     shared = {"batch": args.batch, "num_generations": 4, "max_completion_length": args.max_completion_length,
@@ -57,6 +61,17 @@ def main(argv=None) -> dict:
     print(f"PPO / GRPO: {ratio:.2f}x time per step, {mem_ratio:.2f}x peak memory")
     share = result["SafePPOTrainer"]["model_share"]
     print(f"goal: >= 85% of the PPO step inside the models -> {100 * share:.1f}% ({'met' if share >= 0.85 else 'NOT met'})")
+    if args.cprofile:
+        print("  running SafePPOTrainer under cProfile (untimed) ...", flush=True)
+        prof = run_worker("benchmarks._worker", base_config(args, "safe_ppo", args={"num_iterations": 1},
+                                                              cprofile=args.cprofile, **shared))
+        total = prof["train_seconds"]
+        for title, key, col in (("self time", "cprofile", "self_s"),
+                                ("cumulative time, trl_safeppo only", "cprofile_ours", "cumulative_s")):
+            print_table(f"SafePPO under cProfile: heaviest functions by {title} (train {total:.1f}s)",
+                        [(r["function"][-90:], f"{r[col]:.2f}", f"{100 * r[col] / total:.1f}%", r["calls"])
+                         for r in prof[key]], ("function", "seconds", "share", "calls"))
+        result["cprofile"] = {"train_seconds": total, "self": prof["cprofile"], "ours": prof["cprofile_ours"]}
     write_json(args.out, "ppo_cost", {**result, "runs": runs})
     return result
 

@@ -11,7 +11,6 @@ peak resident memory of each process. Goal: ours at least 1.5x faster per rollou
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from benchmarks._harness import (
     REPO, base_config, check_args, common_parser, fmt_stats, machine, print_table, run_worker, stats, write_json,
@@ -34,8 +33,7 @@ def main(argv=None) -> dict:
     path = resolve_model_path(args.model)
     rollouts = args.steps  # --steps counts rollouts here
     legacy_cfg = {"model_path": path, "batch": args.batch, "rollouts": rollouts, "ppo_epochs": args.ppo_epochs,
-                  "max_completion_length": args.max_completion_length, "seed": args.seed,
-                  "output_dir": str(Path("/tmp/trl_safeppo_bench/trl112"))}
+                  "max_completion_length": args.max_completion_length, "seed": args.seed}
     if args.threads:
         legacy_cfg["threads"] = args.threads
     ours_cfg = base_config(

@@ -110,3 +110,24 @@ def test_bad_flags_name_the_flag(name, argv, message):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", name, *argv], capture_output=True, text=True)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_rails_settings_of_the_benchmarks_are_valid_configs():
+    # the benchmarks pass these dicts to the trainers; a renamed rail field must fail here, not after minutes of SFT
+    from benchmarks.rails_overhead import ALL_RAILS
+    from benchmarks.reward_hacking import GRPO_LENGTH_RAILS, PPO_LENGTH_RAILS
+    from trl_safeppo.rails import RailsConfig
+
+    for rails in (GRPO_LENGTH_RAILS, PPO_LENGTH_RAILS):
+        RailsConfig.from_dict(rails)  # raises ValueError on an unknown or invalid field
+    everything = RailsConfig.from_dict(ALL_RAILS)
+    assert type(everything.build_kl_controller()).__name__ == "AdaptiveKLController"
+    assert len(everything.tripwires) == len(ALL_RAILS["tripwires"]) == 7
+
+
+def test_sft_warm_start_keeps_a_real_model_id():
+    import argparse
+
+    # only tiny:// models get the embedded SFT pass; a Hub id is taken as already instruction-tuned
+    cli = argparse.Namespace(model="Qwen/Qwen2.5-0.5B-Instruct", seed=0)
+    assert h.sft_warm_start(cli) == "Qwen/Qwen2.5-0.5B-Instruct"
