@@ -158,6 +158,11 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         wiring.attach(self)
         self.tripwire_callback = None
         add_tripwires(self, args, wiring)  # raise_kl / rollback act on wiring.kl_controller through wiring.set_beta
+        if self._is_vlm:
+            raise ValueError(
+                f"processing_class={type(self.processing_class).__name__} is a multimodal processor; SafePPOTrainer's "
+                "critic and rollout forwards are text-only. Use a text-only model (or SafeGRPOTrainer for VLMs)."
+            )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "SafePPOTrainer supports single-process and DDP training (accelerate launch --multi_gpu); DeepSpeed and "
