@@ -88,10 +88,10 @@ def test_trains_policy_and_critic_and_logs_ppo_metrics(tmp_path, tiny_debug_path
     assert max(logged(trainer, "ppo/policy/approxkl")) > 0
 
 
-def test_several_generations_per_prompt_with_eval_and_gradient_checkpointing(tmp_path, tiny_debug_path):
+def test_several_generations_per_prompt_with_eval_gradient_checkpointing_and_entropy_bonus(tmp_path, tiny_debug_path):
     args = config(
         tmp_path, num_generations=2, per_device_train_batch_size=4, gradient_checkpointing=True,
-        eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+        eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4, entropy_coef=0.01,
     )
     trainer = SafePPOTrainer(
         model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts(), eval_dataset=prompts(4)
@@ -100,6 +100,7 @@ def test_several_generations_per_prompt_with_eval_and_gradient_checkpointing(tmp
     assert len(logged(trainer, "ppo/val/loss")) == 2
     assert len(logged(trainer, "eval_ppo/val/loss")) == 1 and len(logged(trainer, "eval_kl")) == 1
     assert trainer.rails_wiring.kl_controller.n_updates == 2  # evaluation never moves the KL controller
+    assert logged(trainer, "entropy_coef") == [0.01, 0.01]  # GRPO's entropy bonus is active in the PPO loss
 
 
 def test_every_logged_metric_is_documented(tmp_path, tiny_debug_path):
