@@ -30,6 +30,7 @@ from . import data as data_mod
 from .manifest import FINISHED, Manifest, final_metrics, hash_json, hash_path, library_versions, new_stage_entry, now
 from .preflight import Plan, StagePlan, preflight
 from .recipe import RecipeError, dump_recipe, load_recipe
+from .schema import accepted_fields
 from .stages import StageContext, StageOutcome, stage_run_function, write_json
 
 
@@ -166,7 +167,16 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
         manifest.save()
     state.wait_for_everyone()
 
-    runner = _Runner(plan, manifest, run_dir, is_main, state)
+    from ..monitoring.progress import PipelineProgress
+
+    progress = PipelineProgress(len(plan.stages), enabled=is_main)
+    if not progress.interactive:  # a log file: no loading / tokenizing / saving bars from the libraries
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    runner = _Runner(plan, manifest, run_dir, is_main, state, progress)
     try:
         rc = runner.run_all()
     except BaseException:
@@ -174,6 +184,8 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
             manifest.data["status"] = "failed"
             manifest.save()
         raise
+    finally:
+        progress.close()
     if is_main:
         manifest.data["status"] = "completed" if rc == 0 else "stopped"
         manifest.data["duration_s"] = round(time.time() - started, 1)
@@ -186,8 +198,13 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
 
 
 class _Runner:
-    def __init__(self, plan: Plan, manifest: Manifest, run_dir: Path, is_main: bool, state):
+    def __init__(self, plan: Plan, manifest: Manifest, run_dir: Path, is_main: bool, state, progress):
         self.plan, self.manifest, self.run_dir, self.is_main, self.state = plan, manifest, run_dir, is_main, state
+        self.progress = progress  # monitoring.progress.PipelineProgress (bars on a terminal, log lines otherwise)
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            self.progress.message(f"[trl-safeppo] {text}")
 
     def barrier(self) -> None:
         self.state.wait_for_everyone()
@@ -197,15 +214,18 @@ class _Runner:
         for sp in self.plan.stages:
             entry = self.manifest.stage(sp.index)
             stage_dir = self.run_dir / entry["dir"]
-            if entry["status"] in FINISHED and _outputs_exist(entry):
-                _say(self.is_main, f"stage {entry['index']} ({sp.spec.name}): already {entry['status']}, skipped")
-            elif entry["status"] == "gated" and _outputs_exist(entry):
-                if not self._recheck_gate(sp, entry, stage_dir, previous_eval):
-                    return 1
-            else:
-                outcome_ok = self.run_stage(sp, entry, stage_dir, policy, data, previous_eval)
-                if not outcome_ok:
-                    return 1
+            with self.progress.stage(sp.index + 1, sp.spec.name, sp.spec.type):
+                if entry["status"] in FINISHED and _outputs_exist(entry):
+                    self.say(f"stage {entry['index']} ({sp.spec.name}): already {entry['status']}, skipped")
+                    ok = True
+                elif entry["status"] == "gated" and _outputs_exist(entry):
+                    ok = self._recheck_gate(sp, entry, stage_dir, previous_eval)
+                else:
+                    ok = self.run_stage(sp, entry, stage_dir, policy, data, previous_eval)
+                    if self.is_main:
+                        _write_report(self.run_dir, quiet=True)  # a live report, rebuilt after every stage
+            if not ok:
+                return 1
             policy = entry["outputs"]["final"]["path"]
             data = {**data, **{k: v["path"] for k, v in entry["outputs"].get("data", {}).items()}}
             previous_eval = entry.get("eval") or previous_eval
@@ -228,7 +248,7 @@ class _Runner:
 
         init = policy if sp.init == "previous" else sp.init
         label = f"stage {entry['index']}/{len(self.plan.stages)} ({sp.spec.name}, {sp.spec.type})"
-        _say(self.is_main, f"{label}: " + (f"resuming from {Path(resume_from).name}" if resume_from else "starting")
+        self.say(f"{label}: " + (f"resuming from {Path(resume_from).name}" if resume_from else "starting")
              + f" from {init}")
         dataset = self._load_dataset(sp, stage_dir, data)
         ctx = self._context(sp, stage_dir, init, dataset, data, resume_from)
@@ -290,10 +310,10 @@ class _Runner:
             )
             self._save()
             summary = _eval_line(eval_result)
-            _say(True, f"stage {entry['index']} ({sp.spec.name}): {status} in {entry['timings']['duration_s']}s"
+            self.say(f"stage {entry['index']} ({sp.spec.name}): {status} in {entry['timings']['duration_s']}s"
                  + (f"; held-out {summary}" if summary else ""))
             for o in gate_failed:
-                _say(True, f"stage {entry['index']} ({sp.spec.name}): gate {o['gate']} failed: {o['reason']}; the run "
+                self.say(f"stage {entry['index']} ({sp.spec.name}): gate {o['gate']} failed: {o['reason']}; the run "
                      f"stops here (the last good policy is the previous stage's final/)")
         # every process needs the outcome: broadcast the main process's entry
         self.barrier()
@@ -310,7 +330,7 @@ class _Runner:
             entry["gates"] = outcomes
             entry["status"] = "gated" if any(not o["passed"] for o in outcomes) else "completed"
             self._save()
-            _say(True, f"stage {entry['index']} ({sp.spec.name}): gate re-checked: {entry['status']}")
+            self.say(f"stage {entry['index']} ({sp.spec.name}): gate re-checked: {entry['status']}")
         self.barrier()
         shared = _broadcast(entry, self.state)
         if shared is not entry:
@@ -363,6 +383,12 @@ class _Runner:
             args = {**{k: v for k, v in self.plan.eval_options.items() if k != "reward"}, **args}
         else:
             args["output_dir"] = str(stage_dir)
+            plain = self.progress.trainer_callback()  # log lines instead of tqdm when not on a terminal
+            if plain is not None and "disable_tqdm" in accepted_fields(sp.config_cls):
+                args.setdefault("disable_tqdm", True)
+                callbacks.append(plain)
+            if "progress" in accepted_fields(sp.config_cls):  # rejection sampling's own bar
+                args.setdefault("progress", self.progress.interactive)
             if sp.stype.trains:
                 callbacks.append(log_history_callback(stage_dir / "log_history.jsonl", self.is_main))
             callbacks.extend(_gate_callbacks(sp.spec.gate))
@@ -435,15 +461,14 @@ def _is_hub_id(path: str) -> bool:
     return not looks_like_path(path) and not Path(path).exists()
 
 
-def _write_report(run_dir: Path) -> None:
-    try:
-        from ..monitoring.report import write_report
-    except ImportError:
-        return
+def _write_report(run_dir: Path, quiet: bool = False) -> None:
+    from ..monitoring.report import write_report
+
     try:
         path = write_report(run_dir)
-        _say(True, f"report: {path}")
-    except Exception as err:  # the report must never lose a finished run
+        if not quiet:
+            _say(True, f"report: {path}")
+    except Exception as err:  # the report must never lose a run
         _say(True, f"report not written: {type(err).__name__}: {err}")
 
 

@@ -198,6 +198,10 @@ def train_and_save(ctx: StageContext, trainer) -> StageOutcome:
     With a LoRA block, ``handoff: merge`` saves the adapter, then (main process) reloads base + adapter on the CPU,
     merges and saves full weights as ``final/``; ``handoff: keep`` saves the adapter itself as ``final/``.
     """
+    if getattr(trainer.args, "disable_tqdm", False):  # plain log lines come from the runner's progress callback
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=ctx.resume_from)
     final = ctx.stage_dir / "final"
     partial = ctx.stage_dir / "final.partial"
