@@ -47,7 +47,7 @@ class SafeDPOConfig(DPOConfig):
         logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
             Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in
             the logs and would hide it from the `non_finite` tripwire.
-    """.format(**TRIPWIRE_HELP)
+    """
 
     # Chosen-likelihood guard
     chosen_nll_coef: float = field(
@@ -89,3 +89,7 @@ class SafeDPOConfig(DPOConfig):
                 "chosen completion; keep one of them"
             )
         validate_tripwire_fields(self)
+
+
+# The docstring is a literal (so it is __doc__); the tripwire fields share their help text with the other configs.
+SafeDPOConfig.__doc__ = SafeDPOConfig.__doc__.format(**TRIPWIRE_HELP)

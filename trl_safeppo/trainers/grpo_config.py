@@ -50,7 +50,7 @@ class SafeGRPOConfig(GRPOConfig):
         logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
             Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in
             the logs and would hide it from the `non_finite` tripwire.
-    """.format(**TRIPWIRE_HELP)
+    """
 
     # Rails
     rails: dict | Any | None = field(
@@ -88,3 +88,7 @@ class SafeGRPOConfig(GRPOConfig):
             # a bad rails block fails here, naming its field; a RailsConfig is kept as its dict (JSON-able args)
             self.rails = _as_rails_config(self.rails).to_dict()
         validate_tripwire_fields(self)
+
+
+# The docstring is a literal (so it is __doc__); the tripwire fields share their help text with the other configs.
+SafeGRPOConfig.__doc__ = SafeGRPOConfig.__doc__.format(**TRIPWIRE_HELP)
