@@ -20,6 +20,7 @@ Notation follows TRL's former PPOTrainer and cleanrl's ppo.py. Shapes: B complet
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import shutil
@@ -437,6 +438,20 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             _atomic_save(self.critic_optimizer.state_dict(), os.path.join(folder, CRITIC_OPTIMIZER_FILE))
             if self.critic_lr_scheduler is not None:
                 _atomic_save(self.critic_lr_scheduler.state_dict(), os.path.join(folder, CRITIC_SCHEDULER_FILE))
+
+    # --- tripwire rollback: the critic is trained state too (hook of trainers._wiring.save_snapshot)
+    def tripwire_state_dict(self) -> dict[str, Any]:
+        """The critic's weights and optimizer state, saved with every tripwire snapshot, so a rollback restores the
+        critic together with the policy instead of pairing old policy weights with a critic trained past them."""
+        critic = self.accelerator.unwrap_model(self.critic)
+        return {
+            "critic": {k: v.detach().cpu().clone() for k, v in critic.state_dict().items()},
+            "critic_optimizer": copy.deepcopy(self.critic_optimizer.state_dict()),
+        }
+
+    def load_tripwire_state_dict(self, state: dict[str, Any]) -> None:
+        self.accelerator.unwrap_model(self.critic).load_state_dict(state["critic"])
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
