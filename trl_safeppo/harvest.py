@@ -124,7 +124,7 @@ class HarvestingReward:
         if isinstance(self.reward_func, RuleChecker):  # keep its per-rule breakdown and pass flags; log as it does
             scores = self.reward_func.score(prompts=prompts, completions=completions, completion_ids=completion_ids,
                                             **kwargs)
-            self.reward_func._log(scores, kwargs.get("log_metric"), kwargs.get("log_extra"))
+            self.reward_func.log(scores, kwargs.get("log_metric"), kwargs.get("log_extra"))
             returned = scores.total
             totals, passed, rewards = list(scores.total), list(scores.passed), scores.rows()
         else:

@@ -182,10 +182,14 @@ class RuleChecker:
 
     def __call__(self, prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float | None]:
         scores = self.score(prompts, completions, completion_ids, **kwargs)
-        self._log(scores, kwargs.get("log_metric"), kwargs.get("log_extra"))
+        self.log(scores, kwargs.get("log_metric"), kwargs.get("log_extra"))
         return scores.total
 
-    def _log(self, scores: RuleScores, log_metric, log_extra) -> None:
+    def log(self, scores: RuleScores, log_metric, log_extra) -> None:
+        """Report ``scores`` through TRL's reward-function hooks: ``rewards/<rule>/mean`` and the checker's
+        pass/None/gated rates through ``log_metric``, one completions-table column per rule through ``log_extra``.
+        Either hook may be None (outside a trainer). Public so that wrappers (the RL harvester) log exactly as the
+        checker does."""
         n = len(scores.total)
         if n == 0:
             return
