@@ -124,3 +124,47 @@ def test_parse_answer():
     assert parse_answer("<think>1 + 2 = 3</think><answer> 3 </answer>") == "3"
     assert parse_answer("<answer>1</answer><answer>2</answer>") == "2"  # the last block counts
     assert parse_answer("The answer is 3.") is None
+
+
+@pytest.mark.slow
+def test_short_sft_gives_partial_accuracy(tmp_path):
+    # The demo's SFT warm start (DEMO_SETTINGS) on tiny://arithmetic must leave the policy partly right and partly
+    # in the tagged format, so that RL has room to improve both. Margins from docs/embedded_default.md: after
+    # this SFT, greedy exact match measured ~0.1-0.2 and format-pass ~0.5 on the eval split; the floors and ceilings
+    # below leave room for seed and thread-count noise but fail if SFT learns nothing or everything.
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from trl_safeppo.models import load_causal_lm, load_tokenizer
+    from trl_safeppo.tasks.arithmetic import DEMO_SETTINGS as S
+
+    tok = load_tokenizer("tiny://arithmetic")
+    model = load_causal_lm("tiny://arithmetic")
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        learning_rate=S["sft_learning_rate"],
+        lr_scheduler_type=S["sft_lr_scheduler_type"],
+        warmup_steps=S["sft_warmup_steps"],
+        num_train_epochs=S["sft_num_train_epochs"],
+        per_device_train_batch_size=S["sft_per_device_train_batch_size"],
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    SFTTrainer(model=model, args=args, train_dataset=load_arithmetic("sft", n=S["sft_num_examples"]),
+               processing_class=tok).train()
+
+    rows = load_arithmetic("eval", n=200)
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in rows["prompt"]]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=S["max_completion_length"], do_sample=False)
+    completions = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    formatted = [bool(re.match(ANSWER_FORMAT_REGEX, c)) for c in completions]
+    exact = [f and parse_answer(c) == g for f, c, g in zip(formatted, completions, rows["answer"])]
+    format_pass, exact_match = sum(formatted) / 200, sum(exact) / 200
+    assert 0.25 <= format_pass <= 0.75, completions[:5]  # one phrasing tagged, the other plain
+    assert 0.02 <= exact_match <= 0.6, completions[:5]  # partial: learned something, far from solved

@@ -43,14 +43,21 @@ ANSWER_FORMAT = "<think>{a} + {b} = {answer}</think><answer>{answer}</answer>"
 PLAIN_FORMAT = "The answer is {answer}."
 ANSWER_FORMAT_REGEX = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
 
-# Tuned together with tiny://arithmetic on 2 CPU cores (see docs/embedded_default.md); the recipe helper copies
-# these into recipes/demo.yaml.
-DEMO_SETTINGS: dict[str, float | int] = {
-    "sft_learning_rate": 3e-3,
-    "sft_num_train_epochs": 1,
-    "sft_num_examples": 4000,
+# Tuned together with tiny://arithmetic on CPU (docs/embedded_default.md has the runs and commands); the recipe
+# helper copies these into recipes/demo.yaml. SFT: 2 epochs over the whole sft split at batch 32 (482 steps, about
+# 110 s of one core) leave greedy exact match ~0.15-0.2 and format-pass ~0.5 on the eval split. GRPO at lr 1e-4
+# (4 prompts x 8 completions per step, about 0.4 s of one core per step) then reaches format-pass 1.0 and exact match
+# ~0.45 in 40 steps; lr 3e-4 flips the format as fast but loses accuracy, lr 1e-3 destroys it.
+DEMO_SETTINGS: dict[str, float | int | str] = {
+    "sft_learning_rate": 1e-3,
+    "sft_lr_scheduler_type": "constant_with_warmup",
+    "sft_warmup_steps": 0.05,  # a fraction of the steps (transformers >= 5 takes a float here)
+    "sft_num_train_epochs": 2,
+    "sft_num_examples": MAX_OPERAND**2 - EVAL_SIZE - RL_SIZE,  # the whole sft split: 7700
     "sft_per_device_train_batch_size": 32,
     "rl_learning_rate": 1e-4,
+    "rl_per_device_train_batch_size": 32,
+    "rl_max_steps": 40,
     "beta": 0.02,
     "num_generations": 8,
     "max_completion_length": 24,
