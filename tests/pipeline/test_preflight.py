@@ -197,3 +197,12 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert err.count("\n") == 0 and "Traceback" not in err
     assert err == (f"trl-safeppo run: error: {path}: stages[2].type: unknown stage type 'evaluate' (did you mean "
                    "'eval'?). Fix: use one of: sft, ppo, grpo, rejection_sampling, dpo, eval")
+
+
+def test_probes_list_or_mapping():
+    plan = preflight(recipe_from_dict(micro(probes={"prompts": ["What is 2 + 2?"], "system_prompt": "Be brief.",
+                                                    "max_new_tokens": 8})), check_hardware=False)
+    assert plan.probes == ["What is 2 + 2?"] and plan.probe_options == {"system_prompt": "Be brief.", "max_new_tokens": 8}
+    fails(micro(probes={"prompts": ["x"], "system": "Be brief."}), where="probes.system",
+          match=r"did you mean 'system_prompt'")
+    fails(micro(probes={"prompts": []}), where="probes.prompts", match="the list is empty")

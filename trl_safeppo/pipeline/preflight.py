@@ -59,6 +59,7 @@ class Plan:
     eval_dataset: data_mod.DatasetSpec | None = None
     eval_options: dict[str, Any] = field(default_factory=dict)
     probes: list[str] = field(default_factory=list)
+    probe_options: dict[str, Any] = field(default_factory=dict)
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -307,12 +308,19 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
     plan = Plan(recipe=recipe, model=model, stages=stages)
     _check_eval_block(recipe, plan)
     if recipe.probes:
-        from ..monitoring.probes import validate_probes
+        from ..monitoring.probes import run_probes, validate_probes
 
+        prompts, where = recipe.probes, "probes"
+        if isinstance(recipe.probes, dict):
+            options = dict(recipe.probes)
+            prompts, where = options.pop("prompts", None), "probes.prompts"
+            plan.probe_options = check_args(options, run_probes, where="probes", what="run_probes",
+                                            reserved={"model_or_path": "the runner probes each stage's policy",
+                                                      "tokenizer": "loaded with the policy"})
         try:
-            plan.probes = validate_probes(recipe.probes)
+            plan.probes = validate_probes(prompts, where)
         except ValueError as err:
-            raise RecipeError("probes", str(err), "write a list of prompt strings") from None
+            raise RecipeError(where, str(err).removeprefix(f"{where}: "), "write a list of prompt strings") from None
     return plan
 
 

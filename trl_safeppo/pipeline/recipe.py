@@ -138,8 +138,9 @@ class Recipe:
         eval (`dict`, defaults to `{}`):
             Held-out evaluation run after every training stage (arguments of
             `monitoring.evaluation.evaluate_heldout`, e.g. `{dataset: task://arithmetic/eval, n: 100}`).
-        probes (`list`, defaults to `[]`):
-            Probe prompts answered greedily after every stage (written to `probes.json`).
+        probes (`list` or `dict`, defaults to `[]`):
+            Probe prompts answered greedily after every training stage (written to `probes.json`): a list of
+            prompts, or `{prompts: [...], system_prompt: ..., max_new_tokens: ...}` (`monitoring.probes.run_probes`).
         description (`str`, defaults to `""`):
             Free text, shown in the report.
         self_test (`bool`, defaults to `True`):
@@ -157,7 +158,7 @@ class Recipe:
     reward: Any = None
     rails: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
-    probes: list = field(default_factory=list)
+    probes: list | dict = field(default_factory=list)
     description: str = ""
     self_test: bool = True
     source: str | None = field(default=None, repr=False, compare=False)  # where it was loaded from (not a key)
@@ -363,7 +364,8 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
     data = _expect(tree.get("data") or {}, dict, "data", "data", "write a mapping of name -> dataset")
     rails = _expect(tree.get("rails") or {}, dict, "rails", "rails", "write a RailsConfig mapping")
     eval_cfg = _expect(tree.get("eval") or {}, dict, "eval", "eval", "write a mapping, e.g. {dataset: ..., n: 100}")
-    probes = _expect(tree.get("probes") or [], list, "probes", "probes", "write a list of prompts")
+    probes = _expect(tree.get("probes") or [], (list, dict), "probes", "probes",
+                     "write a list of prompts, or {prompts: [...], system_prompt: ...}")
     description = _expect(tree.get("description") or "", str, "description", "description", "write a string")
     self_test = _expect(tree.get("self_test", True), bool, "self_test", "self_test", "write true or false")
     stages_raw = _expect(tree["stages"], list, "stages", "stages", "write a list of stages, each with a `type`")

@@ -413,8 +413,8 @@ class _Runner:
     def _probes(self, policy: str) -> list[dict]:
         from ..monitoring.probes import run_probes
 
-        max_new = self.plan.eval_options.get("max_new_tokens", 64)
-        return run_probes(policy, self.plan.probes, max_new_tokens=max_new)
+        options = {"max_new_tokens": self.plan.eval_options.get("max_new_tokens", 64), **self.plan.probe_options}
+        return run_probes(policy, self.plan.probes, **options)
 
     def _gates(self, sp, stage_dir, history, eval_result, previous_eval, early_stops) -> list[dict]:
         from ..monitoring.gates import GateConfig, evaluate_gates
