@@ -129,6 +129,7 @@ def run_worker(
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     full_env.setdefault("TRL_SAFEPPO_CACHE", os.path.join(tempfile.gettempdir(), "trl_safeppo_bench_cache"))
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
@@ -138,6 +139,7 @@ def run_worker(
         raise RuntimeError(f"benchmark worker {module} failed (exit {proc.returncode}) for {config}:\n{tail}")
     result = json.loads(lines[-1][len("BENCHMARK-RESULT ") :])
     result["process_wall_seconds"] = wall
+    result["loadavg_1m_at_start"] = load  # other work on the machine while this run started (1-minute average)
     return result
 
 
@@ -185,6 +187,11 @@ def machine() -> dict[str, Any]:
         info["loadavg_1m"] = os.getloadavg()[0]
     except OSError:
         pass
+    for lib in ("trl", "transformers"):
+        try:
+            info[lib] = __import__(lib).__version__
+        except ImportError:
+            pass
     try:
         import torch
 
@@ -271,3 +278,10 @@ def sft_warm_start(cli) -> str:
         print(f"SFT warm start of {cli.model} (cached in {warm}) ...", flush=True)
     run_worker("benchmarks._sft_worker", {"model": cli.model, "output_dir": str(warm), "seed": cli.seed})
     return str(warm)
+
+
+def load_stats(runs: dict[str, list[dict]]) -> dict[str, float]:
+    """Median [min, max] of the machine's 1-minute load average when each run started: the noise context of a
+    timing figure (2 cores with load 2 is a free machine; more is contention)."""
+    loads = [r.get("loadavg_1m_at_start") for rs in runs.values() for r in rs]
+    return stats([x for x in loads if x is not None])

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 
 from benchmarks._harness import (
-    REPO, base_config, check_args, common_parser, fmt_stats, machine, print_table, run_worker, stats, write_json,
+    REPO, base_config, check_args, common_parser, fmt_stats, load_stats, machine, print_table, run_worker, stats,
+    write_json,
 )
 
 
@@ -49,7 +50,7 @@ def main(argv=None) -> dict:
             run_worker("benchmarks._trl112_ppo_worker", legacy_cfg, python=args.trl112_python))
         print("  running SafePPOTrainer ...", flush=True)
         results["SafePPOTrainer"].append(run_worker("benchmarks._worker", ours_cfg))
-    rows, result = [], {"machine": machine(), "args": vars(args)}
+    rows, result = [], {"machine": machine(), "load_at_run_start": load_stats(results), "args": vars(args)}
     for name, rs in results.items():
         per_rollout = [rollout_seconds(r, 1 if name.startswith("TRL") else args.ppo_epochs) for r in rs]
         step = stats([t for times in per_rollout for t in times[1:]])  # first rollout of each run: warm-up

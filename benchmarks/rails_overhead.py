@@ -10,8 +10,8 @@ measures the rails, not a change in completion length.
 from __future__ import annotations
 
 from benchmarks._harness import (
-    base_config, check_args, common_parser, fmt_stats, interleaved, machine, print_table, stats, timed_steps,
-    write_json,
+    base_config, check_args, common_parser, fmt_stats, interleaved, load_stats, machine, print_table, stats,
+    timed_steps, write_json,
 )
 
 ALL_RAILS = {
@@ -68,7 +68,8 @@ def main(argv=None) -> dict:
     print(f"ratio of each interleaved pair's medians: {', '.join(f'{x:.3f}' for x in per_run)}")
     print(f"goal: ratio <= 1.03 -> {'met' if ratio <= 1.03 else 'NOT met'}")
     result = {"plain": plain, "safe": safe, "ratio": ratio, "per_pair_ratios": per_run, "generated_tokens": tokens,
-              "goal": 1.03, "machine": machine(), "args": vars(args), "rails": ALL_RAILS}
+              "goal": 1.03, "load_at_run_start": load_stats(runs), "machine": machine(), "args": vars(args),
+              "rails": ALL_RAILS}
     write_json(args.out, "rails_overhead", {**result, "runs": runs})
     return result
 

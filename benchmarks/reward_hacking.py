@@ -4,9 +4,10 @@ SafePPOTrainer with length rails.
 
 The reward is `math + 0.05 * tokens` (bonus capped at 2.0, i.e. at 40 tokens; benchmarks/_rewards.py): writing
 longer raises it without solving anything. The learning rate (3e-4) is high enough that plain GRPO finds the
-exploit within the run, and low enough that the growth is visible step by step. The rails are the ones docs/rails.md prescribes for a reward that favours longer answers, with no
-knowledge of the bonus: length debiasing (within each prompt's group for GRPO, across the batch for PPO, which
-samples one completion per prompt) plus the missing-EOS penalty of TRL's former PPOTrainer examples (1.0).
+exploit within the run, and low enough that the growth is visible step by step. The rails are the ones
+docs/rails.md prescribes for a reward that favours longer answers, with no knowledge of the bonus: length
+debiasing (within each prompt's group for GRPO, across the batch for PPO, which samples one completion per
+prompt) plus the missing-EOS penalty of TRL's former PPOTrainer examples (1.0).
 
 Plots mean completion length, true accuracy (the math rule alone, logged with weight 0 and never optimized) and
 KL per token over steps; after training, each final policy is also scored greedily on held-out prompts.

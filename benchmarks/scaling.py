@@ -7,8 +7,8 @@ point, so the growth is read off directly (2.0 = cost doubles with the setting).
 from __future__ import annotations
 
 from benchmarks._harness import (
-    base_config, check_args, common_parser, fmt_stats, interleaved, machine, print_table, save_figure, stats,
-    timed_steps, write_json,
+    base_config, check_args, common_parser, fmt_stats, interleaved, load_stats, machine, print_table, save_figure,
+    stats, timed_steps, write_json,
 )
 
 
@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     fig.suptitle(f"{args.trainer}: cost growth")
     fig.tight_layout()
     save_figure(fig, args.out, "scaling")
-    result = {"points": table, "machine": machine(), "args": vars(args)}
+    result = {"points": table, "load_at_run_start": load_stats(runs), "machine": machine(), "args": vars(args)}
     write_json(args.out, "scaling", {**result, "runs": runs})
     return result
 
