@@ -1,6 +1,7 @@
-"""The same short recipe (SFT + GRPO on tiny://debug, 2 steps each) under `accelerate launch` with 2 CPU processes
-(gloo): it completes, the trainers really ran with 2 processes, only the main process wrote the run directory, and
-the artifacts have the same layout as a single-process run."""
+"""The same short recipe (SFT, GRPO, rejection sampling, SFT on its samples, DPO on its pairs, eval; tiny://debug,
+1-2 steps each) under `accelerate launch` with 2 CPU processes (gloo): it completes, the trainers really ran with 2
+processes, only the main process wrote the run directory, and the artifacts have the same layout as a
+single-process run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+PARITY = (
+    "def parity(prompts, completions, **kwargs):\n"
+    "    texts = [c[-1]['content'] if isinstance(c, list) else c for c in completions]\n"
+    "    return [1.0 if len(t) % 2 == 0 else 0.0 for t in texts]\n"
+)
 
 
 def recipe(out: Path) -> dict:
@@ -21,7 +27,8 @@ def recipe(out: Path) -> dict:
         "name": "dist",
         "model": "tiny://debug",
         "output_dir": str(out),
-        "reward": [{"name": "format", "weight": 0.5}, {"name": "math"}],
+        "reward": "parity_reward.parity",  # passes about half of a random model's completions: samples and pairs
+        "self_test": False,
         "eval": {"dataset": {"path": "task://arithmetic/eval", "n": 4}, "max_new_tokens": 8, "accuracy_reward": "math"},
         "stages": [
             {"type": "sft", "dataset": {"path": "task://arithmetic/sft", "n": 32},
@@ -29,6 +36,13 @@ def recipe(out: Path) -> dict:
             {"type": "grpo", "dataset": {"path": "task://arithmetic/rl", "n": 16},
              "args": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4,
                       "max_completion_length": 8, "logging_steps": 1, "save_steps": 1}},
+            {"type": "rejection_sampling", "dataset": {"path": "task://arithmetic/rl", "n": 4},
+             "args": {"num_completions": 4, "max_new_tokens": 8}},
+            {"type": "sft", "name": "sft-rs", "dataset": "previous",
+             "args": {"max_steps": 1, "per_device_train_batch_size": 2, "logging_steps": 1}},
+            {"type": "dpo", "dataset": "previous",
+             "args": {"max_steps": 1, "per_device_train_batch_size": 1, "logging_steps": 1}},
+            {"type": "eval"},
         ],
     }
 
@@ -43,7 +57,8 @@ def launch(tmp_path: Path, name: str, launcher: list[str]) -> Path:
     out = tmp_path / name
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe(out)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    (tmp_path / "parity_reward.py").write_text(PARITY)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [*launcher, "-m", "trl_safeppo", "run", str(path)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -60,15 +75,15 @@ def test_two_processes_match_single_process_layout(tmp_path):
     single = launch(tmp_path, "single", [sys.executable])
     multi = launch(tmp_path, "multi", [*ACCELERATE, "--multi_gpu", "--num_processes", "2"])
     m = json.loads((multi / "manifest.json").read_text())
-    assert [s["status"] for s in m["stages"]] == ["completed", "completed"]
-    for stage in m["stages"]:  # the runner sets ACCELERATE_USE_CPU so the processes form one gloo group
-        assert stage["launch"] == {"num_processes": 2, "distributed_type": "MULTI_CPU"}
+    assert [s["status"] for s in m["stages"]] == ["completed"] * 6
+    for i in (0, 1, 3, 4):  # trainer stages; the runner sets ACCELERATE_USE_CPU so the processes form one gloo group
+        assert m["stages"][i]["launch"] == {"num_processes": 2, "distributed_type": "MULTI_CPU"}
     # only the main process appended to the log: steps 1, 2 and the summary, once each
     steps = [json.loads(line)["step"] for line in (multi / "stages/01-sft/log_history.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2]
     assert layout(single) == layout(multi)
     s = json.loads((single / "manifest.json").read_text())
-    assert [st["launch"]["num_processes"] for st in s["stages"]] == [1, 1]
+    assert [s["stages"][i]["launch"]["num_processes"] for i in (0, 1, 3, 4)] == [1, 1, 1, 1]
 
 
 @pytest.mark.slow
@@ -80,6 +95,6 @@ def test_fsdp2_config_runs_two_processes(tmp_path):
     config = REPO / "recipes/accelerate/fsdp2.yaml"
     out = launch(tmp_path, "fsdp2", [*ACCELERATE, "--config_file", str(config), "--num_processes", "2"])
     m = json.loads((out / "manifest.json").read_text())
-    assert [s["status"] for s in m["stages"]] == ["completed", "completed"]
-    assert {s["launch"]["num_processes"] for s in m["stages"]} == {2}
+    assert [s["status"] for s in m["stages"]] == ["completed"] * 6
+    assert {m["stages"][i]["launch"]["num_processes"] for i in (0, 1, 3, 4)} == {2}
     assert (out / "stages/02-grpo/final/config.json").exists()

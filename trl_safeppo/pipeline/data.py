@@ -175,7 +175,7 @@ def load(spec: DatasetSpec, *, where: str, seed: int = 0, previous_data: dict[st
         if path is None:
             raise RecipeError(where, f"the previous stage produced no {previous_kind!r} data",
                               "put a stage that produces it (rejection_sampling) before this one, or name a dataset")
-        ds = datasets.load_from_disk(path)
+        ds = datasets.load_from_disk(path, keep_in_memory=True)  # no cache files in the run dir
     elif spec.kind == "file":
         path = Path(spec.path)
         if path.is_dir():
