@@ -63,7 +63,7 @@ def check_metric_name(name: Any, field_name: str) -> str:
         return name
     raise ValueError(
         f"gates.{field_name}: unknown metric {name!r}. Known metrics: {', '.join(KNOWN_METRICS)}; "
-        f"or a name starting with {', '.join(METRIC_PREFIXES)} (see docs/metrics.md)."
+        f"or a name starting with {', '.join(METRIC_PREFIXES)} (see docs/metrics.md)"
     )
 
 
@@ -152,34 +152,34 @@ class GateConfig:
         for name in ("min_metrics", "max_metrics"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
-                raise ValueError(f"gates.{name}: expected a mapping metric -> number, got {value!r}.")
+                raise ValueError(f"gates.{name}: expected a mapping metric -> number, got {value!r}")
             for metric, bound in value.items():
                 check_metric_name(metric, f"{name}")
                 if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
-                    raise ValueError(f"gates.{name}.{metric}: expected a finite number, got {bound!r}.")
+                    raise ValueError(f"gates.{name}.{metric}: expected a finite number, got {bound!r}")
             setattr(self, name, {k: float(v) for k, v in value.items()})
         check_metric_name(self.heldout_metric, "heldout_metric")
         if self.heldout_metric not in EVAL_METRICS:
             raise ValueError(
                 f"gates.heldout_metric: {self.heldout_metric!r} is not a held-out metric; use one of "
-                f"{', '.join(EVAL_METRICS)}."
+                f"{', '.join(EVAL_METRICS)}"
             )
         check_metric_name(self.plateau_metric, "plateau_metric")
         if self.plateau_mode not in ("max", "min"):
-            raise ValueError(f"gates.plateau_mode: expected 'max' or 'min', got {self.plateau_mode!r}.")
+            raise ValueError(f"gates.plateau_mode: expected 'max' or 'min', got {self.plateau_mode!r}")
         for name in ("max_heldout_drop", "kl_budget"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise ValueError(f"gates.{name}: expected a number >= 0 or null, got {value!r}.")
+                raise ValueError(f"gates.{name}: expected a number >= 0 or null, got {value!r}")
         if self.plateau_window is not None and (
             isinstance(self.plateau_window, bool) or not isinstance(self.plateau_window, int) or self.plateau_window < 3
         ):
             raise ValueError(
                 f"gates.plateau_window: expected an integer >= 3 (logged steps to fit) or null, "
-                f"got {self.plateau_window!r}."
+                f"got {self.plateau_window!r}"
             )
         if not isinstance(self.no_tripwire_stop, bool):
-            raise ValueError(f"gates.no_tripwire_stop: expected true or false, got {self.no_tripwire_stop!r}.")
+            raise ValueError(f"gates.no_tripwire_stop: expected true or false, got {self.no_tripwire_stop!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> GateConfig:
@@ -187,11 +187,11 @@ class GateConfig:
         if data is None:
             return cls()
         if not isinstance(data, Mapping):
-            raise ValueError(f"gates: expected a mapping, got {data!r}.")
+            raise ValueError(f"gates: expected a mapping, got {data!r}")
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ValueError(f"gates: unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(names)}.")
+            raise ValueError(f"gates: unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(names)}")
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,7 +229,7 @@ def window_gain(values: Sequence[float]) -> float:
     """
     k = len(values)
     if k < 2:
-        raise ValueError(f"window_gain needs at least 2 values, got {k}.")
+        raise ValueError(f"window_gain needs at least 2 values, got {k}")
     x_mean = (k - 1) / 2
     y_mean = sum(values) / k
     sxx = sum((i - x_mean) ** 2 for i in range(k))

@@ -15,15 +15,15 @@ def validate_probes(probes: Any, field_name: str = "probes") -> list[str]:
     """Return ``probes`` as a list of strings, or raise one ValueError naming what is wrong."""
     if isinstance(probes, str) or not isinstance(probes, Sequence):
         raise ValueError(
-            f"{field_name}: expected a non-empty list of prompt strings, got {type(probes).__name__} {probes!r}."
+            f"{field_name}: expected a non-empty list of prompt strings, got {type(probes).__name__} {probes!r}"
         )
     if len(probes) == 0:
-        raise ValueError(f"{field_name}: the list is empty; give at least one prompt string or remove the key.")
+        raise ValueError(f"{field_name}: the list is empty; give at least one prompt string or remove the key")
     for i, p in enumerate(probes):
         if not isinstance(p, str):
-            raise ValueError(f"{field_name}[{i}]: expected a prompt string, got {type(p).__name__} {p!r}.")
+            raise ValueError(f"{field_name}[{i}]: expected a prompt string, got {type(p).__name__} {p!r}")
         if not p.strip():
-            raise ValueError(f"{field_name}[{i}]: the prompt is blank; give some text.")
+            raise ValueError(f"{field_name}[{i}]: the prompt is blank; give some text")
     return list(probes)
 
 
