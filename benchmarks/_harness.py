@@ -166,8 +166,8 @@ def timed_steps(results: list[dict], warmup: int) -> list[float]:
     return [s for r in results for s in r["step_seconds"][warmup:]]
 
 
-def fmt_stats(s: dict[str, float], unit: str = "s") -> str:
-    return f"{s['median']:.3f}{unit} [{s['min']:.3f}, {s['max']:.3f}]"
+def fmt_stats(s: dict[str, float], unit: str = "s", digits: int = 3) -> str:
+    return f"{s['median']:.{digits}f}{unit} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
 def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
@@ -285,3 +285,28 @@ def load_stats(runs: dict[str, list[dict]]) -> dict[str, float]:
     timing figure (2 cores with load 2 is a free machine; more is contention)."""
     loads = [r.get("loadavg_1m_at_start") for rs in runs.values() for r in rs]
     return stats([x for x in loads if x is not None])
+
+
+def bar_panels(panels: list[tuple[str, dict[str, dict[str, float]]]], title: str, colors: Sequence[str] = ()):
+    """A row of bar charts, one per (y label, {bar name: stats}) panel: bar = median, error bar = [min, max], the
+    median printed above each bar. Returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = list(colors) or ["tab:grey", "tab:blue", "tab:green", "tab:orange"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (ylabel, bars) in zip(axes[0], panels):
+        names = list(bars)
+        med = [bars[n]["median"] for n in names]
+        err = [[m - bars[n]["min"] for m, n in zip(med, names)], [bars[n]["max"] - m for m, n in zip(med, names)]]
+        ax.bar(range(len(names)), med, yerr=err, capsize=4, color=colors[: len(names)])
+        for i, m in enumerate(med):
+            ax.annotate(f"{m:.3g}", (i, m), textcoords="offset points", xytext=(8, 3), fontsize=8)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -8,8 +8,8 @@ Goal: at least 85% of the PPO step inside the models; the rest is overhead to re
 from __future__ import annotations
 
 from benchmarks._harness import (
-    base_config, check_args, common_parser, fmt_stats, interleaved, load_stats, machine, print_table, run_worker,
-    stats, timed_steps, write_json,
+    bar_panels, base_config, check_args, common_parser, fmt_stats, interleaved, load_stats, machine, print_table,
+    run_worker, save_figure, stats, timed_steps, write_json,
 )
 
 
@@ -50,18 +50,34 @@ def main(argv=None) -> dict:
         step = stats(timed_steps(rs, warmup=1))
         # share of (all steps' time) spent inside the models; the model timer covers the whole training loop
         share = sum(r["model_seconds"] for r in rs) / sum(sum(r["step_seconds"]) for r in rs)
+        shares = stats([r["model_seconds"] / sum(r["step_seconds"]) for r in rs])  # per run
         peak = stats([r["peak_rss_mb"] for r in rs])
         tps = _tokens_per_second(rs, warmup=1)
-        result[name] = {"step_seconds": step, "model_share": share, "peak_rss_mb": peak, "tokens_per_second": tps}
-        rows.append((name, fmt_stats(step), f"{tps:.1f}", f"{peak['median']:.0f}", f"{100 * share:.1f}%"))
+        result[name] = {"step_seconds": step, "model_share": share, "model_share_per_run": shares,
+                        "peak_rss_mb": peak, "tokens_per_second": tps}
+        rows.append((name, fmt_stats(step), f"{tps:.1f}", f"{peak['median']:.0f}",
+                     f"{100 * share:.1f}% [{100 * shares['min']:.1f}, {100 * shares['max']:.1f}]"))
     ratio = result["SafePPOTrainer"]["step_seconds"]["median"] / result["GRPOTrainer"]["step_seconds"]["median"]
     mem_ratio = result["SafePPOTrainer"]["peak_rss_mb"]["median"] / result["GRPOTrainer"]["peak_rss_mb"]["median"]
     result.update(step_ratio=ratio, peak_memory_ratio=mem_ratio, goal_model_share=0.85)
-    print_table("PPO cost", rows, ("trainer", "s/step median [min, max]", "gen tok/s", "peak RSS MiB", "in models"))
+    print_table("PPO cost", rows, ("trainer", "s/step median [min, max]", "gen tok/s", "peak RSS MiB",
+                                   "in models (all runs) [per-run min, max]"))
     print(f"PPO / GRPO: {ratio:.2f}x time per step, {mem_ratio:.2f}x peak memory")
     share = result["SafePPOTrainer"]["model_share"]
     verdict = "met" if share >= 0.85 else "NOT met"
     print(f"goal: >= 85% of the PPO step inside the models -> {100 * share:.1f}% ({verdict})")
+    fig = bar_panels(
+        [
+            ("seconds per step", {n: result[n]["step_seconds"] for n in runs}),
+            ("generated tokens per second", {n: stats([result[n]["tokens_per_second"]]) for n in runs}),
+            ("share of step time inside the models", {n: result[n]["model_share_per_run"] for n in runs}),
+        ],
+        f"SafePPO vs GRPO on {args.model}: batch {args.batch}, {args.max_completion_length} tokens; PPO step "
+        f"{ratio:.2f}x GRPO's, {100 * share:.1f}% inside the models (goal >= 85%)",
+    )
+    fig.axes[2].axhline(0.85, color="tab:red", ls="--", lw=1, label="goal 85%")
+    fig.axes[2].legend(frameon=False, fontsize=8, loc="lower right")
+    save_figure(fig, args.out, "ppo_cost")
     if args.cprofile:
         print("  running SafePPOTrainer under cProfile (untimed) ...", flush=True)
         prof = run_worker("benchmarks._worker", base_config(args, "safe_ppo", args={"num_iterations": 1},

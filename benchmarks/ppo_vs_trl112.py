@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 
 from benchmarks._harness import (
-    REPO, base_config, check_args, common_parser, fmt_stats, load_stats, machine, print_table, run_worker, stats,
-    write_json,
+    REPO, bar_panels, base_config, check_args, common_parser, fmt_stats, load_stats, machine, print_table, run_worker,
+    save_figure, stats, write_json,
 )
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
         wall = stats([r["process_wall_seconds"] for r in rs])
         peak = stats([r["peak_rss_mb"] for r in rs])
         result[name] = {"seconds_per_rollout": step, "process_wall_seconds": wall, "peak_rss_mb": peak}
-        rows.append((name, fmt_stats(step), fmt_stats(wall), fmt_stats(peak, " MiB")))
+        rows.append((name, fmt_stats(step), fmt_stats(wall, digits=1), fmt_stats(peak, " MiB", digits=0)))
     old, new = result["TRL 1.12 PPOTrainer"], result["SafePPOTrainer"]
     speed = old["seconds_per_rollout"]["median"] / new["seconds_per_rollout"]["median"]
     speed_wall = old["process_wall_seconds"]["median"] / new["process_wall_seconds"]["median"]
@@ -72,6 +72,17 @@ def main(argv=None) -> dict:
     print(f"SafePPO speed-up: {speed:.2f}x per rollout, {speed_wall:.2f}x whole process; "
           f"peak memory {mem:.2f}x of TRL 1.12's")
     print(f"goal: >= 1.5x faster with no more peak memory -> {'met' if speed >= 1.5 and mem <= 1.0 else 'NOT met'}")
+    names = {"TRL 1.12 PPOTrainer": "TRL 1.12\nPPOTrainer", "SafePPOTrainer": "SafePPOTrainer"}
+    fig = bar_panels(
+        [
+            ("seconds per rollout", {names[n]: result[n]["seconds_per_rollout"] for n in names}),
+            ("whole-process seconds", {names[n]: result[n]["process_wall_seconds"] for n in names}),
+            ("peak resident memory (MiB)", {names[n]: result[n]["peak_rss_mb"] for n in names}),
+        ],
+        f"PPO on {args.model}: batch {args.batch}, {args.max_completion_length} tokens, {args.ppo_epochs} PPO epochs; "
+        f"speed-up {speed:.2f}x per rollout, peak memory {mem:.2f}x",
+    )
+    save_figure(fig, args.out, "ppo_vs_trl112")
     write_json(args.out, "ppo_vs_trl112", {**result, "runs": results})
     return result
 

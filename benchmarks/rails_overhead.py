@@ -10,8 +10,8 @@ measures the rails, not a change in completion length.
 from __future__ import annotations
 
 from benchmarks._harness import (
-    base_config, check_args, common_parser, fmt_stats, interleaved, load_stats, machine, print_table, stats,
-    timed_steps, write_json,
+    bar_panels, base_config, check_args, common_parser, fmt_stats, interleaved, load_stats, machine, print_table,
+    save_figure, stats, timed_steps, write_json,
 )
 
 ALL_RAILS = {
@@ -70,6 +70,12 @@ def main(argv=None) -> dict:
     result = {"plain": plain, "safe": safe, "ratio": ratio, "per_pair_ratios": per_run, "generated_tokens": tokens,
               "goal": 1.03, "load_at_run_start": load_stats(runs), "machine": machine(), "args": vars(args),
               "rails": ALL_RAILS}
+    fig = bar_panels(
+        [("seconds per step (median, [min, max])", {"GRPOTrainer": plain, "SafeGRPOTrainer\n+ all rails": safe})],
+        f"rails overhead on {args.model}: ratio {ratio:.3f} (goal <= 1.03)\nbatch {args.batch}, "
+        f"{args.max_completion_length} tokens, {args.steps} steps x {args.repeats} run(s) each, interleaved",
+    )
+    save_figure(fig, args.out, "rails_overhead")
     write_json(args.out, "rails_overhead", {**result, "runs": runs})
     return result
 

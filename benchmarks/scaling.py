@@ -43,21 +43,28 @@ def main(argv=None) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, values, label in (
-        (axes[0], "batch", (4, 8, 16), "batch size (completion length 8)"),
+        (axes[0], "batch", (4, 8, 16), "batch size (completions per step; max completion length 8)"),
         (axes[1], "len", (8, 16, 32), "max completion length (batch 4)"),
     ):
         names = [f"batch={v} len=8" if key == "batch" else f"batch=4 len={v}" for v in values]
         ys = [table[n]["ratio_to_first"] for n in names]
-        ax.plot(values, ys, marker="o", label="measured")
-        ax.plot(values, [v / values[0] for v in values], "--", color="grey", label="linear")
+        lo = [y - table[n]["step_seconds"]["min"] / base for y, n in zip(ys, names)]
+        hi = [table[n]["step_seconds"]["max"] / base - y for y, n in zip(ys, names)]
+        ax.errorbar(values, ys, yerr=[lo, hi], marker="o", capsize=3, label="measured: median [min, max]")
+        ax.plot(values, [v / values[0] for v in values], "--", color="grey", label="proportional (2x per doubling)")
+        for v, y, n in zip(values, ys, names):
+            ax.annotate(f"{table[n]['step_seconds']['median']:.2f}s", (v, y), textcoords="offset points",
+                        xytext=(6, -12), fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(values, [str(v) for v in values])
         ax.set_xlabel(label)
-        ax.set_ylabel("time per step / first point")
-        ax.legend(frameon=False)
-    fig.suptitle(f"{args.trainer}: cost growth")
+        ax.set_ylabel("seconds per step / first point")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False, fontsize=8, loc="upper left")
+    fig.suptitle(f"{args.trainer} on {args.model}: cost per step as the batch and the completion length double "
+                 f"(seed {args.seed}, {args.repeats} run(s) per point)", fontsize=10)
     fig.tight_layout()
     save_figure(fig, args.out, "scaling")
     result = {"points": table, "load_at_run_start": load_stats(runs), "machine": machine(), "args": vars(args)}
