@@ -48,6 +48,7 @@ def test_trainer_callback_prints_step_and_headline_metrics():
     state = TrainerState(global_step=3, max_steps=10)
     callback.on_log(None, state, TrainerControl(), logs={"reward": 0.5, "kl": 0.01234, "epoch": 0.3})
     callback.on_step_end(None, state, TrainerControl())  # other events are no-ops
+    callback.on_log(None, state, TrainerControl(), logs={"train_runtime": 1.0, "train_loss": 0.3})  # summary
     assert _lines(buf) == ["  step 3/10 reward=0.5 kl=0.01234"]
     assert PipelineProgress(1, interactive=True).trainer_callback() is None  # a terminal keeps tqdm
 

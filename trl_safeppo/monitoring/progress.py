@@ -162,7 +162,8 @@ class PlainProgressCallback:
         if not state.is_world_process_zero or not logs:
             return
         shown = " ".join(f"{k}={logs[k]:.4g}" for k in self.KEYS if isinstance(logs.get(k), (int, float)))
-        self.emit(f"  step {state.global_step}/{state.max_steps} {shown}".rstrip())
+        if shown:  # the end-of-training summary (train_runtime, ...) has none: the stage line follows anyway
+            self.emit(f"  step {state.global_step}/{state.max_steps} {shown}")
 
     def __getattr__(self, name):  # the other TrainerCallback events: nothing to do
         if name.startswith("on_"):
