@@ -15,7 +15,8 @@ from trl_safeppo.pipeline.runner import run_recipe
 REPO = Path(__file__).resolve().parents[2]
 
 SHRINK = [
-    "data.sft.n=64", "stages.0.args.per_device_train_batch_size=16", "stages.1.args.max_steps=2",
+    "data.sft={path: task://arithmetic/sft, n: 64}", "stages.0.args.num_train_epochs=1",
+    "stages.0.args.per_device_train_batch_size=16", "stages.1.args.max_steps=2",
     "stages.2.args.max_steps=2", "stages.3.dataset.n=16",
     # keep every sample: a policy this short-trained rarely passes, and the later SFT and DPO stages need data
     "stages.3.args.selection=threshold", "stages.3.args.score_threshold=-1.0",
@@ -36,7 +37,9 @@ def test_demo_recipe_report(tmp_path):
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
         assert f"(plots/{name}.png)" in md
     assert f"| probe | {' | '.join(training)} |" in md  # stage columns
-    for probe in recipe["probes"]:  # probe rows
+    probes = recipe["probes"]["prompts"] if isinstance(recipe["probes"], dict) else recipe["probes"]
+    assert probes
+    for probe in probes:  # probe rows
         assert f"| {probe} |" in md
     assert "Sampling:" in md and "- **Status:** completed" in md
 
