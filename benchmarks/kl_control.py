@@ -116,7 +116,8 @@ def main(argv=None) -> dict:
     for ax in (ax_kl, ax_beta, ax_len):
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(frameon=False, fontsize=8, loc="upper left")
+    fig.legend(*ax_kl.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=5,
+               frameon=False, fontsize=9)
     fig.suptitle(f"{args.trainer} under a length-exploitable reward: fixed beta {args.beta:g} vs adaptive "
                  f"(target {target:g}, horizon {horizon:g} samples), lr {args.learning_rate:g}, seed {args.seed}",
                  fontsize=11)
