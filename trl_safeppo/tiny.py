@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "tiny://"
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "3"  # bump whenever the build code changes what it writes: it enters the cache fingerprint
 
 # ChatML special tokens. `<|im_end|>` ends every turn and is the EOS of generation.
 BOS_TOKEN = "<|endoftext|>"
@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 )
 
 # Text the tokenizer is trained on: the words the embedded task and the chat template use, plus plain English so
-# that real prompts still tokenize into sensible pieces. Digits are always split one per token (see _train).
+# that real prompts still tokenize into sensible pieces. Digits are always split one per token (see _train_tokenizer).
 _CORPUS = """
 system
 user
@@ -82,10 +82,10 @@ class TinySpec:
 
 TINY_MODELS: dict[str, TinySpec] = {
     "arithmetic": TinySpec(
-        description="Qwen2-style policy for the embedded arithmetic task (the demo recipe's default model)",
+        description="0.85M-parameter Qwen2-style policy for the embedded arithmetic task (the demo's default model)",
     ),
     "debug": TinySpec(
-        description="smallest Qwen2-style model, for fast unit tests",
+        description="35k-parameter Qwen2-style model, for fast unit tests",
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
