@@ -8,6 +8,7 @@ and one run's warm caches do not flatter the next. Configurations of one compari
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -272,8 +273,12 @@ def sft_warm_start(cli) -> str:
         return cli.model
     from trl_safeppo.models import resolve_model_path
 
-    name = Path(resolve_model_path(cli.model)).name  # e.g. arithmetic-<fingerprint>: a changed tiny model re-trains
-    warm = Path(tempfile.gettempdir()) / f"trl_safeppo_bench_sft_{name}_seed{cli.seed}"
+    from benchmarks._sft_worker import sft_settings
+
+    # keyed by the tiny model's fingerprint and the SFT settings: a changed model or demo setting re-trains
+    name = Path(resolve_model_path(cli.model)).name
+    key = hashlib.sha256(json.dumps(sft_settings(), sort_keys=True).encode()).hexdigest()[:8]
+    warm = Path(tempfile.gettempdir()) / f"trl_safeppo_bench_sft_{name}_{key}_seed{cli.seed}"
     if not (warm / "config.json").exists():
         print(f"SFT warm start of {cli.model} (cached in {warm}) ...", flush=True)
     run_worker("benchmarks._sft_worker", {"model": cli.model, "output_dir": str(warm), "seed": cli.seed})

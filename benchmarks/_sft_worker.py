@@ -1,4 +1,5 @@
-"""SFT warm start of tiny://arithmetic on the embedded task's sft split (for the reward-hacking benchmark).
+"""SFT warm start of tiny://arithmetic on the embedded task's sft split with the demo recipe's settings
+(`DEMO_SETTINGS`), for the reward-hacking and KL-control benchmarks.
 
 Usage: python -m benchmarks._sft_worker '{"model": "tiny://arithmetic", "output_dir": "...", "seed": 0}'
 The checkpoint is written to a temporary directory and renamed into place, so a killed run leaves nothing behind.
@@ -17,21 +18,24 @@ def main(config: dict) -> None:
 
     from benchmarks._harness import emit
     from trl_safeppo.models import resolve_model_path
-    from trl_safeppo.tasks.arithmetic import DEMO_SETTINGS, load_arithmetic
+    from trl_safeppo.tasks.arithmetic import load_arithmetic
 
     out = config["output_dir"]
     if not os.path.exists(os.path.join(out, "config.json")):
         tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        data = load_arithmetic("sft", n=int(DEMO_SETTINGS["sft_num_examples"]), seed=config.get("seed", 0))
+        data = load_arithmetic("sft", n=sft_settings(config)["num_examples"], seed=config.get("seed", 0))
+        settings = sft_settings(config)
         trainer = SFTTrainer(
             model=resolve_model_path(config.get("model", "tiny://arithmetic")),
             train_dataset=data,
             args=SFTConfig(
                 output_dir=tmp,
-                learning_rate=float(DEMO_SETTINGS["sft_learning_rate"]),
-                num_train_epochs=float(config.get("epochs", DEMO_SETTINGS["sft_num_train_epochs"])),
-                per_device_train_batch_size=int(DEMO_SETTINGS["sft_per_device_train_batch_size"]),
+                learning_rate=settings["learning_rate"],
+                lr_scheduler_type=settings["lr_scheduler_type"],
+                warmup_steps=settings["warmup_steps"],
+                num_train_epochs=settings["num_train_epochs"],
+                per_device_train_batch_size=settings["per_device_train_batch_size"],
                 save_strategy="no",
                 report_to="none",
                 logging_steps=10,
@@ -45,6 +49,20 @@ def main(config: dict) -> None:
         trainer.processing_class.save_pretrained(tmp)
         os.replace(tmp, out)
     emit({"config": config, "path": out, "step_seconds": []})
+
+
+def sft_settings(config: dict | None = None) -> dict:
+    """The demo recipe's SFT settings (`DEMO_SETTINGS` of the embedded task), `config["epochs"]` overriding."""
+    from trl_safeppo.tasks.arithmetic import DEMO_SETTINGS as D
+
+    return {
+        "learning_rate": float(D["sft_learning_rate"]),
+        "lr_scheduler_type": str(D.get("sft_lr_scheduler_type", "linear")),
+        "warmup_steps": D.get("sft_warmup_steps", 0),
+        "num_train_epochs": float((config or {}).get("epochs", D["sft_num_train_epochs"])),
+        "per_device_train_batch_size": int(D["sft_per_device_train_batch_size"]),
+        "num_examples": int(D["sft_num_examples"]),
+    }
 
 
 if __name__ == "__main__":
