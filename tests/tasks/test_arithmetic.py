@@ -130,8 +130,9 @@ def test_parse_answer():
 def test_short_sft_gives_partial_accuracy(tmp_path):
     # The demo's SFT warm start (DEMO_SETTINGS) on tiny://arithmetic must leave the policy partly right and partly
     # in the tagged format, so that RL has room to improve both. Margins from docs/embedded_default.md: after
-    # this SFT, greedy exact match measured ~0.1-0.2 and format-pass ~0.5 on the eval split; the floors and ceilings
-    # below leave room for seed and thread-count noise but fail if SFT learns nothing or everything.
+    # this SFT, greedy exact match measured 0.14-0.42 (the run leaves a plateau around here, so it moves a lot from
+    # step to step) and format-pass ~0.5 on the eval split; the floors and ceilings below leave room for seed and
+    # thread-count noise but fail if SFT learns nothing, or the whole task, or both formats for both phrasings.
     import torch
     from trl import SFTConfig, SFTTrainer
 
@@ -166,5 +167,6 @@ def test_short_sft_gives_partial_accuracy(tmp_path):
     formatted = [bool(re.match(ANSWER_FORMAT_REGEX, c)) for c in completions]
     exact = [f and parse_answer(c) == g for f, c, g in zip(formatted, completions, rows["answer"])]
     format_pass, exact_match = sum(formatted) / 200, sum(exact) / 200
+    print(f"after SFT: exact match {exact_match:.3f}, format-pass {format_pass:.3f}")  # shown with pytest -rP
     assert 0.25 <= format_pass <= 0.75, completions[:5]  # one phrasing tagged, the other plain
     assert 0.02 <= exact_match <= 0.6, completions[:5]  # partial: learned something, far from solved

@@ -36,7 +36,7 @@ SYSTEM_PROMPT = "Think in <think> </think>, then answer in <answer> </answer>."
 # while sampling still produces some tagged answers to the second phrasing for a format reward to reinforce.
 USER_TEMPLATES: dict[str, float] = {  # template -> fraction of its sft targets in the tagged format
     "What is {a} + {b}?": 0.9,
-    "Add {a} and {b}.": 0.2,
+    "Add {a} and {b}.": 0.3,
 }
 # The R1-style answer format: the sum written out in think tags, then the bare number in answer tags, nothing else.
 ANSWER_FORMAT = "<think>{a} + {b} = {answer}</think><answer>{answer}</answer>"
@@ -45,9 +45,10 @@ ANSWER_FORMAT_REGEX = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
 
 # Tuned together with tiny://arithmetic on CPU (docs/embedded_default.md has the runs and commands); the recipe
 # helper copies these into recipes/demo.yaml. SFT: 2 epochs over the whole sft split at batch 32 (482 steps, about
-# 110 s of one core) leave greedy exact match ~0.15-0.2 and format-pass ~0.5 on the eval split. GRPO at lr 1e-4
-# (4 prompts x 8 completions per step, about 0.4 s of one core per step, linear decay over 60 steps) then reaches
-# format-pass 1.0 and exact match ~0.45; lr 3e-4 flips the format as fast but loses accuracy, lr 1e-3 destroys it.
+# 110 s of one core) leave greedy exact match ~0.4 (0.15 in a run that left the plateau later) and format-pass ~0.5
+# on the eval split. GRPO at lr 1e-4 (4 prompts x 8 completions per step, about 0.4 s of one core per step, linear
+# decay over 60 steps) then reaches format-pass 1.0 and exact match ~0.84; lr 3e-4 flips the format as fast but
+# loses accuracy, lr 1e-3 destroys it.
 DEMO_SETTINGS: dict[str, float | int | str] = {
     "sft_learning_rate": 1e-3,
     "sft_lr_scheduler_type": "constant_with_warmup",
