@@ -52,20 +52,17 @@ def test_field_name_appears_in_the_error():
 
 
 @pytest.mark.parametrize("hub_id", ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2", "HuggingFaceTB/SmolLM2-135M"])
-def test_hub_id_is_returned_unchanged_without_download(hub_id, tmp_path, monkeypatch):
-    # Resolving a Hub id touches neither the network (the session-wide guard would raise) nor the disk.
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def test_hub_id_is_returned_unchanged_without_download(hub_id):
+    # Resolving a Hub id never touches the network: the session-wide guard (conftest) would raise NetworkAccessError.
     assert resolve_model_path(hub_id) == hub_id
-    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("loader", [load_tokenizer, load_causal_lm])
-def test_offline_hub_id_fails_with_a_clear_error(loader, tmp_path, monkeypatch):
-    # HF_HUB_OFFLINE=1 (conftest) and an empty cache: one ValueError that names the value and the fix,
-    # raised before any connection is attempted (the guard would turn one into NetworkAccessError).
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+def test_offline_hub_id_fails_with_a_clear_error(loader, tmp_path):
+    # HF_HUB_OFFLINE=1 (conftest) and an empty cache_dir: one ValueError that names the value and the fix, raised
+    # without any connection attempt (the guard would turn one into NetworkAccessError).
     with pytest.raises(ValueError, match=r"model='Qwen/Qwen2.5-0.5B-Instruct': .*offline mode is on \(HF_HUB_OFFLINE=1\)"):
-        loader("Qwen/Qwen2.5-0.5B-Instruct")
+        loader("Qwen/Qwen2.5-0.5B-Instruct", cache_dir=str(tmp_path / "empty-cache"))
 
 
 def test_loaders_take_tiny_ids(tiny_debug_path):
