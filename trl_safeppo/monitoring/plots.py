@@ -308,7 +308,7 @@ def plot_heldout(stages: Sequence[tuple[str, Mapping[str, Any]]], path: Path) ->
     plt = _pyplot()
     names = [name for name, _ in stages]
     fig, (ax, axl) = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(names) + 5), 3.8),
-                                  gridspec_kw={"width_ratios": [2, 1]})
+                                  gridspec_kw={"width_ratios": [2, 1.4]})
     rates = [("accuracy", C_MAIN), ("format_pass_rate", C_THIRD)]
     rates = [(k, c) for k, c in rates if any(isinstance(ev.get(k), (int, float)) for _, ev in stages)]
     width = 0.8 / max(1, len(rates))
@@ -327,7 +327,7 @@ def plot_heldout(stages: Sequence[tuple[str, Mapping[str, Any]]], path: Path) ->
     lengths = [ev.get("mean_length") if isinstance(ev.get("mean_length"), (int, float)) else 0.0 for _, ev in stages]
     bars = axl.bar(range(len(names)), lengths, color="#7f7f7f", width=0.6)
     axl.bar_label(bars, labels=[f"{v:.1f}" for v in lengths], fontsize=8, padding=2)
-    axl.set_xticks(range(len(names)), names, rotation=20 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
+    axl.set_xticks(range(len(names)), names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
     axl.set_ylim(0, max(lengths + [1.0]) * 1.2)
     axl.set_ylabel("tokens")
     axl.set_title("Held-out mean completion length")
