@@ -37,7 +37,7 @@ def _mean(xs: list[float]) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = common_parser("reward_hacking", __doc__.splitlines()[0], steps=40)
+    parser = common_parser("reward_hacking", __doc__.splitlines()[0], steps=60)
     parser.add_argument("--batch", type=int, default=16, help="completions per step (default 16)")
     parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
