@@ -235,7 +235,7 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
 
         # args (the stage's rails and tripwires go into its config's `rails` / `tripwires` fields)
         fields = accepted_fields(config_cls)
-        rails = deep_merge(recipe.rails, spec.rails)
+        rails = deep_merge(recipe.rails, spec.rails) if "rails" in fields else {}  # (so SFT's fingerprint ignores them)
         if spec.type == "eval":
             args = check_args(spec.args, config_cls, where=f"{where}.args", what="evaluate_heldout",
                               reserved=EVAL_STAGE_RESERVED)
@@ -303,7 +303,9 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
         for j, dotted in enumerate(spec.callbacks):
             data_mod.import_object(dotted, where=f"{where}.callbacks[{j}]", what="callback")
 
-        stages.append(StagePlan(i, spec, stype, config_cls, args, dataset, reward, rails, init, where))
+        uses_reward = stype.needs_reward or spec.type == "eval"  # SFT / DPO ignore it (and so do their fingerprints)
+        stages.append(StagePlan(i, spec, stype, config_cls, args, dataset, reward if uses_reward else None, rails,
+                                init, where))
 
     plan = Plan(recipe=recipe, model=model, stages=stages)
     _check_eval_block(recipe, plan)
