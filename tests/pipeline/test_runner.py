@@ -250,3 +250,16 @@ def test_failed_gate_stops_the_run_and_a_relaxed_gate_is_rechecked_without_retra
     m = manifest(out)
     assert [s["status"] for s in m["stages"]] == ["completed", "completed"]
     assert m["stages"][0]["timings"]["attempts"] == 1  # re-checked, not retrained
+
+
+def test_output_dir_of_another_recipe_is_refused(tmp_path):
+    from trl_safeppo.pipeline.manifest import Manifest
+    from trl_safeppo.pipeline.recipe import RecipeError
+
+    out = tmp_path / "run"
+    Manifest.create(out, "someone-else", []).save()
+    tree = {"name": "mine", "model": "tiny://debug", "output_dir": str(out),
+            "stages": [{"type": "sft", "dataset": {"path": "task://arithmetic/sft", "n": 4}, "args": {"max_steps": 1}}]}
+    with pytest.raises(RecipeError, match=r"holds a run of another recipe \('someone-else'\).*--restart"):
+        run_recipe(str(write(tmp_path, tree)))
+    assert not (out / "stages").exists()  # nothing trained, nothing written

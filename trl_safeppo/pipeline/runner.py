@@ -158,6 +158,9 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
          f"({state.num_processes} process{'es' if state.num_processes > 1 else ''})")
     run_dir = Path(recipe.output_dir)
     old = None if restart else Manifest.load(run_dir)
+    if old is not None and old.data.get("name") != recipe.name:
+        raise RecipeError("output_dir", f"{run_dir} holds a run of another recipe ({old.data.get('name')!r})",
+                          "choose another output_dir, or pass --restart to replace that run")
     manifest = reconcile(plan, old, run_dir)
     state.wait_for_everyone()  # everyone has read the old manifest before the main process rewrites it
     if is_main:
@@ -239,7 +242,8 @@ class _Runner:
         resume_from = None
         if entry["status"] in ("running", "failed") and stage_dir.is_dir():
             resume_from = get_last_checkpoint(str(stage_dir))
-        elif stage_dir.exists() and self.is_main:  # left over from a run of a different recipe: start afresh
+        elif stage_dir.exists() and self.is_main:  # the stage (or one before it) changed since the last run
+            self.say(f"stage {entry['index']} ({sp.spec.name}): changed since the last run, starting afresh")
             shutil.rmtree(stage_dir)
         self.barrier()
         if self.is_main:
