@@ -75,22 +75,27 @@ class ModelTimer:
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.by_kind: dict[str, float] = {}  # seconds per outermost call: generate, forward:<model>, backward
         self._depth = 0
         self._t0 = 0.0
+        self._kind = ""
 
-    def enter(self) -> None:
+    def enter(self, kind: str = "model") -> None:
         if self._depth == 0:
             self._t0 = time.perf_counter()
+            self._kind = kind
         self._depth += 1
 
     def exit(self) -> None:
         self._depth -= 1
         if self._depth == 0:
-            self.seconds += time.perf_counter() - self._t0
+            elapsed = time.perf_counter() - self._t0
+            self.seconds += elapsed
+            self.by_kind[self._kind] = self.by_kind.get(self._kind, 0.0) + elapsed
 
-    def _wrap(self, fn: Callable) -> Callable:
+    def _wrap(self, fn: Callable, kind: str) -> Callable:
         def wrapped(*args, **kwargs):
-            self.enter()
+            self.enter(kind)
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -101,16 +106,18 @@ class ModelTimer:
     def install(self, trainer: Any) -> None:
         import torch
 
-        modules = [trainer.model, getattr(trainer, "ref_model", None)]
+        modules = {"policy": trainer.model, "reference": getattr(trainer, "ref_model", None)}
         for name in ("critic", "value_model", "critic_model"):
-            modules.append(getattr(trainer, name, None))
-        for module in modules:
+            modules[name] = getattr(trainer, name, None)
+        for i, func in enumerate(getattr(trainer, "reward_funcs", None) or []):
+            modules[f"reward_model_{i}"] = func
+        for name, module in modules.items():
             if isinstance(module, torch.nn.Module):
-                module.register_forward_pre_hook(lambda *_: self.enter())
+                module.register_forward_pre_hook(lambda *_, kind=f"forward:{name}": self.enter(kind))
                 module.register_forward_hook(lambda *_: self.exit())
                 if hasattr(module, "generate"):
-                    module.generate = self._wrap(module.generate)
-        trainer.accelerator.backward = self._wrap(trainer.accelerator.backward)
+                    module.generate = self._wrap(module.generate, "generate")
+        trainer.accelerator.backward = self._wrap(trainer.accelerator.backward, "backward")
 
 
 def emit(result: dict) -> None:

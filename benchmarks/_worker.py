@@ -95,9 +95,18 @@ def run(config: dict, output_dir: str) -> None:
     timer = step_timer()
     trainer.add_callback(timer)
     model_timer = None
+    snapshots: list[dict[str, float]] = []
     if config.get("profile"):
+        from transformers import TrainerCallback
+
         model_timer = ModelTimer()
         model_timer.install(trainer)
+
+        class Snapshot(TrainerCallback):  # cumulative model seconds by kind at each step end (drop warm-up later)
+            def on_step_end(self, args, state, control, **kwargs):
+                snapshots.append(dict(model_timer.by_kind))
+
+        trainer.add_callback(Snapshot())
     profiler = None
     if config.get("cprofile"):
         import cProfile
@@ -125,6 +134,8 @@ def run(config: dict, output_dir: str) -> None:
             "step_seconds": timer.step_seconds,
             "train_seconds": train_seconds,
             "model_seconds": model_timer.seconds if model_timer else None,
+            "model_seconds_by_kind": model_timer.by_kind if model_timer else None,
+            "model_seconds_by_kind_at_step_end": snapshots,
             "generated_tokens_per_step": gen_tokens,
             "log_history": history,
             "heldout": heldout,

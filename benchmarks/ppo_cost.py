@@ -22,6 +22,13 @@ def _tokens_per_second(runs: list[dict], warmup: int) -> float:
     return sum(toks) / sum(secs) if secs else float("nan")
 
 
+def _model_share(r: dict) -> tuple[float, float]:
+    """(seconds inside the models, wall seconds) over a run's timed steps (the first step is warm-up)."""
+    snaps = r["model_seconds_by_kind_at_step_end"]
+    inside = sum(snaps[-1].values()) - sum(snaps[0].values())
+    return inside, sum(r["step_seconds"][1:])
+
+
 def main(argv=None) -> dict:
     parser = common_parser("ppo_cost", __doc__.splitlines()[0], steps=8)
     parser.add_argument("--batch", type=int, default=8)
@@ -49,14 +56,34 @@ def main(argv=None) -> dict:
     for name, rs in runs.items():
         step = stats(timed_steps(rs, warmup=1))
         # share of (all steps' time) spent inside the models; the model timer covers the whole training loop
-        share = sum(r["model_seconds"] for r in rs) / sum(sum(r["step_seconds"]) for r in rs)
-        shares = stats([r["model_seconds"] / sum(r["step_seconds"]) for r in rs])  # per run
+        # share of the timed steps' wall time spent inside the models (warm-up step excluded), all runs and per run
+        share = sum(_model_share(r)[0] for r in rs) / sum(_model_share(r)[1] for r in rs)
+        shares = stats([_model_share(r)[0] / _model_share(r)[1] for r in rs])
         peak = stats([r["peak_rss_mb"] for r in rs])
         tps = _tokens_per_second(rs, warmup=1)
         result[name] = {"step_seconds": step, "model_share": share, "model_share_per_run": shares,
                         "peak_rss_mb": peak, "tokens_per_second": tps}
         rows.append((name, fmt_stats(step), f"{tps:.1f}", f"{peak['median']:.0f}",
                      f"{100 * share:.1f}% [{100 * shares['min']:.1f}, {100 * shares['max']:.1f}]"))
+    # where the step time goes, timed steps only (the first step of each run is warm-up): outermost model calls by
+    # kind, and everything else, as shares of the timed steps' wall time
+    def model_share(r: dict, kinds: list[str] | None = None) -> tuple[float, float]:
+        snaps = r["model_seconds_by_kind_at_step_end"]
+        first, last = snaps[0], snaps[-1]
+        keys = kinds if kinds is not None else list(last)
+        return sum(last.get(k, 0.0) - first.get(k, 0.0) for k in keys), sum(r["step_seconds"][1:])
+
+    kinds = sorted({k for rs in runs.values() for r in rs for k in r["model_seconds_by_kind_at_step_end"][-1]})
+    breakdown = {}
+    for name, rs in runs.items():
+        total = sum(model_share(r)[1] for r in rs)
+        shares = {k: sum(model_share(r, [k])[0] for r in rs) / total for k in kinds}
+        shares["outside the models"] = 1.0 - sum(shares.values())
+        breakdown[name] = shares
+        result[name]["time_shares"] = shares
+    print_table("share of step time, timed steps (all runs)",
+                [(k, *(f"{100 * breakdown[n][k]:.1f}%" for n in runs)) for k in [*kinds, "outside the models"]],
+                ("", *runs))
     ratio = result["SafePPOTrainer"]["step_seconds"]["median"] / result["GRPOTrainer"]["step_seconds"]["median"]
     mem_ratio = result["SafePPOTrainer"]["peak_rss_mb"]["median"] / result["GRPOTrainer"]["peak_rss_mb"]["median"]
     result.update(step_ratio=ratio, peak_memory_ratio=mem_ratio, goal_model_share=0.85)

@@ -32,6 +32,8 @@ def test_model_timer_counts_nested_calls_once(monkeypatch):
     timer.exit()
     # (5 - 0) + (20 - 10) = 15 seconds; a double count would give more
     assert timer.seconds == 15.0
+    # both outermost calls were of the default kind; the nested one did not open a kind of its own
+    assert timer.by_kind == {"model": 15.0}
 
 
 def test_unknown_benchmark_lists_accepted(capsys):
