@@ -97,13 +97,27 @@ def main(argv=None) -> dict:
         [
             ("seconds per step", {n: result[n]["step_seconds"] for n in runs}),
             ("generated tokens per second", {n: stats([result[n]["tokens_per_second"]]) for n in runs}),
-            ("share of step time inside the models", {n: result[n]["model_share_per_run"] for n in runs}),
+            ("share of step time", {n: result[n]["model_share_per_run"] for n in runs}),
         ],
         f"SafePPO vs GRPO on {args.model}: batch {args.batch}, {args.max_completion_length} tokens; PPO step "
         f"{ratio:.2f}x GRPO's, {100 * share:.1f}% inside the models (goal >= 85%)",
     )
-    fig.axes[2].axhline(0.85, color="tab:red", ls="--", lw=1, label="goal 85%")
-    fig.axes[2].legend(frameon=False, fontsize=8, loc="lower right")
+    ax = fig.axes[2]  # redrawn as stacked shares: where the step time goes
+    ax.clear()
+    names = list(runs)
+    bottom = [0.0] * len(names)
+    palette = {"generate": "tab:blue", "forward:policy": "tab:cyan", "forward:reference": "tab:purple",
+               "forward:critic": "tab:green", "backward": "tab:orange", "outside the models": "lightgrey"}
+    for k in [*kinds, "outside the models"]:
+        vals = [breakdown[n].get(k, 0.0) for n in names]
+        ax.bar(range(len(names)), vals, bottom=bottom, label=k, color=palette.get(k))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.axhline(0.85, color="tab:red", ls="--", lw=1, label="goal: 85% inside")
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("share of timed step time")
+    ax.set_ylim(0, 1.0)
+    ax.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
     save_figure(fig, args.out, "ppo_cost")
     if args.cprofile:
         print("  running SafePPOTrainer under cProfile (untimed) ...", flush=True)
