@@ -23,6 +23,8 @@ CONFIGS = [
     ("trl_safeppo.rails.config", "NormalizeConfig"),
     ("trl_safeppo.rails.config", "KLConfig"),
     ("trl_safeppo.monitoring.gates", "GateConfig"),
+    ("trl_safeppo.pipeline.recipe", "StageSpec"),
+    ("trl_safeppo.pipeline.recipe", "Recipe"),
 ]
 
 

@@ -113,3 +113,39 @@ def test_load_recipe_reads_yaml_safely(tmp_path):
         load_recipe(path)
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+_DEMO = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml")
+
+
+# --- key paths use the same default stage names as the parser; an explicit empty probe list is refused
+def test_override_addresses_a_stage_by_its_default_name():
+    from trl_safeppo.pipeline.recipe import load_recipe
+
+    # demo.yaml has two sft stages: the first is unnamed ("sft" by default), the second is named sft-rs
+    recipe = load_recipe(_DEMO, overrides=["stages.sft.args.max_steps=2", "stages.sft-rs.args.max_steps=3"])
+    by_name = {s.name: s for s in recipe.stages}
+    assert by_name["sft"].args["max_steps"] == 2
+    assert by_name["sft-rs"].args["max_steps"] == 3
+
+
+def test_stage_names_rule():
+    from trl_safeppo.pipeline.recipe import stage_names
+
+    raw = [{"type": "sft"}, {"type": "grpo"}, {"type": "sft"}, {"type": "sft", "name": "x"}, {"type": "sft"}]
+    # unnamed stages: the first of a type keeps the type, the k-th gets -k (k counts earlier stages of that type)
+    assert stage_names(raw) == ["sft", "grpo", "sft-2", "x", "sft-4"]
+
+
+@pytest.mark.parametrize("probes", [[], ["ok", 3]])
+def test_explicit_bad_probe_list_is_refused(tmp_path, probes):
+    import yaml
+
+    from trl_safeppo.pipeline.recipe import load_recipe
+
+    tree = yaml.safe_load(open(_DEMO))
+    tree["probes"] = probes
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ValueError, match="probes"):
+        load_recipe(str(path))

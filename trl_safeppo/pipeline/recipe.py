@@ -95,17 +95,29 @@ class StageSpec:
             and added to the stage's trainer.
     """
 
-    type: str
-    name: str | None = None
-    init: str | None = None
-    dataset: Any = None
-    args: dict = field(default_factory=dict)
-    reward: Any = None
-    rails: dict = field(default_factory=dict)
-    tripwires: list = field(default_factory=list)
-    gate: dict = field(default_factory=dict)
-    peft: dict | None = None
-    callbacks: list = field(default_factory=list)
+    type: str = field(metadata={"help": "What the stage does: sft, ppo, grpo, rejection_sampling, dpo or eval."})
+    name: str | None = field(
+        default=None, metadata={"help": "Directory and display name; defaults to the type (`-2`, `-3` if repeated)."}
+    )
+    init: str | None = field(
+        default=None,
+        metadata={"help": "Starting policy: `previous` (default after the first stage) or tiny://..., a path, a Hub id."},
+    )
+    dataset: Any = field(
+        default=None,
+        metadata={"help": "Training data: a `data` key, task://arithmetic/<split>, a file, a Hub dataset, `previous`."},
+    )
+    args: dict = field(default_factory=dict, metadata={"help": "Fields of the stage's config dataclass."})
+    reward: Any = field(default=None, metadata={"help": "Overrides the recipe's shared reward spec for this stage."})
+    rails: dict = field(default_factory=dict, metadata={"help": "Merged on top of the recipe's shared rails."})
+    tripwires: list = field(default_factory=list, metadata={"help": "Tripwires: [{detector, action, params}]."})
+    gate: dict = field(default_factory=dict, metadata={"help": "Gate checked before the next stage (GateConfig)."})
+    peft: dict | None = field(
+        default=None, metadata={"help": "LoRA settings plus `handoff: merge|keep` for the next stage."}
+    )
+    callbacks: list = field(
+        default_factory=list, metadata={"help": "Dotted paths to TrainerCallback classes added to the trainer."}
+    )
 
     @property
     def handoff(self) -> str:
@@ -147,21 +159,31 @@ class Recipe:
             Pre-flight runs the reward's verifier self-test (`trl_safeppo.rewards.selftest.check_rewards`) on the
             first rows of each rewarded stage's dataset: a gold answer must pass, a wrong one must fail. Set `false`
             for a reward without a gold answer.
+        source (`str` or `None`):
+            Set by the loader: the file the recipe came from (not a YAML key).
     """
 
-    name: str
-    model: str
-    output_dir: str
-    stages: list[StageSpec]
-    seed: int = 0
-    data: dict = field(default_factory=dict)
-    reward: Any = None
-    rails: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
-    probes: list | dict = field(default_factory=list)
-    description: str = ""
-    self_test: bool = True
-    source: str | None = field(default=None, repr=False, compare=False)  # where it was loaded from (not a key)
+    name: str = field(metadata={"help": "Name of the run (shown in the report)."})
+    model: str = field(metadata={"help": "Starting policy: tiny://<name>, a local model directory or a Hub id."})
+    output_dir: str = field(metadata={"help": "The run directory (manifest.json, recipe.yaml, stages/...)."})
+    stages: list[StageSpec] = field(metadata={"help": "The stages, run in order."})
+    seed: int = field(default=0, metadata={"help": "Seed of every stage and of data subsampling."})
+    data: dict = field(default_factory=dict, metadata={"help": "Named datasets that stages refer to by key."})
+    reward: Any = field(
+        default=None, metadata={"help": "Shared reward spec (rule names or dotted paths, with weights and gates)."}
+    )
+    rails: dict = field(default_factory=dict, metadata={"help": "Shared RailsConfig dict."})
+    eval: dict = field(default_factory=dict, metadata={"help": "Held-out evaluation after every training stage."})
+    probes: list | dict = field(
+        default_factory=list, metadata={"help": "Probe prompts answered greedily after every training stage."}
+    )
+    description: str = field(default="", metadata={"help": "Free text, shown in the report."})
+    self_test: bool = field(
+        default=True, metadata={"help": "Run the reward's verifier self-test in pre-flight (false: no gold answer)."}
+    )
+    source: str | None = field(
+        default=None, repr=False, compare=False, metadata={"help": "Where the recipe was loaded from (not a key)."}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("stages", "source")}
@@ -188,6 +210,22 @@ def split_path(path: str) -> list[str]:
     return parts
 
 
+def stage_names(raw_stages: Sequence[Any]) -> list[str | None]:
+    """Each stage's name: its `name`, else its type for the first stage of that type and `<type>-<k>` for the k-th
+    (`sft`, `sft-2`, ...). The parser and key paths (overrides, `${...}`) share this rule."""
+    names: list[str | None] = []
+    types: list[Any] = []
+    for raw in raw_stages:
+        stype = raw.get("type") if isinstance(raw, Mapping) else None
+        name = raw.get("name") if isinstance(raw, Mapping) else None
+        if name is None and isinstance(stype, str):
+            count = types.count(stype)
+            name = stype if count == 0 else f"{stype}-{count + 1}"
+        names.append(name)
+        types.append(stype)
+    return names
+
+
 def _list_index(container: list, segment: str, where: str, parent_key: str | None) -> int:
     if re.fullmatch(r"-?\d+", segment):
         index = int(segment)
@@ -195,14 +233,13 @@ def _list_index(container: list, segment: str, where: str, parent_key: str | Non
             return index % len(container)
         raise RecipeError(where, f"index {index} is out of range (the list has {len(container)} items)",
                           f"use an index from 0 to {len(container) - 1}")
-    if parent_key == "stages":  # a stage by name, or by type when only one stage has it
-        names = [s.get("name") if isinstance(s, Mapping) else None for s in container]
-        if segment in names:
-            return names.index(segment)
+    if parent_key == "stages":  # a stage by name (given or default), or by type when only one stage has it
+        labels = stage_names(container)
+        if segment in labels:
+            return labels.index(segment)
         types = [s.get("type") if isinstance(s, Mapping) else None for s in container]
         if types.count(segment) == 1:
             return types.index(segment)
-        labels = [n or t for n, t in zip(names, types)]
         raise RecipeError(where, f"no stage named {segment!r}{did_you_mean(segment, [str(x) for x in labels])}",
                           f"use a stage index (0 to {len(container) - 1}) or one of the names {labels}")
     raise RecipeError(where, f"{segment!r} is not a list index", "use an integer index")
@@ -366,12 +403,21 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
     eval_cfg = _expect(tree.get("eval") or {}, dict, "eval", "eval", "write a mapping, e.g. {dataset: ..., n: 100}")
     probes = _expect(tree.get("probes") or [], (list, dict), "probes", "probes",
                      "write a list of prompts, or {prompts: [...], system_prompt: ...}")
+    if "probes" in tree and isinstance(tree["probes"], list):  # written, so it must hold prompts: [] is a mistake
+        from ..monitoring.probes import validate_probes
+
+        try:
+            validate_probes(tree["probes"])
+        except ValueError as err:
+            raise RecipeError("", str(err),
+                              "list at least one prompt string, or remove the `probes` key") from None
     description = _expect(tree.get("description") or "", str, "description", "description", "write a string")
     self_test = _expect(tree.get("self_test", True), bool, "self_test", "self_test", "write true or false")
     stages_raw = _expect(tree["stages"], list, "stages", "stages", "write a list of stages, each with a `type`")
 
     stages: list[StageSpec] = []
     seen: dict[str, int] = {}
+    default_names = stage_names(stages_raw)
     for i, raw in enumerate(stages_raw):
         where = f"stages[{i}]"
         _expect(raw, dict, where, "a stage", "write a mapping with at least `type: sft|ppo|grpo|...`")
@@ -382,10 +428,7 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
         if stype not in STAGE_TYPE_NAMES:
             raise RecipeError(f"{where}.type", f"unknown stage type {stype!r}{did_you_mean(str(stype), STAGE_TYPE_NAMES)}",
                               f"use one of: {', '.join(STAGE_TYPE_NAMES)}")
-        name = raw.get("name")
-        if name is None:
-            count = sum(1 for s in stages if s.type == stype)
-            name = stype if count == 0 else f"{stype}-{count + 1}"
+        name = default_names[i]
         _expect(name, str, f"{where}.name", "name", "write a short name such as `grpo`")
         if not _NAME.match(name):
             raise RecipeError(f"{where}.name", f"name {name!r} is not usable as a directory name",

@@ -368,7 +368,7 @@ class _Runner:
         if self.is_main and not target.exists():
             import datasets
 
-            from ..pairs import build_pairs_with_report
+            from ..pairs import build_pairs_with_report, save_pairs
 
             scored = datasets.load_from_disk(data["scored"])
             pairs, report = build_pairs_with_report(scored, **sp.dataset.pairs)
@@ -376,7 +376,7 @@ class _Runner:
                 raise RecipeError(f"{sp.where}.dataset", f"no preference pairs could be built from the "
                                   f"{len(scored)} scored samples ({report.summary()})",
                                   "sample more completions per prompt, or relax `pairs: {min_margin: ...}`")
-            pairs.save_to_disk(str(target))
+            save_pairs(pairs, target, report)  # atomic: a crash never leaves a half-written pairs/ to reuse
         self.barrier()
         return str(target)
 
