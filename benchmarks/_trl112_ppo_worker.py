@@ -15,6 +15,12 @@ import time
 def main(config: dict) -> None:
     import tempfile
 
+    if config.get("disable_gc_collect"):
+        # TRL 1.12's loop calls gc.collect() twice per rollout; a no-op here measures the rest of its loop alone
+        import gc
+
+        gc.collect = lambda *args, **kwargs: 0
+
     with tempfile.TemporaryDirectory(prefix="trl_safeppo_bench_trl112_") as tmp:  # never shared between runs
         run(config, tmp)
 
