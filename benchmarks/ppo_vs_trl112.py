@@ -42,7 +42,10 @@ def main(argv=None) -> dict:
     ours_cfg = base_config(
         args, "safe_ppo", model=path, reward=f"reward_model:{path}", batch=args.batch, num_generations=1,
         max_completion_length=args.max_completion_length, learning_rate=1e-5, beta=0.05,
-        args={"num_iterations": args.ppo_epochs},
+        # TRL 1.12's PPOConfig defaults gradient_checkpointing=True like GRPOConfig, but its PPO loop replaces
+        # Trainer.train (where transformers turns checkpointing on), so it never recomputes activations; the same
+        # effective setting here, so both sides do the same work per update
+        args={"num_iterations": args.ppo_epochs, "gradient_checkpointing": False},
     )
     ours_cfg["steps"] = rollouts * args.ppo_epochs  # one optimizer step per PPO epoch, as TRL 1.12
     # TRL 1.12 as shipped, and (for the record) without the two gc.collect() calls its loop makes per rollout
