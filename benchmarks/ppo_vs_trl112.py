@@ -25,6 +25,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=16)
     parser.add_argument("--ppo-epochs", type=int, default=4)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="SafePPO with gradient checkpointing (TRL 1.16's default; TRL 1.12's loop never enables "
+                        "it, so the default here is off: the same work on both sides)")
     parser.add_argument("--trl112-python", default=str(REPO / ".venv-trl112" / "bin" / "python"),
                         help="python of the TRL 1.12 environment (create it with benchmarks/setup_trl112.sh)")
     args = parser.parse_args(argv)
@@ -44,8 +47,8 @@ def main(argv=None) -> dict:
         max_completion_length=args.max_completion_length, learning_rate=1e-5, beta=0.05,
         # TRL 1.12's PPOConfig defaults gradient_checkpointing=True like GRPOConfig, but its PPO loop replaces
         # Trainer.train (where transformers turns checkpointing on), so it never recomputes activations; the same
-        # effective setting here, so both sides do the same work per update
-        args={"num_iterations": args.ppo_epochs, "gradient_checkpointing": False},
+        # effective setting here by default, so both sides do the same work per update
+        args={"num_iterations": args.ppo_epochs, "gradient_checkpointing": args.gradient_checkpointing},
     )
     ours_cfg["steps"] = rollouts * args.ppo_epochs  # one optimizer step per PPO epoch, as TRL 1.12
     # TRL 1.12 as shipped, and (for the record) without the two gc.collect() calls its loop makes per rollout
@@ -93,7 +96,8 @@ def main(argv=None) -> dict:
             ("whole-process seconds", {names[n]: result[n]["process_wall_seconds"] for n in names}),
             ("peak resident memory (MiB)", {names[n]: result[n]["peak_rss_mb"] for n in names}),
         ],
-        f"PPO on {args.model}: batch {args.batch}, {args.max_completion_length} tokens, {args.ppo_epochs} PPO epochs; "
+        f"PPO on {args.model}: batch {args.batch}, {args.max_completion_length} tokens, {args.ppo_epochs} PPO epochs, "
+        f"SafePPO gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
         f"speed-up {speed:.2f}x per rollout, peak memory {mem:.2f}x",
         colors=("tab:grey", "tab:blue", "silver"),
     )
