@@ -315,7 +315,8 @@ def bar_panels(panels: list[tuple[str, dict[str, dict[str, float]]]], title: str
         err = [[m - bars[n]["min"] for m, n in zip(med, names)], [bars[n]["max"] - m for m, n in zip(med, names)]]
         ax.bar(range(len(names)), med, yerr=err, capsize=4, color=colors[: len(names)])
         for i, m in enumerate(med):
-            ax.annotate(f"{m:.3g}", (i, m), textcoords="offset points", xytext=(8, 3), fontsize=8)
+            ax.annotate(f"{m:.3g}" if m < 1000 else f"{m:.0f}", (i, m), textcoords="offset points", xytext=(8, 3),
+                        fontsize=8)
         ax.set_xticks(range(len(names)), names, fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
