@@ -14,6 +14,7 @@ anything that only the main process may do checks ``ctx.is_main``.
 
 from __future__ import annotations
 
+
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from .recipe import Recipe, RecipeError, StageSpec
 class StageType:
     """How the runner treats one stage type."""
 
-    config: tuple[str, ...]                      # dotted paths of the `args` dataclass (or function); first wins
+    config: str                                  # dotted path of the `args` dataclass (or function)
     run: str                                     # dotted path of run_<type>(ctx) -> StageOutcome
     columns: tuple[tuple[str, ...], ...] = ()   # accepted column sets of the training data (any one of them)
     consumes: str | None = None                  # what `dataset: previous` reads from the previous stage's data
@@ -42,25 +43,25 @@ class StageType:
 
 STAGE_TYPES: dict[str, StageType] = {
     "sft": StageType(
-        config=("trl:SFTConfig",),
+        config="trl:SFTConfig",
         run="trl_safeppo.pipeline.stages:run_sft",
         columns=(("prompt", "completion"), ("messages",), ("text",)),
         consumes="sft",
     ),
     "grpo": StageType(
-        config=("trl_safeppo.trainers.grpo_config:SafeGRPOConfig", "trl:GRPOConfig"),
+        config="trl_safeppo.trainers.grpo_config:SafeGRPOConfig",
         run="trl_safeppo.pipeline.stages:run_grpo",
         columns=(("prompt",),),
         needs_reward=True,
     ),
     "ppo": StageType(
-        config=("trl_safeppo.trainers.ppo_config:SafePPOConfig",),
+        config="trl_safeppo.trainers.ppo_config:SafePPOConfig",
         run="trl_safeppo.pipeline.stages:run_ppo",
         columns=(("prompt",),),
         needs_reward=True,
     ),
     "rejection_sampling": StageType(
-        config=("trl_safeppo.rejection_sampling:RejectionSamplingConfig",),
+        config="trl_safeppo.rejection_sampling:RejectionSamplingConfig",
         run="trl_safeppo.pipeline.stages:run_rejection_sampling",
         columns=(("prompt",),),
         produces=("sft", "scored"),
@@ -68,13 +69,13 @@ STAGE_TYPES: dict[str, StageType] = {
         needs_reward=True,
     ),
     "dpo": StageType(
-        config=("trl_safeppo.trainers.dpo_config:SafeDPOConfig", "trl:DPOConfig"),
+        config="trl_safeppo.trainers.dpo_config:SafeDPOConfig",
         run="trl_safeppo.pipeline.stages:run_dpo",
         columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")),
         consumes="pairs",
     ),
     "eval": StageType(
-        config=("trl_safeppo.monitoring.evaluation:evaluate_heldout",),
+        config="trl_safeppo.monitoring.evaluation:evaluate_heldout",
         run="trl_safeppo.pipeline.stages:run_eval",
         columns=(("prompt",),),
         trains=False,
@@ -100,18 +101,8 @@ EVAL_RESERVED = {
 
 
 def config_class(stage_type: str, where: str) -> Any:
-    """The first importable config of a stage type; one RecipeError if none imports (the stage is not available)."""
-    paths = STAGE_TYPES[stage_type].config
-    for path in paths:
-        module, _, name = path.partition(":")
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ImportError:
-            continue
-        if hasattr(mod, name):
-            return getattr(mod, name)
-    raise RecipeError(f"{where}.type", f"stage type {stage_type!r} is not available in this installation "
-                      f"(none of {', '.join(paths)} imports)", "remove the stage or install the missing module")
+    """The config dataclass (or function) of a stage type; one RecipeError if it does not import."""
+    return import_object(STAGE_TYPES[stage_type].config, where=f"{where}.type", what=f"{stage_type!r} stage config")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,64 +229,35 @@ def resolve_reward(ctx: StageContext):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage types
-def run_sft(ctx: StageContext) -> StageOutcome:
-    from trl import SFTTrainer
-
-    trainer = SFTTrainer(
+def _run_trainer(ctx: StageContext, trainer_path: str, *, rewarded: bool) -> StageOutcome:
+    """Build the stage's trainer (``module:Class``) on the current policy, train, and hand off its final policy."""
+    trainer_cls = import_object(trainer_path, where=ctx.where, what="trainer")
+    kwargs = {"reward_funcs": resolve_reward(ctx)} if rewarded else {}
+    trainer = trainer_cls(
         model=load_model_arg(ctx),
         args=build_config(ctx),
         train_dataset=ctx.dataset,
         peft_config=peft_config(ctx),
         callbacks=ctx.callbacks,
+        **kwargs,
     )
     return train_and_save(ctx, trainer)
+
+
+def run_sft(ctx: StageContext) -> StageOutcome:
+    return _run_trainer(ctx, "trl:SFTTrainer", rewarded=False)
 
 
 def run_grpo(ctx: StageContext) -> StageOutcome:
-    try:
-        from ..trainers.grpo_trainer import SafeGRPOTrainer as Trainer
-    except ImportError:  # until the safe trainer lands: plain GRPO, no rails
-        from trl import GRPOTrainer as Trainer
-
-    trainer = Trainer(
-        model=load_model_arg(ctx),
-        reward_funcs=resolve_reward(ctx),
-        args=build_config(ctx),
-        train_dataset=ctx.dataset,
-        peft_config=peft_config(ctx),
-        callbacks=ctx.callbacks,
-    )
-    return train_and_save(ctx, trainer)
+    return _run_trainer(ctx, "trl_safeppo.trainers.grpo_trainer:SafeGRPOTrainer", rewarded=True)
 
 
 def run_ppo(ctx: StageContext) -> StageOutcome:
-    from ..trainers.ppo_trainer import SafePPOTrainer
-
-    trainer = SafePPOTrainer(
-        model=load_model_arg(ctx),
-        reward_funcs=resolve_reward(ctx),
-        args=build_config(ctx),
-        train_dataset=ctx.dataset,
-        peft_config=peft_config(ctx),
-        callbacks=ctx.callbacks,
-    )
-    return train_and_save(ctx, trainer)
+    return _run_trainer(ctx, "trl_safeppo.trainers.ppo_trainer:SafePPOTrainer", rewarded=True)
 
 
 def run_dpo(ctx: StageContext) -> StageOutcome:
-    try:
-        from ..trainers.dpo_trainer import SafeDPOTrainer as Trainer
-    except ImportError:
-        from trl import DPOTrainer as Trainer
-
-    trainer = Trainer(
-        model=load_model_arg(ctx),
-        args=build_config(ctx),
-        train_dataset=ctx.dataset,
-        peft_config=peft_config(ctx),
-        callbacks=ctx.callbacks,
-    )
-    return train_and_save(ctx, trainer)
+    return _run_trainer(ctx, "trl_safeppo.trainers.dpo_trainer:SafeDPOTrainer", rewarded=False)
 
 
 def run_rejection_sampling(ctx: StageContext) -> StageOutcome:
