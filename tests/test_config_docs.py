@@ -14,6 +14,7 @@ CONFIGS = [
     ("trl_safeppo.trainers.ppo_config", "SafePPOConfig"),
     ("trl_safeppo.trainers.grpo_config", "SafeGRPOConfig"),
     ("trl_safeppo.trainers.dpo_config", "SafeDPOConfig"),
+    ("trl_safeppo.trainers.tripwires", "TripwireFields"),
     ("trl_safeppo.rejection_sampling", "RejectionSamplingConfig"),
     ("trl_safeppo.rails.config", "RailsConfig"),
     ("trl_safeppo.rails.config", "NonFiniteConfig"),

@@ -7,11 +7,11 @@ from typing import Any
 
 from trl import GRPOConfig
 
-from .tripwires import TRIPWIRE_HELP, validate_tripwire_fields
+from .tripwires import TRIPWIRE_HELP, TripwireFields, validate_tripwire_fields
 
 
 @dataclass
-class SafeGRPOConfig(GRPOConfig):
+class SafeGRPOConfig(TripwireFields, GRPOConfig):
     r"""
     Configuration class for [`SafeGRPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the fields below. With
     `rails=None` and `tripwires=None` (the defaults) training is exactly GRPOTrainer's.
@@ -63,22 +63,6 @@ class SafeGRPOConfig(GRPOConfig):
         },
     )
 
-    # Tripwires
-    tripwires: list[dict] | None = field(default=None, metadata={"help": TRIPWIRE_HELP["tripwires"]})
-    tripwire_raise_kl_factor: float = field(default=2.0, metadata={"help": TRIPWIRE_HELP["raise_kl_factor"]})
-    tripwire_rollback_beta_factor: float = field(
-        default=2.0, metadata={"help": TRIPWIRE_HELP["rollback_beta_factor"]}
-    )
-    tripwire_rollback_lr_factor: float = field(default=0.5, metadata={"help": TRIPWIRE_HELP["rollback_lr_factor"]})
-    tripwire_max_rollbacks: int = field(default=2, metadata={"help": TRIPWIRE_HELP["max_rollbacks"]})
-    tripwire_snapshot_every: int = field(default=1, metadata={"help": TRIPWIRE_HELP["snapshot_every"]})
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={
-            "help": "Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running "
-            "average in the logs and would hide it from the `non_finite` tripwire."
-        },
-    )
 
     def __post_init__(self):
         super().__post_init__()

@@ -8,7 +8,7 @@ from typing import Any
 
 from trl import GRPOConfig
 
-from .tripwires import TRIPWIRE_HELP, validate_tripwire_fields
+from .tripwires import TRIPWIRE_HELP, TripwireFields, validate_tripwire_fields
 
 # GRPO loss formulations that are the PPO clipped surrogate with a different token aggregation.
 PPO_LOSS_TYPES = ("bnpo", "dapo", "grpo", "dr_grpo")
@@ -18,7 +18,7 @@ GRPO_MIN_GENERATIONS_MESSAGE = "at least 2 generations per prompt"
 
 
 @dataclass
-class SafePPOConfig(GRPOConfig):
+class SafePPOConfig(TripwireFields, GRPOConfig):
     r"""
     Configuration class for [`SafePPOTrainer`]: classic RLHF PPO (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593;
     Ouyang et al. 2022 "InstructGPT", https://arxiv.org/abs/2203.02155) on top of TRL's `GRPOConfig`.
@@ -187,22 +187,6 @@ class SafePPOConfig(GRPOConfig):
         default=False, metadata={"help": "Whiten per-token rewards before GAE (TRL PPOTrainer option, off)."}
     )
 
-    # --- Tripwires (same fields as SafeGRPOConfig)
-    tripwires: list[dict] | None = field(default=None, metadata={"help": TRIPWIRE_HELP["tripwires"]})
-    tripwire_raise_kl_factor: float = field(default=2.0, metadata={"help": TRIPWIRE_HELP["raise_kl_factor"]})
-    tripwire_rollback_beta_factor: float = field(
-        default=2.0, metadata={"help": TRIPWIRE_HELP["rollback_beta_factor"]}
-    )
-    tripwire_rollback_lr_factor: float = field(default=0.5, metadata={"help": TRIPWIRE_HELP["rollback_lr_factor"]})
-    tripwire_max_rollbacks: int = field(default=2, metadata={"help": TRIPWIRE_HELP["max_rollbacks"]})
-    tripwire_snapshot_every: int = field(default=1, metadata={"help": TRIPWIRE_HELP["snapshot_every"]})
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={
-            "help": "Overrides the TrainingArguments default (True), which replaces a NaN/inf loss by the running "
-            "average in the logs and would hide it from the `non_finite` tripwire."
-        },
-    )
 
     def __post_init__(self) -> None:
         self._check_ppo_fields()

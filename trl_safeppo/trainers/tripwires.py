@@ -33,7 +33,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainerCallback
@@ -139,6 +139,40 @@ def parse_tripwires(specs: Sequence[Any] | None, *, field: str = "tripwires") ->
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}.params: {err}") from None
     return parsed
+
+
+@dataclass
+class TripwireFields:
+    """The tripwire fields shared by SafePPOConfig, SafeGRPOConfig and SafeDPOConfig (each lists it before its TRL
+    base, so ``logging_nan_inf_filter`` here overrides TrainingArguments' default). Each config describes the fields
+    in its own docstring from ``TRIPWIRE_HELP`` and calls :func:`validate_tripwire_fields` in ``__post_init__``.
+
+    Parameters:
+        tripwires (`list[dict]`, *optional*): see ``TRIPWIRE_HELP["tripwires"]``.
+        tripwire_raise_kl_factor (`float`, defaults to `2.0`): see ``TRIPWIRE_HELP``.
+        tripwire_rollback_beta_factor (`float`, defaults to `2.0`): see ``TRIPWIRE_HELP``.
+        tripwire_rollback_lr_factor (`float`, defaults to `0.5`): see ``TRIPWIRE_HELP``.
+        tripwire_max_rollbacks (`int`, defaults to `2`): see ``TRIPWIRE_HELP``.
+        tripwire_snapshot_every (`int`, defaults to `1`): see ``TRIPWIRE_HELP``.
+        logging_nan_inf_filter (`bool`, defaults to `False`): keeps NaN/inf losses visible to the `non_finite`
+            tripwire.
+    """
+
+    tripwires: list[dict] | None = field(default=None, metadata={"help": TRIPWIRE_HELP["tripwires"]})
+    tripwire_raise_kl_factor: float = field(default=2.0, metadata={"help": TRIPWIRE_HELP["raise_kl_factor"]})
+    tripwire_rollback_beta_factor: float = field(
+        default=2.0, metadata={"help": TRIPWIRE_HELP["rollback_beta_factor"]}
+    )
+    tripwire_rollback_lr_factor: float = field(default=0.5, metadata={"help": TRIPWIRE_HELP["rollback_lr_factor"]})
+    tripwire_max_rollbacks: int = field(default=2, metadata={"help": TRIPWIRE_HELP["max_rollbacks"]})
+    tripwire_snapshot_every: int = field(default=1, metadata={"help": TRIPWIRE_HELP["snapshot_every"]})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running "
+            "average in the logs and would hide it from the `non_finite` tripwire."
+        },
+    )
 
 
 def validate_tripwire_fields(args) -> None:
