@@ -39,6 +39,42 @@ def test_adaptive_bounds_keep_beta_positive():
     assert ctl.update(float("nan"), n_steps=10) == 0.01
 
 
+def test_hold_until_target_blocks_only_the_early_cuts():
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=10, hold_until_target=True)
+    # KL 0 and 0.5 are below a target never reached yet: Ziegler would cut beta by 20% each (e = -0.2, K = 10/10);
+    # held at 0.1 instead
+    assert ctl.update(0.0, n_steps=10) == 0.1
+    assert ctl.update(0.5, n_steps=10) == 0.1 and not ctl.reached_target
+    # KL 2.0 >= target: e = clip(1.0) = 0.2 -> beta = 0.1 * 1.2 = 0.12; the target is now reached
+    assert ctl.update(2.0, n_steps=10) == pytest.approx(0.12, abs=1e-15)
+    assert ctl.reached_target
+    # from now on Ziegler's rule both ways: KL 0.5 -> e = -0.2 -> 0.12 * 0.8 = 0.096
+    assert ctl.update(0.5, n_steps=10) == pytest.approx(0.096, abs=1e-15)
+    # the flag travels with the state (a resumed run does not go back to holding)
+    resumed = AdaptiveKLController(0.1, target=1.0, horizon=10, hold_until_target=True)
+    resumed.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
+    assert resumed.reached_target and resumed.update(0.5, n_steps=10) == pytest.approx(0.096 * 0.8, abs=1e-15)
+
+
+def test_deadband_holds_beta_inside_the_band():
+    ctl = AdaptiveKLController(0.1, target=2.0, horizon=10, deadband=0.5)
+    # band: |KL / 2 - 1| <= 0.5  <=>  KL in [1, 3]; inside it beta holds, edges included
+    for kl in (1.0, 1.9, 2.5, 3.0):
+        assert ctl.update(kl, n_steps=10) == 0.1
+    # KL 3.2: e = 0.6 -> clipped to 0.2 -> 0.1 * 1.2 = 0.12
+    assert ctl.update(3.2, n_steps=10) == pytest.approx(0.12, abs=1e-15)
+    # KL 0.9: e = -0.55 -> -0.2 -> 0.12 * 0.8 = 0.096
+    assert ctl.update(0.9, n_steps=10) == pytest.approx(0.096, abs=1e-15)
+    assert ctl.n_updates == 6
+
+
+def test_refinements_off_is_exactly_ziegler():
+    plain = AdaptiveKLController(0.2, target=6.0, horizon=500)
+    explicit = AdaptiveKLController(0.2, target=6.0, horizon=500, hold_until_target=False, deadband=0.0)
+    for kl in (0.0, 1.0, 5.9, 6.0, 7.0, 30.0, float("nan"), 2.0):
+        assert explicit.update(kl, 64) == plain.update(kl, 64)
+
+
 def test_fixed_controller():
     ctl = FixedKLController(0.05)
     assert ctl.update(123.0, n_steps=64) == 0.05
@@ -71,6 +107,9 @@ def test_controller_state_round_trip_through_json():
         ({"min_coef": -1e-3}, "min_coef"),
         ({"max_coef": 1e-5}, "max_coef"),
         ({"init_kl_coef": 20.0}, "init_kl_coef"),
+        ({"deadband": -0.1}, "deadband"),
+        ({"deadband": float("inf")}, "deadband"),
+        ({"hold_until_target": "yes"}, "hold_until_target"),
     ],
 )
 def test_adaptive_bad_settings_name_the_field(kwargs, field):

@@ -222,6 +222,10 @@ class KLConfig:
         horizon: adaptive horizon in samples (> 0; Ziegler et al. 2019: 10000).
         min_coef: lower bound of the adaptive beta (> 0, so GRPO keeps its reference model).
         max_coef: upper bound of the adaptive beta (>= min_coef).
+        hold_until_target: adaptive only: beta is not lowered before the measured KL has reached the target once
+            (training starts at KL 0, which Ziegler's rule reads as "too little KL"); false: Ziegler's rule.
+        deadband: adaptive only: beta holds while `|KL / target - 1| <= deadband` (>= 0; 0: Ziegler's rule, update
+            every time; 0.5 moves beta only when KL leaves [0.5, 1.5] x target).
         estimator: per-token KL estimator "k1", "k2", "k3"; null: the trainer's default (PPO k1, GRPO k3).
     """
 
@@ -231,6 +235,13 @@ class KLConfig:
     horizon: float = field(default=10000.0, metadata={"help": "Adaptive horizon in samples (Ziegler: 10000)."})
     min_coef: float = field(default=1e-4, metadata={"help": "Lower bound of the adaptive beta (> 0)."})
     max_coef: float = field(default=10.0, metadata={"help": "Upper bound of the adaptive beta."})
+    hold_until_target: bool = field(
+        default=False,
+        metadata={"help": "Adaptive: do not lower beta before KL has reached the target once (false: Ziegler)."},
+    )
+    deadband: float = field(
+        default=0.0, metadata={"help": "Adaptive: beta holds while |KL / target - 1| <= deadband (0: Ziegler)."}
+    )
     estimator: str | None = field(default=None, metadata={"help": "'k1', 'k2', 'k3'; null: the trainer's default."})
 
     def __post_init__(self) -> None:
@@ -244,6 +255,8 @@ class KLConfig:
             _is_number(self.max_coef) and self.max_coef >= self.min_coef,
             "kl.max_coef", f">= kl.min_coef ({self.min_coef})", self.max_coef,
         )
+        _check(isinstance(self.hold_until_target, bool), "kl.hold_until_target", "true or false", self.hold_until_target)
+        _check_number("kl.deadband", self.deadband, ge=0)
         if self.controller == "adaptive" and self.init_kl_coef is not None:
             bounds = f"[{self.min_coef}, {self.max_coef}]"
             _check(
@@ -412,7 +425,10 @@ class RailsConfig:
                 f"{source} = {coef!r} must be in [min_coef, max_coef] = [{self.kl.min_coef}, {self.kl.max_coef}] "
                 "for the adaptive controller; set rails.kl.init_kl_coef to a value in that range"
             )
-        return AdaptiveKLController(coef, self.kl.target, self.kl.horizon, self.kl.min_coef, self.kl.max_coef)
+        return AdaptiveKLController(
+            coef, self.kl.target, self.kl.horizon, self.kl.min_coef, self.kl.max_coef,
+            hold_until_target=self.kl.hold_until_target, deadband=self.kl.deadband,
+        )
 
     def build_tripwires(self) -> list[TripwireSpec]:
         return list(self.tripwires)

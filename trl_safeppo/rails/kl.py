@@ -9,6 +9,14 @@ Controllers follow Ziegler et al. 2019, "Fine-Tuning Language Models from Human 
 then clamped to [min_coef, max_coef]. `min_coef > 0` keeps beta off 0: GRPOTrainer loads no reference model when
 `beta == 0`, so an adaptive beta that reached 0 would break the run.
 
+Two optional refinements, both off by default (off = exactly Ziegler's rule), for short runs and noisy KL:
+
+- `hold_until_target`: beta is not lowered before the measured KL has reached the target once. Training starts
+  with the policy equal to the reference (KL = 0), so Ziegler's rule reads the first steps as "too little KL" and
+  cuts beta just as the policy starts to move; with a short horizon that cut can be tenfold before KL arrives.
+- `deadband`: no update while `|KL / target - 1| <= deadband`. Per-step KL is noisy; inside the band beta holds
+  instead of random-walking, and it moves only when KL has left the band (benchmarks/kl_control.py measures both).
+
 Estimators of KL(pi || pi_ref) per token, with `log r = ref_logp - logp` on tokens sampled from pi
 (Schulman, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html):
 
@@ -32,15 +40,28 @@ _ZIEGLER_CLIP = 0.2  # proportional error clip, Ziegler et al. 2019
 
 
 def adaptive_kl_step(
-    value: float, current_kl: float, n_steps: int, target: float, horizon: float, min_coef: float, max_coef: float
+    value: float,
+    current_kl: float,
+    n_steps: int,
+    target: float,
+    horizon: float,
+    min_coef: float,
+    max_coef: float,
+    *,
+    allow_decrease: bool = True,
+    deadband: float = 0.0,
 ) -> float:
     """One Ziegler update of the KL coefficient (pure): returns the new beta.
 
-    A non-finite `current_kl` leaves beta unchanged (the non-finite tripwire reports it).
+    A non-finite `current_kl` leaves beta unchanged (the non-finite tripwire reports it). With `deadband > 0`, a KL
+    within `(1 +- deadband) x target` leaves it unchanged too; with `allow_decrease=False` beta only rises or holds.
     """
     if not math.isfinite(current_kl):
         return value
-    proportional_error = min(max(current_kl / target - 1.0, -_ZIEGLER_CLIP), _ZIEGLER_CLIP)
+    error = current_kl / target - 1.0
+    if abs(error) <= deadband or (error < 0 and not allow_decrease):
+        return value
+    proportional_error = min(max(error, -_ZIEGLER_CLIP), _ZIEGLER_CLIP)
     mult = 1.0 + proportional_error * n_steps / horizon
     return min(max(value * mult, min_coef), max_coef)
 
@@ -54,45 +75,65 @@ class AdaptiveKLController:
         horizon: the number of samples over which beta can move by about 20 % (> 0).
         min_coef: lower bound on beta (> 0; GRPO needs beta > 0).
         max_coef: upper bound on beta (>= min_coef).
+        hold_until_target: do not lower beta before the measured KL has reached `target` once (default False).
+        deadband: no update while `|KL / target - 1| <= deadband` (>= 0; default 0: always update).
 
-    State (`state_dict()`): `{"type": "adaptive", "value": beta, "n_updates": int, "last_kl": float | None}`.
+    State (`state_dict()`): `{"type": "adaptive", "value": beta, "n_updates": int, "last_kl": float | None,
+    "reached_target": bool}`.
     """
 
     def __init__(
-        self, init_kl_coef: float, target: float, horizon: float, min_coef: float = 1e-4, max_coef: float = 10.0
+        self,
+        init_kl_coef: float,
+        target: float,
+        horizon: float,
+        min_coef: float = 1e-4,
+        max_coef: float = 10.0,
+        *,
+        hold_until_target: bool = False,
+        deadband: float = 0.0,
     ) -> None:
-        validate_adaptive_kl(init_kl_coef, target, horizon, min_coef, max_coef)
+        validate_adaptive_kl(init_kl_coef, target, horizon, min_coef, max_coef, hold_until_target, deadband)
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = float(horizon)
         self.min_coef = float(min_coef)
         self.max_coef = float(max_coef)
+        self.hold_until_target = bool(hold_until_target)
+        self.deadband = float(deadband)
         self.n_updates = 0
         self.last_kl: float | None = None
+        self.reached_target = False
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Move beta after a batch of `n_steps` samples whose measured KL is `current_kl`; returns the new beta."""
         current_kl = float(current_kl)
+        finite = math.isfinite(current_kl)
+        self.reached_target = self.reached_target or (finite and current_kl >= self.target)
         self.value = adaptive_kl_step(
-            self.value, current_kl, n_steps, self.target, self.horizon, self.min_coef, self.max_coef
+            self.value, current_kl, n_steps, self.target, self.horizon, self.min_coef, self.max_coef,
+            allow_decrease=self.reached_target or not self.hold_until_target, deadband=self.deadband,
         )
         self.n_updates += 1
-        self.last_kl = current_kl if math.isfinite(current_kl) else None
+        self.last_kl = current_kl if finite else None
         return self.value
 
     def state_dict(self) -> dict[str, Any]:
-        return {"type": "adaptive", "value": self.value, "n_updates": self.n_updates, "last_kl": self.last_kl}
+        return {"type": "adaptive", "value": self.value, "n_updates": self.n_updates, "last_kl": self.last_kl,
+                "reached_target": self.reached_target}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_type(state, "adaptive")
         self.value = float(state["value"])
         self.n_updates = int(state.get("n_updates", 0))
         self.last_kl = state.get("last_kl")
+        self.reached_target = bool(state.get("reached_target", False))
 
     def __repr__(self) -> str:
         return (
             f"AdaptiveKLController(value={self.value:.6g}, target={self.target}, horizon={self.horizon}, "
-            f"min_coef={self.min_coef}, max_coef={self.max_coef})"
+            f"min_coef={self.min_coef}, max_coef={self.max_coef}, hold_until_target={self.hold_until_target}, "
+            f"deadband={self.deadband})"
         )
 
 
@@ -129,7 +170,15 @@ def _check_type(state: dict[str, Any], expected: str) -> None:
         raise ValueError(f"cannot load a {state.get('type')!r} KL controller state into a {expected!r} controller")
 
 
-def validate_adaptive_kl(init_kl_coef: float, target: float, horizon: float, min_coef: float, max_coef: float) -> None:
+def validate_adaptive_kl(
+    init_kl_coef: float,
+    target: float,
+    horizon: float,
+    min_coef: float,
+    max_coef: float,
+    hold_until_target: bool = False,
+    deadband: float = 0.0,
+) -> None:
     """Raise ValueError naming the first bad setting and its accepted range."""
 
     def finite(x: Any) -> bool:
@@ -148,6 +197,13 @@ def validate_adaptive_kl(init_kl_coef: float, target: float, horizon: float, min
     if not (finite(init_kl_coef) and min_coef <= init_kl_coef <= max_coef):
         raise ValueError(
             f"init_kl_coef must be in [min_coef, max_coef] = [{min_coef}, {max_coef}], got {init_kl_coef!r}"
+        )
+    if not isinstance(hold_until_target, bool):
+        raise ValueError(f"hold_until_target must be true or false, got {hold_until_target!r}")
+    if not (finite(deadband) and deadband >= 0):
+        raise ValueError(
+            f"deadband must be a finite number >= 0 (0.5 holds beta while KL is in [0.5, 1.5] x target), "
+            f"got {deadband!r}"
         )
 
 
