@@ -374,17 +374,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         logps, self._ppo_captured_logps = self._ppo_captured_logps, None
 
         mask = inputs["ppo_mask"]
-        old_logps = inputs.get("old_per_token_logps")
-        if logps is not None:
-            old = logps if old_logps is None else old_logps
-            log_ratio = logps - old
-            ratio = torch.exp(log_ratio)
-            eps_low, eps_high = self.epsilon_low, self.epsilon_high
-            clipped = ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).float()
-            store["ppo/policy/approxkl"].append(self._global_masked_mean(0.5 * log_ratio.square(), mask))
-            store["ppo/policy/clipfrac"].append(self._global_masked_mean(clipped, mask))
-            store["ppo/policy/ratio_mean"].append(self._global_masked_mean(ratio, mask))
-
+        maskf = mask.float()
         # Value loss, clipped around the rollout-time values (TRL PPOTrainer; Huang et al. 2024, detail 9)
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -393,15 +383,27 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         vf_loss, vf_clipfrac = clipped_value_loss(
             vpred, inputs["ppo_values"].float(), inputs["ppo_returns"].float(), mask, self.args.cliprange_value
         )
-        n_tokens = mask.float().sum()
-        totals = self.accelerator.reduce(
-            torch.stack([vf_loss.detach() * n_tokens, torch.nan_to_num(vf_clipfrac) * n_tokens, n_tokens]),
-            reduction="sum",
-        )
-        if totals[2] > 0:
-            store["ppo/val/loss"].append((totals[0] / totals[2]).item())
-            store["ppo/val/clipfrac"].append((totals[1] / totals[2]).item())
-        store["ppo/val/vpred"].append(self._global_masked_mean(vpred.detach(), mask))
+
+        # Every ppo/* figure of this micro-batch as a token-weighted mean over all processes: sums over response
+        # tokens, one all-reduce, one division (one sync per micro-step instead of one per figure)
+        n_tokens = maskf.sum()
+        sums = {
+            "ppo/val/loss": vf_loss.detach() * n_tokens,
+            "ppo/val/clipfrac": torch.nan_to_num(vf_clipfrac) * n_tokens,
+            "ppo/val/vpred": (vpred.detach().float() * maskf).sum(),
+        }
+        old_logps = inputs.get("old_per_token_logps")
+        if logps is not None:
+            log_ratio = logps.detach() - (logps.detach() if old_logps is None else old_logps)
+            ratio = torch.exp(log_ratio)
+            clipped = ((ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)).float()
+            sums["ppo/policy/approxkl"] = (0.5 * log_ratio.square() * maskf).sum()
+            sums["ppo/policy/clipfrac"] = (clipped * maskf).sum()
+            sums["ppo/policy/ratio_mean"] = (ratio * maskf).sum()
+        totals = self.accelerator.reduce(torch.stack([n_tokens, *sums.values()]).float(), reduction="sum").tolist()
+        if totals[0] > 0:
+            for name, total in zip(sums, totals[1:]):
+                store[name].append(total / totals[0])
 
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         policy_weight = 1.0
@@ -410,11 +412,6 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         store["ppo/policy_trained"].append(policy_weight)
         store["ppo/loss/policy"].append(float(policy_loss.detach()) * scale)
         return policy_weight * policy_loss + self.args.vf_coef * vf_loss / scale
-
-    def _global_masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
-        mask = mask.float()
-        totals = self.accelerator.reduce(torch.stack([(x.float() * mask).sum(), mask.sum()]), reduction="sum")
-        return (totals[0] / totals[1]).item() if totals[1] > 0 else math.nan
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
