@@ -40,6 +40,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+_RSS_AFTER_IMPORTS: list[float] = []
+
+
+def mark_imports_done() -> None:
+    """Worker side: record the peak resident memory once the training libraries are imported and before any model
+    is loaded. `emit` reports it, so a comparison across environments can tell the libraries' import footprint
+    (which differs between TRL / transformers versions, whatever the trainer) from what training adds on top."""
+    _RSS_AFTER_IMPORTS[:] = [peak_rss_mb()]
+
+
 def step_timer():
     """A TrainerCallback recording the wall time of every optimizer step, end to end: from the end of the previous
     step (the start of training for the first) to the end of this one, so generation, the update, logging and every
@@ -124,6 +134,8 @@ def emit(result: dict) -> None:
     """Worker side: print the result as the last line of stdout, for :func:`run_worker`."""
     result = dict(result)
     result["peak_rss_mb"] = peak_rss_mb()
+    if _RSS_AFTER_IMPORTS:
+        result["rss_after_imports_mb"] = _RSS_AFTER_IMPORTS[0]
     print("BENCHMARK-RESULT " + json.dumps(result), flush=True)
 
 

@@ -31,8 +31,12 @@ def run(config: dict, output_dir: str) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from benchmarks._harness import emit, step_timer
+    from benchmarks._harness import emit, mark_imports_done, step_timer
     from trl_safeppo.tasks.arithmetic import load_arithmetic
+
+    import transformers.trainer  # noqa: F401  (as the SafePPO worker, before its baseline)
+
+    mark_imports_done()
 
     torch.manual_seed(config["seed"])
     torch.set_num_threads(int(config.get("threads", torch.get_num_threads())))

@@ -39,7 +39,7 @@ def run(config: dict, output_dir: str) -> None:
 
     torch.manual_seed(config.get("seed", 0))
     torch.set_num_threads(int(config.get("threads", torch.get_num_threads())))
-    from benchmarks._harness import ModelTimer, emit, step_timer
+    from benchmarks._harness import ModelTimer, emit, mark_imports_done, step_timer
     from trl_safeppo.models import resolve_model_path
     from trl_safeppo.tasks.arithmetic import load_arithmetic
 
@@ -48,12 +48,12 @@ def run(config: dict, output_dir: str) -> None:
     batch = int(config.get("batch", 8))
     common = dict(
         output_dir=output_dir,
+        logging_steps=1,
         max_steps=steps,
         per_device_train_batch_size=batch,
         num_generations=int(config.get("num_generations", 4)),
         max_completion_length=int(config.get("max_completion_length", 16)),
         learning_rate=float(config.get("learning_rate", 1e-5)),
-        logging_steps=1,
         save_strategy="no",
         report_to="none",
         seed=int(config.get("seed", 0)),
@@ -63,8 +63,8 @@ def run(config: dict, output_dir: str) -> None:
         beta=float(config.get("beta", 0.04)),
         temperature=float(config.get("temperature", 1.0)),
         disable_tqdm=True,
-        **config.get("args", {}),
     )
+    common.update(config.get("args", {}))  # the benchmark's own trainer settings override the defaults above
     if kind == "grpo":
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Trainer
@@ -81,6 +81,9 @@ def run(config: dict, output_dir: str) -> None:
     else:
         raise ValueError(f"trainer={kind!r}: accepted are 'grpo', 'safe_grpo', 'safe_ppo'")
 
+    import transformers.trainer  # noqa: F401  (imported by every trainer above; named so both workers match)
+
+    mark_imports_done()
     reward_funcs, reward_weights = build_reward(config.get("reward", "arithmetic"))
     if reward_weights is not None:
         common["reward_weights"] = reward_weights

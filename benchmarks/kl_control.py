@@ -38,6 +38,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--beta", type=float, default=0.04, help="fixed / initial KL coefficient (default 0.04)")
     parser.add_argument("--batch", type=int, default=16, help="completions per step (default 16)")
     parser.add_argument("--horizon", type=float, default=None, help="adaptive horizon in samples (default: --batch)")
+    parser.add_argument("--hold-until-target", action="store_true",
+                        help="adaptive controller: do not lower beta before KL has reached the target once")
+    parser.add_argument("--deadband", type=float, default=0.0,
+                        help="adaptive controller: beta holds while |KL / target - 1| <= deadband (default 0)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from the band check (steps // 4)")
@@ -51,6 +55,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--horizon={horizon}: must be > 0 (samples)")
     if args.batch < 4 or args.batch % 4:
         raise SystemExit(f"--batch={args.batch}: GRPO samples 4 completions per prompt; use a multiple of 4")
+    if not args.deadband >= 0:
+        raise SystemExit(f"--deadband={args.deadband}: must be >= 0 (0.5 holds beta inside [0.5, 1.5] x target)")
     warmup = args.warmup if args.warmup is not None else args.steps // 4
     if not 0 <= warmup < args.steps:
         raise SystemExit(f"--warmup={warmup}: must be in [0, --steps={args.steps})")
@@ -63,7 +69,8 @@ def main(argv=None) -> dict:
         shared["args"] = {"num_iterations": 1}
     fixed = {"kl": {"controller": "fixed", "init_kl_coef": args.beta}}
     adaptive = {"kl": {"controller": "adaptive", "init_kl_coef": args.beta, "target": target,
-                       "horizon": horizon, "min_coef": 1e-3, "max_coef": 10.0}}
+                       "horizon": horizon, "min_coef": 1e-3, "max_coef": 10.0,
+                       "hold_until_target": args.hold_until_target, "deadband": args.deadband}}
     runs = interleaved(
         {
             "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),

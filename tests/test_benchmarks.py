@@ -1,5 +1,6 @@
 """The benchmark harness's own logic (the benchmarks themselves are scripts, not tests)."""
 
+import json
 import subprocess
 import sys
 
@@ -105,6 +106,7 @@ def test_length_exploit_reward_by_hand():
         ("reward_hacking", ["--batch", "6"], "--batch=6"),
         ("reward_hacking", ["--max-completion-length", "8"], "--max-completion-length=8"),
         ("kl_control", ["--target", "0"], "--target=0"),
+        ("kl_control", ["--deadband", "-0.5"], "--deadband=-0.5"),
         ("rails_overhead", ["--repeats", "0"], "--repeats=0"),
     ],
 )
@@ -112,6 +114,15 @@ def test_bad_flags_name_the_flag(name, argv, message):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", name, *argv], capture_output=True, text=True)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_emit_reports_the_import_baseline_below_the_peak(capsys):
+    h.mark_imports_done()
+    h.emit({"x": 1})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line.removeprefix("BENCHMARK-RESULT "))
+    # ru_maxrss never decreases, so the level recorded first is at most the peak reported after it
+    assert 0 < result["rss_after_imports_mb"] <= result["peak_rss_mb"]
 
 
 def test_rails_settings_of_the_benchmarks_are_valid_configs():
