@@ -87,7 +87,10 @@ def run(config: dict, output_dir: str) -> None:
     reward_funcs, reward_weights = build_reward(config.get("reward", "arithmetic"))
     if reward_weights is not None:
         common["reward_weights"] = reward_weights
-    dataset = load_arithmetic("rl", n=batch * steps * 2, seed=int(config.get("seed", 0)))
+    from trl_safeppo.tasks.arithmetic import RL_SIZE
+
+    # more prompts than the run consumes (a batch holds batch / num_generations of them), at most the whole split
+    dataset = load_arithmetic("rl", n=min(batch * steps * 2, RL_SIZE), seed=int(config.get("seed", 0)))
     model = resolve_model_path(config.get("model", "tiny://debug"))
     trainer = Trainer(
         model=model,
