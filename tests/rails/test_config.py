@@ -20,7 +20,7 @@ FULL = {
     "clip": {"low": -3.0, "high": 3.0, "percentile_low": 1.0, "percentile_high": 99.0, "window": 64},
     "normalize": {"enabled": True},
     "kl": {"controller": "adaptive", "init_kl_coef": 0.1, "target": 2.0, "horizon": 500, "min_coef": 0.01,
-           "hold_until_target": True, "deadband": 0.25},
+           "hold_until_target": True, "deadband": 0.25, "proportional": 1.5},
     "tripwires": [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 5.0}}],
 }
 
@@ -80,6 +80,7 @@ def test_from_any_reads_a_yaml_file(tmp_path):
         ({"kl": {"controller": "adaptive", "init_kl_coef": 50.0}}, r"rails\.kl\.init_kl_coef must be in \[min_coef"),
         ({"kl": {"estimator": "k9"}}, r"rails\.kl\.estimator"),
         ({"kl": {"deadband": -0.5}}, r"rails\.kl\.deadband must be a finite number >= 0, got -0\.5"),
+        ({"kl": {"proportional": -2}}, r"rails\.kl\.proportional must be a finite number >= 0, got -2"),
         ({"kl": {"hold_until_target": "yes"}}, r"rails\.kl\.hold_until_target must be true or false, got 'yes'"),
         ({"clip": {"low": 2.0, "high": 1.0}}, r"rails\.clip\.low must be <= rails\.clip\.high"),
         ({"clip": {"position": "middle"}}, r"rails\.clip\.position"),
@@ -106,7 +107,7 @@ def test_build_kl_controller():
     assert isinstance(ctl, AdaptiveKLController) and ctl.value == 0.05 and ctl.min_coef == 0.01
     assert not ctl.hold_until_target and ctl.deadband == 0.0  # Ziegler's rule unless asked
     full = RailsConfig.from_dict(FULL).build_kl_controller()
-    assert full.hold_until_target and full.deadband == 0.25
+    assert full.hold_until_target and full.deadband == 0.25 and full.proportional == 1.5
     with pytest.raises(ValueError, match="init_kl_coef"):
         RailsConfig.from_dict({"kl": {"controller": "adaptive"}}).build_kl_controller()
     # GRPO's default beta is 0.0: an adaptive controller cannot start there (beta must stay > 0)

@@ -68,9 +68,43 @@ def test_deadband_holds_beta_inside_the_band():
     assert ctl.n_updates == 6
 
 
+def test_proportional_term_by_hand():
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=10, proportional=2.0)
+    # KL 2: base (Ziegler) e = clip(1.0, -0.2, 0.2) = 0.2 -> 0.1 * 1.2 = 0.12;
+    # P: clip(1.0, -1, 1) = 1 -> beta = 0.12 * e^2 = 0.12 * 7.389056 = 0.8866867
+    assert ctl.update(2.0, n_steps=10) == pytest.approx(0.12 * math.exp(2.0), abs=1e-12)
+    assert ctl.base == pytest.approx(0.12, abs=1e-15)
+    # KL back at the target: base unchanged (e = 0), P factor e^0 = 1 -> beta = 0.12 at once
+    assert ctl.update(1.0, n_steps=10) == pytest.approx(0.12, abs=1e-15)
+    # KL 0.5: base 0.12 * (1 - 0.2) = 0.096; P: e^(2 * -0.5) = 0.3678794 -> 0.0353164
+    assert ctl.update(0.5, n_steps=10) == pytest.approx(0.096 * math.exp(-1.0), abs=1e-12)
+    # a non-finite KL changes nothing
+    before = (ctl.value, ctl.base)
+    assert ctl.update(float("nan"), n_steps=10) == before[0] and ctl.base == before[1]
+    # KL 100: the P error is clipped at 1, and beta at max_coef
+    capped = AdaptiveKLController(1.0, target=1.0, horizon=10, max_coef=5.0, proportional=2.0)
+    assert capped.update(100.0, n_steps=10) == 5.0  # 1.2 * e^2 = 8.87 > 5
+    assert capped.base == pytest.approx(1.2, abs=1e-15)
+
+
+def test_set_value_moves_the_base_too():
+    # raise_kl sets beta from outside: the next update must continue from the new value, not snap back
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=10, proportional=1.0)
+    ctl.set_value(0.4)
+    assert ctl.value == ctl.base == 0.4
+    assert ctl.update(1.0, n_steps=10) == pytest.approx(0.4, abs=1e-15)  # e = 0: base and P factor unchanged
+    state = json.loads(json.dumps(ctl.state_dict()))
+    assert state["base"] == 0.4
+    fixed = FixedKLController(0.05)
+    fixed.set_value(0.1)
+    assert fixed.update(3.0, 10) == 0.1
+
+
 def test_refinements_off_is_exactly_ziegler():
     plain = AdaptiveKLController(0.2, target=6.0, horizon=500)
-    explicit = AdaptiveKLController(0.2, target=6.0, horizon=500, hold_until_target=False, deadband=0.0)
+    explicit = AdaptiveKLController(
+        0.2, target=6.0, horizon=500, hold_until_target=False, deadband=0.0, proportional=0.0
+    )
     for kl in (0.0, 1.0, 5.9, 6.0, 7.0, 30.0, float("nan"), 2.0):
         assert explicit.update(kl, 64) == plain.update(kl, 64)
 
@@ -110,6 +144,8 @@ def test_controller_state_round_trip_through_json():
         ({"deadband": -0.1}, "deadband"),
         ({"deadband": float("inf")}, "deadband"),
         ({"hold_until_target": "yes"}, "hold_until_target"),
+        ({"proportional": -1.0}, "proportional"),
+        ({"proportional": float("nan")}, "proportional"),
     ],
 )
 def test_adaptive_bad_settings_name_the_field(kwargs, field):

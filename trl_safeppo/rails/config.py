@@ -226,6 +226,9 @@ class KLConfig:
             (training starts at KL 0, which Ziegler's rule reads as "too little KL"); false: Ziegler's rule.
         deadband: adaptive only: beta holds while `|KL / target - 1| <= deadband` (>= 0; 0: Ziegler's rule, update
             every time; 0.5 moves beta only when KL leaves [0.5, 1.5] x target).
+        proportional: adaptive only: gain k_p of a proportional term, `beta = base * exp(k_p * clip(KL / target - 1,
+            -1, 1))` with `base` following the rule above (>= 0; 0: Ziegler's integral rule alone; Stooke et al.
+            2020). Reacts to a KL jump at once and lets go once KL is back at the target, which damps overshoot.
         estimator: per-token KL estimator "k1", "k2", "k3"; null: the trainer's default (PPO k1, GRPO k3).
     """
 
@@ -242,6 +245,11 @@ class KLConfig:
     deadband: float = field(
         default=0.0, metadata={"help": "Adaptive: beta holds while |KL / target - 1| <= deadband (0: Ziegler)."}
     )
+    proportional: float = field(
+        default=0.0,
+        metadata={"help": "Adaptive: proportional gain k_p, beta = base * exp(k_p * clip(KL/target - 1, -1, 1)) "
+                  "(0: Ziegler's integral rule alone; Stooke et al. 2020)."},
+    )
     estimator: str | None = field(default=None, metadata={"help": "'k1', 'k2', 'k3'; null: the trainer's default."})
 
     def __post_init__(self) -> None:
@@ -257,6 +265,7 @@ class KLConfig:
         )
         _check(isinstance(self.hold_until_target, bool), "kl.hold_until_target", "true or false", self.hold_until_target)
         _check_number("kl.deadband", self.deadband, ge=0)
+        _check_number("kl.proportional", self.proportional, ge=0)
         if self.controller == "adaptive" and self.init_kl_coef is not None:
             bounds = f"[{self.min_coef}, {self.max_coef}]"
             _check(
@@ -428,6 +437,7 @@ class RailsConfig:
         return AdaptiveKLController(
             coef, self.kl.target, self.kl.horizon, self.kl.min_coef, self.kl.max_coef,
             hold_until_target=self.kl.hold_until_target, deadband=self.kl.deadband,
+            proportional=self.kl.proportional,
         )
 
     def build_tripwires(self) -> list[TripwireSpec]:

@@ -17,6 +17,17 @@ Two optional refinements, both off by default (off = exactly Ziegler's rule), fo
 - `deadband`: no update while `|KL / target - 1| <= deadband`. Per-step KL is noisy; inside the band beta holds
   instead of random-walking, and it moves only when KL has left the band (benchmarks/kl_control.py measures both).
 
+And one addition, off by default: a proportional term. Ziegler's rule is integral control: beta accumulates the
+error, so it reacts to a jump in KL only over several updates and keeps pushing after KL has turned, which makes
+it overshoot (the KL coefficient is a Lagrange multiplier of a KL constraint; Stooke et al. 2020, "Responsive
+Safety in Reinforcement Learning by PID Lagrangian Methods", https://arxiv.org/abs/2007.03964, show the same for
+integral-only multipliers and add proportional and derivative terms). With `proportional = k_p > 0` the rule
+above moves a base value, and the coefficient used is
+
+    beta_t = clamp(base_t * exp(k_p * clip(KL_t / KL_target - 1, -1, 1)), min_coef, max_coef)
+
+so a KL at twice the target multiplies beta by e^k_p at once, and a KL back at the target returns it to the base.
+
 Estimators of KL(pi || pi_ref) per token, with `log r = ref_logp - logp` on tokens sampled from pi
 (Schulman, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html):
 
@@ -77,9 +88,11 @@ class AdaptiveKLController:
         max_coef: upper bound on beta (>= min_coef).
         hold_until_target: do not lower beta before the measured KL has reached `target` once (default False).
         deadband: no update while `|KL / target - 1| <= deadband` (>= 0; default 0: always update).
+        proportional: gain k_p of the proportional term (>= 0; default 0: Ziegler's integral rule alone).
 
-    State (`state_dict()`): `{"type": "adaptive", "value": beta, "n_updates": int, "last_kl": float | None,
-    "reached_target": bool}`.
+    State (`state_dict()`): `{"type": "adaptive", "value": beta, "base": float, "n_updates": int,
+    "last_kl": float | None, "reached_target": bool}`; `base` is the integral part (equal to `value` when
+    `proportional == 0`).
     """
 
     def __init__(
@@ -92,9 +105,14 @@ class AdaptiveKLController:
         *,
         hold_until_target: bool = False,
         deadband: float = 0.0,
+        proportional: float = 0.0,
     ) -> None:
-        validate_adaptive_kl(init_kl_coef, target, horizon, min_coef, max_coef, hold_until_target, deadband)
+        validate_adaptive_kl(
+            init_kl_coef, target, horizon, min_coef, max_coef, hold_until_target, deadband, proportional
+        )
         self.value = float(init_kl_coef)
+        self.base = float(init_kl_coef)
+        self.proportional = float(proportional)
         self.target = float(target)
         self.horizon = float(horizon)
         self.min_coef = float(min_coef)
@@ -110,21 +128,31 @@ class AdaptiveKLController:
         current_kl = float(current_kl)
         finite = math.isfinite(current_kl)
         self.reached_target = self.reached_target or (finite and current_kl >= self.target)
-        self.value = adaptive_kl_step(
-            self.value, current_kl, n_steps, self.target, self.horizon, self.min_coef, self.max_coef,
+        self.base = adaptive_kl_step(
+            self.base, current_kl, n_steps, self.target, self.horizon, self.min_coef, self.max_coef,
             allow_decrease=self.reached_target or not self.hold_until_target, deadband=self.deadband,
         )
+        if finite:  # a non-finite KL leaves beta as it was (the non-finite tripwire reports it)
+            error = min(max(current_kl / self.target - 1.0, -1.0), 1.0)
+            factor = math.exp(self.proportional * error) if self.proportional > 0 else 1.0
+            self.value = min(max(self.base * factor, self.min_coef), self.max_coef)
         self.n_updates += 1
         self.last_kl = current_kl if finite else None
         return self.value
 
+    def set_value(self, value: float) -> None:
+        """Set beta from outside (e.g. the `raise_kl` tripwire action): the base moves with it, so the next update
+        continues from there instead of snapping back."""
+        self.value = self.base = float(value)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"type": "adaptive", "value": self.value, "n_updates": self.n_updates, "last_kl": self.last_kl,
-                "reached_target": self.reached_target}
+        return {"type": "adaptive", "value": self.value, "base": self.base, "n_updates": self.n_updates,
+                "last_kl": self.last_kl, "reached_target": self.reached_target}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_type(state, "adaptive")
         self.value = float(state["value"])
+        self.base = float(state.get("base", self.value))
         self.n_updates = int(state.get("n_updates", 0))
         self.last_kl = state.get("last_kl")
         self.reached_target = bool(state.get("reached_target", False))
@@ -133,7 +161,7 @@ class AdaptiveKLController:
         return (
             f"AdaptiveKLController(value={self.value:.6g}, target={self.target}, horizon={self.horizon}, "
             f"min_coef={self.min_coef}, max_coef={self.max_coef}, hold_until_target={self.hold_until_target}, "
-            f"deadband={self.deadband})"
+            f"deadband={self.deadband}, proportional={self.proportional})"
         )
 
 
@@ -152,6 +180,10 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> float:
         self.n_updates += 1
         return self.value
+
+    def set_value(self, value: float) -> None:
+        """Set beta from outside (e.g. the `raise_kl` tripwire action)."""
+        self.value = float(value)
 
     def state_dict(self) -> dict[str, Any]:
         return {"type": "fixed", "value": self.value, "n_updates": self.n_updates}
@@ -178,6 +210,7 @@ def validate_adaptive_kl(
     max_coef: float,
     hold_until_target: bool = False,
     deadband: float = 0.0,
+    proportional: float = 0.0,
 ) -> None:
     """Raise ValueError naming the first bad setting and its accepted range."""
 
@@ -205,6 +238,8 @@ def validate_adaptive_kl(
             f"deadband must be a finite number >= 0 (0.5 holds beta while KL is in [0.5, 1.5] x target), "
             f"got {deadband!r}"
         )
+    if not (finite(proportional) and proportional >= 0):
+        raise ValueError(f"proportional must be a finite number >= 0 (0: Ziegler's rule alone), got {proportional!r}")
 
 
 def kl_per_token(

@@ -276,7 +276,9 @@ class RailsWiring:
         """Set the KL coefficient everywhere it lives (trainer and controller), e.g. for ``raise_kl``."""
         value = float(value)
         self.trainer.beta = value
-        if self.kl_controller is not None:
+        if hasattr(self.kl_controller, "set_value"):
+            self.kl_controller.set_value(value)
+        elif self.kl_controller is not None:
             state = self.kl_controller.state_dict()
             if isinstance(state, dict) and "value" in state:
                 state = {**state, "value": value}
