@@ -7,8 +7,15 @@ a horizon of one rollout batch: `beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * 
 by up to 20% per step, the fastest the controller allows. (Ziegler et al.'s horizon of 10000 samples suits runs of
 millions of samples; here it would move beta by 0.03% per step and never act within the run.)
 
-Plots KL and beta over steps; reports the share of post-warm-up steps whose KL lies within [0.5, 1.5] x target.
-Goal: adaptive keeps KL inside that band after warm-up, where fixed beta drifts out of it.
+The adaptive controller's refinements (rails.kl: hold_until_target, deadband, proportional, a floor via min_coef)
+are flags, off by default: the defaults run Ziegler's rule as published.
+
+Plots KL and beta over steps; reports the share of post-warm-up steps whose KL lies within [0.5, 1.5] x target,
+and how the steps outside split: above the band (the penalty failed to restrain the policy) or below it. A step
+below the band with beta already at its floor is not one the controller can fix (beta can only restrain; at the
+floor the policy is not being held back), so the table also counts the steps where control failed: above the band,
+or below it while beta is above its floor (over-restraint). Goal: adaptive keeps KL inside the band after warm-up,
+where fixed beta drifts out of it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ def main(argv=None) -> dict:
                         help="adaptive controller: do not lower beta before KL has reached the target once")
     parser.add_argument("--deadband", type=float, default=0.0,
                         help="adaptive controller: beta holds while |KL / target - 1| <= deadband (default 0)")
+    parser.add_argument("--proportional", type=float, default=0.0,
+                        help="adaptive controller: proportional gain k_p (default 0: Ziegler's integral rule alone)")
+    parser.add_argument("--min-coef", type=float, default=1e-3,
+                        help="adaptive controller: lower bound of beta (default 1e-3; --beta keeps it at the start value)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from the band check (steps // 4)")
@@ -55,6 +66,10 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--horizon={horizon}: must be > 0 (samples)")
     if args.batch < 4 or args.batch % 4:
         raise SystemExit(f"--batch={args.batch}: GRPO samples 4 completions per prompt; use a multiple of 4")
+    if not 0 < args.min_coef <= args.beta:
+        raise SystemExit(f"--min-coef={args.min_coef}: must be > 0 and <= --beta={args.beta} (the start value)")
+    if not args.proportional >= 0:
+        raise SystemExit(f"--proportional={args.proportional}: must be >= 0 (0: Ziegler's rule alone)")
     if not args.deadband >= 0:
         raise SystemExit(f"--deadband={args.deadband}: must be >= 0 (0.5 holds beta inside [0.5, 1.5] x target)")
     warmup = args.warmup if args.warmup is not None else args.steps // 4
@@ -69,8 +84,9 @@ def main(argv=None) -> dict:
         shared["args"] = {"num_iterations": 1}
     fixed = {"kl": {"controller": "fixed", "init_kl_coef": args.beta}}
     adaptive = {"kl": {"controller": "adaptive", "init_kl_coef": args.beta, "target": target,
-                       "horizon": horizon, "min_coef": 1e-3, "max_coef": 10.0,
-                       "hold_until_target": args.hold_until_target, "deadband": args.deadband}}
+                       "horizon": horizon, "min_coef": args.min_coef, "max_coef": 10.0,
+                       "hold_until_target": args.hold_until_target, "deadband": args.deadband,
+                       "proportional": args.proportional}}
     runs = interleaved(
         {
             "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
@@ -80,20 +96,37 @@ def main(argv=None) -> dict:
     )
     rows, result = [], {"target": target, "horizon": horizon, "warmup": warmup, "kl_key": KL_KEY[args.trainer],
                         "warm_start": warm, "machine": machine(), "args": vars(args)}
+    floors = {"fixed": args.beta, "adaptive": args.min_coef}
     for name, rs in runs.items():
-        kls = [k for r in rs for k in _series(r, KL_KEY[args.trainer])[warmup:]]
-        inside = sum(0.5 * target <= k <= 1.5 * target for k in kls) / max(1, len(kls))
+        kls, above, restrained = [], [], []
+        for r in rs:
+            kl, beta = _series(r, KL_KEY[args.trainer])[warmup:], _series(r, "beta")[warmup:]
+            kls += kl
+            above += [k > 1.5 * target for k in kl]
+            # below the band while the penalty is above its floor: the controller holds the policy back too much
+            restrained += [k < 0.5 * target and b > floors[name] * (1 + 1e-9) for k, b in zip(kl, beta)]
+        n = max(1, len(kls))
+        inside = sum(0.5 * target <= k <= 1.5 * target for k in kls) / n
+        failed = (sum(above) + sum(restrained)) / n
         s = stats(kls)
-        result[name] = {"kl_after_warmup": s, "share_in_band": inside}
+        result[name] = {"kl_after_warmup": s, "share_in_band": inside, "share_above_band": sum(above) / n,
+                        "share_below_band": 1 - inside - sum(above) / n, "share_over_restrained": sum(restrained) / n,
+                        "share_control_failed": failed}
         rows.append((name, f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]", f"{s['median'] / target:.2f}",
-                     f"{100 * inside:.0f}%"))
+                     f"{100 * inside:.0f}%", f"{100 * sum(above) / n:.0f}%",
+                     f"{100 * (1 - inside - sum(above) / n):.0f}%", f"{100 * failed:.0f}%"))
     print_table(f"KL control: {KL_KEY[args.trainer]} ({KL_UNIT[args.trainer]}), target {target:g}, steps after "
-                f"warm-up ({warmup})", rows, ("beta", "KL median [min, max]", "median/target", "in band"))
+                f"warm-up ({warmup})", rows,
+                ("beta", "KL median [min, max]", "median/target", "in band", "above", "below", "control failed"))
     ok, drift = result["adaptive"]["share_in_band"], result["fixed"]["share_in_band"]
+    held = 1 - result["adaptive"]["share_control_failed"]
     met = ok >= 0.9 and drift < 0.5  # reading of the goal: nearly all adaptive steps in band, fixed mostly out
     result["goal_met"] = met
+    result["goal_met_where_control_can_act"] = held >= 0.9 and drift < 0.5
     print(f"goal: adaptive KL within [0.5, 1.5] x target after warm-up -> {100 * ok:.0f}% of steps in band "
           f"(fixed beta: {100 * drift:.0f}%); met when >= 90% while fixed < 50% -> {'met' if met else 'NOT met'}")
+    print(f"where control can act (not counting steps below the band with beta at its floor): "
+          f"{100 * held:.0f}% held -> {'met' if result['goal_met_where_control_can_act'] else 'NOT met'}")
 
     import matplotlib
 
@@ -125,9 +158,12 @@ def main(argv=None) -> dict:
         ax.grid(alpha=0.3)
     fig.legend(*ax_kl.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=5,
                frameon=False, fontsize=9)
+    extras = [f"{k} {v:g}" for k, v in (("deadband", args.deadband), ("k_p", args.proportional)) if v]
+    extras += ["hold until target"] if args.hold_until_target else []
+    extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     fig.suptitle(f"{args.trainer} under a length-exploitable reward: fixed beta {args.beta:g} vs adaptive "
-                 f"(target {target:g}, horizon {horizon:g} samples), lr {args.learning_rate:g}, seed {args.seed}",
-                 fontsize=11)
+                 f"(target {target:g}, horizon {horizon:g} samples{', ' if extras else ''}{', '.join(extras)}), "
+                 f"lr {args.learning_rate:g}, seed {args.seed}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, args.out, "kl_control")
     write_json(args.out, "kl_control", {**result, "runs": runs})
