@@ -319,8 +319,31 @@ class RailsWiring:
 
 
 # ---------------------------------------------------------------------- snapshots (tripwire rollback)
+def snapshot_state_dict(model) -> dict:
+    """The entries of ``model.state_dict()`` that training can change, copied to CPU: trainable parameters and
+    buffers. Frozen parameters (a PEFT base model, frozen layers) cannot change, so a snapshot leaves them out:
+    with LoRA it holds the adapters, megabytes instead of the whole base model."""
+    changing = {id(p) for p in model.parameters() if p.requires_grad} | {id(b) for b in model.buffers()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict(keep_vars=True).items() if id(v) in changing}
+
+
+def load_snapshot_state_dict(model, state: dict) -> None:
+    """Load a :func:`snapshot_state_dict` back; every trainable parameter must be in it (else one ValueError)."""
+    result = model.load_state_dict(state, strict=False)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    own = model.state_dict(keep_vars=True)
+    missing = [k for k in result.missing_keys if id(own[k]) in trainable]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"the tripwire snapshot does not match the model: trainable parameters missing {missing[:5]}, unexpected "
+            f"keys {list(result.unexpected_keys)[:5]}; it was written for another model or adapter setup -- delete "
+            "the tripwire-last-good/ directory of this output_dir and restart"
+        )
+
+
 def save_snapshot(trainer, directory: str) -> str:
-    """Save policy weights, optimizer state and rail state of ``trainer`` to ``directory/snapshot.pt``.
+    """Save policy weights (those training can change, :func:`snapshot_state_dict`), optimizer state and rail state
+    of ``trainer`` to ``directory/snapshot.pt``.
 
     Works for single-process and DDP training (every rank holds the full weights); the main process writes and the
     others wait. A trainer with more trained state than the policy (PPO's critic) adds it by defining
@@ -332,7 +355,7 @@ def save_snapshot(trainer, directory: str) -> str:
         model = accelerator.unwrap_model(trainer.model)
         state = {
             "step": int(trainer.state.global_step),
-            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "model": snapshot_state_dict(model),
             "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else None,
             "beta": float(getattr(trainer, "beta", math.nan)),
             "wiring": trainer.rails_wiring.state_dict() if getattr(trainer, "rails_wiring", None) else None,
@@ -353,8 +376,7 @@ def restore_snapshot(trainer, directory: str) -> int:
     import torch
 
     state = torch.load(os.path.join(directory, SNAPSHOT_FILE), map_location="cpu", weights_only=False)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    model.load_state_dict(state["model"])
+    load_snapshot_state_dict(trainer.accelerator.unwrap_model(trainer.model), state["model"])
     if trainer.optimizer is not None and state["optimizer"] is not None:
         current_lrs = [group["lr"] for group in trainer.optimizer.param_groups]
         trainer.optimizer.load_state_dict(state["optimizer"])
