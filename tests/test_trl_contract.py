@@ -278,6 +278,12 @@ def test_trainer_helpers_used_by_ppo():
         require(hasattr(Trainer, name), f"transformers.Trainer.{name}", PPO + " (critic checkpoint / scheduler)")
     require(hasattr(TrainingArguments, "get_warmup_steps"), "TrainingArguments.get_warmup_steps", PPO)
     require(
+        params(Trainer.get_optimizer_cls_and_kwargs) == ["args", "model"]
+        and params(Trainer.get_decay_parameter_names) == ["self", "model"],
+        "Trainer.get_optimizer_cls_and_kwargs(args, model) / get_decay_parameter_names(model)",
+        PPO + " (builds the critic's optimizer as the Trainer builds the policy's)",
+    )
+    require(
         "self.current_gradient_accumulation_steps" in source(GRPOTrainer._compute_loss),
         "GRPOTrainer._compute_loss scaling by current_gradient_accumulation_steps",
         PPO + " (scales the value loss the same way)",

@@ -375,3 +375,35 @@ def test_policy_object_critic_copies_its_trunk_and_rule_names_resolve(tmp_path, 
 def test_missing_reward_funcs(tmp_path, tiny_debug_path):
     with pytest.raises(ValueError, match="reward_funcs"):
         SafePPOTrainer(model="tiny://debug", reward_funcs=[], args=config(tmp_path), train_dataset=prompts())
+
+
+def test_critic_optimizer_follows_the_policy_optimizer_settings(tmp_path, tiny_debug_path):
+    # optim="adamw_torch" -> torch.optim.AdamW for both; weight decay 0.1 on weights, 0 on biases and norms (the
+    # Trainer's split); the critic's own learning rate 0.002 replaces the policy's
+    args = config(tmp_path, optim="adamw_torch", weight_decay=0.1, critic_learning_rate=2e-3)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    trainer.create_optimizer()
+    critic_opt = trainer.critic_optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
+    assert type(critic_opt) is type(trainer.optimizer) is torch.optim.AdamW
+    decayed, plain = critic_opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {g["lr"] for g in critic_opt.param_groups} == {2e-3}
+    critic = trainer.accelerator.unwrap_model(trainer.critic)
+    names = {id(p): n for n, p in critic.named_parameters()}
+    assert all("norm" in names[id(p)] or "bias" in names[id(p)] for p in plain["params"])
+    assert all("norm" not in names[id(p)] for p in decayed["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(critic.parameters()))
+
+
+def test_optimizer_built_around_one_model_is_refused_for_the_critic(tmp_path, tiny_debug_path, monkeypatch):
+    # GaLore / Apollo / LOMO need packages not installed here; their handlers return the parameter groups ("params")
+    # or the model ("model") among the kwargs, which is what the guard looks at
+    from transformers import Trainer
+
+    def galore_like(args, model=None):
+        return torch.optim.AdamW, {"lr": args.learning_rate, "params": list(model.parameters())}
+
+    monkeypatch.setattr(Trainer, "get_optimizer_cls_and_kwargs", staticmethod(galore_like))
+    args = config(tmp_path, optim="adamw_torch")
+    with pytest.raises(ValueError, match=r"optim='adamw_torch' builds its optimizer around the policy's own layers"):
+        SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())

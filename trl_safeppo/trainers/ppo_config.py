@@ -64,7 +64,8 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
             a path / `tiny://` id / Hub id of a sequence-classification or causal-LM checkpoint. The critic reads the
             policy's token ids, so it must share the policy's tokenizer.
         critic_learning_rate (`float` or `None`, *optional*, defaults to `None`):
-            Learning rate of the critic's own AdamW optimizer; `None` uses `learning_rate`.
+            Learning rate of the critic's own optimizer (the `optim` type, like the policy's); `None` uses
+            `learning_rate`.
         vf_coef (`float`, *optional*, defaults to `0.1`):
             Weight of the value loss in the total loss (TRL PPOTrainer).
         cliprange_value (`float`, *optional*, defaults to `0.2`):
@@ -167,7 +168,7 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
         },
     )
     critic_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the critic's own AdamW; None uses learning_rate."}
+        default=None, metadata={"help": "Learning rate of the critic's own optimizer (`optim`); None uses learning_rate."}
     )
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss (TRL PPOTrainer: 0.1)."})
     cliprange_value: float = field(

@@ -12,7 +12,8 @@ the reference model, and its loss accepts per-token `(B, T)` advantages. PPO add
 2. Loss (`_compute_loss`): GRPO's clipped surrogate on our advantages, with `beta` set to 0 for the call, so the KL
    stays in the reward and out of the loss; plus `vf_coef *` the clipped value loss of the critic.
 3. The critic: a separate sequence-classification model read per token, prepared by accelerate (DDP when
-   distributed), with its own AdamW, scheduler, gradient clipping and checkpoint files.
+   distributed), with its own optimizer (built from `optim` like the policy's), scheduler, gradient clipping and
+   checkpoint files.
 
 Notation follows TRL's former PPOTrainer and cleanrl's ppo.py. Shapes: B completions, T response tokens.
 """
@@ -182,13 +183,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             )
         critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate
         value_module = ValueModel(critic)
-        optimizer = torch.optim.AdamW(
-            value_module.parameters(),
-            lr=critic_lr,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-            weight_decay=args.weight_decay,
-        )
+        optimizer = self._create_critic_optimizer(value_module, critic_lr)
         self.critic = self.accelerator.prepare_model(value_module)
         self.critic_optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.critic_lr_scheduler = None
@@ -197,6 +192,24 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         self._ppo_rewards_per_func: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ critic optimisation
+    def _create_critic_optimizer(self, value_module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The critic's optimizer, built as the Trainer builds the policy's: the class and settings of `args.optim`
+        (e.g. fused AdamW, 8-bit Adam) and weight decay on the same parameters (not biases, not norms)."""
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, value_module)
+        if "params" in kwargs or "model" in kwargs:  # GaLore, Apollo, LOMO: built around one model's layers
+            optim = getattr(self.args.optim, "value", self.args.optim)  # an OptimizerNames enum after post-init
+            raise ValueError(
+                f"optim={optim!r} builds its optimizer around the policy's own layers and cannot also train "
+                "SafePPOTrainer's critic; use an AdamW-type optimizer (e.g. optim='adamw_torch_fused')"
+            )
+        decay = set(self.get_decay_parameter_names(value_module))
+        named = [(n, p) for n, p in value_module.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        return optimizer_cls([g for g in groups if g["params"]], **{**kwargs, "lr": lr})
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
         if self.critic_lr_scheduler is None:
