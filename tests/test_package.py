@@ -78,3 +78,30 @@ def test_lazy_name_resolves(name):
 def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         trl_safeppo.nope  # noqa: B018
+
+
+def test_wheel_ships_the_recipes(tmp_path):
+    # a pip user has no repository: the wheel carries recipes/ (as trl_safeppo/recipes, a link in the tree) so that
+    # `trl-safeppo run demo` and the accelerate launch configs work after `pip install`
+    import shutil
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "recipes", src / "recipes")
+    shutil.copytree(root / "trl_safeppo", src / "trl_safeppo", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0 and "No module named pip" in proc.stderr:
+        pytest.skip("pip is not available in this environment")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("trl_safeppo-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"trl_safeppo/recipes/{p.relative_to(root / 'recipes')}" for p in (root / "recipes").rglob("*.yaml")}
+    assert expected and expected <= names

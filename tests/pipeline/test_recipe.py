@@ -118,6 +118,29 @@ def test_load_recipe_reads_yaml_safely(tmp_path):
 _DEMO = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml")
 
 
+def test_builtin_recipes_are_the_repository_recipes_and_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from trl_safeppo.pipeline.recipe import builtin_recipes
+
+    repo_recipes = Path(_DEMO).parent
+    shipped = builtin_recipes()
+    # trl_safeppo/recipes is the repository's recipes/ folder (installed with the wheel): same names, same text
+    assert sorted(shipped) == sorted(p.stem for p in repo_recipes.glob("*.yaml")) and "demo" in shipped
+    for name, path in shipped.items():
+        assert path.read_text() == (repo_recipes / f"{name}.yaml").read_text()
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here, as for a pip user
+    expected = load_recipe(_DEMO).to_dict()
+    for spelling in ("demo", "demo.yaml", "recipes/demo.yaml"):
+        assert load_recipe(spelling).to_dict() == expected
+    with pytest.raises(RecipeError, match=r"recipe file 'demo2' does not exist.*built-in recipe by name \(demo, gsm8k"):
+        load_recipe("demo2")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "demo.yaml").write_text("name: mine\nmodel: tiny://debug\noutput_dir: out\nstages:\n"
+                                                   "  - {type: sft}\n")
+    assert load_recipe("recipes/demo.yaml").name == "mine"  # a file that exists always wins over a built-in
+
+
 # --- key paths use the same default stage names as the parser; an explicit empty probe list is refused
 def test_override_addresses_a_stage_by_its_default_name():
     from trl_safeppo.pipeline.recipe import load_recipe

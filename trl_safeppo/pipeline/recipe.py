@@ -484,14 +484,41 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
     )
 
 
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a recipe file, apply ``key.path=value`` overrides, resolve ``${...}`` and check the structure."""
-    import yaml
+def builtin_recipes() -> dict[str, Path]:
+    """The recipes shipped in the package, by name: the repository's ``recipes/*.yaml``, installed with the wheel as
+    ``trl_safeppo/recipes/`` (with their ``accelerate/`` launch configs beside them)."""
+    from importlib.resources import files
 
+    folder = Path(str(files("trl_safeppo") / "recipes"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def find_recipe(path: str | os.PathLike) -> Path:
+    """The recipe file for ``path``: the file itself when it exists; otherwise, for a bare name (``demo``,
+    ``demo.yaml``) or the repository-relative ``recipes/<name>.yaml``, the recipe shipped in the package, so that a
+    pip-installed ``trl-safeppo run demo`` works without the repository."""
     source = os.fspath(path)
     file = Path(source)
-    if not file.is_file():
-        raise RecipeError("", f"recipe file {source!r} does not exist", "pass a YAML file, e.g. recipes/demo.yaml")
+    if file.is_file():
+        return file
+    shipped = builtin_recipes()
+    if file.parent in (Path("."), Path("recipes")) and file.suffix in ("", ".yaml") and file.stem in shipped:
+        return shipped[file.stem]
+    names = ", ".join(shipped) or "none installed"
+    where = next(iter(shipped.values())).parent if shipped else "trl_safeppo/recipes"
+    raise RecipeError(
+        "", f"recipe file {source!r} does not exist",
+        f"pass a YAML file, or a built-in recipe by name ({names}; files in {where}), e.g. `trl-safeppo run demo`",
+    )
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe file (or a built-in recipe by name, :func:`find_recipe`), apply ``key.path=value`` overrides,
+    resolve ``${...}`` and check the structure."""
+    import yaml
+
+    file = find_recipe(path)
+    source = os.fspath(file)
     try:
         tree = yaml.safe_load(file.read_text())
     except (OSError, UnicodeDecodeError) as err:
