@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--proportional", type=float, default=0.0,
                         help="adaptive controller: proportional gain k_p (default 0: Ziegler's integral rule alone)")
     parser.add_argument("--min-coef", type=float, default=1e-3,
-                        help="adaptive controller: lower bound of beta (default 1e-3; --beta keeps it at the start value)")
+                        help="adaptive controller: lower bound of beta (default 1e-3; equal to --beta: never below the start)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from the band check (steps // 4)")
