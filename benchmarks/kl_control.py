@@ -107,14 +107,14 @@ def main(argv=None) -> dict:
             restrained += [k < 0.5 * target and b > floors[name] * (1 + 1e-9) for k, b in zip(kl, beta)]
         n = max(1, len(kls))
         inside = sum(0.5 * target <= k <= 1.5 * target for k in kls) / n
-        failed = (sum(above) + sum(restrained)) / n
+        over, over_restrained = sum(above) / n, sum(restrained) / n
+        below, failed = 1 - inside - over, over + over_restrained
         s = stats(kls)
-        result[name] = {"kl_after_warmup": s, "share_in_band": inside, "share_above_band": sum(above) / n,
-                        "share_below_band": 1 - inside - sum(above) / n, "share_over_restrained": sum(restrained) / n,
+        result[name] = {"kl_after_warmup": s, "share_in_band": inside, "share_above_band": over,
+                        "share_below_band": below, "share_over_restrained": over_restrained,
                         "share_control_failed": failed}
         rows.append((name, f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]", f"{s['median'] / target:.2f}",
-                     f"{100 * inside:.0f}%", f"{100 * sum(above) / n:.0f}%",
-                     f"{100 * (1 - inside - sum(above) / n):.0f}%", f"{100 * failed:.0f}%"))
+                     f"{100 * inside:.0f}%", f"{100 * over:.0f}%", f"{100 * below:.0f}%", f"{100 * failed:.0f}%"))
     print_table(f"KL control: {KL_KEY[args.trainer]} ({KL_UNIT[args.trainer]}), target {target:g}, steps after "
                 f"warm-up ({warmup})", rows,
                 ("beta", "KL median [min, max]", "median/target", "in band", "above", "below", "control failed"))

@@ -484,12 +484,17 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
     )
 
 
-def builtin_recipes() -> dict[str, Path]:
-    """The recipes shipped in the package, by name: the repository's ``recipes/*.yaml``, installed with the wheel as
-    ``trl_safeppo/recipes/`` (with their ``accelerate/`` launch configs beside them)."""
+def builtin_recipe_folder() -> Path:
+    """Where the shipped recipes are: the repository's ``recipes/``, installed with the wheel as
+    ``trl_safeppo/recipes/`` (with their ``accelerate/`` launch configs inside)."""
     from importlib.resources import files
 
-    folder = Path(str(files("trl_safeppo") / "recipes"))
+    return Path(str(files("trl_safeppo") / "recipes"))
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """The shipped recipes by name (``demo``, ...): the YAML files of :func:`builtin_recipe_folder`."""
+    folder = builtin_recipe_folder()
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
 
 
@@ -505,10 +510,10 @@ def find_recipe(path: str | os.PathLike) -> Path:
     if file.parent in (Path("."), Path("recipes")) and file.suffix in ("", ".yaml") and file.stem in shipped:
         return shipped[file.stem]
     names = ", ".join(shipped) or "none installed"
-    where = next(iter(shipped.values())).parent if shipped else "trl_safeppo/recipes"
     raise RecipeError(
         "", f"recipe file {source!r} does not exist",
-        f"pass a YAML file, or a built-in recipe by name ({names}; files in {where}), e.g. `trl-safeppo run demo`",
+        f"pass a YAML file, or a built-in recipe by name ({names}; files in {builtin_recipe_folder()}), "
+        "e.g. `trl-safeppo run demo`",
     )
 
 

@@ -276,15 +276,8 @@ class RailsWiring:
         """Set the KL coefficient everywhere it lives (trainer and controller), e.g. for ``raise_kl``."""
         value = float(value)
         self.trainer.beta = value
-        if hasattr(self.kl_controller, "set_value"):
+        if self.kl_controller is not None:
             self.kl_controller.set_value(value)
-        elif self.kl_controller is not None:
-            state = self.kl_controller.state_dict()
-            if isinstance(state, dict) and "value" in state:
-                state = {**state, "value": value}
-                self.kl_controller.load_state_dict(state)
-            else:
-                self.kl_controller.value = value
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

@@ -407,23 +407,25 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         }
         old_logps = inputs.get("old_per_token_logps")
         if logps is not None:
-            log_ratio = logps.detach() - (logps.detach() if old_logps is None else old_logps)
+            log_ratio = logps - (logps if old_logps is None else old_logps)  # captured detached
             ratio = torch.exp(log_ratio)
             clipped = ((ratio < 1 - self.epsilon_low) | (ratio > 1 + self.epsilon_high)).float()
             sums["ppo/policy/approxkl"] = (0.5 * log_ratio.square() * maskf).sum()
             sums["ppo/policy/clipfrac"] = (clipped * maskf).sum()
             sums["ppo/policy/ratio_mean"] = (ratio * maskf).sum()
-        totals = self.accelerator.reduce(torch.stack([n_tokens, *sums.values()]).float(), reduction="sum").tolist()
-        if totals[0] > 0:
-            for name, total in zip(sums, totals[1:]):
-                store[name].append(total / totals[0])
+        totals = self.accelerator.reduce(torch.stack([n_tokens, *sums.values()]).float(), reduction="sum")
+        # this process's policy loss rides along in the same host transfer (it is logged per process, not reduced)
+        n_total, *sum_values, local_policy_loss = torch.cat([totals, policy_loss.detach().float().reshape(1)]).tolist()
+        if n_total > 0:
+            for name, total in zip(sums, sum_values):
+                store[name].append(total / n_total)
 
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         policy_weight = 1.0
         if mode == "train" and self.state.global_step < self.args.critic_warmup_steps:
             policy_weight = 0.0  # critic warm-up: the policy's gradient is zero, only the critic learns
         store["ppo/policy_trained"].append(policy_weight)
-        store["ppo/loss/policy"].append(float(policy_loss.detach()) * scale)
+        store["ppo/loss/policy"].append(local_policy_loss * scale)
         return policy_weight * policy_loss + self.args.vf_coef * vf_loss / scale
 
     # ------------------------------------------------------------------ checkpoints
