@@ -291,6 +291,7 @@ def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restore
         ({"cliprange_value": 0.0}, "cliprange_value"),
         ({"vf_coef": 0.0}, "vf_coef"),
         ({"critic_warmup_steps": -1}, "critic_warmup_steps"),
+        ({"critic_gradient_checkpointing": "yes"}, "critic_gradient_checkpointing"),
         ({"kl_estimator": "k4"}, "kl_estimator"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
         ({"rails": 3}, "rails"),
@@ -393,6 +394,47 @@ def test_critic_optimizer_follows_the_policy_optimizer_settings(tmp_path, tiny_d
     assert all("norm" in names[id(p)] or "bias" in names[id(p)] for p in plain["params"])
     assert all("norm" not in names[id(p)] for p in decayed["params"])
     assert len(decayed["params"]) + len(plain["params"]) == len(list(critic.parameters()))
+
+
+@pytest.mark.parametrize(
+    "policy, critic, expected",
+    [(True, None, True), (False, None, False), (True, False, False), (False, True, True)],
+)
+def test_critic_gradient_checkpointing_follows_the_policy_unless_set(
+    tmp_path, tiny_debug_path, policy, critic, expected
+):
+    # None follows gradient_checkpointing; True / False set the critic's alone
+    args = config(tmp_path, gradient_checkpointing=policy, critic_gradient_checkpointing=critic)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    critic_model = trainer.accelerator.unwrap_model(trainer.critic).model
+    # transformers >= 5.23 names it is_activation_checkpointing (the old name warns)
+    flag = getattr(type(critic_model), "is_activation_checkpointing", None) and "is_activation_checkpointing"
+    assert getattr(critic_model, flag or "is_gradient_checkpointing") is expected
+    trainer.train()  # the backward pass runs with and without recomputation
+    assert logged(trainer, "ppo/val/loss")
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("transformers").PreTrainedModel, "activation_checkpointing_enable"),
+    reason="activation_checkpointing_enable replaced gradient_checkpointing_enable in transformers 5.23",
+)
+def test_critic_checkpointing_uses_the_current_transformers_api(tiny_debug_path):
+    # on transformers >= 5.23 gradient_checkpointing_enable warns (FutureWarning, removed in v6); the critic uses
+    # activation_checkpointing_enable with every_n_layers as its argument, as the transformers Trainer does
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    from trl_safeppo.trainers.ppo_trainer import _enable_checkpointing
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_debug_path, num_labels=1)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _enable_checkpointing(model, {"use_reentrant": False, "every_n_layers": 2})
+        assert model.is_activation_checkpointing
+    model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_optimizer_built_around_one_model_is_refused_for_the_critic(tmp_path, tiny_debug_path, monkeypatch):

@@ -66,6 +66,10 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
         critic_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the critic's own optimizer (the `optim` type, like the policy's); `None` uses
             `learning_rate`.
+        critic_gradient_checkpointing (`bool` or `None`, *optional*, defaults to `None`):
+            Recompute the critic's activations in its backward pass; `None` follows `gradient_checkpointing`. Turn
+            it off for a critic much smaller than the policy, whose activations cost little memory: each update is
+            then one critic forward cheaper.
         vf_coef (`float`, *optional*, defaults to `0.1`):
             Weight of the value loss in the total loss (TRL PPOTrainer).
         cliprange_value (`float`, *optional*, defaults to `0.2`):
@@ -170,6 +174,12 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
     critic_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the critic's own optimizer (`optim`); None uses learning_rate."}
     )
+    critic_gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute the critic's activations in its backward pass; None follows gradient_checkpointing."
+        },
+    )
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss (TRL PPOTrainer: 0.1)."})
     cliprange_value: float = field(
         default=0.2, metadata={"help": "Clip range of the clipped value loss (TRL PPOTrainer: 0.2)."}
@@ -268,6 +278,11 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
             raise bad("cliprange_value", self.cliprange_value, "use a positive clip range")
         if self.critic_learning_rate is not None and not self.critic_learning_rate > 0:
             raise bad("critic_learning_rate", self.critic_learning_rate, "use a positive learning rate, or None")
+        if self.critic_gradient_checkpointing not in (None, True, False):
+            raise bad(
+                "critic_gradient_checkpointing", self.critic_gradient_checkpointing,
+                "use true, false, or None (follow gradient_checkpointing)",
+            )
         if not isinstance(self.critic_warmup_steps, int) or self.critic_warmup_steps < 0:
             raise bad("critic_warmup_steps", self.critic_warmup_steps, "use an integer >= 0")
         if self.num_iterations < 1:

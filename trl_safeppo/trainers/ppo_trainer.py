@@ -177,10 +177,11 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             from trl.trainer.utils import disable_dropout_in_model
 
             disable_dropout_in_model(critic)
-        if args.gradient_checkpointing:
-            critic.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False}
-            )
+        critic_checkpointing = args.critic_gradient_checkpointing
+        if critic_checkpointing is None:
+            critic_checkpointing = args.gradient_checkpointing
+        if critic_checkpointing:
+            _enable_checkpointing(critic, args.gradient_checkpointing_kwargs)
         critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate
         value_module = ValueModel(critic)
         optimizer = self._create_critic_optimizer(value_module, critic_lr)
@@ -522,6 +523,17 @@ def _atomic_save(obj: Any, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _enable_checkpointing(model: PreTrainedModel, kwargs: dict | None) -> None:
+    """Turn on activation recomputation as the transformers Trainer does for the policy: `every_n_layers` and
+    `offload` are arguments of the enable call (transformers >= 5.23), the other keys go to torch's checkpoint."""
+    kwargs = dict(kwargs or {"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; the old name is deprecated there
+        layer_args = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **layer_args)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _build_wiring(args: SafePPOConfig) -> PPOWiring:
