@@ -31,6 +31,10 @@ def main(argv=None) -> dict:
                         help="SafePPO without gradient checkpointing. Its default is on (GRPOConfig's, which "
                         "SafePPOConfig inherits); TRL 1.12's PPOConfig also says on, but its loop never enables it, "
                         "so this flag makes both sides do the same work per update (faster, more memory)")
+    parser.add_argument("--no-critic-gradient-checkpointing", dest="critic_gradient_checkpointing",
+                        action="store_false",
+                        help="SafePPO recomputes the policy's activations but not the critic's "
+                        "(critic_gradient_checkpointing=False): between checkpointing on and off in time and memory")
     parser.add_argument("--trl112-python", default=str(REPO / ".venv-trl112" / "bin" / "python"),
                         help="python of the TRL 1.12 environment (create it with benchmarks/setup_trl112.sh)")
     args = parser.parse_args(argv)
@@ -51,7 +55,8 @@ def main(argv=None) -> dict:
         # each trainer as shipped by default: SafePPO recomputes activations (GRPOConfig's gradient_checkpointing=True);
         # TRL 1.12's PPOConfig says True as well, but its PPO loop replaces Trainer.train (where transformers turns
         # checkpointing on), so it never does; --no-gradient-checkpointing gives both sides the same work per update
-        args={"num_iterations": args.ppo_epochs, "gradient_checkpointing": args.gradient_checkpointing},
+        args={"num_iterations": args.ppo_epochs, "gradient_checkpointing": args.gradient_checkpointing,
+              "critic_gradient_checkpointing": args.gradient_checkpointing and args.critic_gradient_checkpointing},
     )
     ours_cfg["steps"] = rollouts * args.ppo_epochs  # one optimizer step per PPO epoch, as TRL 1.12
     # TRL 1.12 as shipped, and (for the record) without the two gc.collect() calls its loop makes per rollout
@@ -112,7 +117,7 @@ def main(argv=None) -> dict:
             ("peak memory above the imports (MiB)", {names[n]: result[n]["peak_above_imports_mb"] for n in names}),
         ],
         f"PPO on {args.model}: batch {args.batch}, {args.max_completion_length} tokens, {args.ppo_epochs} PPO epochs, "
-        f"SafePPO gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+        f"SafePPO gradient checkpointing {_checkpointing(args)}; "
         f"speed-up {speed:.2f}x per rollout, peak memory {mem:.2f}x ({mem_training:.2f}x above the imports)",
         colors=("tab:grey", "tab:blue", "silver"),
     )
@@ -122,6 +127,12 @@ def main(argv=None) -> dict:
 
 
 NO_GC = "TRL 1.12 PPOTrainer, gc.collect() off"
+
+
+def _checkpointing(args) -> str:
+    if not args.gradient_checkpointing:
+        return "off"
+    return "on" if args.critic_gradient_checkpointing else "policy only"
 
 
 def rollout_seconds(run: dict, steps_per_rollout: int) -> list[float]:
