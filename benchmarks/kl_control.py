@@ -7,8 +7,8 @@ a horizon of one rollout batch: `beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * 
 by up to 20% per step, the fastest the controller allows. (Ziegler et al.'s horizon of 10000 samples suits runs of
 millions of samples; here it would move beta by 0.03% per step and never act within the run.)
 
-The adaptive controller's refinements (rails.kl: hold_until_target, deadband, proportional, a floor via min_coef)
-are flags, off by default: the defaults run Ziegler's rule as published.
+The adaptive controller's refinements (rails.kl: hold_until_target, deadband, proportional, measure_before_update,
+a floor via min_coef) are flags, off by default: the defaults run Ziegler's rule as published.
 
 Plots KL and beta over steps; reports the share of post-warm-up steps whose KL lies within [0.5, 1.5] x target,
 and how the steps outside split: above the band (the penalty failed to restrain the policy) or below it. A step
@@ -51,6 +51,9 @@ def main(argv=None) -> dict:
                         help="adaptive controller: beta holds while |KL / target - 1| <= deadband (default 0)")
     parser.add_argument("--proportional", type=float, default=0.0,
                         help="adaptive controller: proportional gain k_p (default 0: Ziegler's integral rule alone)")
+    parser.add_argument("--measure-before-update", action="store_true",
+                        help="set each update's beta from the KL of its own batch, measured before the update "
+                        "(rails.kl.measure_before_update; default: from the previous update's KL)")
     parser.add_argument("--min-coef", type=float, default=1e-3,
                         help="adaptive controller: lower bound of beta (default 1e-3; equal to --beta: never below the start)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
@@ -86,7 +89,7 @@ def main(argv=None) -> dict:
     adaptive = {"kl": {"controller": "adaptive", "init_kl_coef": args.beta, "target": target,
                        "horizon": horizon, "min_coef": args.min_coef, "max_coef": 10.0,
                        "hold_until_target": args.hold_until_target, "deadband": args.deadband,
-                       "proportional": args.proportional}}
+                       "proportional": args.proportional, "measure_before_update": args.measure_before_update}}
     runs = interleaved(
         {
             "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
@@ -160,6 +163,7 @@ def main(argv=None) -> dict:
                frameon=False, fontsize=9)
     extras = [f"{k} {v:g}" for k, v in (("deadband", args.deadband), ("k_p", args.proportional)) if v]
     extras += ["hold until target"] if args.hold_until_target else []
+    extras += ["KL measured before the update"] if args.measure_before_update else []
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     fig.suptitle(f"{args.trainer} under a length-exploitable reward: fixed beta {args.beta:g} vs adaptive "
                  f"(target {target:g}, horizon {horizon:g} samples{', ' if extras else ''}{', '.join(extras)}), "

@@ -34,6 +34,9 @@ def recipe(out: Path) -> dict:
             {"type": "sft", "dataset": {"path": "task://arithmetic/sft", "n": 32},
              "args": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 1}},
             {"type": "grpo", "dataset": {"path": "task://arithmetic/rl", "n": 16},
+             # the KL measured before each update is reduced over the processes (checked on the first beta below)
+             "rails": {"kl": {"controller": "adaptive", "init_kl_coef": 0.05, "target": 0.01, "horizon": 8,
+                              "min_coef": 0.001, "measure_before_update": True}},
              "args": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 4,
                       "max_completion_length": 8, "logging_steps": 1, "save_steps": 1}},
             {"type": "rejection_sampling", "dataset": {"path": "task://arithmetic/rl", "n": 4},
@@ -82,6 +85,12 @@ def test_two_processes_match_single_process_layout(tmp_path):
     steps = [json.loads(line)["step"] for line in (multi / "stages/01-sft/log_history.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 2]
     assert layout(single) == layout(multi)
+    # GRPO's first beta, set from the KL of its own batch: KL = 0 (policy == reference) -> e = clip(0 / 0.01 - 1,
+    # -0.2, 0.2) = -0.2; beta = 0.05 * (1 - 0.2 * n / 8) with n the completions of all processes:
+    # one process, n = 4: 0.045; two processes, n = 2 x 4 = 8: 0.04 (0.045 would mean a per-process count)
+    for run, expected in ((single, 0.045), (multi, 0.04)):
+        grpo = [json.loads(line) for line in (run / "stages/02-grpo/log_history.jsonl").read_text().splitlines()]
+        assert grpo[0]["kl"] == 0.0 and grpo[0]["beta"] == pytest.approx(expected)
     s = json.loads((single / "manifest.json").read_text())
     assert [s["stages"][i]["launch"]["num_processes"] for i in (0, 1, 3, 4)] == [1, 1, 1, 1]
 

@@ -81,6 +81,10 @@ def test_from_any_reads_a_yaml_file(tmp_path):
         ({"kl": {"estimator": "k9"}}, r"rails\.kl\.estimator"),
         ({"kl": {"deadband": -0.5}}, r"rails\.kl\.deadband must be a finite number >= 0, got -0\.5"),
         ({"kl": {"proportional": -2}}, r"rails\.kl\.proportional must be a finite number >= 0, got -2"),
+        (
+            {"kl": {"measure_before_update": "yes"}},
+            r"rails\.kl\.measure_before_update must be true or false, got 'yes'",
+        ),
         ({"kl": {"hold_until_target": "yes"}}, r"rails\.kl\.hold_until_target must be true or false, got 'yes'"),
         ({"clip": {"low": 2.0, "high": 1.0}}, r"rails\.clip\.low must be <= rails\.clip\.high"),
         ({"clip": {"position": "middle"}}, r"rails\.clip\.position"),

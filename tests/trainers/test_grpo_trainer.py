@@ -138,6 +138,24 @@ def test_adaptive_beta_follows_ziegler_and_survives_a_checkpoint(tmp_path, tiny_
     assert step3["beta"] == pytest.approx(0.09936)  # continued from the checkpoint, not from init_kl_coef
 
 
+def test_kl_measured_before_the_update_sets_the_beta_of_the_same_step(tmp_path, tiny_debug_path):
+    rails = {"kl": {"controller": "adaptive", "init_kl_coef": 0.1, "target": 1e-3, "horizon": 10, "min_coef": 1e-3,
+                    "measure_before_update": True}}
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
+    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    # the same rule as above (n_steps / horizon = 0.4), but each step's beta comes from that step's own KL:
+    # step 1: kl = 0 (policy == reference) -> beta = 0.1 * (1 - 0.2 * 0.4) = 0.092 (above: 0.1 at step 1)
+    # step 2: kl = logs[1]["kl"] >> 1e-3    -> beta = 0.092 * 1.08 = 0.09936 (above: at step 3)
+    # step 3: kl = logs[2]["kl"] >> 1e-3    -> beta = 0.09936 * 1.08 = 0.1073088
+    assert logs[0]["kl"] == 0.0 and min(logs[1]["kl"], logs[2]["kl"]) > 2e-3
+    assert [h["beta"] for h in logs] == pytest.approx([0.092, 0.09936, 0.1073088])
+    # what the controller measured before the update is the KL GRPO logs for the update on the same batch
+    assert trainer.rails_wiring.kl_controller.last_kl == pytest.approx(logs[2]["kl"], rel=1e-5)
+    assert trainer.rails_wiring.kl_controller.n_updates == 3  # once per batch, not again at the step's end
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

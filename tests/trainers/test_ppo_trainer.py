@@ -280,6 +280,22 @@ def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restore
     assert logged(resumed, "beta")[-1] == pytest.approx(betas[2])
 
 
+def test_kl_measured_before_the_update_sets_the_beta_of_the_same_rollout(tmp_path, tiny_debug_path):
+    rails = {"kl": {"controller": "adaptive", "init_kl_coef": 0.1, "target": 1e-3, "horizon": 10, "min_coef": 1e-3,
+                    "measure_before_update": True}}
+    args = config(tmp_path, rails=rails, max_steps=2)
+    trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
+    trainer.train()
+    betas, kls = logged(trainer, "beta"), logged(trainer, "ppo/kl_seq")
+    # 4 sequences per rollout, horizon 10 -> n / horizon = 0.4; e = clip(KL / 1e-3 - 1, -0.2, 0.2)
+    # rollout 1: KL = 0 (policy == reference) -> beta = 0.1 * (1 - 0.2 * 0.4) = 0.092, already in its own penalty
+    # rollout 2: its own KL kls[1]             -> beta = 0.092 * (1 + 0.4 * e)
+    assert kls[0] == 0.0
+    e = min(max(kls[1] / 1e-3 - 1, -0.2), 0.2)
+    assert betas == pytest.approx([0.092, 0.092 * (1 + 0.4 * e)])
+    assert trainer.rails_wiring.kl_controller.n_updates == 2
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize(
     "overrides, field",

@@ -230,6 +230,10 @@ class KLConfig:
             -1, 1))` with `base` following the rule above (>= 0; 0: Ziegler's integral rule alone; Stooke et al.
             2020). Reacts to a KL jump at once and lets go once KL is back at the target, which damps overshoot.
         estimator: per-token KL estimator "k1", "k2", "k3"; null: the trainer's default (PPO k1, GRPO k3).
+        measure_before_update: set each update's beta from the KL of the batch it trains on, measured before the
+            update (GRPO: one more policy forward per rollout batch, without gradient, unless GRPO already computes
+            the rollout log-probabilities; PPO: no extra cost, the beta of a rollout's KL penalty follows that
+            rollout's KL). False: an update's beta comes from the KL measured in the previous update, a step late.
     """
 
     controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al. 2019)."})
@@ -251,6 +255,11 @@ class KLConfig:
                   "(0: Ziegler's integral rule alone; Stooke et al. 2020)."},
     )
     estimator: str | None = field(default=None, metadata={"help": "'k1', 'k2', 'k3'; null: the trainer's default."})
+    measure_before_update: bool = field(
+        default=False,
+        metadata={"help": "Set each update's beta from the KL of the batch it trains on, measured before the update "
+                  "(GRPO: one more policy forward per batch); false: from the previous update's KL, a step late."},
+    )
 
     def __post_init__(self) -> None:
         _check(self.controller in ("fixed", "adaptive"), "kl.controller", "'fixed' or 'adaptive'", self.controller)
@@ -266,6 +275,10 @@ class KLConfig:
         _check(isinstance(self.hold_until_target, bool), "kl.hold_until_target", "true or false", self.hold_until_target)
         _check_number("kl.deadband", self.deadband, ge=0)
         _check_number("kl.proportional", self.proportional, ge=0)
+        _check(
+            isinstance(self.measure_before_update, bool), "kl.measure_before_update", "true or false",
+            self.measure_before_update,
+        )
         if self.controller == "adaptive" and self.init_kl_coef is not None:
             bounds = f"[{self.min_coef}, {self.max_coef}]"
             _check(

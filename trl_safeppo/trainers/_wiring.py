@@ -90,9 +90,12 @@ class RailsWiring:
         kl_controller: an ``AdaptiveKLController`` / ``FixedKLController`` (``None``: ``beta`` stays as configured).
     """
 
-    def __init__(self, rails=None, kl_controller=None):
+    def __init__(self, rails=None, kl_controller=None, kl_before_update: bool = False):
         self.rails = rails
         self.kl_controller = kl_controller
+        # rails.kl.measure_before_update: the controller is fed from each new batch (update_kl_from_batch) instead of
+        # from the KL logged by the previous update (step_kl)
+        self.kl_before_update = bool(kl_before_update)
         self.trainer = None
         self.adjustment_index: int | None = None
         # The last scored batch over all processes: the RewardBatch the rails saw (raw rewards, lengths, truncated,
@@ -120,7 +123,7 @@ class RailsWiring:
         controller = rails.kl_controller
         if isinstance(controller, FixedKLController) and controller.value == 0:
             controller = None
-        return cls(rails=rails, kl_controller=controller)
+        return cls(rails=rails, kl_controller=controller, kl_before_update=config.kl.measure_before_update)
 
     @property
     def active(self) -> bool:
@@ -265,12 +268,54 @@ class RailsWiring:
         trainer._metrics["train"]["beta"].append(float(trainer.beta))
         finite = [v for v in self._kl_values if math.isfinite(v)]
         self._kl_values.clear()
-        if not finite:
+        if not finite or self.kl_before_update:  # then the controller is fed in update_kl_from_batch
             return
         args = trainer.args
         n_steps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self.kl_controller.update(sum(finite) / len(finite), n_steps)
         trainer.beta = float(self.kl_controller.value)
+
+    def update_kl_from_batch(self, trainer, output: dict) -> None:
+        """``rails.kl.measure_before_update``: feed the controller the KL of a new GRPO batch (the output of
+        ``_generate_and_score_completions``) before any update on it, and set ``trainer.beta`` for those updates.
+
+        The KL is GRPO's own: k3 of the current policy against the reference, averaged over the completion tokens of
+        all processes, i.e. what the first update on this batch will log as ``kl``. The policy's log-probabilities
+        are GRPO's ``old_per_token_logps`` when it computed them, else one forward without gradient.
+        """
+        if self.kl_controller is None or output.get("ref_per_token_logps") is None:
+            return
+        import torch
+
+        from trl.models.utils import disable_gradient_checkpointing
+
+        from ..rails.kl import kl_per_token
+
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        mask = completion_mask if output.get("tool_mask") is None else completion_mask * output["tool_mask"]
+        logps = output.get("old_per_token_logps")
+        if logps is None:
+            extra = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+                           if output.get(k) is not None)
+            if extra:
+                raise ValueError(
+                    f"rails.kl.measure_before_update=true measures the KL of text-only batches, but this batch has "
+                    f"{extra}; set measure_before_update to false for a vision-language model"
+                )
+            input_ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
+            attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
+            checkpointing_kwargs = trainer.args.gradient_checkpointing_kwargs
+            with torch.no_grad(), disable_gradient_checkpointing(trainer.model, checkpointing_kwargs):
+                logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                    trainer.model, input_ids, attention_mask, completion_ids.shape[1],
+                    batch_size=trainer.args.per_device_train_batch_size,
+                )
+        kl = kl_per_token(logps.float(), output["ref_per_token_logps"].float(), "k3", mask)
+        totals = torch.stack([kl.sum(), mask.sum().to(kl.dtype), torch.tensor(float(len(mask)), device=kl.device)])
+        kl_sum, n_tokens, n_samples = trainer.accelerator.reduce(totals, reduction="sum").tolist()
+        if n_tokens > 0:
+            self.kl_controller.update(kl_sum / n_tokens, int(n_samples))
+            trainer.beta = float(self.kl_controller.value)
 
     def set_beta(self, value: float) -> None:
         """Set the KL coefficient everywhere it lives (trainer and controller), e.g. for ``raise_kl``."""

@@ -54,3 +54,10 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
         )
         wiring.attach(self)
         add_tripwires(self, args, wiring)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        wiring = self.rails_wiring
+        if wiring is not None and wiring.kl_before_update and self.model.training:
+            wiring.update_kl_from_batch(self, output)
+        return output

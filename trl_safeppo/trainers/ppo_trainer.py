@@ -35,6 +35,7 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from ..models import resolve_model_path
+from ..rails.kl import kl_per_token, sequence_kl
 from ._wiring import RailsWiring, SafeRailsMixin
 from .tripwires import add_tripwires
 from .ppo_config import SafePPOConfig
@@ -326,6 +327,12 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         score = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1).to(mask_g.device)
         unscorable = (torch.isnan(rpf).all(dim=1).to(mask_g.device)) | ~torch.isfinite(score)
         empty = mask_g.sum(dim=1) == 0
+        before_update = self.rails_wiring.kl_before_update
+        if before_update and mode == "train" and ref_g is not None and (~empty).any():
+            # rails.kl.measure_before_update: this rollout's KL sets the beta of its own penalty
+            maskf = mask_g.to(old_g.dtype)
+            seq_kl = sequence_kl(kl_per_token(old_g, ref_g, kl_estimator(self.args), maskf), maskf)[~empty]
+            self.rails_wiring.update_kl(seq_kl.mean().item(), len(seq_kl))
         beta = float(self.beta) if ref_g is not None else 0.0
         targets = rollout_targets(
             score,
@@ -360,7 +367,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         store["ppo/returns/mean"].append(_masked_mean(targets.returns, targets.mask))
         store["ppo/val/explained_variance"].append(explained_variance(values_g, targets.returns, targets.mask))
 
-        if mode == "train" and ref_logps is not None:
+        if mode == "train" and ref_logps is not None and not before_update:
             finite = ~empty
             if finite.any():
                 self.rails_wiring.update_kl(seq_kl[finite].mean().item(), int(finite.sum().item()))
