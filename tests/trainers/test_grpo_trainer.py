@@ -156,6 +156,31 @@ def test_kl_measured_before_the_update_sets_the_beta_of_the_same_step(tmp_path, 
     assert trainer.rails_wiring.kl_controller.n_updates == 3  # once per batch, not again at the step's end
 
 
+def test_kl_before_the_update_costs_one_forward_per_batch_and_none_with_a_fixed_beta(tmp_path, tiny_debug_path):
+    adaptive = {"controller": "adaptive", "init_kl_coef": 0.1, "target": 1e-3, "horizon": 10, "min_coef": 1e-3}
+    fixed = {"controller": "fixed", "init_kl_coef": 0.1}
+    calls = {}
+    for name, kl in (("adaptive", adaptive), ("fixed", fixed)):
+        for before in (False, True):
+            rails = {"kl": {**kl, "measure_before_update": before}}
+            args = SafeGRPOConfig(output_dir=str(tmp_path / f"{name}{before}"), max_steps=2, save_strategy="no",
+                                  rails=rails, **COMMON)
+            trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args,
+                                      train_dataset=_dataset())
+            forward, count = trainer._get_per_token_logps_and_entropies, []
+
+            def counted(*a, _forward=forward, _count=count, **k):
+                _count.append(1)
+                return _forward(*a, **k)
+
+            trainer._get_per_token_logps_and_entropies = counted
+            trainer.train()
+            calls[name, before] = len(count)
+    # 2 steps: the measurement adds one policy forward per batch to an adaptive controller, none to a fixed beta
+    assert calls["adaptive", True] == calls["adaptive", False] + 2
+    assert calls["fixed", True] == calls["fixed", False]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

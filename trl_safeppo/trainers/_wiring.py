@@ -283,13 +283,15 @@ class RailsWiring:
         all processes, i.e. what the first update on this batch will log as ``kl``. The policy's log-probabilities
         are GRPO's ``old_per_token_logps`` when it computed them, else one forward without gradient.
         """
+        from ..rails.kl import FixedKLController, kl_per_token
+
         if self.kl_controller is None or output.get("ref_per_token_logps") is None:
+            return
+        if isinstance(self.kl_controller, FixedKLController):  # nothing to move: spare the forward
             return
         import torch
 
         from trl.models.utils import disable_gradient_checkpointing
-
-        from ..rails.kl import kl_per_token
 
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         mask = completion_mask if output.get("tool_mask") is None else completion_mask * output["tool_mask"]
