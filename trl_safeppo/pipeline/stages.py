@@ -14,7 +14,6 @@ anything that only the main process may do checks ``ctx.is_main``.
 
 from __future__ import annotations
 
-
 import json
 import os
 import shutil

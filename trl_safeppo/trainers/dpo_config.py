@@ -59,7 +59,6 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
         },
     )
 
-
     def __post_init__(self):
         super().__post_init__()
         coef = self.chosen_nll_coef

@@ -63,7 +63,6 @@ class SafeGRPOConfig(TripwireFields, GRPOConfig):
         },
     )
 
-
     def __post_init__(self):
         super().__post_init__()
         if self.rails is not None:

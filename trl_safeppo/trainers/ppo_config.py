@@ -198,7 +198,6 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
         default=False, metadata={"help": "Whiten per-token rewards before GAE (TRL PPOTrainer option, off)."}
     )
 
-
     def __post_init__(self) -> None:
         self._check_ppo_fields()
         validate_tripwire_fields(self)

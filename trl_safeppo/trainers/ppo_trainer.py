@@ -331,8 +331,8 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         if before_update and mode == "train" and ref_g is not None and (~empty).any():
             # rails.kl.measure_before_update: this rollout's KL sets the beta of its own penalty
             maskf = mask_g.to(old_g.dtype)
-            seq_kl = sequence_kl(kl_per_token(old_g, ref_g, kl_estimator(self.args), maskf), maskf)[~empty]
-            self.rails_wiring.update_kl(seq_kl.mean().item(), len(seq_kl))
+            rollout_kl = sequence_kl(kl_per_token(old_g, ref_g, kl_estimator(self.args), maskf), maskf)[~empty]
+            self.rails_wiring.update_kl(rollout_kl.mean().item(), len(rollout_kl))
         beta = float(self.beta) if ref_g is not None else 0.0
         targets = rollout_targets(
             score,
