@@ -57,6 +57,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--min-coef", type=float, default=1e-3,
                         help="adaptive controller: lower bound of beta (default 1e-3; equal to --beta: never below the start)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--lr-scheduler", default="linear", choices=["linear", "constant"],
+                        help="learning-rate schedule (default linear: decays to 0 over --steps, so the pressure "
+                        "fades; constant keeps it on for the whole run)")
     parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from the band check (steps // 4)")
     args = parser.parse_args(argv)
@@ -83,8 +86,9 @@ def main(argv=None) -> dict:
               "num_generations": 4 if args.trainer == "safe_grpo" else 1,
               "max_completion_length": args.max_completion_length, "learning_rate": args.learning_rate,
               "beta": args.beta}
+    shared["args"] = {"lr_scheduler_type": args.lr_scheduler}
     if args.trainer == "safe_ppo":
-        shared["args"] = {"num_iterations": 1}
+        shared["args"]["num_iterations"] = 1
     fixed = {"kl": {"controller": "fixed", "init_kl_coef": args.beta}}
     adaptive = {"kl": {"controller": "adaptive", "init_kl_coef": args.beta, "target": target,
                        "horizon": horizon, "min_coef": args.min_coef, "max_coef": 10.0,
@@ -167,7 +171,8 @@ def main(argv=None) -> dict:
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     fig.suptitle(f"{args.trainer} under a length-exploitable reward: fixed beta {args.beta:g} vs adaptive "
                  f"(target {target:g}, horizon {horizon:g} samples{', ' if extras else ''}{', '.join(extras)}), "
-                 f"lr {args.learning_rate:g}, seed {args.seed}", fontsize=10)
+                 f"lr {args.learning_rate:g} ({args.lr_scheduler}), {args.batch} completions per step, "
+                 f"seed {args.seed}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, args.out, "kl_control")
     write_json(args.out, "kl_control", {**result, "runs": runs})

@@ -107,6 +107,9 @@ def test_length_exploit_reward_by_hand():
         ("reward_hacking", ["--max-completion-length", "8"], "--max-completion-length=8"),
         ("kl_control", ["--target", "0"], "--target=0"),
         ("kl_control", ["--deadband", "-0.5"], "--deadband=-0.5"),
+        # argparse: "argument --lr-scheduler: invalid choice: 'cosine' (choose from linear, constant)"; the quoting
+        # of the choices differs between Python versions
+        ("kl_control", ["--lr-scheduler", "cosine"], "argument --lr-scheduler: invalid choice"),
         ("rails_overhead", ["--repeats", "0"], "--repeats=0"),
     ],
 )
