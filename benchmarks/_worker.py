@@ -41,7 +41,7 @@ def run(config: dict, output_dir: str) -> None:
     torch.set_num_threads(int(config.get("threads", torch.get_num_threads())))
     from benchmarks._harness import ModelTimer, emit, mark_imports_done, step_timer
     from trl_safeppo.models import resolve_model_path
-    from trl_safeppo.tasks.arithmetic import load_arithmetic
+    from trl_safeppo.tasks.arithmetic import RL_SIZE, load_arithmetic
 
     kind = config["trainer"]
     steps = int(config["steps"])
@@ -87,8 +87,6 @@ def run(config: dict, output_dir: str) -> None:
     reward_funcs, reward_weights = build_reward(config.get("reward", "arithmetic"))
     if reward_weights is not None:
         common["reward_weights"] = reward_weights
-    from trl_safeppo.tasks.arithmetic import RL_SIZE
-
     # more prompts than the run consumes (a batch holds batch / num_generations of them), at most the whole split
     dataset = load_arithmetic("rl", n=min(batch * steps * 2, RL_SIZE), seed=int(config.get("seed", 0)))
     model = resolve_model_path(config.get("model", "tiny://debug"))

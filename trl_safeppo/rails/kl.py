@@ -134,7 +134,7 @@ class AdaptiveKLController:
         )
         if finite:  # a non-finite KL leaves beta as it was (the non-finite tripwire reports it)
             error = min(max(current_kl / self.target - 1.0, -1.0), 1.0)
-            factor = math.exp(self.proportional * error) if self.proportional > 0 else 1.0
+            factor = math.exp(self.proportional * error)  # exactly 1 for k_p = 0: Ziegler's rule alone
             self.value = min(max(self.base * factor, self.min_coef), self.max_coef)
         self.n_updates += 1
         self.last_kl = current_kl if finite else None
