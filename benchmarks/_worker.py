@@ -26,6 +26,51 @@ def build_reward(name: str):
     raise ValueError(f"reward={name!r}: accepted are 'arithmetic', 'length_exploit', 'reward_model:<path>'")
 
 
+def exact_kl(policy_logits, ref_logits, mask):
+    """Mean over the masked positions of the exact KL(pi || pi_ref) of the next-token distributions, summed over the
+    whole vocabulary: `sum_v pi(v) (log pi(v) - log pi_ref(v))` at each position, no token sampled.
+
+    Args:
+        policy_logits, ref_logits: `(B, T, V)` next-token logits of the policy and the reference.
+        mask: `(B, T)` 1 on the positions to average over (the completion tokens).
+
+    The per-token estimators (rails.kl: k1, k3) average one sampled token's term per position; their mean over a
+    batch has the same expectation but carries the sampling spread of the tokens, and k3's is heavy-tailed (it grows
+    like pi_ref / pi on a token the policy made unlikely). This one keeps only the spread over the contexts.
+    """
+    logp, ref_logp = policy_logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
+    per_position = (logp.exp() * (logp - ref_logp)).sum(-1)
+    maskf = mask.to(per_position.dtype)
+    return float((per_position * maskf).sum() / maskf.sum().clamp(min=1.0))
+
+
+def with_exact_kl(trainer_cls):
+    """A subclass of the GRPO-based `trainer_cls` that also logs `kl/exact` (see `exact_kl`) for every new batch,
+    measured before any update on it (the policy that sampled the batch against the reference): the benchmark's
+    low-noise view of the KL the controller is steering. Costs one policy and one reference forward per batch."""
+
+    class ExactKL(trainer_cls):
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            if self.ref_model is not None:
+                import torch
+
+                ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+                attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+                n = output["completion_ids"].shape[1]  # logits at positions P-1 .. P+n-2 predict the completion
+
+                def logits(model):
+                    return model(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1] / self.temperature
+
+                with torch.no_grad():
+                    value = exact_kl(logits(self.model), logits(self.ref_model), output["completion_mask"])
+                self._metrics["train"]["kl/exact"].append(value)
+            return output
+
+    ExactKL.__name__ = ExactKL.__qualname__ = f"ExactKL{trainer_cls.__name__}"
+    return ExactKL
+
+
 def main(config: dict) -> None:
     import tempfile
 
@@ -81,6 +126,8 @@ def run(config: dict, output_dir: str) -> None:
     else:
         raise ValueError(f"trainer={kind!r}: accepted are 'grpo', 'safe_grpo', 'safe_ppo'")
 
+    if config.get("exact_kl"):
+        Trainer = with_exact_kl(Trainer)
     import transformers.trainer  # noqa: F401  (imported by every trainer above; named so both workers match)
 
     mark_imports_done()

@@ -16,6 +16,12 @@ below the band with beta already at its floor is not one the controller can fix 
 floor the policy is not being held back), so the table also counts the steps where control failed: above the band,
 or below it while beta is above its floor (over-restraint). Goal: adaptive keeps KL inside the band after warm-up,
 where fixed beta drifts out of it.
+
+The per-step KL is GRPO's logged `kl`, the batch mean of the k3 estimate, one sampled token per position: its
+spread includes the sampling of the tokens, heavy-tailed for k3 (one token the policy made unlikely can carry a
+batch). SafeGRPO runs here also log `kl/exact`, the KL of the same batch summed over the whole vocabulary at each
+position (benchmarks._worker.exact_kl; two extra forwards per step, no effect on training), and the table reports
+the share in band by that measure too: what is left outside it is the policy's own movement.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ def _series(run: dict, key: str) -> list[float]:
 # nats per sequence; its `kl` is per token), SafeGRPO the per-token `kl` of each step.
 KL_KEY = {"safe_ppo": "ppo/kl_seq", "safe_grpo": "kl"}
 KL_UNIT = {"safe_ppo": "nats per sequence", "safe_grpo": "per token (k3)"}
+# SafeGRPO runs also log the exact KL of each new batch (benchmarks._worker.exact_kl: summed over the vocabulary at
+# every completion position, so without k3's token-sampling spread); same unit and expectation as `kl`.
+EXACT_KEY = "kl/exact"
 DEFAULT_TARGET = {"safe_ppo": 4.0, "safe_grpo": 0.5}
 
 
@@ -55,11 +64,15 @@ def main(argv=None) -> dict:
                         help="set each update's beta from the KL of its own batch, measured before the update "
                         "(rails.kl.measure_before_update; default: from the previous update's KL)")
     parser.add_argument("--min-coef", type=float, default=1e-3,
-                        help="adaptive controller: lower bound of beta (default 1e-3; equal to --beta: never below the start)")
+                        help="adaptive controller: lower bound of beta (default 1e-3; equal to --beta: never below "
+                        "the start)")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--lr-scheduler", default="linear", choices=["linear", "constant"],
                         help="learning-rate schedule (default linear: decays to 0 over --steps, so the pressure "
                         "fades; constant keeps it on for the whole run)")
+    parser.add_argument("--adam-beta1", type=float, default=0.9,
+                        help="Adam's first-moment decay (default 0.9, the trainers' default): the optimizer's "
+                        "momentum, which carries each update's direction into the next ones")
     parser.add_argument("--max-completion-length", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from the band check (steps // 4)")
     args = parser.parse_args(argv)
@@ -78,6 +91,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--proportional={args.proportional}: must be >= 0 (0: Ziegler's rule alone)")
     if not args.deadband >= 0:
         raise SystemExit(f"--deadband={args.deadband}: must be >= 0 (0.5 holds beta inside [0.5, 1.5] x target)")
+    if not 0 <= args.adam_beta1 < 1:
+        raise SystemExit(f"--adam-beta1={args.adam_beta1}: must be in [0, 1) (0: no momentum; default 0.9)")
     warmup = args.warmup if args.warmup is not None else args.steps // 4
     if not 0 <= warmup < args.steps:
         raise SystemExit(f"--warmup={warmup}: must be in [0, --steps={args.steps})")
@@ -86,7 +101,9 @@ def main(argv=None) -> dict:
               "num_generations": 4 if args.trainer == "safe_grpo" else 1,
               "max_completion_length": args.max_completion_length, "learning_rate": args.learning_rate,
               "beta": args.beta}
-    shared["args"] = {"lr_scheduler_type": args.lr_scheduler}
+    shared["args"] = {"lr_scheduler_type": args.lr_scheduler, "adam_beta1": args.adam_beta1}
+    if args.trainer == "safe_grpo":  # log `kl/exact` too: the band check without the token-sampling spread
+        shared["exact_kl"] = True
     if args.trainer == "safe_ppo":
         shared["args"]["num_iterations"] = 1
     fixed = {"kl": {"controller": "fixed", "init_kl_coef": args.beta}}
@@ -114,17 +131,22 @@ def main(argv=None) -> dict:
             restrained += [k < 0.5 * target and b > floors[name] * (1 + 1e-9) for k, b in zip(kl, beta)]
         n = max(1, len(kls))
         inside = sum(0.5 * target <= k <= 1.5 * target for k in kls) / n
+        exact = [k for r in rs for k in _series(r, EXACT_KEY)[warmup:]]
+        inside_exact = sum(0.5 * target <= k <= 1.5 * target for k in exact) / len(exact) if exact else None
         over, over_restrained = sum(above) / n, sum(restrained) / n
         below, failed = 1 - inside - over, over + over_restrained
         s = stats(kls)
         result[name] = {"kl_after_warmup": s, "share_in_band": inside, "share_above_band": over,
                         "share_below_band": below, "share_over_restrained": over_restrained,
-                        "share_control_failed": failed}
+                        "share_control_failed": failed, "share_in_band_exact": inside_exact,
+                        "exact_kl_after_warmup": stats(exact) if exact else None}
         rows.append((name, f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]", f"{s['median'] / target:.2f}",
-                     f"{100 * inside:.0f}%", f"{100 * over:.0f}%", f"{100 * below:.0f}%", f"{100 * failed:.0f}%"))
+                     f"{100 * inside:.0f}%", f"{100 * over:.0f}%", f"{100 * below:.0f}%", f"{100 * failed:.0f}%",
+                     "-" if inside_exact is None else f"{100 * inside_exact:.0f}%"))
     print_table(f"KL control: {KL_KEY[args.trainer]} ({KL_UNIT[args.trainer]}), target {target:g}, steps after "
                 f"warm-up ({warmup})", rows,
-                ("beta", "KL median [min, max]", "median/target", "in band", "above", "below", "control failed"))
+                ("beta", "KL median [min, max]", "median/target", "in band", "above", "below", "control failed",
+                 "in band (exact KL)"))
     ok, drift = result["adaptive"]["share_in_band"], result["fixed"]["share_in_band"]
     held = 1 - result["adaptive"]["share_control_failed"]
     met = ok >= 0.9 and drift < 0.5  # reading of the goal: nearly all adaptive steps in band, fixed mostly out
@@ -134,6 +156,10 @@ def main(argv=None) -> dict:
           f"(fixed beta: {100 * drift:.0f}%); met when >= 90% while fixed < 50% -> {'met' if met else 'NOT met'}")
     print(f"where control can act (not counting steps below the band with beta at its floor): "
           f"{100 * held:.0f}% held -> {'met' if result['goal_met_where_control_can_act'] else 'NOT met'}")
+    if result["adaptive"]["share_in_band_exact"] is not None:
+        exact_ok, exact_drift = result["adaptive"]["share_in_band_exact"], result["fixed"]["share_in_band_exact"]
+        print(f"exact KL of each batch (no token-sampling spread): {100 * exact_ok:.0f}% of adaptive steps in band "
+              f"(fixed beta: {100 * exact_drift:.0f}%)")
 
     import matplotlib
 
@@ -146,6 +172,10 @@ def main(argv=None) -> dict:
         kl = _series(run, KL_KEY[args.trainer])
         steps = range(1, len(kl) + 1)
         ax_kl.plot(steps, kl, color=color, label=f"{name} beta", lw=1.4)
+        exact = _series(run, EXACT_KEY)
+        if exact:
+            ax_kl.plot(range(1, len(exact) + 1), exact, color=color, ls="--", lw=0.9,
+                       label=f"{name} beta, exact KL (no token sampling)")
         beta = _series(run, "beta")
         ax_beta.plot(range(1, len(beta) + 1), beta, color=color, label=name, lw=1.4)
         length = _series(run, "completions/mean_length")
@@ -169,6 +199,7 @@ def main(argv=None) -> dict:
     extras += ["hold until target"] if args.hold_until_target else []
     extras += ["KL measured before the update"] if args.measure_before_update else []
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
+    extras += [f"Adam beta1 {args.adam_beta1:g}"] if args.adam_beta1 != 0.9 else []
     fig.suptitle(f"{args.trainer} under a length-exploitable reward: fixed beta {args.beta:g} vs adaptive "
                  f"(target {target:g}, horizon {horizon:g} samples{', ' if extras else ''}{', '.join(extras)}), "
                  f"lr {args.learning_rate:g} ({args.lr_scheduler}), {args.batch} completions per step, "

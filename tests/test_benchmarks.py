@@ -107,6 +107,7 @@ def test_length_exploit_reward_by_hand():
         ("reward_hacking", ["--max-completion-length", "8"], "--max-completion-length=8"),
         ("kl_control", ["--target", "0"], "--target=0"),
         ("kl_control", ["--deadband", "-0.5"], "--deadband=-0.5"),
+        ("kl_control", ["--adam-beta1", "1"], "--adam-beta1=1.0"),
         # argparse: "argument --lr-scheduler: invalid choice: 'cosine' (choose from linear, constant)"; the quoting
         # of the choices differs between Python versions
         ("kl_control", ["--lr-scheduler", "cosine"], "argument --lr-scheduler: invalid choice"),
@@ -147,3 +148,54 @@ def test_sft_warm_start_keeps_a_real_model_id():
     # only tiny:// models get the embedded SFT pass; a Hub id is taken as already instruction-tuned
     cli = argparse.Namespace(model="Qwen/Qwen2.5-0.5B-Instruct", seed=0)
     assert h.sft_warm_start(cli) == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_exact_kl_by_hand():
+    import math
+
+    import torch
+
+    from benchmarks._worker import exact_kl
+
+    # position 0: pi = softmax(0, 0) = (1/2, 1/2), pi_ref = softmax(0, ln 3) = (1/4, 3/4):
+    #   KL = 1/2 ln((1/2)/(1/4)) + 1/2 ln((1/2)/(3/4)) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = 0.143841
+    # position 1: pi = pi_ref, KL = 0; position 2 is masked out (its logits would give a large KL)
+    policy = torch.tensor([[[0.0, 0.0], [1.0, 2.0], [9.0, -9.0]]])
+    ref = torch.tensor([[[0.0, math.log(3.0)], [1.0, 2.0], [-9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert exact_kl(policy, ref, mask) == pytest.approx(0.5 * math.log(4 / 3) / 2, rel=1e-6)  # mean of 0.1438, 0
+    assert exact_kl(policy, policy, torch.ones(1, 3)) == pytest.approx(0.0, abs=1e-7)
+
+
+class _CharLength:
+    """Reward = completion length in characters: differs between completions, so advantages are non-zero."""
+
+    __name__ = "char_length"
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [float(len(c[0]["content"])) for c in completions]
+
+
+def test_exact_kl_trainer_logs_each_batch_and_trains_identically(tmp_path, tiny_debug_path):
+    from datasets import Dataset
+
+    from benchmarks._worker import with_exact_kl
+    from trl_safeppo import SafeGRPOConfig, SafeGRPOTrainer
+
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(16)]})
+    logs = {}
+    for name, cls in (("plain", SafeGRPOTrainer), ("exact", with_exact_kl(SafeGRPOTrainer))):
+        args = SafeGRPOConfig(output_dir=str(tmp_path / name), max_steps=3, save_strategy="no", logging_steps=1,
+                              per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+                              learning_rate=1e-2, beta=0.1, seed=0, report_to="none", use_cpu=True, rails={})
+        trainer = cls(model=tiny_debug_path, reward_funcs=_CharLength(), args=args, train_dataset=dataset)
+        trainer.train()
+        logs[name] = [h for h in trainer.state.log_history if "loss" in h]
+    keys = ("loss", "kl", "reward", "grad_norm")
+    # the two extra forwards run without gradient and draw no random numbers: training is unchanged
+    assert [{k: h[k] for k in keys} for h in logs["exact"]] == [{k: h[k] for k in keys} for h in logs["plain"]]
+    exact = [h["kl/exact"] for h in logs["exact"]]
+    # the first batch is sampled before any update, when the policy is the reference: KL 0 (float noise only);
+    # after an update at lr 1e-2 the policy has moved (its k3 `kl` is > 0 too), and a KL is never negative
+    assert exact[0] == pytest.approx(0.0, abs=1e-6)
+    assert logs["exact"][-1]["kl"] > 0 and exact[-1] > 1e-6
