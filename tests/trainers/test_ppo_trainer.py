@@ -308,6 +308,7 @@ def test_kl_measured_before_the_update_sets_the_beta_of_the_same_rollout(tmp_pat
         ({"vf_coef": 0.0}, "vf_coef"),
         ({"critic_warmup_steps": -1}, "critic_warmup_steps"),
         ({"critic_gradient_checkpointing": "yes"}, "critic_gradient_checkpointing"),
+        ({"critic_gradient_checkpointing": 1}, "critic_gradient_checkpointing"),  # 1 == True, but not a bool
         ({"kl_estimator": "k4"}, "kl_estimator"),
         ({"importance_sampling_level": "sequence"}, "importance_sampling_level"),
         ({"rails": 3}, "rails"),

@@ -277,7 +277,8 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
             raise bad("cliprange_value", self.cliprange_value, "use a positive clip range")
         if self.critic_learning_rate is not None and not self.critic_learning_rate > 0:
             raise bad("critic_learning_rate", self.critic_learning_rate, "use a positive learning rate, or None")
-        if self.critic_gradient_checkpointing not in (None, True, False):
+        # a bool or None, not 0 / 1 (which `in (None, True, False)` would let through)
+        if not (self.critic_gradient_checkpointing is None or isinstance(self.critic_gradient_checkpointing, bool)):
             raise bad(
                 "critic_gradient_checkpointing", self.critic_gradient_checkpointing,
                 "use true, false, or None (follow gradient_checkpointing)",
