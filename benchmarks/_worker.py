@@ -47,7 +47,8 @@ def exact_kl(policy_logits, ref_logits, mask):
 def with_exact_kl(trainer_cls):
     """A subclass of the GRPO-based `trainer_cls` that also logs `kl/exact` (see `exact_kl`) for every new batch,
     measured before any update on it (the policy that sampled the batch against the reference): the benchmark's
-    low-noise view of the KL the controller is steering. Costs one policy and one reference forward per batch."""
+    low-noise view of the KL the controller is steering. Costs one policy and one reference forward per batch.
+    The value is this process's batch (the benchmarks run one process)."""
 
     class ExactKL(trainer_cls):
         def _generate_and_score_completions(self, inputs):
@@ -64,7 +65,7 @@ def with_exact_kl(trainer_cls):
 
                 with torch.no_grad():
                     value = exact_kl(logits(self.model), logits(self.ref_model), output["completion_mask"])
-                self._metrics["train"]["kl/exact"].append(value)
+                self._metrics["train" if self.model.training else "eval"]["kl/exact"].append(value)
             return output
 
     ExactKL.__name__ = ExactKL.__qualname__ = f"ExactKL{trainer_cls.__name__}"
