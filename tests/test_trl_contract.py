@@ -221,6 +221,25 @@ def test_grpo_attributes_read_by_the_wiring():
     )
 
 
+def test_optimizer_step_is_bracketed_by_callbacks_and_batches_come_from_prepare_inputs():
+    loop = inspect.getsource(inspect.getmodule(Trainer))
+    pre, step, post = (
+        "self.callback_handler.on_pre_optimizer_step(", "self.optimizer.step()", "self.callback_handler.on_optimizer_step("
+    )
+    require(
+        pre in loop and step in loop and post in loop and loop.index(pre) < loop.index(step) < loop.index(post),
+        "the Trainer loop calling on_pre_optimizer_step, optimizer.step(), on_optimizer_step in that order",
+        WIRING + " (rails.kl.max_kl: KLTrustRegion copies the weights before the step and scales it back after)",
+    )
+    require(
+        params(GRPOTrainer._prepare_inputs) == ["self", "generation_batch"]
+        and "inputs = self._buffered_inputs[self._step % self.args.steps_per_generation]"
+        in source(GRPOTrainer._prepare_inputs),
+        "GRPOTrainer._prepare_inputs returning the micro-batch each training_step trains on",
+        WIRING + " (rails.kl.max_kl collects the micro-batches of each optimizer step there)",
+    )
+
+
 def test_trainer_logs_before_callbacks_and_has_output_dir_helper():
     src = source(Trainer.log)
     require(

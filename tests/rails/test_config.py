@@ -85,6 +85,13 @@ def test_from_any_reads_a_yaml_file(tmp_path):
             {"kl": {"measure_before_update": "yes"}},
             r"rails\.kl\.measure_before_update must be true or false, got 'yes'",
         ),
+        ({"kl": {"max_kl": 0}}, r"rails\.kl\.max_kl must be null or a finite number > 0, got 0"),
+        (
+            {"kl": {"controller": "adaptive", "target": 0.5, "max_kl": 0.4}},
+            r"rails\.kl\.max_kl must be >= kl\.target \(0\.5\).*got 0\.4",
+        ),
+        ({"kl": {"max_kl": 1.0, "max_kl_backtracks": 1.5}}, r"rails\.kl\.max_kl_backtracks must be an integer >= 0"),
+        ({"kl": {"max_kl": 1.0, "max_kl_backtracks": -1}}, r"rails\.kl\.max_kl_backtracks must be an integer >= 0"),
         ({"kl": {"hold_until_target": "yes"}}, r"rails\.kl\.hold_until_target must be true or false, got 'yes'"),
         ({"clip": {"low": 2.0, "high": 1.0}}, r"rails\.clip\.low must be <= rails\.clip\.high"),
         ({"clip": {"position": "middle"}}, r"rails\.clip\.position"),

@@ -181,6 +181,102 @@ def test_kl_before_the_update_costs_one_forward_per_batch_and_none_with_a_fixed_
     assert calls["fixed", True] == calls["fixed", False]
 
 
+def _params(model):
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_kl_trust_region_that_never_binds_changes_nothing(tmp_path, tiny_debug_path):
+    kl = {"controller": "fixed", "init_kl_coef": 0.1}
+    _, plain = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "plain", rails={"kl": kl})
+    capped, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "capped",
+                          rails={"kl": {**kl, "max_kl": 1e9}})
+    keys = ("loss", "reward", "kl", "entropy", "completions/mean_length", "grad_norm")
+    assert [{k: h[k] for k in keys} for h in logs] == [{k: h[k] for k in keys} for h in plain]
+    assert plain[-1]["kl"] > 0
+    assert [h["kl/trust_region/scale"] for h in logs] == [1.0, 1.0, 1.0]
+    assert [h["kl/trust_region/backtracks"] for h in logs] == [0.0, 0.0, 0.0]
+    # the trust region's KL before the step is GRPO's own `kl` of that step (the same batch, the same policy)
+    assert [h["kl/trust_region/kl_before"] for h in logs] == pytest.approx([h["kl"] for h in logs], rel=1e-5)
+    # and the KL after a step is the next step's starting point: positive once the policy has moved
+    assert all(h["kl/trust_region/kl_after"] > 0 for h in logs)
+    assert capped.rails_wiring.trust_region.batches == []  # nothing held between steps
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "metrics.md")).read()
+    added = sorted({k for h in logs for k in h if k.startswith("kl/trust_region/")})
+    assert len(added) == 4 and all(f"`{k}`" in docs for k in added), added
+
+
+def test_kl_trust_region_undoes_every_update_that_raises_kl(tmp_path, tiny_debug_path):
+    # The policy starts at the reference (KL 0). A cap of 1e-12 with no halvings allowed: any step moves KL off 0,
+    # so every update is undone and the policy never leaves the reference: KL stays 0, the weights stay as loaded.
+    rails = {"kl": {"controller": "fixed", "init_kl_coef": 0.1, "max_kl": 1e-12, "max_kl_backtracks": 0}}
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
+    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    before = _params(trainer.model)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["kl"] for h in logs] == [0.0, 0.0, 0.0]
+    assert [h["kl/trust_region/scale"] for h in logs] == [0.0, 0.0, 0.0]
+    assert [h["kl/trust_region/backtracks"] for h in logs] == [1.0, 1.0, 1.0]  # 0 halvings + the undo
+    assert all(h["grad_norm"] > 0 for h in logs)  # there were updates to undo
+    for p, q in zip(before, _params(trainer.model), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+
+
+def test_kl_trust_region_leaves_the_weights_at_the_accepted_fraction_of_the_step(tmp_path, tiny_debug_path,
+                                                                                 monkeypatch):
+    # A cap the steps of lr 1e-2 exceed (step 1 takes KL from 0 to ~0.02 on this batch): the line search halves.
+    # Whatever scale s it accepts, the weights must end at theta_old + s * (theta_new - theta_old).
+    import trl_safeppo.rails.kl as kl_module
+    from transformers import TrainerCallback
+
+    seen = []
+    real = kl_module.kl_line_search
+
+    def spy(kl_at, max_kl, kl_before, max_backtracks):
+        new = _params(trainer.model)  # the search starts at the whole step: theta_new
+        result = real(kl_at, max_kl, kl_before, max_backtracks)
+        seen.append({"new": new, "result": result, "kl_before": kl_before})
+        return result
+
+    class Weights(TrainerCallback):  # runs after the trust region (registered later)
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen.append({"old": _params(trainer.model)})
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            seen[-1]["final"] = _params(trainer.model)
+
+    monkeypatch.setattr(kl_module, "kl_line_search", spy)
+    rails = {"kl": {"controller": "fixed", "init_kl_coef": 0.1, "max_kl": 2e-3, "max_kl_backtracks": 6}}
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
+    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    trainer.add_callback(Weights())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    steps = [{**seen[i], **seen[i + 1]} for i in range(0, len(seen), 2)]
+    assert len(steps) == 3
+    scales = [step["result"][0] for step in steps]
+    assert any(0 < s < 1 for s in scales), scales  # the cap bound and a partial step was taken
+    for step, log in zip(steps, logs, strict=True):
+        scale, kl_after, _ = step["result"]
+        for old, new, final in zip(step["old"], step["new"], step["final"], strict=True):
+            torch.testing.assert_close(final, old + scale * (new - old), rtol=0, atol=1e-6)
+        assert kl_after <= max(2e-3, step["kl_before"])  # the accepted KL is within the bound
+        assert (log["kl/trust_region/scale"], log["kl/trust_region/kl_after"]) == pytest.approx((scale, kl_after))
+
+
+def test_kl_trust_region_configuration_errors(tmp_path, tiny_debug_path):
+    from trl_safeppo import SafePPOConfig
+
+    # no KL term, no reference model: nothing to bound
+    with pytest.raises(ValueError, match=r"rails\.kl\.max_kl=0\.5 bounds the KL .* coefficient is 0"):
+        args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, beta=0.0, rails={"kl": {"max_kl": 0.5}},
+                              **COMMON)
+        SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    # PPO: refused at configuration time, with the alternative named
+    with pytest.raises(ValueError, match=r"SafePPOConfig\.rails\.kl\.max_kl=0\.5 is invalid: .*kl_limit"):
+        SafePPOConfig(output_dir=str(tmp_path), rails={"kl": {"max_kl": 0.5}}, use_cpu=True, report_to="none")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -234,6 +234,13 @@ class KLConfig:
             update (GRPO: one more policy forward per rollout batch, without gradient, unless GRPO already computes
             the rollout log-probabilities; PPO: no extra cost, the beta of a rollout's KL penalty follows that
             rollout's KL). False: an update's beta comes from the KL measured in the previous update, a step late.
+        max_kl: a trust region on the KL to the reference, in the unit of `target` (GRPO only; > 0, and >= target
+            with the adaptive controller; null: off). After every optimizer step, if the KL of the batch just
+            trained on now exceeds `max_kl`, the update is scaled back (`theta_old + s * (theta_new - theta_old)`,
+            s = 1/2, 1/4, ...) until it does not, or undone after `max_kl_backtracks` halvings; an update that
+            lowers KL always passes. The penalty steers; this is the hard limit it cannot give. Costs one extra copy
+            of the trainable parameters and 2 to `max_kl_backtracks + 2` policy forwards without gradient per step.
+        max_kl_backtracks: halvings of the step the `max_kl` line search tries before undoing the update (>= 0).
     """
 
     controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al. 2019)."})
@@ -261,6 +268,15 @@ class KLConfig:
                   "(GRPO: one more policy forward per batch); false: from the previous update's KL, a step late."},
     )
 
+    max_kl: float | None = field(
+        default=None,
+        metadata={"help": "Trust region (GRPO): after each optimizer step, an update that takes the trained batch's "
+                  "KL past max_kl is scaled back by halves, or undone; unit of `target`; null: off."},
+    )
+    max_kl_backtracks: int = field(
+        default=4, metadata={"help": "Halvings of the step the max_kl line search tries before undoing the update."}
+    )
+
     def __post_init__(self) -> None:
         _check(self.controller in ("fixed", "adaptive"), "kl.controller", "'fixed' or 'adaptive'", self.controller)
         _check(self.estimator in (None, "k1", "k2", "k3"), "kl.estimator", "null, 'k1', 'k2' or 'k3'", self.estimator)
@@ -279,6 +295,18 @@ class KLConfig:
             isinstance(self.measure_before_update, bool), "kl.measure_before_update", "true or false",
             self.measure_before_update,
         )
+        _check_number("kl.max_kl", self.max_kl, gt=0, nullable=True)
+        _check(
+            isinstance(self.max_kl_backtracks, int) and not isinstance(self.max_kl_backtracks, bool)
+            and self.max_kl_backtracks >= 0,
+            "kl.max_kl_backtracks", "an integer >= 0 (0: keep the whole update or undo it)", self.max_kl_backtracks,
+        )
+        if self.controller == "adaptive" and self.max_kl is not None:
+            _check(
+                self.max_kl >= self.target, "kl.max_kl",
+                f">= kl.target ({self.target}): the trust region caps KL above the target the controller steers to "
+                "(for example 1.3 x target)", self.max_kl,
+            )
         if self.controller == "adaptive" and self.init_kl_coef is not None:
             bounds = f"[{self.min_coef}, {self.max_coef}]"
             _check(

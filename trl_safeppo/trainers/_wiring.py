@@ -12,6 +12,8 @@ is copied. The pieces:
 - :class:`RailsWiring`: the state holder (reward rails, KL controller), ``apply`` (rewards -> :class:`RewardBatch`
   -> rails -> rewards_per_func), the per-optimizer-step KL update of ``trainer.beta``, checkpoint save / load, and
   the rollback snapshot used by the tripwires.
+- :class:`KLTrustRegion` (``rails.kl.max_kl``): around every optimizer step, scales the update back until the KL
+  of the batch it trained on is within the cap (a backtracking line search, :func:`rails.kl.kl_line_search`).
 - :class:`SafeRailsMixin`: the GRPOTrainer method overrides that call the wiring. ``class X(SafeRailsMixin,
   GRPOTrainer)`` gets rails, adaptive KL and checkpointed rail state; with no rails configured every override is a
   pass-through, so training is exactly GRPOTrainer's.
@@ -90,9 +92,11 @@ class RailsWiring:
         kl_controller: an ``AdaptiveKLController`` / ``FixedKLController`` (``None``: ``beta`` stays as configured).
     """
 
-    def __init__(self, rails=None, kl_controller=None, kl_before_update: bool = False):
+    def __init__(self, rails=None, kl_controller=None, kl_before_update: bool = False, trust_region=None):
         self.rails = rails
         self.kl_controller = kl_controller
+        # rails.kl.max_kl: a KLTrustRegion run around every optimizer step, or None
+        self.trust_region = trust_region
         # rails.kl.measure_before_update: the controller is fed from each new batch (update_kl_from_batch) instead of
         # from the KL logged by the previous update (step_kl)
         self.kl_before_update = bool(kl_before_update)
@@ -123,7 +127,17 @@ class RailsWiring:
         controller = rails.kl_controller
         if isinstance(controller, FixedKLController) and controller.value == 0:
             controller = None
-        return cls(rails=rails, kl_controller=controller, kl_before_update=config.kl.measure_before_update)
+        trust_region = None
+        if config.kl.max_kl is not None:
+            if controller is None:
+                raise ValueError(
+                    f"rails.kl.max_kl={config.kl.max_kl!r} bounds the KL to the reference model, but the KL "
+                    "coefficient is 0, so GRPO loads no reference model; set rails.kl.init_kl_coef (or the trainer's "
+                    "beta) > 0, or rails.kl.max_kl to null"
+                )
+            trust_region = KLTrustRegion(config.kl.max_kl, config.kl.max_kl_backtracks)
+        return cls(rails=rails, kl_controller=controller, kl_before_update=config.kl.measure_before_update,
+                   trust_region=trust_region)
 
     @property
     def active(self) -> bool:
@@ -187,6 +201,14 @@ class RailsWiring:
         if self.kl_controller is not None:
             trainer.beta = float(self.kl_controller.value)
             trainer.add_callback(_KLStepCallback(self))
+        if self.trust_region is not None:
+            if getattr(trainer, "is_deepspeed_enabled", False):
+                raise ValueError(
+                    f"rails.kl.max_kl={self.trust_region.max_kl!r} cannot run under DeepSpeed: DeepSpeed steps the "
+                    "optimizer inside backward, so there is no point between the step and the next batch to scale "
+                    "it back; use DDP or FSDP, or set rails.kl.max_kl to null"
+                )
+            trainer.add_callback(_KLTrustRegionCallback(self))
 
     # ------------------------------------------------------------------ rewards
     def reward_batch(self, trainer, raw_rewards, completion_ids_list, mode: str):
@@ -291,27 +313,10 @@ class RailsWiring:
             return
         import torch
 
-        from trl.models.utils import disable_gradient_checkpointing
-
-        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        mask = completion_mask if output.get("tool_mask") is None else completion_mask * output["tool_mask"]
+        mask = kl_mask(output)
         logps = output.get("old_per_token_logps")
         if logps is None:
-            extra = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
-                           if output.get(k) is not None)
-            if extra:
-                raise ValueError(
-                    f"rails.kl.measure_before_update=true measures the KL of text-only batches, but this batch has "
-                    f"{extra}; set measure_before_update to false for a vision-language model"
-                )
-            input_ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
-            attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
-            checkpointing_kwargs = trainer.args.gradient_checkpointing_kwargs
-            with torch.no_grad(), disable_gradient_checkpointing(trainer.model, checkpointing_kwargs):
-                logps, _, _ = trainer._get_per_token_logps_and_entropies(
-                    trainer.model, input_ids, attention_mask, completion_ids.shape[1],
-                    batch_size=trainer.args.per_device_train_batch_size,
-                )
+            logps = policy_logps(trainer, output, "measure_before_update")
         kl = kl_per_token(logps.float(), output["ref_per_token_logps"].float(), "k3", mask)
         totals = torch.stack([kl.sum(), mask.sum().to(kl.dtype), torch.tensor(float(len(mask)), device=kl.device)])
         kl_sum, n_tokens, n_samples = trainer.accelerator.reduce(totals, reduction="sum").tolist()
@@ -356,6 +361,143 @@ class RailsWiring:
             return False
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         return True
+
+
+# ---------------------------------------------------------------------- KL of GRPO batches
+def kl_mask(batch: dict):
+    """`(B, T)` the completion tokens of a GRPO batch that count towards its KL (tool-call output tokens excluded,
+    as in GRPO's own loss)."""
+    mask = batch["completion_mask"]
+    return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
+
+
+def policy_logps(trainer, batch: dict, setting: str):
+    """`(B, T)` log-probabilities of a GRPO batch's completion tokens under the current policy: one forward without
+    gradient through GRPO's own `_get_per_token_logps_and_entropies` (chunked by `per_device_train_batch_size`).
+    Text-only: a batch with image inputs raises a ValueError naming `rails.kl.<setting>`."""
+    import torch
+
+    from trl.models.utils import disable_gradient_checkpointing
+
+    extra = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+                   if batch.get(k) is not None)
+    if extra:
+        raise ValueError(
+            f"rails.kl.{setting} measures the KL of text-only batches, but this batch has {extra}; switch "
+            f"rails.kl.{setting} off for a vision-language model"
+        )
+    completion_ids = batch["completion_ids"]
+    input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, completion_ids.shape[1],
+            batch_size=trainer.args.per_device_train_batch_size,
+        )
+    return logps
+
+
+class KLTrustRegion:
+    """``rails.kl.max_kl``: a trust region on the KL to the reference around every optimizer step.
+
+    Before the optimizer step (``before_step``) it copies the trainable parameters and measures the policy's
+    log-probabilities on the micro-batches the step trains on (``batches``, collected by
+    :meth:`SafeRailsMixin._prepare_inputs`). After it (``after_step``) it runs
+    :func:`trl_safeppo.rails.kl.kl_line_search`: the KL of those batches at ``theta_old + s * (theta_new -
+    theta_old)``, s = 1, 1/2, ..., estimated as GRPO's k3 with the importance weight ``pi_theta / pi_old`` per token
+    (the tokens were sampled before the update; GRPO's ``use_bias_correction_kl`` uses the same weight), summed over
+    all processes, so every rank picks the same s. The parameters are left at the accepted s. The optimizer's
+    moments keep the full step's gradient; only the parameters move back.
+
+    Cost: one copy of the trainable parameters while the step runs (held as ``theta_old - theta_new``, so each
+    trial scale is one in-place add), and ``2 + backtracks`` forwards without gradient. Logs, per optimizer step,
+    ``kl/trust_region/scale``, ``kl/trust_region/kl_before``, ``kl/trust_region/kl_after`` and
+    ``kl/trust_region/backtracks`` (docs/metrics.md).
+    """
+
+    def __init__(self, max_kl: float, max_backtracks: int):
+        self.max_kl = float(max_kl)
+        self.max_backtracks = int(max_backtracks)
+        self.batches: list[dict] = []  # this process's micro-batches of the current optimizer step
+        self._params: list | None = None
+        self._diff: list | None = None  # theta_old (before the step), then theta_old - theta_new
+        self._old_logps: list | None = None
+
+    def before_step(self, trainer) -> None:
+        import torch
+
+        batches = [b for b in self.batches if b.get("ref_per_token_logps") is not None]
+        if not batches:  # no reference log-probs (beta == 0): nothing to measure against
+            self.batches.clear()
+            return
+        self.batches = batches
+        self._params = [p for p in trainer.model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            self._diff = [p.detach().clone() for p in self._params]
+        self._old_logps = [policy_logps(trainer, b, "max_kl").float() for b in batches]
+
+    def _kl(self, trainer, logps_list) -> float:
+        """Importance-weighted k3 mean over the completion tokens of all processes."""
+        import torch
+
+        from ..rails.kl import kl_per_token_after_update
+
+        device = logps_list[0].device
+        totals = torch.zeros(2, dtype=torch.float32, device=device)
+        for batch, logps, old in zip(self.batches, logps_list, self._old_logps, strict=True):
+            mask = kl_mask(batch)
+            kl = kl_per_token_after_update(logps, old, batch["ref_per_token_logps"].float(), mask)
+            totals += torch.stack([kl.sum(), mask.sum().float()])
+        kl_sum, n_tokens = trainer.accelerator.reduce(totals, reduction="sum").tolist()
+        return kl_sum / n_tokens if n_tokens > 0 else float("nan")
+
+    def after_step(self, trainer) -> None:
+        import torch
+
+        from ..rails.kl import kl_line_search
+
+        if self._params is None:
+            return
+        params, diff = self._params, self._diff
+        position = 1.0
+        with torch.no_grad():
+            for d, p in zip(diff, params, strict=True):
+                d.sub_(p.detach())  # theta_old - theta_new
+
+            def kl_at(scale: float) -> float:
+                nonlocal position
+                if scale != position:  # theta_s = theta_position + (position - s) * (theta_old - theta_new)
+                    for d, p in zip(diff, params, strict=True):
+                        p.add_(d, alpha=position - scale)
+                    position = scale
+                return self._kl(trainer, [policy_logps(trainer, b, "max_kl").float() for b in self.batches])
+
+            kl_before = self._kl(trainer, self._old_logps)
+            scale, kl_after, evaluations = kl_line_search(kl_at, self.max_kl, kl_before, self.max_backtracks)
+            if scale != position:
+                for d, p in zip(diff, params, strict=True):
+                    p.add_(d, alpha=position - scale)
+        metrics = trainer._metrics["train"]
+        metrics["kl/trust_region/scale"].append(scale)
+        metrics["kl/trust_region/kl_before"].append(kl_before)
+        metrics["kl/trust_region/kl_after"].append(kl_after)
+        metrics["kl/trust_region/backtracks"].append(float(evaluations - 1 + (scale == 0.0)))
+        self.batches, self._params, self._diff, self._old_logps = [], None, None, None
+
+
+class _KLTrustRegionCallback(TrainerCallback):
+    """Runs :class:`KLTrustRegion` around every optimizer step."""
+
+    def __init__(self, wiring: RailsWiring):
+        self.wiring = wiring
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.wiring.trust_region.before_step(self.wiring.trainer)
+        return control
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.wiring.trust_region.after_step(self.wiring.trainer)
+        return control
 
 
 # ---------------------------------------------------------------------- snapshots (tripwire rollback)
@@ -467,6 +609,13 @@ class SafeRailsMixin:
     """
 
     rails_wiring: RailsWiring | None = None
+
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        wiring = self.rails_wiring
+        if wiring is not None and wiring.trust_region is not None and self.model.training:
+            wiring.trust_region.batches.append(inputs)  # the micro-batches of the coming optimizer step
+        return inputs
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -295,6 +295,13 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
             # Validate now, at configuration time; keep the plain dict form so that the config stays JSON-serializable
             # (TrainingArguments.to_json_string, loggers, checkpoints).
             self.rails = RailsConfig.from_any(self.rails).to_dict()
+            max_kl = self.rails["kl"]["max_kl"]
+            if max_kl is not None:
+                raise bad(
+                    "rails.kl.max_kl", max_kl,
+                    "the KL trust region runs in GRPO stages only (PPO's KL is a per-token reward, its updates are "
+                    "clipped by the PPO ratio); set it to null here and bound PPO's KL with a `kl_limit` tripwire",
+                )
 
 
 # The tripwire fields share their help text with SafeGRPOConfig; the docstring is a literal (so it is __doc__) and

@@ -1,0 +1,72 @@
+"""SafeGRPOTrainer's KL trust region (rails.kl.max_kl) under `accelerate launch --multi_gpu --num_processes 2` (gloo
+on CPU): the line search measures the KL over both processes' batches, so both ranks accept the same step scale
+and the DDP replicas stay identical while the cap scales steps back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    '''
+    import json, os, sys
+    from datasets import Dataset
+    from trl_safeppo import SafeGRPOConfig, SafeGRPOTrainer
+
+    class CharLength:
+        __name__ = "char_length"
+        def __call__(self, prompts, completions, **kwargs):
+            return [float(len(c[0]["content"])) for c in completions]
+
+    out = sys.argv[1]
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(32)]})
+    args = SafeGRPOConfig(
+        output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=3,
+        steps_per_generation=2, gradient_accumulation_steps=2, logging_steps=1, report_to=[], use_cpu=True,
+        learning_rate=1e-2, save_strategy="no", disable_tqdm=True, seed=0,
+        rails={"kl": {"controller": "fixed", "init_kl_coef": 0.1, "max_kl": 2e-3, "max_kl_backtracks": 6}},
+    )
+    trainer = SafeGRPOTrainer(model="tiny://debug", reward_funcs=CharLength(), args=args, train_dataset=ds)
+    trainer.train()
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    result = {
+        "world": trainer.accelerator.num_processes,
+        "policy_sum": float(sum(p.double().sum() for p in policy.parameters())),
+        "scales": [h["kl/trust_region/scale"] for h in logs],
+        "kl_after": [h["kl/trust_region/kl_after"] for h in logs],
+        "kl_before": [h["kl/trust_region/kl_before"] for h in logs],
+    }
+    with open(os.path.join(out, f"rank{trainer.accelerator.process_index}.json"), "w") as f:
+        json.dump(result, f)
+    '''
+)
+
+
+@pytest.mark.distributed
+def test_kl_trust_region_agrees_across_two_processes(tmp_path, tiny_debug_path):
+    script = tmp_path / "grpo_ddp.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script), str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0, r1 = (json.loads((out / f"rank{i}.json").read_text()) for i in range(2))
+    assert r0["world"] == r1["world"] == 2
+    # one KL over both processes (2 micro-batches of 4 completions each per optimizer step): the same scales and
+    # KLs on both ranks, so the same weights
+    assert r0["scales"] == r1["scales"] and r0["kl_after"] == r1["kl_after"]
+    assert any(s < 1 for s in r0["scales"]), r0  # the cap bound: steps were scaled back
+    assert r0["policy_sum"] == pytest.approx(r1["policy_sum"], rel=1e-9), "DDP policies diverged"
+    for before, after in zip(r0["kl_before"], r0["kl_after"], strict=True):
+        assert after <= max(2e-3, before)
