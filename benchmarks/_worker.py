@@ -38,16 +38,52 @@ def exact_kl(policy_logits, ref_logits, mask):
     batch has the same expectation but carries the sampling spread of the tokens, and k3's is heavy-tailed (it grows
     like pi_ref / pi on a token the policy made unlikely). This one keeps only the spread over the contexts.
     """
-    logp, ref_logp = policy_logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
-    per_position = (logp.exp() * (logp - ref_logp)).sum(-1)
+    per_position = exact_kl_per_position(policy_logits, ref_logits)
     maskf = mask.to(per_position.dtype)
     return float((per_position * maskf).sum() / maskf.sum().clamp(min=1.0))
+
+
+def exact_kl_per_position(policy_logits, ref_logits):
+    """`(B, T)` exact KL(pi || pi_ref) of the next-token distributions at each position (see `exact_kl`)."""
+    logp, ref_logp = policy_logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def clustered_mean_se(per_position, mask, groups) -> tuple[float, float]:
+    """The token mean of `per_position` over `mask` and its standard error with the prompts as clusters.
+
+    A batch's KL is a ratio, `R = sum_g S_g / sum_g N_g` over its prompt groups g (S_g: the group's summed KL, N_g:
+    its completion tokens). The completions of one prompt are not independent draws of the policy's KL (they share
+    the prompt), so the spread is taken between groups: the linearized standard error of a ratio estimator,
+    `SE = sqrt(G / (G - 1) * sum_g (S_g - R N_g)^2) / sum_g N_g` (Cochran, "Sampling Techniques", 1977, section
+    6.4). It is the part of a step's KL reading owed to which prompts and completions the batch happened to draw.
+
+    Args:
+        per_position: `(B, T)` values (e.g. `exact_kl_per_position`); mask: `(B, T)` 1 on counted positions;
+        groups: `(B,)` integer prompt-group id of each row (GRPO: row // num_generations).
+    """
+    import torch
+
+    maskf = mask.to(per_position.dtype)
+    sums = torch.zeros(int(groups.max()) + 1, dtype=per_position.dtype, device=per_position.device)
+    counts = torch.zeros_like(sums)
+    sums.index_add_(0, groups, (per_position * maskf).sum(-1))
+    counts.index_add_(0, groups, maskf.sum(-1))
+    keep = counts > 0
+    sums, counts = sums[keep], counts[keep]
+    n_groups, total = len(sums), counts.sum()
+    mean = sums.sum() / total
+    if n_groups < 2:
+        return float(mean), float("nan")
+    residual = sums - mean * counts
+    return float(mean), float((n_groups / (n_groups - 1) * residual.square().sum()).sqrt() / total)
 
 
 def with_exact_kl(trainer_cls):
     """A subclass of the GRPO-based `trainer_cls` that also logs `kl/exact` (see `exact_kl`) for every new batch,
     measured before any update on it (the policy that sampled the batch against the reference): the benchmark's
-    low-noise view of the KL the controller is steering. Costs one policy and one reference forward per batch.
+    low-noise view of the KL the controller is steering, and `kl/exact_se`, its standard error over the batch's
+    prompts (`clustered_mean_se`). Costs one policy and one reference forward per batch.
     The value is this process's batch (the benchmarks run one process)."""
 
     class ExactKL(trainer_cls):
@@ -64,8 +100,15 @@ def with_exact_kl(trainer_cls):
                     return model(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1] / self.temperature
 
                 with torch.no_grad():
-                    value = exact_kl(logits(self.model), logits(self.ref_model), output["completion_mask"])
-                self._metrics["train" if self.model.training else "eval"]["kl/exact"].append(value)
+                    per_position = exact_kl_per_position(logits(self.model), logits(self.ref_model))
+                # the rows of a new batch are its prompts' completions, num_generations in a row
+                mode = "train" if self.model.training else "eval"
+                group = self.num_generations if mode == "train" else self.num_generations_eval
+                groups = torch.arange(len(ids), device=ids.device) // group
+                value, se = clustered_mean_se(per_position, output["completion_mask"], groups)
+                self._metrics[mode]["kl/exact"].append(value)
+                if se == se:  # NaN with one prompt per batch: nothing to log
+                    self._metrics[mode]["kl/exact_se"].append(se)
             return output
 
     ExactKL.__name__ = ExactKL.__qualname__ = f"ExactKL{trainer_cls.__name__}"

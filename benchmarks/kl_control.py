@@ -21,7 +21,12 @@ The per-step KL is GRPO's logged `kl`, the batch mean of the k3 estimate, one sa
 spread includes the sampling of the tokens, heavy-tailed for k3 (one token the policy made unlikely can carry a
 batch). SafeGRPO runs here also log `kl/exact`, the KL of the same batch summed over the whole vocabulary at each
 position (benchmarks._worker.exact_kl; two extra forwards per step, no effect on training), and the table reports
-the share in band by that measure too: what is left outside it is the policy's own movement.
+the share in band by that measure too, and `kl/exact_se`, the standard error of that batch mean over the batch's
+prompts (benchmarks._worker.clustered_mean_se): the table's last column counts the steps whose exact KL is within
+2 standard errors of the band, i.e. readings a batch of this size cannot tell apart from a policy in band.
+
+`--max-kl` adds the KL trust region (rails.kl.max_kl) to the adaptive run: after each update, a step that takes its
+batch's KL past the cap is scaled back or undone.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ KL_UNIT = {"safe_ppo": "nats per sequence", "safe_grpo": "per token (k3)"}
 # SafeGRPO runs also log the exact KL of each new batch (benchmarks._worker.exact_kl: summed over the vocabulary at
 # every completion position, so without k3's token-sampling spread); same unit and expectation as `kl`.
 EXACT_KEY = "kl/exact"
+EXACT_SE_KEY = "kl/exact_se"  # its standard error over the batch's prompts
 DEFAULT_TARGET = {"safe_ppo": 4.0, "safe_grpo": 0.5}
 
 
@@ -63,6 +69,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--measure-before-update", action="store_true",
                         help="set each update's beta from the KL of its own batch, measured before the update "
                         "(rails.kl.measure_before_update; default: from the previous update's KL)")
+    parser.add_argument("--max-kl", type=float, default=None,
+                        help="adaptive run: KL trust region (rails.kl.max_kl), in the unit of --target: an update "
+                        "that takes its batch's KL past it is scaled back by halves, or undone (default: off)")
+    parser.add_argument("--max-kl-backtracks", type=int, default=4,
+                        help="halvings the --max-kl line search tries before undoing an update (default 4)")
     parser.add_argument("--min-coef", type=float, default=1e-3,
                         help="adaptive controller: lower bound of beta (default 1e-3; equal to --beta: never below "
                         "the start)")
@@ -93,6 +104,11 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--deadband={args.deadband}: must be >= 0 (0.5 holds beta inside [0.5, 1.5] x target)")
     if not 0 <= args.adam_beta1 < 1:
         raise SystemExit(f"--adam-beta1={args.adam_beta1}: must be in [0, 1) (0: no momentum; default 0.9)")
+    if args.max_kl is not None and not args.max_kl >= target:
+        raise SystemExit(f"--max-kl={args.max_kl}: must be >= --target={target} (a cap above the target, e.g. "
+                         f"{1.3 * target:g})")
+    if args.max_kl_backtracks < 0:
+        raise SystemExit(f"--max-kl-backtracks={args.max_kl_backtracks}: must be >= 0")
     warmup = args.warmup if args.warmup is not None else args.steps // 4
     if not 0 <= warmup < args.steps:
         raise SystemExit(f"--warmup={warmup}: must be in [0, --steps={args.steps})")
@@ -110,7 +126,8 @@ def main(argv=None) -> dict:
     adaptive = {"kl": {"controller": "adaptive", "init_kl_coef": args.beta, "target": target,
                        "horizon": horizon, "min_coef": args.min_coef, "max_coef": 10.0,
                        "hold_until_target": args.hold_until_target, "deadband": args.deadband,
-                       "proportional": args.proportional, "measure_before_update": args.measure_before_update}}
+                       "proportional": args.proportional, "measure_before_update": args.measure_before_update,
+                       "max_kl": args.max_kl, "max_kl_backtracks": args.max_kl_backtracks}}
     runs = interleaved(
         {
             "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
@@ -133,20 +150,30 @@ def main(argv=None) -> dict:
         inside = sum(0.5 * target <= k <= 1.5 * target for k in kls) / n
         exact = [k for r in rs for k in _series(r, EXACT_KEY)[warmup:]]
         inside_exact = sum(0.5 * target <= k <= 1.5 * target for k in exact) / len(exact) if exact else None
+        # the exact KL's reading +- 2 standard errors over the batch's prompts still reaches into the band: a step
+        # the batch cannot tell apart from one in band (kl/exact_se, benchmarks._worker.clustered_mean_se)
+        se = [x for r in rs for x in _series(r, EXACT_SE_KEY)[warmup:]]
+        plausible = None
+        if se and len(se) == len(exact):
+            plausible = sum(k + 2 * e >= 0.5 * target and k - 2 * e <= 1.5 * target for k, e in zip(exact, se))
+            plausible /= len(exact)
         over, over_restrained = sum(above) / n, sum(restrained) / n
         below, failed = 1 - inside - over, over + over_restrained
         s = stats(kls)
         result[name] = {"kl_after_warmup": s, "share_in_band": inside, "share_above_band": over,
                         "share_below_band": below, "share_over_restrained": over_restrained,
                         "share_control_failed": failed, "share_in_band_exact": inside_exact,
-                        "exact_kl_after_warmup": stats(exact) if exact else None}
+                        "exact_kl_after_warmup": stats(exact) if exact else None,
+                        "share_in_band_within_2se": plausible,
+                        "exact_kl_se_over_target": stats([e / target for e in se]) if se else None}
         rows.append((name, f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]", f"{s['median'] / target:.2f}",
                      f"{100 * inside:.0f}%", f"{100 * over:.0f}%", f"{100 * below:.0f}%", f"{100 * failed:.0f}%",
-                     "-" if inside_exact is None else f"{100 * inside_exact:.0f}%"))
+                     "-" if inside_exact is None else f"{100 * inside_exact:.0f}%",
+                     "-" if plausible is None else f"{100 * plausible:.0f}%"))
     print_table(f"KL control: {KL_KEY[args.trainer]} ({KL_UNIT[args.trainer]}), target {target:g}, steps after "
                 f"warm-up ({warmup})", rows,
                 ("beta", "KL median [min, max]", "median/target", "in band", "above", "below", "control failed",
-                 "in band (exact KL)"))
+                 "in band (exact KL)", "exact within 2 SE of band"))
     ok, drift = result["adaptive"]["share_in_band"], result["fixed"]["share_in_band"]
     held = 1 - result["adaptive"]["share_control_failed"]
     met = ok >= 0.9 and drift < 0.5  # reading of the goal: nearly all adaptive steps in band, fixed mostly out
@@ -160,6 +187,11 @@ def main(argv=None) -> dict:
         exact_ok, exact_drift = result["adaptive"]["share_in_band_exact"], result["fixed"]["share_in_band_exact"]
         print(f"exact KL of each batch (no token-sampling spread): {100 * exact_ok:.0f}% of adaptive steps in band "
               f"(fixed beta: {100 * exact_drift:.0f}%)")
+    if result["adaptive"]["share_in_band_within_2se"] is not None:
+        se_ratio = result["adaptive"]["exact_kl_se_over_target"]["median"]
+        print(f"sampling error of a batch's exact KL over its prompts: median SE {se_ratio:.2f}x target; "
+              f"{100 * result['adaptive']['share_in_band_within_2se']:.0f}% of adaptive steps read within 2 SE of "
+              f"the band (fixed beta: {100 * (result['fixed']['share_in_band_within_2se'] or 0):.0f}%)")
 
     import matplotlib
 
@@ -198,6 +230,7 @@ def main(argv=None) -> dict:
     extras = [f"{k} {v:g}" for k, v in (("deadband", args.deadband), ("k_p", args.proportional)) if v]
     extras += ["hold until target"] if args.hold_until_target else []
     extras += ["KL measured before the update"] if args.measure_before_update else []
+    extras += [f"trust region max_kl {args.max_kl:g}"] if args.max_kl is not None else []
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     extras += [f"Adam beta1 {args.adam_beta1:g}"] if args.adam_beta1 != 0.9 else []
     fig.suptitle(f"{args.trainer} under a length-exploitable reward: fixed beta {args.beta:g} vs adaptive "

@@ -108,6 +108,8 @@ def test_length_exploit_reward_by_hand():
         ("kl_control", ["--target", "0"], "--target=0"),
         ("kl_control", ["--deadband", "-0.5"], "--deadband=-0.5"),
         ("kl_control", ["--adam-beta1", "1"], "--adam-beta1=1.0"),
+        ("kl_control", ["--max-kl", "0.4"], "--max-kl=0.4: must be >= --target=0.5"),
+        ("kl_control", ["--max-kl", "0.65", "--max-kl-backtracks", "-1"], "--max-kl-backtracks=-1"),
         # argparse: "argument --lr-scheduler: invalid choice: 'cosine' (choose from linear, constant)"; the quoting
         # of the choices differs between Python versions
         ("kl_control", ["--lr-scheduler", "cosine"], "argument --lr-scheduler: invalid choice"),
@@ -167,6 +169,27 @@ def test_exact_kl_by_hand():
     assert exact_kl(policy, policy, torch.ones(1, 3)) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_clustered_mean_se_by_hand():
+    import math
+
+    import torch
+
+    from benchmarks._worker import clustered_mean_se
+
+    # two prompts, two completions each, one or two counted tokens per row:
+    #   group 0: rows [1, 1] and [0, x] (x masked) -> S_0 = 2, N_0 = 3;  group 1: rows [3, 3], [4, 4] -> S_1 = 14, N_1 = 4
+    #   R = 16 / 7 = 2.285714; residuals S_g - R N_g = 2 - 48/7 = -34/7 and 14 - 64/7 = 34/7
+    #   SE = sqrt(2 / 1 * 2 * (34/7)^2) / 7 = 2 * 34 / 49 = 1.387755
+    values = torch.tensor([[1.0, 1.0], [0.0, 9.0], [3.0, 3.0], [4.0, 4.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
+    mean, se = clustered_mean_se(values, mask, torch.tensor([0, 0, 1, 1]))
+    assert mean == pytest.approx(16 / 7) and se == pytest.approx(68 / 49)
+    # every group with the same mean: nothing owed to which prompts were drawn
+    assert clustered_mean_se(values[2:3].repeat(4, 1), mask[2:3].repeat(4, 1), torch.tensor([0, 0, 1, 1]))[1] == 0
+    # one group: no spread between groups to measure
+    assert math.isnan(clustered_mean_se(values, mask, torch.zeros(4, dtype=torch.long))[1])
+
+
 class _CharLength:
     """Reward = completion length in characters: differs between completions, so advantages are non-zero."""
 
@@ -199,3 +222,5 @@ def test_exact_kl_trainer_logs_each_batch_and_trains_identically(tmp_path, tiny_
     # after an update at lr 1e-2 the policy has moved (its k3 `kl` is > 0 too), and a KL is never negative
     assert exact[0] == pytest.approx(0.0, abs=1e-6)
     assert logs["exact"][-1]["kl"] > 0 and exact[-1] > 1e-6
+    # one prompt per batch (4 completions of it): no spread between prompts to measure a standard error from
+    assert not any("kl/exact_se" in h for h in logs["exact"])
