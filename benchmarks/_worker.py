@@ -79,11 +79,48 @@ def clustered_mean_se(per_position, mask, groups) -> tuple[float, float]:
     return float(mean), float((n_groups / (n_groups - 1) * residual.square().sum()).sqrt() / total)
 
 
-def with_exact_kl(trainer_cls):
+def probe_kl(trainer, prompts: list, seed: int) -> tuple[float, float]:
+    """The exact KL of `trainer`'s policy on a fixed probe set: one completion sampled per prompt (the trainer's
+    generation settings), then `exact_kl_per_position` at every completion position up to and including EOS.
+    Returns `(mean over the completion tokens, its standard error over the prompts)`.
+
+    The sampling runs under `torch.random.fork_rng` with its own seed, so the training run's random stream, and with
+    it the training, is exactly what it would be without the probe. With a few hundred prompts the standard error is
+    a fraction of a training batch's: the probe reads the policy's KL, the batch reads the policy plus the luck of its
+    16 prompts.
+    """
+    import torch
+
+    tokenizer = trainer.processing_class
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    enc = {k: v.to(trainer.model.device) for k, v in enc.items()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        ids = trainer.model.generate(**enc, generation_config=trainer.generation_config)
+        n_prompt = enc["input_ids"].shape[1]
+        completion = ids[:, n_prompt:]
+        is_eos = torch.isin(completion, torch.tensor(trainer.eos_token_ids, device=ids.device))
+        # 1 up to and including the first EOS (GRPO's completion mask)
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+        mask = (~after_eos).long()
+        attention = torch.cat([enc["attention_mask"], mask], dim=1)
+        n = completion.shape[1]
+
+        def logits(model):
+            return model(input_ids=ids, attention_mask=attention).logits[:, -n - 1 : -1] / trainer.temperature
+
+        per_position = exact_kl_per_position(logits(trainer.model), logits(trainer.ref_model))
+    return clustered_mean_se(per_position, mask, torch.arange(len(ids), device=ids.device))
+
+
+def with_exact_kl(trainer_cls, probe_prompts: list | None = None):
     """A subclass of the GRPO-based `trainer_cls` that also logs `kl/exact` (see `exact_kl`) for every new batch,
     measured before any update on it (the policy that sampled the batch against the reference): the benchmark's
     low-noise view of the KL the controller is steering, and `kl/exact_se`, its standard error over the batch's
-    prompts (`clustered_mean_se`). Costs one policy and one reference forward per batch.
+    prompts (`clustered_mean_se`). Costs one policy and one reference forward per batch. With `probe_prompts`, each
+    new training batch also logs `kl/probe` and `kl/probe_se`: the same policy's exact KL on those fixed prompts
+    (`probe_kl`; one generation and two forwards more per batch).
     The value is this process's batch (the benchmarks run one process)."""
 
     class ExactKL(trainer_cls):
@@ -109,6 +146,10 @@ def with_exact_kl(trainer_cls):
                 self._metrics[mode]["kl/exact"].append(value)
                 if se == se:  # NaN with one prompt per batch: nothing to log
                     self._metrics[mode]["kl/exact_se"].append(se)
+                if probe_prompts and mode == "train":  # the same policy on the fixed probe prompts
+                    value, se = probe_kl(self, probe_prompts, seed=self.state.global_step)
+                    self._metrics[mode]["kl/probe"].append(value)
+                    self._metrics[mode]["kl/probe_se"].append(se)
             return output
 
     ExactKL.__name__ = ExactKL.__qualname__ = f"ExactKL{trainer_cls.__name__}"
@@ -171,7 +212,10 @@ def run(config: dict, output_dir: str) -> None:
         raise ValueError(f"trainer={kind!r}: accepted are 'grpo', 'safe_grpo', 'safe_ppo'")
 
     if config.get("exact_kl"):
-        Trainer = with_exact_kl(Trainer)
+        probe = None
+        if config.get("probe_kl"):  # fixed probe prompts, disjoint from the training prompts (the eval split)
+            probe = list(load_arithmetic("eval", n=int(config["probe_kl"]))["prompt"])
+        Trainer = with_exact_kl(Trainer, probe)
     import transformers.trainer  # noqa: F401  (imported by every trainer above; named so both workers match)
 
     mark_imports_done()

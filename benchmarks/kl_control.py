@@ -49,6 +49,7 @@ KL_UNIT = {"safe_ppo": "nats per sequence", "safe_grpo": "per token (k3)"}
 # every completion position, so without k3's token-sampling spread); same unit and expectation as `kl`.
 EXACT_KEY = "kl/exact"
 EXACT_SE_KEY = "kl/exact_se"  # its standard error over the batch's prompts
+PROBE_KEY = "kl/probe"  # with --probe: the same policy's exact KL on fixed probe prompts (and kl/probe_se)
 DEFAULT_TARGET = {"safe_ppo": 4.0, "safe_grpo": 0.5}
 
 
@@ -69,6 +70,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--measure-before-update", action="store_true",
                         help="set each update's beta from the KL of its own batch, measured before the update "
                         "(rails.kl.measure_before_update; default: from the previous update's KL)")
+    parser.add_argument("--probe", type=int, default=0,
+                        help="also read each step's policy KL on this many fixed probe prompts (the eval split, one "
+                        "sampled completion each; kl/probe): the policy's KL without the luck of a 16-prompt batch. "
+                        "Costs a generation per step (default 0: off)")
     parser.add_argument("--max-kl", type=float, default=None,
                         help="adaptive run: KL trust region (rails.kl.max_kl), in the unit of --target: an update "
                         "that takes its batch's KL past it is scaled back by halves, or undone (default: off)")
@@ -107,6 +112,8 @@ def main(argv=None) -> dict:
     if args.max_kl is not None and not args.max_kl >= target:
         raise SystemExit(f"--max-kl={args.max_kl}: must be >= --target={target} (a cap above the target, e.g. "
                          f"{1.3 * target:g})")
+    if args.probe < 0 or args.probe == 1:
+        raise SystemExit(f"--probe={args.probe}: use 0 (off) or at least 2 prompts (a standard error needs two)")
     if args.max_kl_backtracks < 0:
         raise SystemExit(f"--max-kl-backtracks={args.max_kl_backtracks}: must be >= 0")
     warmup = args.warmup if args.warmup is not None else args.steps // 4
@@ -120,6 +127,9 @@ def main(argv=None) -> dict:
     shared["args"] = {"lr_scheduler_type": args.lr_scheduler, "adam_beta1": args.adam_beta1}
     if args.trainer == "safe_grpo":  # log `kl/exact` too: the band check without the token-sampling spread
         shared["exact_kl"] = True
+        shared["probe_kl"] = args.probe
+    elif args.probe:
+        raise SystemExit(f"--probe={args.probe}: the probe KL is read for --trainer safe_grpo only")
     if args.trainer == "safe_ppo":
         shared["args"]["num_iterations"] = 1
     fixed = {"kl": {"controller": "fixed", "init_kl_coef": args.beta}}
@@ -152,6 +162,8 @@ def main(argv=None) -> dict:
         inside_exact = sum(0.5 * target <= k <= 1.5 * target for k in exact) / len(exact) if exact else None
         # the exact KL's reading +- 2 standard errors over the batch's prompts still reaches into the band: a step
         # the batch cannot tell apart from one in band (kl/exact_se, benchmarks._worker.clustered_mean_se)
+        probe = [k for r in rs for k in _series(r, PROBE_KEY)[warmup:]]
+        inside_probe = sum(0.5 * target <= k <= 1.5 * target for k in probe) / len(probe) if probe else None
         se = [x for r in rs for x in _series(r, EXACT_SE_KEY)[warmup:]]
         plausible = None
         if se and len(se) == len(exact):
@@ -165,15 +177,20 @@ def main(argv=None) -> dict:
                         "share_control_failed": failed, "share_in_band_exact": inside_exact,
                         "exact_kl_after_warmup": stats(exact) if exact else None,
                         "share_in_band_within_2se": plausible,
+                        "share_in_band_probe": inside_probe, "probe_kl_after_warmup": stats(probe) if probe else None,
+                        "probe_kl_se_over_target": stats([e / target for r in rs
+                                                          for e in _series(r, PROBE_KEY + "_se")[warmup:]])
+                        if probe else None,
                         "exact_kl_se_over_target": stats([e / target for e in se]) if se else None}
         rows.append((name, f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]", f"{s['median'] / target:.2f}",
                      f"{100 * inside:.0f}%", f"{100 * over:.0f}%", f"{100 * below:.0f}%", f"{100 * failed:.0f}%",
                      "-" if inside_exact is None else f"{100 * inside_exact:.0f}%",
-                     "-" if plausible is None else f"{100 * plausible:.0f}%"))
+                     "-" if plausible is None else f"{100 * plausible:.0f}%",
+                     "-" if inside_probe is None else f"{100 * inside_probe:.0f}%"))
     print_table(f"KL control: {KL_KEY[args.trainer]} ({KL_UNIT[args.trainer]}), target {target:g}, steps after "
                 f"warm-up ({warmup})", rows,
                 ("beta", "KL median [min, max]", "median/target", "in band", "above", "below", "control failed",
-                 "in band (exact KL)", "exact within 2 SE of band"))
+                 "in band (exact KL)", "exact within 2 SE of band", "in band (probe KL)"))
     ok, drift = result["adaptive"]["share_in_band"], result["fixed"]["share_in_band"]
     held = 1 - result["adaptive"]["share_control_failed"]
     met = ok >= 0.9 and drift < 0.5  # reading of the goal: nearly all adaptive steps in band, fixed mostly out
@@ -187,6 +204,11 @@ def main(argv=None) -> dict:
         exact_ok, exact_drift = result["adaptive"]["share_in_band_exact"], result["fixed"]["share_in_band_exact"]
         print(f"exact KL of each batch (no token-sampling spread): {100 * exact_ok:.0f}% of adaptive steps in band "
               f"(fixed beta: {100 * exact_drift:.0f}%)")
+    if result["adaptive"]["share_in_band_probe"] is not None:
+        probe_se = result["adaptive"]["probe_kl_se_over_target"]["median"]
+        print(f"probe KL ({args.probe} fixed prompts, median SE {probe_se:.2f}x target): "
+              f"{100 * result['adaptive']['share_in_band_probe']:.0f}% of adaptive steps in band "
+              f"(fixed beta: {100 * (result['fixed']['share_in_band_probe'] or 0):.0f}%)")
     if result["adaptive"]["share_in_band_within_2se"] is not None:
         se_ratio = result["adaptive"]["exact_kl_se_over_target"]["median"]
         print(f"sampling error of a batch's exact KL over its prompts: median SE {se_ratio:.2f}x target; "
@@ -208,6 +230,10 @@ def main(argv=None) -> dict:
         if exact:
             ax_kl.plot(range(1, len(exact) + 1), exact, color=color, ls="--", lw=0.9,
                        label=f"{name} beta, exact KL (no token sampling)")
+        probe = _series(run, PROBE_KEY)
+        if probe:
+            ax_kl.plot(range(1, len(probe) + 1), probe, color=color, ls=":", lw=1.6,
+                       label=f"{name} beta, probe KL ({args.probe} fixed prompts)")
         beta = _series(run, "beta")
         ax_beta.plot(range(1, len(beta) + 1), beta, color=color, label=name, lw=1.4)
         length = _series(run, "completions/mean_length")

@@ -109,6 +109,7 @@ def test_length_exploit_reward_by_hand():
         ("kl_control", ["--deadband", "-0.5"], "--deadband=-0.5"),
         ("kl_control", ["--adam-beta1", "1"], "--adam-beta1=1.0"),
         ("kl_control", ["--max-kl", "0.4"], "--max-kl=0.4: must be >= --target=0.5"),
+        ("kl_control", ["--probe", "1"], "--probe=1: use 0 (off) or at least 2 prompts"),
         ("kl_control", ["--max-kl", "0.65", "--max-kl-backtracks", "-1"], "--max-kl-backtracks=-1"),
         # argparse: "argument --lr-scheduler: invalid choice: 'cosine' (choose from linear, constant)"; the quoting
         # of the choices differs between Python versions
@@ -207,7 +208,8 @@ def test_exact_kl_trainer_logs_each_batch_and_trains_identically(tmp_path, tiny_
 
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(16)]})
     logs = {}
-    for name, cls in (("plain", SafeGRPOTrainer), ("exact", with_exact_kl(SafeGRPOTrainer))):
+    probe = [[{"role": "user", "content": f"What is {i} + 2?"}] for i in range(3)]
+    for name, cls in (("plain", SafeGRPOTrainer), ("exact", with_exact_kl(SafeGRPOTrainer, probe))):
         args = SafeGRPOConfig(output_dir=str(tmp_path / name), max_steps=3, save_strategy="no", logging_steps=1,
                               per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
                               learning_rate=1e-2, beta=0.1, seed=0, report_to="none", use_cpu=True, rails={})
@@ -215,7 +217,8 @@ def test_exact_kl_trainer_logs_each_batch_and_trains_identically(tmp_path, tiny_
         trainer.train()
         logs[name] = [h for h in trainer.state.log_history if "loss" in h]
     keys = ("loss", "kl", "reward", "grad_norm")
-    # the two extra forwards run without gradient and draw no random numbers: training is unchanged
+    # the extra forwards run without gradient and the probe samples under its own forked random state:
+    # training is unchanged
     assert [{k: h[k] for k in keys} for h in logs["exact"]] == [{k: h[k] for k in keys} for h in logs["plain"]]
     exact = [h["kl/exact"] for h in logs["exact"]]
     # the first batch is sampled before any update, when the policy is the reference: KL 0 (float noise only);
@@ -224,3 +227,7 @@ def test_exact_kl_trainer_logs_each_batch_and_trains_identically(tmp_path, tiny_
     assert logs["exact"][-1]["kl"] > 0 and exact[-1] > 1e-6
     # one prompt per batch (4 completions of it): no spread between prompts to measure a standard error from
     assert not any("kl/exact_se" in h for h in logs["exact"])
+    # the probe reads the same policy on its 3 fixed prompts: 0 before any update, > 0 once it has moved
+    probe_kl = [h["kl/probe"] for h in logs["exact"]]
+    assert probe_kl[0] == pytest.approx(0.0, abs=1e-6) and probe_kl[-1] > 1e-6
+    assert all(h["kl/probe_se"] >= 0 for h in logs["exact"])
