@@ -231,3 +231,29 @@ def test_exact_kl_trainer_logs_each_batch_and_trains_identically(tmp_path, tiny_
     probe_kl = [h["kl/probe"] for h in logs["exact"]]
     assert probe_kl[0] == pytest.approx(0.0, abs=1e-6) and probe_kl[-1] > 1e-6
     assert all(h["kl/probe_se"] >= 0 for h in logs["exact"])
+
+
+def test_probe_kl_reads_what_grpo_samples(tmp_path, tiny_debug_path):
+    # The probe must sample as GRPO does. Given GRPO's own prompts (each repeated num_generations times) and the
+    # same random state, it must draw the very same completions, so its KL equals the batch's exact KL.
+    import torch
+    from datasets import Dataset
+
+    from benchmarks._worker import probe_kl, with_exact_kl
+    from trl_safeppo import SafeGRPOConfig, SafeGRPOTrainer
+
+    prompts = [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(16)]
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=2, save_strategy="no", logging_steps=1,
+                          per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+                          learning_rate=1e-2, beta=0.1, seed=0, report_to="none", use_cpu=True, rails={},
+                          gradient_checkpointing=True)
+    trainer = with_exact_kl(SafeGRPOTrainer)(model=tiny_debug_path, reward_funcs=_CharLength(), args=args,
+                                             train_dataset=Dataset.from_dict({"prompt": prompts}))
+    trainer.train()  # two updates at lr 1e-2: the policy is no longer the reference
+    batch = [{"prompt": p} for p in prompts[:2] for _ in range(4)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        trainer._generate_and_score_completions(batch)
+    grpo = trainer._metrics["train"]["kl/exact"][-1]
+    probe, _ = probe_kl(trainer, [row["prompt"] for row in batch], seed=5)
+    assert grpo > 1e-4 and probe == pytest.approx(grpo, rel=1e-5)
