@@ -267,11 +267,13 @@ def test_kl_trust_region_leaves_the_weights_at_the_accepted_fraction_of_the_step
 def test_kl_trust_region_configuration_errors(tmp_path, tiny_debug_path):
     from trl_safeppo import SafePPOConfig
 
-    # no KL term, no reference model: nothing to bound
-    with pytest.raises(ValueError, match=r"rails\.kl\.max_kl=0\.5 bounds the KL .* coefficient is 0"):
-        args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, beta=0.0, rails={"kl": {"max_kl": 0.5}},
-                              **COMMON)
-        SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    # no KL term, no reference model: nothing to bound (refused by the config, before any model is built)
+    with pytest.raises(ValueError, match=r"rails\.kl\.max_kl=0\.5 bounds the KL .* coefficient is 0\.0"):
+        SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, beta=0.0, rails={"kl": {"max_kl": 0.5}}, **COMMON)
+    with pytest.raises(ValueError, match=r"coefficient is 0\.0"):
+        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, rails={"kl": {"max_kl": 0.5, "init_kl_coef": 0.0}},
+                       **COMMON)
+    SafeGRPOConfig(output_dir=str(tmp_path), beta=0.0, rails={"kl": {"max_kl": 0.5, "init_kl_coef": 0.1}}, **COMMON)
     # PPO: refused at configuration time, with the alternative named
     with pytest.raises(ValueError, match=r"SafePPOConfig\.rails\.kl\.max_kl=0\.5 is invalid: .*kl_limit"):
         SafePPOConfig(output_dir=str(tmp_path), rails={"kl": {"max_kl": 0.5}}, use_cpu=True, report_to="none")

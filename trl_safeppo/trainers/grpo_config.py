@@ -70,6 +70,14 @@ class SafeGRPOConfig(TripwireFields, GRPOConfig):
 
             # a bad rails block fails here, naming its field; a RailsConfig is kept as its dict (JSON-able args)
             self.rails = _as_rails_config(self.rails).to_dict()
+            kl = self.rails["kl"]
+            beta = kl["init_kl_coef"] if kl["init_kl_coef"] is not None else self.beta
+            if kl["max_kl"] is not None and not beta > 0:
+                raise ValueError(
+                    f"rails.kl.max_kl={kl['max_kl']!r} bounds the KL to the reference model, but the KL coefficient is "
+                    f"{beta!r}, so GRPO loads no reference model; set rails.kl.init_kl_coef (or beta) > 0, or "
+                    "rails.kl.max_kl to null"
+                )
         validate_tripwire_fields(self)
 
 
