@@ -45,8 +45,9 @@ def exact_kl(policy_logits, ref_logits, mask):
 
 def exact_kl_per_position(policy_logits, ref_logits):
     """`(B, T)` exact KL(pi || pi_ref) of the next-token distributions at each position (see `exact_kl`)."""
-    logp, ref_logp = policy_logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
-    return (logp.exp() * (logp - ref_logp)).sum(-1)
+    from trl_safeppo.rails.kl import kl_exact
+
+    return kl_exact(policy_logits, ref_logits)
 
 
 def clustered_mean_se(per_position, mask, groups) -> tuple[float, float]:

@@ -79,6 +79,9 @@ def main(argv=None) -> dict:
                         "that takes its batch's KL past it is scaled back by halves, or undone (default: off)")
     parser.add_argument("--max-kl-backtracks", type=int, default=4,
                         help="halvings the --max-kl line search tries before undoing an update (default 4)")
+    parser.add_argument("--measure-exact", action="store_true",
+                        help="with --measure-before-update: the controller reads each batch's exact KL over the "
+                        "vocabulary instead of the k3 mean of its sampled tokens (rails.kl.measure_exact)")
     parser.add_argument("--min-coef", type=float, default=1e-3,
                         help="adaptive controller: lower bound of beta (default 1e-3; equal to --beta: never below "
                         "the start)")
@@ -112,6 +115,8 @@ def main(argv=None) -> dict:
     if args.max_kl is not None and not args.max_kl >= target:
         raise SystemExit(f"--max-kl={args.max_kl}: must be >= --target={target} (a cap above the target, e.g. "
                          f"{1.3 * target:g})")
+    if args.measure_exact and not args.measure_before_update:
+        raise SystemExit("--measure-exact: needs --measure-before-update (the exact KL is read from each new batch)")
     if args.probe < 0 or args.probe == 1:
         raise SystemExit(f"--probe={args.probe}: use 0 (off) or at least 2 prompts (a standard error needs two)")
     if args.max_kl_backtracks < 0:
@@ -137,6 +142,7 @@ def main(argv=None) -> dict:
                        "horizon": horizon, "min_coef": args.min_coef, "max_coef": 10.0,
                        "hold_until_target": args.hold_until_target, "deadband": args.deadband,
                        "proportional": args.proportional, "measure_before_update": args.measure_before_update,
+                       "measure_exact": args.measure_exact,
                        "max_kl": args.max_kl, "max_kl_backtracks": args.max_kl_backtracks}}
     runs = interleaved(
         {
@@ -256,6 +262,7 @@ def main(argv=None) -> dict:
     extras = [f"{k} {v:g}" for k, v in (("deadband", args.deadband), ("k_p", args.proportional)) if v]
     extras += ["hold until target"] if args.hold_until_target else []
     extras += ["KL measured before the update"] if args.measure_before_update else []
+    extras += ["exact KL fed to the controller"] if args.measure_exact else []
     extras += [f"trust region max_kl {args.max_kl:g}"] if args.max_kl is not None else []
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     extras += [f"Adam beta1 {args.adam_beta1:g}"] if args.adam_beta1 != 0.9 else []

@@ -86,6 +86,8 @@ def test_from_any_reads_a_yaml_file(tmp_path):
             r"rails\.kl\.measure_before_update must be true or false, got 'yes'",
         ),
         ({"kl": {"max_kl": 0}}, r"rails\.kl\.max_kl must be null or a finite number > 0, got 0"),
+        ({"kl": {"measure_exact": True}}, r"rails\.kl\.measure_before_update must be true when kl\.measure_exact"),
+        ({"kl": {"measure_exact": "yes", "measure_before_update": True}}, r"rails\.kl\.measure_exact must be true or false"),
         (
             {"kl": {"controller": "adaptive", "target": 0.5, "max_kl": 0.4}},
             r"rails\.kl\.max_kl must be >= kl\.target \(0\.5\).*got 0\.4",

@@ -181,6 +181,33 @@ def test_kl_before_the_update_costs_one_forward_per_batch_and_none_with_a_fixed_
     assert calls["fixed", True] == calls["fixed", False]
 
 
+def test_controller_fed_the_exact_kl_reads_the_whole_vocabulary(tmp_path, tiny_debug_path):
+    # rails.kl.measure_exact: the controller's KL is the exact KL of each new batch before the update. The
+    # benchmarks' ExactKL subclass computes the same quantity independently (whole-sequence forwards, no
+    # logits_to_keep, no chunking) for the same batch and policy: the two must agree.
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+    from benchmarks._worker import with_exact_kl
+
+    rails = {"kl": {"controller": "adaptive", "init_kl_coef": 0.1, "target": 1e-3, "horizon": 10, "min_coef": 1e-3,
+                    "measure_before_update": True, "measure_exact": True}}
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails,
+                          **{**COMMON, "per_device_train_batch_size": 8})
+    trainer = with_exact_kl(SafeGRPOTrainer)(model=tiny_debug_path, reward_funcs=CharLength(), args=args,
+                                             train_dataset=_dataset())
+    seen = []
+    update = trainer.rails_wiring.kl_controller.update
+    trainer.rails_wiring.kl_controller.update = lambda kl, n: (seen.append(kl), update(kl, n))[1]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert seen[0] == pytest.approx(0.0, abs=1e-6)  # the first batch: policy == reference
+    assert seen == pytest.approx([h["kl/exact"] for h in logs], rel=1e-4, abs=1e-7)
+    assert seen[-1] > 1e-4
+    # it is not the sampled tokens' k3 (what GRPO logs as `kl` for the same batch)
+    assert seen[-1] != pytest.approx(logs[-1]["kl"], rel=1e-3)
+
+
 def _params(model):
     return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
@@ -277,6 +304,9 @@ def test_kl_trust_region_configuration_errors(tmp_path, tiny_debug_path):
     # PPO: refused at configuration time, with the alternative named
     with pytest.raises(ValueError, match=r"SafePPOConfig\.rails\.kl\.max_kl=0\.5 is invalid: .*kl_limit"):
         SafePPOConfig(output_dir=str(tmp_path), rails={"kl": {"max_kl": 0.5}}, use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"SafePPOConfig\.rails\.kl\.measure_exact=True is invalid: .*GRPO"):
+        SafePPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                      rails={"kl": {"measure_exact": True, "measure_before_update": True}})
 
 
 @pytest.mark.parametrize(

@@ -234,6 +234,11 @@ class KLConfig:
             update (GRPO: one more policy forward per rollout batch, without gradient, unless GRPO already computes
             the rollout log-probabilities; PPO: no extra cost, the beta of a rollout's KL penalty follows that
             rollout's KL). False: an update's beta comes from the KL measured in the previous update, a step late.
+        measure_exact: with `measure_before_update` (GRPO only): the controller reads the batch's exact KL, summed
+            over the whole vocabulary at every completion position, instead of the k3 mean of the sampled tokens.
+            k3's batch mean is right-skewed: it usually reads below the KL (so the controller holds the policy above
+            what it reads) and now and then spikes far above it (so beta jumps for nothing). Costs one policy and one
+            reference forward with full-vocabulary logits per batch (chunked by `per_device_train_batch_size`).
         max_kl: a trust region on the KL to the reference, in the unit of `target` (GRPO only; > 0, and >= target
             with the adaptive controller; null: off). After every optimizer step, if the KL of the batch just
             trained on now exceeds `max_kl`, the update is scaled back (`theta_old + s * (theta_new - theta_old)`,
@@ -268,6 +273,11 @@ class KLConfig:
                   "(GRPO: one more policy forward per batch); false: from the previous update's KL, a step late."},
     )
 
+    measure_exact: bool = field(
+        default=False,
+        metadata={"help": "With measure_before_update (GRPO): feed the controller the batch's exact KL over the whole "
+                  "vocabulary instead of the sampled tokens' k3 mean (one policy and one reference forward more)."},
+    )
     max_kl: float | None = field(
         default=None,
         metadata={"help": "Trust region (GRPO): after each optimizer step, an update that takes the trained batch's "
@@ -295,6 +305,13 @@ class KLConfig:
             isinstance(self.measure_before_update, bool), "kl.measure_before_update", "true or false",
             self.measure_before_update,
         )
+        _check(isinstance(self.measure_exact, bool), "kl.measure_exact", "true or false", self.measure_exact)
+        if self.measure_exact:
+            _check(
+                self.measure_before_update, "kl.measure_before_update",
+                "true when kl.measure_exact is true (the exact KL is measured on each new batch, before the update)",
+                self.measure_before_update,
+            )
         _check_number("kl.max_kl", self.max_kl, gt=0, nullable=True)
         _check(
             isinstance(self.max_kl_backtracks, int) and not isinstance(self.max_kl_backtracks, bool)

@@ -319,6 +319,22 @@ def kl_per_token_after_update(
     return (logp - old_logp).exp() * kl_per_token(logp, ref_logp, "k3", mask)
 
 
+def kl_exact(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(pi || pi_ref) of the next-token distributions at each position, summed over the whole vocabulary:
+    `sum_v pi(v) (log pi(v) - log pi_ref(v))`. No token is sampled, so it has none of the per-token estimators'
+    sampling spread (k3's is heavy-tailed: its batch mean usually reads below the KL and now and then far above).
+
+    Args:
+        logits: `(B, T, V)` next-token logits of the policy (already divided by the sampling temperature).
+        ref_logits: `(B, T, V)` the same for the reference model.
+
+    Returns:
+        `(B, T)` KL per position (computed in float32).
+    """
+    logp, ref_logp = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
 def sequence_kl(kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`(B,)` per-sequence KL: the sum of per-token KL over response tokens (what PPO's controller measures)."""
     return (kl * mask.to(kl.dtype)).sum(dim=1)

@@ -92,9 +92,12 @@ class RailsWiring:
         kl_controller: an ``AdaptiveKLController`` / ``FixedKLController`` (``None``: ``beta`` stays as configured).
     """
 
-    def __init__(self, rails=None, kl_controller=None, kl_before_update: bool = False, trust_region=None):
+    def __init__(self, rails=None, kl_controller=None, kl_before_update: bool = False, trust_region=None,
+                 kl_exact: bool = False):
         self.rails = rails
         self.kl_controller = kl_controller
+        # rails.kl.measure_exact: update_kl_from_batch feeds the exact KL over the vocabulary instead of k3
+        self.kl_exact = bool(kl_exact)
         # rails.kl.max_kl: a KLTrustRegion run around every optimizer step, or None
         self.trust_region = trust_region
         # rails.kl.measure_before_update: the controller is fed from each new batch (update_kl_from_batch) instead of
@@ -137,7 +140,7 @@ class RailsWiring:
                 )
             trust_region = KLTrustRegion(config.kl.max_kl, config.kl.max_kl_backtracks)
         return cls(rails=rails, kl_controller=controller, kl_before_update=config.kl.measure_before_update,
-                   trust_region=trust_region)
+                   trust_region=trust_region, kl_exact=config.kl.measure_exact)
 
     @property
     def active(self) -> bool:
@@ -314,10 +317,13 @@ class RailsWiring:
         import torch
 
         mask = kl_mask(output)
-        logps = output.get("old_per_token_logps")
-        if logps is None:
-            logps = policy_logps(trainer, output, "measure_before_update")
-        kl = kl_per_token(logps.float(), output["ref_per_token_logps"].float(), "k3", mask)
+        if self.kl_exact:
+            kl = exact_kl(trainer, output) * mask.to(torch.float32)
+        else:
+            logps = output.get("old_per_token_logps")
+            if logps is None:
+                logps = policy_logps(trainer, output, "measure_before_update")
+            kl = kl_per_token(logps.float(), output["ref_per_token_logps"].float(), "k3", mask)
         totals = torch.stack([kl.sum(), mask.sum().to(kl.dtype), torch.tensor(float(len(mask)), device=kl.device)])
         kl_sum, n_tokens, n_samples = trainer.accelerator.reduce(totals, reduction="sum").tolist()
         if n_tokens > 0:
@@ -371,6 +377,16 @@ def kl_mask(batch: dict):
     return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
 
 
+def _require_text_only(batch: dict, setting: str) -> None:
+    extra = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+                   if batch.get(k) is not None)
+    if extra:
+        raise ValueError(
+            f"rails.kl.{setting} measures the KL of text-only batches, but this batch has {extra}; switch "
+            f"rails.kl.{setting} off for a vision-language model"
+        )
+
+
 def policy_logps(trainer, batch: dict, setting: str):
     """`(B, T)` log-probabilities of a GRPO batch's completion tokens under the current policy: one forward without
     gradient through GRPO's own `_get_per_token_logps_and_entropies` (chunked by `per_device_train_batch_size`).
@@ -379,13 +395,7 @@ def policy_logps(trainer, batch: dict, setting: str):
 
     from trl.models.utils import disable_gradient_checkpointing
 
-    extra = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
-                   if batch.get(k) is not None)
-    if extra:
-        raise ValueError(
-            f"rails.kl.{setting} measures the KL of text-only batches, but this batch has {extra}; switch "
-            f"rails.kl.{setting} off for a vision-language model"
-        )
+    _require_text_only(batch, setting)
     completion_ids = batch["completion_ids"]
     input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
@@ -395,6 +405,45 @@ def policy_logps(trainer, batch: dict, setting: str):
             batch_size=trainer.args.per_device_train_batch_size,
         )
     return logps
+
+
+def exact_kl(trainer, batch: dict):
+    """`(B, T)` exact KL of the current policy to the reference at each completion position of a GRPO batch
+    (:func:`trl_safeppo.rails.kl.kl_exact`; 0 is not forced off the mask, the caller masks). Forwards without
+    gradient, `per_device_train_batch_size` rows at a time, keeping only the completion positions' logits
+    (`logits_to_keep`), divided by the sampling temperature as GRPO does. The reference is `trainer.ref_model`, or,
+    for a PEFT policy, the policy with its adapter switched off as GRPO does (TRL's `use_adapter`). Text-only."""
+    import torch
+
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+
+    from ..rails.kl import kl_exact
+
+    _require_text_only(batch, "measure_exact")
+    completion_ids = batch["completion_ids"]
+    n = completion_ids.shape[1]
+    input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+
+    def logits(model, rows):
+        out = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], logits_to_keep=n + 1)
+        return out.logits[:, :-1] / trainer.temperature  # the last position predicts past the completion
+
+    chunk = trainer.args.per_device_train_batch_size
+    parts = []
+    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+        for start in range(0, len(input_ids), chunk):
+            rows = slice(start, start + chunk)
+            policy = logits(trainer.model, rows)
+            if trainer.ref_model is not None:
+                ref = logits(trainer.ref_model, rows)
+            else:
+                unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref = logits(trainer.model, rows)
+            parts.append(kl_exact(policy, ref))
+    return torch.cat(parts)
 
 
 class KLTrustRegion:

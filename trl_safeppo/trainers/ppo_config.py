@@ -295,6 +295,12 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
             # Validate now, at configuration time; keep the plain dict form so that the config stays JSON-serializable
             # (TrainingArguments.to_json_string, loggers, checkpoints).
             self.rails = RailsConfig.from_any(self.rails).to_dict()
+            if self.rails["kl"]["measure_exact"]:
+                raise bad(
+                    "rails.kl.measure_exact", True,
+                    "the exact-KL measurement runs in GRPO stages only (PPO's controller reads the rollout's KL per "
+                    "sequence from its own log-probabilities); set it to false",
+                )
             max_kl = self.rails["kl"]["max_kl"]
             if max_kl is not None:
                 raise bad(
