@@ -110,6 +110,7 @@ def test_length_exploit_reward_by_hand():
         ("kl_control", ["--adam-beta1", "1"], "--adam-beta1=1.0"),
         ("kl_control", ["--max-kl", "0.4"], "--max-kl=0.4: must be >= --target=0.5"),
         ("kl_control", ["--probe", "1"], "--probe=1: use 0 (off) or at least 2 prompts"),
+        ("kl_control", ["--measure-exact"], "--measure-exact: needs --measure-before-update"),
         ("kl_control", ["--max-kl", "0.65", "--max-kl-backtracks", "-1"], "--max-kl-backtracks=-1"),
         # argparse: "argument --lr-scheduler: invalid choice: 'cosine' (choose from linear, constant)"; the quoting
         # of the choices differs between Python versions

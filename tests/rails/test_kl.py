@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from trl_safeppo import AdaptiveKLController, FixedKLController
 from trl_safeppo.rails.kl import (
-    kl_line_search, kl_penalized_token_rewards, kl_per_token, kl_per_token_after_update, sequence_kl,
+    kl_exact, kl_line_search, kl_penalized_token_rewards, kl_per_token, kl_per_token_after_update, sequence_kl,
 )
 
 
@@ -266,3 +266,15 @@ def test_kl_line_search_non_finite_kl_fails_the_scale():
     # s = 1 gives NaN (a blown-up step), s = 1/2 is fine
     values = {1.0: math.nan, 0.5: 0.5}
     assert kl_line_search(values.__getitem__, max_kl=0.75, kl_before=0.4, max_backtracks=4) == (0.5, 0.5, 2)
+
+
+def test_kl_exact_by_hand():
+    # position 0: pi = softmax(0, 0) = (1/2, 1/2), pi_ref = softmax(0, ln 3) = (1/4, 3/4):
+    #   KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = 0.143841; position 1: pi == pi_ref, KL = 0
+    logits = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])
+    ref = torch.tensor([[[0.0, math.log(3.0)], [1.0, 2.0]]])
+    assert_close(kl_exact(logits, ref), torch.tensor([[0.5 * math.log(4 / 3), 0.0]]))
+    # it is the expectation k3 estimates: the mean of k3 over tokens drawn from pi (here exactly, by weights)
+    p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
+    k3 = kl_per_token(p.log()[None], q.log()[None], "k3")
+    assert (p * k3[0]).sum().item() == pytest.approx(0.5 * math.log(4 / 3))
