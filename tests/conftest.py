@@ -96,3 +96,31 @@ def tiny_arithmetic_path() -> str:
     from trl_safeppo.models import resolve_model_path
 
     return resolve_model_path("tiny://arithmetic")
+
+
+@pytest.fixture
+def two_process_results(tmp_path):
+    """A function that runs a Python script under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo)
+    with its output directory as the only argument, and returns the JSON files `rank0.json` and `rank1.json` it
+    wrote there (one per process). The distributed trainer tests share it."""
+    import json
+    import subprocess
+    import sys
+
+    def run(source: str) -> list[dict]:
+        script = tmp_path / "two_processes.py"
+        script.write_text(source)
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+            str(script), str(out),
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+
+    run.out = tmp_path / "out"
+    return run

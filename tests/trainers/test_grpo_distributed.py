@@ -4,10 +4,6 @@ and the DDP replicas stay identical while the cap scales steps back."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -49,19 +45,8 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.distributed
-def test_kl_trust_region_agrees_across_two_processes(tmp_path, tiny_debug_path):
-    script = tmp_path / "grpo_ddp.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script), str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    r0, r1 = (json.loads((out / f"rank{i}.json").read_text()) for i in range(2))
+def test_kl_trust_region_agrees_across_two_processes(two_process_results, tiny_debug_path):
+    r0, r1 = two_process_results(SCRIPT)
     assert r0["world"] == r1["world"] == 2
     # one KL over both processes (2 micro-batches of 4 completions each per optimizer step): the same scales and
     # KLs on both ranks, so the same weights

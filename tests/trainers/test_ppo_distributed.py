@@ -4,10 +4,6 @@ ranks, rails and KL state agree."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -54,19 +50,8 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.distributed
-def test_two_processes_on_cpu(tmp_path, tiny_debug_path):
-    script = tmp_path / "ppo_ddp.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(script), str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    r0, r1 = (json.loads((out / f"rank{i}.json").read_text()) for i in range(2))
+def test_two_processes_on_cpu(two_process_results, tiny_debug_path):
+    r0, r1 = two_process_results(SCRIPT)
     assert r0["world"] == r1["world"] == 2
     assert r0["policy_sum"] == pytest.approx(r1["policy_sum"], rel=1e-9), "DDP policies diverged"
     assert r0["critic_sum"] == pytest.approx(r1["critic_sum"], rel=1e-9), "DDP critics diverged"
@@ -75,5 +60,5 @@ def test_two_processes_on_cpu(tmp_path, tiny_debug_path):
     # one rollout: 2 per device x 2 processes x steps_per_generation 2 = 8 completions (4 prompts x 2 generations)
     assert r0["rails_state"]["normalize"]["count"] == 8
     assert len(r0["val_loss"]) == 2
-    ckpt = out / "checkpoint-2"
+    ckpt = two_process_results.out / "checkpoint-2"
     assert (ckpt / "critic").is_dir() and (ckpt / "critic_optimizer.pt").exists()
