@@ -94,6 +94,13 @@ def test_from_any_reads_a_yaml_file(tmp_path):
         ),
         ({"kl": {"max_kl": 1.0, "max_kl_backtracks": 1.5}}, r"rails\.kl\.max_kl_backtracks must be an integer >= 0"),
         ({"kl": {"max_kl": 1.0, "max_kl_backtracks": -1}}, r"rails\.kl\.max_kl_backtracks must be an integer >= 0"),
+        ({"kl": {"pull_back_above": 0}}, r"rails\.kl\.pull_back_above must be null or a finite number > 0, got 0"),
+        (
+            {"kl": {"pull_back_above": 0.6, "pull_back_to": 0.7}},
+            r"rails\.kl\.pull_back_to must be null, or a number <= kl\.pull_back_above \(0\.6\).*got 0\.7",
+        ),
+        ({"kl": {"pull_back_to": 0.5}}, r"rails\.kl\.pull_back_to must be null, or a number <= kl\.pull_back_above \(None\)"),
+        ({"kl": {"pull_back_above": 0.6, "pull_back_iterations": 0}}, r"rails\.kl\.pull_back_iterations must be an integer >= 1"),
         ({"kl": {"hold_until_target": "yes"}}, r"rails\.kl\.hold_until_target must be true or false, got 'yes'"),
         ({"clip": {"low": 2.0, "high": 1.0}}, r"rails\.clip\.low must be <= rails\.clip\.high"),
         ({"clip": {"position": "middle"}}, r"rails\.clip\.position"),

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from trl_safeppo import AdaptiveKLController, FixedKLController
 from trl_safeppo.rails.kl import (
-    kl_exact, kl_line_search, kl_penalized_token_rewards, kl_per_token, kl_per_token_after_update, sequence_kl,
+    kl_exact, kl_line_search, kl_penalized_token_rewards, kl_pull_back_search, kl_per_token, kl_per_token_after_update, sequence_kl,
 )
 
 
@@ -268,6 +268,41 @@ def test_kl_line_search_non_finite_kl_fails_the_scale():
     assert kl_line_search(values.__getitem__, max_kl=0.75, kl_before=0.4, max_backtracks=4) == (0.5, 0.5, 2)
 
 
+def test_kl_pull_back_search_bisects_to_the_landing_kl():
+    calls = []
+
+    def kl_at(alpha):  # KL quadratic in the distance to the reference: 2.0 at the policy, 0 at the reference
+        calls.append(alpha)
+        return 2.0 * alpha * alpha
+
+    # above 0.6, land on <= 0.5: 2 a^2 <= 0.5 <=> a <= 1/2. Bisection keeps lo (KL <= 0.5) and hi (KL > 0.5):
+    # 1/2 -> 0.5 in (lo = 1/2); 3/4 -> 1.125 out; 5/8 -> 0.78125 out; 9/16 -> 0.6328 out -> alpha 1/2, KL 0.5
+    assert kl_pull_back_search(kl_at, above=0.6, to=0.5, kl_now=2.0, iterations=4) == (0.5, 0.5, 4)
+    assert calls == [0.5, 0.75, 0.625, 0.5625]
+    # landing on 0.3 instead: a <= sqrt(0.15) = 0.3873: 1/2 -> 0.5 out; 1/4 -> 0.125 in; 3/8 -> 0.28125 in;
+    # 7/16 -> 0.3828 out -> alpha 3/8, KL 0.28125 (within 2**-4 of the exact 0.3873)
+    assert kl_pull_back_search(kl_at, above=0.6, to=0.3, kl_now=2.0, iterations=4) == (0.375, 0.28125, 4)
+
+
+def test_kl_pull_back_search_leaves_a_policy_under_the_trigger_alone():
+    def never(alpha):  # must not be called
+        raise AssertionError(alpha)
+
+    # 0.55 <= above 0.6: no pull-back even though it is above `to` (the margin between the two is the hysteresis)
+    assert kl_pull_back_search(never, above=0.6, to=0.5, kl_now=0.55, iterations=6) == (1.0, 0.55, 0)
+    assert kl_pull_back_search(never, above=0.6, to=0.5, kl_now=0.6, iterations=6) == (1.0, 0.6, 0)
+
+
+def test_kl_pull_back_search_non_finite_counts_as_too_far():
+    # a NaN KL now (a blown-up step) is pulled back; NaN at a trial alpha is treated as above `to`:
+    # 1/2 -> NaN out; 1/4 -> 0.1 in; 3/8 -> 0.3 in -> alpha 3/8
+    values = {0.5: math.nan, 0.25: 0.1, 0.375: 0.3}
+    assert kl_pull_back_search(values.__getitem__, above=0.6, to=0.5, kl_now=math.nan, iterations=3) == (
+        0.375, 0.3, 3)
+    # nothing but the reference itself is within `to`: alpha 0 (the reference weights), KL 0
+    assert kl_pull_back_search(lambda a: 9.0, above=0.6, to=0.5, kl_now=9.0, iterations=3) == (0.0, 0.0, 3)
+
+
 def test_kl_exact_by_hand():
     # position 0: pi = softmax(0, 0) = (1/2, 1/2), pi_ref = softmax(0, ln 3) = (1/4, 3/4):
     #   KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = 0.143841; position 1: pi == pi_ref, KL = 0
@@ -278,3 +313,13 @@ def test_kl_exact_by_hand():
     p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
     k3 = kl_per_token(p.log()[None], q.log()[None], "k3")
     assert (p * k3[0]).sum().item() == pytest.approx(0.5 * math.log(4 / 3))
+
+
+def test_docstring_examples_run():
+    # the worked examples in rails.kl's docstrings (kl_line_search, kl_pull_back_search) are checked here
+    import doctest
+
+    import trl_safeppo.rails.kl as kl_module
+
+    result = doctest.testmod(kl_module)
+    assert result.attempted >= 2 and result.failed == 0

@@ -309,6 +309,115 @@ def test_kl_trust_region_configuration_errors(tmp_path, tiny_debug_path):
                       rails={"kl": {"measure_exact": True, "measure_before_update": True}})
 
 
+def _reference_params(trainer):
+    reference = dict(trainer.ref_model.named_parameters())
+    return [reference[n].detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad]
+
+
+def test_kl_pull_back_that_never_triggers_changes_nothing(tmp_path, tiny_debug_path):
+    kl = {"controller": "fixed", "init_kl_coef": 0.1}
+    _, plain = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "plain", rails={"kl": kl})
+    pulled, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "pulled",
+                          rails={"kl": {**kl, "pull_back_above": 1e9}})
+    keys = ("loss", "reward", "kl", "entropy", "completions/mean_length", "grad_norm")
+    assert [{k: h[k] for k in keys} for h in logs] == [{k: h[k] for k in keys} for h in plain]
+    assert plain[-1]["kl"] > 0
+    assert [h["kl/pull_back/alpha"] for h in logs] == [1.0, 1.0, 1.0]
+    # the KL after each step is the next step's starting point: positive once the policy has moved
+    assert all(h["kl/pull_back/kl_after"] > 0 for h in logs)
+    assert not any(k.startswith("kl/trust_region/") for h in logs for k in h)  # max_kl is off: not logged
+    assert pulled.rails_wiring.trust_region.batches == []  # nothing held between steps
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "metrics.md")).read()
+    added = sorted({k for h in logs for k in h if k.startswith("kl/pull_back/")})
+    assert added == ["kl/pull_back/alpha", "kl/pull_back/kl_after"] and all(f"`{k}`" in docs for k in added)
+
+
+def test_kl_pull_back_to_almost_zero_returns_the_policy_to_the_reference(tmp_path, tiny_debug_path):
+    # The policy starts at the reference (KL 0). After each update KL is above 1e-12; landing on 1e-12 needs
+    # alpha 0 (at alpha = 2**-6 the KL is still ~2**-12 x the step's, far above 1e-12), so every update ends with
+    # the weights back at the reference's: every batch is sampled from the reference, KL 0 at every step.
+    rails = {"kl": {"controller": "fixed", "init_kl_coef": 0.1, "pull_back_above": 1e-12}}
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
+    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["kl"] for h in logs] == [0.0, 0.0, 0.0]
+    assert [h["kl/pull_back/alpha"] for h in logs] == [0.0, 0.0, 0.0]
+    assert all(h["grad_norm"] > 0 for h in logs)  # there were updates to pull back
+    for p, q in zip(_reference_params(trainer), _params(trainer.model), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+
+
+def test_kl_pull_back_leaves_the_weights_on_the_line_to_the_reference(tmp_path, tiny_debug_path, monkeypatch):
+    # lr 1e-2 takes this batch's KL from 0 to ~0.02 in one step: above 2e-3, so the pull-back bisects towards the
+    # reference and lands at <= 1e-3. Whatever alpha it accepts, the weights must end at
+    # theta_ref + alpha * (theta_new - theta_ref), and the reported KL is the one measured there.
+    import trl_safeppo.rails.kl as kl_module
+    from transformers import TrainerCallback
+
+    seen = []
+    real = kl_module.kl_pull_back_search
+
+    def spy(kl_at, above, to, kl_now, iterations):
+        new = _params(trainer.model)  # the search starts at the policy as the update left it: theta_new
+        result = real(kl_at, above, to, kl_now, iterations)
+        seen[-1].update(new=new, result=result, kl_now=kl_now)
+        return result
+
+    class Weights(TrainerCallback):  # runs after the pull-back (registered later)
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen.append({})
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            seen[-1]["final"] = _params(trainer.model)
+
+    monkeypatch.setattr(kl_module, "kl_pull_back_search", spy)
+    rails = {"kl": {"controller": "fixed", "init_kl_coef": 0.1, "pull_back_above": 2e-3, "pull_back_to": 1e-3,
+                    "pull_back_iterations": 8}}
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
+    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    trainer.add_callback(Weights())
+    reference = _reference_params(trainer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    pulled = [step for step in seen if "result" in step]
+    assert len(seen) == 3 and pulled, seen  # the search ran on at least one step (it is skipped below the trigger)
+    assert any(0 < step["result"][0] < 1 for step in pulled)  # and stopped part of the way back
+    for step in pulled:
+        alpha, kl_after, _ = step["result"]
+        assert step["kl_now"] > 2e-3 and kl_after <= 1e-3
+        for ref, new, final in zip(reference, step["new"], step["final"], strict=True):
+            torch.testing.assert_close(final, ref + alpha * (new - ref), rtol=0, atol=1e-6)
+    assert [h["kl/pull_back/alpha"] for h in logs] == [step["result"][0] if "result" in step else 1.0 for step in seen]
+    for step, log in zip(seen, logs, strict=True):
+        if "result" in step:
+            assert log["kl/pull_back/kl_after"] == pytest.approx(step["result"][1])
+            # the reference does not move
+    for before, after in zip(reference, _reference_params(trainer), strict=True):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_kl_pull_back_configuration_errors(tmp_path, tiny_debug_path):
+    from peft import LoraConfig
+
+    from trl_safeppo import SafePPOConfig
+
+    # no KL term, no reference model to pull back to (refused by the config, before any model is built)
+    with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_above=0\.6 bounds the KL .* coefficient is 0\.0"):
+        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.0, rails={"kl": {"pull_back_above": 0.6}}, **COMMON)
+    with pytest.raises(ValueError, match=r"pull_back_above=0\.6 pulls the policy back .* sync_ref_model=True"):
+        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, sync_ref_model=True, rails={"kl": {"pull_back_above": 0.6}},
+                       **COMMON)
+    with pytest.raises(ValueError, match=r"SafePPOConfig\.rails\.kl\.pull_back_above=0\.6 is invalid: .*kl_limit"):
+        SafePPOConfig(output_dir=str(tmp_path), rails={"kl": {"pull_back_above": 0.6}}, use_cpu=True, report_to="none")
+    # PEFT: the reference is the policy with its adapter off, there are no reference weights to move towards
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, beta=0.1, rails={"kl": {"pull_back_above": 0.6}},
+                          **COMMON)
+    with pytest.raises(ValueError, match=r"pull_back_above=0\.6 moves the weights .* no separate reference model"):
+        SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset(),
+                        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -246,6 +246,18 @@ class KLConfig:
             lowers KL always passes. The penalty steers; this is the hard limit it cannot give. Costs one extra copy
             of the trainable parameters and 2 to `max_kl_backtracks + 2` policy forwards without gradient per step.
         max_kl_backtracks: halvings of the step the `max_kl` line search tries before undoing the update (>= 0).
+        pull_back_above: a pull-back towards the reference, in the unit of `target` (GRPO only; > 0; null: off).
+            After every optimizer step (and after `max_kl`'s line search), if the KL of the batch just trained on
+            exceeds `pull_back_above`, the trainable parameters move along the straight line to the reference
+            model's, `theta_ref + alpha * (theta - theta_ref)`, to the largest alpha (bisection) whose KL is at most
+            `pull_back_to`. Unlike `max_kl`, which can only hold KL where it is, this lowers it at once, whatever
+            the optimizer's momentum. Needs a separate reference model (not PEFT) and `sync_ref_model` off. Costs 2
+            policy forwards without gradient per step, and `pull_back_iterations` more plus one copy of the
+            trainable parameters on a step that pulls back.
+        pull_back_to: the KL a pull-back lands on (> 0, <= `pull_back_above`); null: `pull_back_above` (a cap that
+            also pulls back). Below `pull_back_above` leaves a margin for the next batch, which the trained batch
+            cannot show (benchmarks, docs/benchmarks.md section 5).
+        pull_back_iterations: bisection steps of the pull-back (>= 1): alpha to within `2 ** -iterations`.
     """
 
     controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al. 2019)."})
@@ -286,6 +298,19 @@ class KLConfig:
     max_kl_backtracks: int = field(
         default=4, metadata={"help": "Halvings of the step the max_kl line search tries before undoing the update."}
     )
+    pull_back_above: float | None = field(
+        default=None,
+        metadata={"help": "Pull-back (GRPO): after each optimizer step, if the trained batch's KL exceeds this, move "
+                  "the weights towards the reference model's until it is at most pull_back_to; unit of `target`; "
+                  "null: off."},
+    )
+    pull_back_to: float | None = field(
+        default=None,
+        metadata={"help": "The KL a pull-back lands on (<= pull_back_above); null: pull_back_above."},
+    )
+    pull_back_iterations: int = field(
+        default=6, metadata={"help": "Bisection steps of the pull-back: alpha to within 2 ** -iterations."}
+    )
 
     def __post_init__(self) -> None:
         _check(self.controller in ("fixed", "adaptive"), "kl.controller", "'fixed' or 'adaptive'", self.controller)
@@ -317,6 +342,19 @@ class KLConfig:
             isinstance(self.max_kl_backtracks, int) and not isinstance(self.max_kl_backtracks, bool)
             and self.max_kl_backtracks >= 0,
             "kl.max_kl_backtracks", "an integer >= 0 (0: keep the whole update or undo it)", self.max_kl_backtracks,
+        )
+        _check_number("kl.pull_back_above", self.pull_back_above, gt=0, nullable=True)
+        _check_number("kl.pull_back_to", self.pull_back_to, gt=0, nullable=True)
+        if self.pull_back_to is not None:
+            _check(
+                self.pull_back_above is not None and self.pull_back_to <= self.pull_back_above, "kl.pull_back_to",
+                f"null, or a number <= kl.pull_back_above ({self.pull_back_above}): a pull-back starts above "
+                "pull_back_above and lands on pull_back_to", self.pull_back_to,
+            )
+        _check(
+            isinstance(self.pull_back_iterations, int) and not isinstance(self.pull_back_iterations, bool)
+            and self.pull_back_iterations >= 1,
+            "kl.pull_back_iterations", "an integer >= 1 (6: alpha to within 1/64)", self.pull_back_iterations,
         )
         if self.controller == "adaptive" and self.max_kl is not None:
             _check(

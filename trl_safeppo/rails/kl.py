@@ -36,7 +36,7 @@ Estimators of KL(pi || pi_ref) per token, with `log r = ref_logp - logp` on toke
     k3 = (r - 1) - log r                          unbiased, low variance, >= 0 (TRL GRPO's estimator)
 
 After an update the sampled tokens are off-policy; `kl_per_token_after_update` weights k3 by `pi / pi_old`
-(the KL trust region's measure, `kl_line_search`).
+(the KL trust region's measure, `kl_line_search`, and the pull-back's, `kl_pull_back_search`).
 
 Torch is not imported here at module level: the estimators only use tensor methods.
 """
@@ -273,6 +273,42 @@ def kl_line_search(
             return scale, kl, evaluation
         scale /= 2
     return 0.0, float(kl_before), max_backtracks + 1
+
+
+def kl_pull_back_search(
+    kl_at: Callable[[float], float], above: float, to: float, kl_now: float, iterations: int
+) -> tuple[float, float, int]:
+    """Pull-back towards the reference (pure given `kl_at`): when the KL now exceeds `above`, the largest fraction
+    `alpha` of the way from the reference to the current weights whose KL is at most `to`, found by bisection.
+
+    `kl_at(alpha)` is the KL to the reference with the parameters at `theta_ref + alpha * (theta - theta_ref)`:
+    alpha = 1 is the policy as it is (KL `kl_now`), alpha = 0 the reference itself (KL 0). A cap that only scales an
+    update back (`kl_line_search`) can hold KL where it is, not lower it; this moves the weights back along the straight
+    line to the reference, so one call lands KL at `to` however far above it the policy has gone, without waiting
+    for a penalty to work through the optimizer. Bisection keeps the invariant `kl_at(lo) <= to < kl_at(hi)`
+    (`lo = 0`, `hi = 1` at the start), so it needs no monotonicity beyond the two ends; `iterations` halvings give
+    alpha to within `2 ** -iterations`. A non-finite KL counts as above `to`. Interpolating weights towards an
+    anchor is what TR-DPO's reference update (Gorbatovski et al. 2024) and Elastic Reset (Noukhovitch et al. 2023)
+    do in the other direction or all at once; here the fraction is chosen by the KL.
+
+    Returns:
+        `(alpha, kl, n_evaluations)`: the accepted fraction (1.0 when `kl_now <= above`: nothing to do), the KL there
+        (`kl_now` when untouched; 0.0 at alpha = 0, which needs no evaluation) and how many times `kl_at` was called.
+
+    >>> kl_pull_back_search(lambda a: 2.0 * a * a, above=0.6, to=0.5, kl_now=2.0, iterations=3)  # 0.5 in; 0.75, 0.625 out
+    (0.5, 0.5, 3)
+    """
+    if math.isfinite(kl_now) and kl_now <= above:
+        return 1.0, float(kl_now), 0
+    lo, kl_lo, hi = 0.0, 0.0, 1.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        kl = float(kl_at(mid))
+        if math.isfinite(kl) and kl <= to:
+            lo, kl_lo = mid, kl
+        else:
+            hi = mid
+    return lo, kl_lo, iterations
 
 
 def kl_per_token(

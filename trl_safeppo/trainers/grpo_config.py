@@ -72,11 +72,18 @@ class SafeGRPOConfig(TripwireFields, GRPOConfig):
             self.rails = _as_rails_config(self.rails).to_dict()
             kl = self.rails["kl"]
             beta = kl["init_kl_coef"] if kl["init_kl_coef"] is not None else self.beta
-            if kl["max_kl"] is not None and not beta > 0:
+            for name in ("max_kl", "pull_back_above"):
+                if kl[name] is not None and not beta > 0:
+                    raise ValueError(
+                        f"rails.kl.{name}={kl[name]!r} bounds the KL to the reference model, but the KL coefficient "
+                        f"is {beta!r}, so GRPO loads no reference model; set rails.kl.init_kl_coef (or beta) > 0, or "
+                        f"rails.kl.{name} to null"
+                    )
+            if kl["pull_back_above"] is not None and self.sync_ref_model:
                 raise ValueError(
-                    f"rails.kl.max_kl={kl['max_kl']!r} bounds the KL to the reference model, but the KL coefficient is "
-                    f"{beta!r}, so GRPO loads no reference model; set rails.kl.init_kl_coef (or beta) > 0, or "
-                    "rails.kl.max_kl to null"
+                    f"rails.kl.pull_back_above={kl['pull_back_above']!r} pulls the policy back towards the reference "
+                    "while sync_ref_model=True moves the reference towards the policy; set sync_ref_model to False, "
+                    "or rails.kl.pull_back_above to null"
                 )
         validate_tripwire_fields(self)
 

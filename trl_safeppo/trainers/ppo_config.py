@@ -308,6 +308,13 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
                     "the KL trust region runs in GRPO stages only (PPO's KL is a per-token reward, its updates are "
                     "clipped by the PPO ratio); set it to null here and bound PPO's KL with a `kl_limit` tripwire",
                 )
+            pull_back = self.rails["kl"]["pull_back_above"]
+            if pull_back is not None:
+                raise bad(
+                    "rails.kl.pull_back_above", pull_back,
+                    "the KL pull-back runs in GRPO stages only; set it to null here and bound PPO's KL with a "
+                    "`kl_limit` tripwire (action raise_kl or rollback)",
+                )
 
 
 # The tripwire fields share their help text with SafeGRPOConfig; the docstring is a literal (so it is __doc__) and
