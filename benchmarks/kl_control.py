@@ -79,6 +79,15 @@ def main(argv=None) -> dict:
                         "that takes its batch's KL past it is scaled back by halves, or undone (default: off)")
     parser.add_argument("--max-kl-backtracks", type=int, default=4,
                         help="halvings the --max-kl line search tries before undoing an update (default 4)")
+    parser.add_argument("--pull-back-above", type=float, default=None,
+                        help="adaptive run: KL pull-back (rails.kl.pull_back_above), in the unit of --target: after "
+                        "an update that leaves its batch's KL above it, the weights move towards the reference's "
+                        "until the KL is --pull-back-to (default: off)")
+    parser.add_argument("--pull-back-to", type=float, default=None,
+                        help="the KL a pull-back lands on (default: --pull-back-above)")
+    parser.add_argument("--no-fixed", action="store_true",
+                        help="run the adaptive configuration only (half the time): the fixed-beta run of a seed does "
+                        "not depend on the adaptive flags, so one invocation with it per seed is enough")
     parser.add_argument("--measure-exact", action="store_true",
                         help="with --measure-before-update: the controller reads each batch's exact KL over the "
                         "vocabulary instead of the k3 mean of its sampled tokens (rails.kl.measure_exact)")
@@ -115,6 +124,12 @@ def main(argv=None) -> dict:
     if args.max_kl is not None and not args.max_kl >= target:
         raise SystemExit(f"--max-kl={args.max_kl}: must be >= --target={target} (a cap above the target, e.g. "
                          f"{1.3 * target:g})")
+    if args.pull_back_above is not None and not args.pull_back_above > 0:
+        raise SystemExit(f"--pull-back-above={args.pull_back_above}: must be > 0 (e.g. {1.2 * target:g}, 1.2x target)")
+    if args.pull_back_to is not None and not (args.pull_back_above is not None
+                                              and 0 < args.pull_back_to <= args.pull_back_above):
+        raise SystemExit(f"--pull-back-to={args.pull_back_to}: needs --pull-back-above and must be in (0, "
+                         f"--pull-back-above]")
     if args.measure_exact and not args.measure_before_update:
         raise SystemExit("--measure-exact: needs --measure-before-update (the exact KL is read from each new batch)")
     if args.probe < 0 or args.probe == 1:
@@ -143,14 +158,15 @@ def main(argv=None) -> dict:
                        "hold_until_target": args.hold_until_target, "deadband": args.deadband,
                        "proportional": args.proportional, "measure_before_update": args.measure_before_update,
                        "measure_exact": args.measure_exact,
-                       "max_kl": args.max_kl, "max_kl_backtracks": args.max_kl_backtracks}}
-    runs = interleaved(
-        {
-            "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
-            "adaptive": ("benchmarks._worker", base_config(args, args.trainer, rails=adaptive, **shared), {}),
-        },
-        args.repeats,
-    )
+                       "max_kl": args.max_kl, "max_kl_backtracks": args.max_kl_backtracks,
+                       "pull_back_above": args.pull_back_above, "pull_back_to": args.pull_back_to}}
+    configs = {
+        "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
+        "adaptive": ("benchmarks._worker", base_config(args, args.trainer, rails=adaptive, **shared), {}),
+    }
+    if args.no_fixed:
+        del configs["fixed"]
+    runs = interleaved(configs, args.repeats)
     rows, result = [], {"target": target, "horizon": horizon, "warmup": warmup, "kl_key": KL_KEY[args.trainer],
                         "warm_start": warm, "machine": machine(), "args": vars(args)}
     floors = {"fixed": args.beta, "adaptive": args.min_coef}
@@ -171,6 +187,8 @@ def main(argv=None) -> dict:
         probe = [k for r in rs for k in _series(r, PROBE_KEY)[warmup:]]
         inside_probe = sum(0.5 * target <= k <= 1.5 * target for k in probe) / len(probe) if probe else None
         se = [x for r in rs for x in _series(r, EXACT_SE_KEY)[warmup:]]
+        # with --pull-back-above: the steps whose update was pulled back towards the reference (alpha < 1)
+        pulled = [a < 1 for r in rs for a in _series(r, "kl/pull_back/alpha")]
         plausible = None
         if se and len(se) == len(exact):
             plausible = sum(k + 2 * e >= 0.5 * target and k - 2 * e <= 1.5 * target for k, e in zip(exact, se))
@@ -183,7 +201,7 @@ def main(argv=None) -> dict:
                         "share_control_failed": failed, "share_in_band_exact": inside_exact,
                         "exact_kl_after_warmup": stats(exact) if exact else None,
                         "share_in_band_within_2se": plausible,
-                        "share_in_band_probe": inside_probe, "probe_kl_after_warmup": stats(probe) if probe else None,
+                        "share_in_band_probe": inside_probe, "steps_pulled_back": sum(pulled) if pulled else None, "probe_kl_after_warmup": stats(probe) if probe else None,
                         "probe_kl_se_over_target": stats([e / target for r in rs
                                                           for e in _series(r, PROBE_KEY + "_se")[warmup:]])
                         if probe else None,
@@ -197,29 +215,39 @@ def main(argv=None) -> dict:
                 f"warm-up ({warmup})", rows,
                 ("beta", "KL median [min, max]", "median/target", "in band", "above", "below", "control failed",
                  "in band (exact KL)", "exact within 2 SE of band", "in band (probe KL)"))
-    ok, drift = result["adaptive"]["share_in_band"], result["fixed"]["share_in_band"]
+    fixed_run = result.get("fixed")
+    ok, drift = result["adaptive"]["share_in_band"], fixed_run["share_in_band"] if fixed_run else None
     held = 1 - result["adaptive"]["share_control_failed"]
-    met = ok >= 0.9 and drift < 0.5  # reading of the goal: nearly all adaptive steps in band, fixed mostly out
+    # reading of the goal: nearly all adaptive steps in band, fixed mostly out (with --no-fixed: the adaptive side)
+    met = ok >= 0.9 and (drift is None or drift < 0.5)
     result["goal_met"] = met
-    result["goal_met_where_control_can_act"] = held >= 0.9 and drift < 0.5
+    result["goal_met_where_control_can_act"] = held >= 0.9 and (drift is None or drift < 0.5)
+    fixed_text = "fixed beta not run" if drift is None else f"fixed beta: {100 * drift:.0f}%"
     print(f"goal: adaptive KL within [0.5, 1.5] x target after warm-up -> {100 * ok:.0f}% of steps in band "
-          f"(fixed beta: {100 * drift:.0f}%); met when >= 90% while fixed < 50% -> {'met' if met else 'NOT met'}")
+          f"({fixed_text}); met when >= 90% while fixed < 50% -> {'met' if met else 'NOT met'}")
     print(f"where control can act (not counting steps below the band with beta at its floor): "
           f"{100 * held:.0f}% held -> {'met' if result['goal_met_where_control_can_act'] else 'NOT met'}")
+
+    def fixed_share(key: str) -> str:
+        return "fixed beta not run" if not fixed_run else f"fixed beta: {100 * (fixed_run[key] or 0):.0f}%"
+
     if result["adaptive"]["share_in_band_exact"] is not None:
-        exact_ok, exact_drift = result["adaptive"]["share_in_band_exact"], result["fixed"]["share_in_band_exact"]
-        print(f"exact KL of each batch (no token-sampling spread): {100 * exact_ok:.0f}% of adaptive steps in band "
-              f"(fixed beta: {100 * exact_drift:.0f}%)")
+        print(f"exact KL of each batch (no token-sampling spread): "
+              f"{100 * result['adaptive']['share_in_band_exact']:.0f}% of adaptive steps in band "
+              f"({fixed_share('share_in_band_exact')})")
     if result["adaptive"]["share_in_band_probe"] is not None:
         probe_se = result["adaptive"]["probe_kl_se_over_target"]["median"]
         print(f"probe KL ({args.probe} fixed prompts, median SE {probe_se:.2f}x target): "
               f"{100 * result['adaptive']['share_in_band_probe']:.0f}% of adaptive steps in band "
-              f"(fixed beta: {100 * (result['fixed']['share_in_band_probe'] or 0):.0f}%)")
+              f"({fixed_share('share_in_band_probe')})")
     if result["adaptive"]["share_in_band_within_2se"] is not None:
         se_ratio = result["adaptive"]["exact_kl_se_over_target"]["median"]
         print(f"sampling error of a batch's exact KL over its prompts: median SE {se_ratio:.2f}x target; "
               f"{100 * result['adaptive']['share_in_band_within_2se']:.0f}% of adaptive steps read within 2 SE of "
-              f"the band (fixed beta: {100 * (result['fixed']['share_in_band_within_2se'] or 0):.0f}%)")
+              f"the band ({fixed_share('share_in_band_within_2se')})")
+    if result["adaptive"]["steps_pulled_back"] is not None:
+        print(f"pull-back: {result['adaptive']['steps_pulled_back']} of {args.steps * args.repeats} adaptive steps "
+              f"moved towards the reference")
 
     import matplotlib
 
@@ -228,6 +256,8 @@ def main(argv=None) -> dict:
 
     fig, (ax_kl, ax_beta, ax_len) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, color in (("fixed", "tab:grey"), ("adaptive", "tab:blue")):
+        if name not in runs:
+            continue
         run = runs[name][0]
         kl = _series(run, KL_KEY[args.trainer])
         steps = range(1, len(kl) + 1)
@@ -264,6 +294,9 @@ def main(argv=None) -> dict:
     extras += ["KL measured before the update"] if args.measure_before_update else []
     extras += ["exact KL fed to the controller"] if args.measure_exact else []
     extras += [f"trust region max_kl {args.max_kl:g}"] if args.max_kl is not None else []
+    if args.pull_back_above is not None:
+        to = args.pull_back_to if args.pull_back_to is not None else args.pull_back_above
+        extras += [f"pull-back above {args.pull_back_above:g} to {to:g}"]
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     extras += [f"Adam beta1 {args.adam_beta1:g}"] if args.adam_beta1 != 0.9 else []
     fig.suptitle(f"{args.trainer} under a length-exploitable reward: fixed beta {args.beta:g} vs adaptive "

@@ -112,6 +112,9 @@ def test_length_exploit_reward_by_hand():
         ("kl_control", ["--probe", "1"], "--probe=1: use 0 (off) or at least 2 prompts"),
         ("kl_control", ["--measure-exact"], "--measure-exact: needs --measure-before-update"),
         ("kl_control", ["--max-kl", "0.65", "--max-kl-backtracks", "-1"], "--max-kl-backtracks=-1"),
+        ("kl_control", ["--pull-back-above", "0"], "--pull-back-above=0.0: must be > 0"),
+        ("kl_control", ["--pull-back-to", "0.5"], "--pull-back-to=0.5: needs --pull-back-above"),
+        ("kl_control", ["--pull-back-above", "0.6", "--pull-back-to", "0.7"], "must be in (0, --pull-back-above]"),
         # argparse: "argument --lr-scheduler: invalid choice: 'cosine' (choose from linear, constant)"; the quoting
         # of the choices differs between Python versions
         ("kl_control", ["--lr-scheduler", "cosine"], "argument --lr-scheduler: invalid choice"),
