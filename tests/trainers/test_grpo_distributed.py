@@ -1,6 +1,7 @@
-"""SafeGRPOTrainer's KL trust region (rails.kl.max_kl) under `accelerate launch --multi_gpu --num_processes 2` (gloo
-on CPU): the line search measures the KL over both processes' batches, so both ranks accept the same step scale
-and the DDP replicas stay identical while the cap scales steps back."""
+"""SafeGRPOTrainer's KL trust region (rails.kl.max_kl) and pull-back (rails.kl.pull_back_above) under `accelerate
+launch --multi_gpu --num_processes 2` (gloo on CPU): the line search and the bisection measure the KL over both
+processes' batches, so both ranks accept the same step scale and the same alpha, and the DDP replicas stay
+identical while the cap scales steps back and the pull-back moves them towards the reference."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ SCRIPT = textwrap.dedent(
         output_dir=out, per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=3,
         steps_per_generation=2, gradient_accumulation_steps=2, logging_steps=1, report_to=[], use_cpu=True,
         learning_rate=1e-2, save_strategy="no", disable_tqdm=True, seed=0,
-        rails={"kl": {"controller": "fixed", "init_kl_coef": 0.1, "max_kl": 2e-3, "max_kl_backtracks": 6}},
+        rails={"kl": {"controller": "fixed", "init_kl_coef": 0.1, "max_kl": 2e-3, "max_kl_backtracks": 6,
+                        "pull_back_above": 1e-3, "pull_back_to": 5e-4}},
     )
     trainer = SafeGRPOTrainer(model="tiny://debug", reward_funcs=CharLength(), args=args, train_dataset=ds)
     trainer.train()
@@ -37,6 +39,8 @@ SCRIPT = textwrap.dedent(
         "scales": [h["kl/trust_region/scale"] for h in logs],
         "kl_after": [h["kl/trust_region/kl_after"] for h in logs],
         "kl_before": [h["kl/trust_region/kl_before"] for h in logs],
+        "alphas": [h["kl/pull_back/alpha"] for h in logs],
+        "pulled_kl": [h["kl/pull_back/kl_after"] for h in logs],
     }
     with open(os.path.join(out, f"rank{trainer.accelerator.process_index}.json"), "w") as f:
         json.dump(result, f)
@@ -45,7 +49,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.distributed
-def test_kl_trust_region_agrees_across_two_processes(two_process_results, tiny_debug_path):
+def test_kl_trust_region_and_pull_back_agree_across_two_processes(two_process_results, tiny_debug_path):
     r0, r1 = two_process_results(SCRIPT)
     assert r0["world"] == r1["world"] == 2
     # one KL over both processes (2 micro-batches of 4 completions each per optimizer step): the same scales and
@@ -55,3 +59,9 @@ def test_kl_trust_region_agrees_across_two_processes(two_process_results, tiny_d
     assert r0["policy_sum"] == pytest.approx(r1["policy_sum"], rel=1e-9), "DDP policies diverged"
     for before, after in zip(r0["kl_before"], r0["kl_after"], strict=True):
         assert after <= max(2e-3, before)
+    # the pull-back runs after the line search, on its result: the same alphas on both ranks; where it acted
+    # (the capped step still above 1e-3), it landed at or under 5e-4
+    assert r0["alphas"] == r1["alphas"] and r0["pulled_kl"] == r1["pulled_kl"]
+    assert any(a < 1 for a in r0["alphas"]), r0
+    for alpha, capped, pulled in zip(r0["alphas"], r0["kl_after"], r0["pulled_kl"], strict=True):
+        assert (pulled <= 5e-4 and capped > 1e-3) if alpha < 1 else (pulled == capped <= 1e-3)
