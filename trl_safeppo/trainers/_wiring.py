@@ -138,11 +138,10 @@ class RailsWiring:
                 pull_back_iterations=kl.pull_back_iterations,
             )
             if controller is None:
-                field = trust_region.setting.split("=")[0]
                 raise ValueError(
                     f"{trust_region.setting} bounds the KL to the reference model, but the KL coefficient is 0, so "
                     f"GRPO loads no reference model; set rails.kl.init_kl_coef (or the trainer's beta) > 0, or "
-                    f"{field} to null"
+                    f"rails.kl.{trust_region.field} to null"
                 )
         return cls(rails=rails, kl_controller=controller, kl_before_update=config.kl.measure_before_update,
                    trust_region=trust_region, kl_exact=config.kl.measure_exact)
@@ -215,7 +214,7 @@ class RailsWiring:
                 raise ValueError(
                     f"{setting} cannot run under DeepSpeed: DeepSpeed steps the optimizer inside backward, so there is "
                     f"no point between the step and the next batch to move the weights back; use DDP or FSDP, or set "
-                    f"{setting.split('=')[0]} to null"
+                    f"rails.kl.{self.trust_region.field} to null"
                 )
             self.trust_region.check_reference(trainer)
             trainer.add_callback(_KLTrustRegionCallback(self))
@@ -493,16 +492,19 @@ class KLTrustRegion:
         self._old_logps: list | None = None
 
     @property
+    def field(self) -> str:
+        """The `rails.kl` field that switched this on (`max_kl` when both are on), for error messages."""
+        return "max_kl" if self.max_kl is not None else "pull_back_above"
+
+    @property
     def setting(self) -> str:
-        """The configuration field that switched this on, for error messages."""
-        if self.max_kl is not None:
-            return f"rails.kl.max_kl={self.max_kl!r}"
-        return f"rails.kl.pull_back_above={self.pull_back_above!r}"
+        """`rails.kl.<field>=<value>`, for error messages."""
+        return f"rails.kl.{self.field}={getattr(self, self.field)!r}"
 
     def check_reference(self, trainer) -> None:
         """The pull-back moves the weights towards ``trainer.ref_model``'s: refuse, naming the setting, a trainer
         whose reference is not a separate model with the same trainable parameters (PEFT uses the policy with its
-        adapter switched off; ``sync_ref_model`` keeps moving the reference towards the policy)."""
+        adapter switched off). `sync_ref_model` is refused by SafeGRPOConfig."""
         if self.pull_back_above is None:
             return
         setting = f"rails.kl.pull_back_above={self.pull_back_above!r}"
@@ -511,11 +513,6 @@ class KLTrustRegion:
                 f"{setting} moves the weights towards the reference model's, but this trainer has no separate "
                 "reference model (a PEFT policy is its own reference with the adapter off); train without PEFT, or "
                 "set rails.kl.pull_back_above to null"
-            )
-        if getattr(trainer.args, "sync_ref_model", False):
-            raise ValueError(
-                f"{setting} pulls the policy back towards the reference while sync_ref_model=True moves the "
-                "reference towards the policy; set sync_ref_model to False, or rails.kl.pull_back_above to null"
             )
         reference = dict(_unwrap(trainer, trainer.ref_model).named_parameters())
         missing = [n for n, p in _unwrap(trainer, trainer.model).named_parameters()
@@ -539,7 +536,7 @@ class KLTrustRegion:
         if self.max_kl is not None:
             with torch.no_grad():
                 self._diff = [p.detach().clone() for p in self._params]
-        self._old_logps = [policy_logps(trainer, b, self.setting).float() for b in batches]
+        self._old_logps = [policy_logps(trainer, b, self.field).float() for b in batches]
 
     def _kl(self, trainer, logps_list) -> float:
         """Importance-weighted k3 mean over the completion tokens of all processes."""
@@ -557,7 +554,7 @@ class KLTrustRegion:
         return kl_sum / n_tokens if n_tokens > 0 else float("nan")
 
     def _kl_now(self, trainer) -> float:
-        return self._kl(trainer, [policy_logps(trainer, b, self.setting).float() for b in self.batches])
+        return self._kl(trainer, [policy_logps(trainer, b, self.field).float() for b in self.batches])
 
     def after_step(self, trainer) -> None:
         if self._params is None:
