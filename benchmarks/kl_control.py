@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
             plausible = sum(k + 2 * e >= 0.5 * target and k - 2 * e <= 1.5 * target for k, e in zip(exact, se))
             plausible /= len(exact)
         over, over_restrained = sum(above) / n, sum(restrained) / n
-        below, failed = 1 - inside - over, over + over_restrained
+        below, failed = max(0.0, 1 - inside - over), over + over_restrained  # max: no "-0%" from rounding
         s = stats(kls)
         result[name] = {"kl_after_warmup": s, "share_in_band": inside, "share_above_band": over,
                         "share_below_band": below, "share_over_restrained": over_restrained,
