@@ -299,7 +299,8 @@ def main(argv=None) -> dict:
         extras += [f"pull-back above {args.pull_back_above:g} to {to:g}"]
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     extras += [f"Adam beta1 {args.adam_beta1:g}"] if args.adam_beta1 != 0.9 else []
-    fig.suptitle(f"{args.trainer} under a length-exploitable reward: fixed beta {args.beta:g} vs adaptive "
+    compared = "adaptive" if args.no_fixed else f"fixed beta {args.beta:g} vs adaptive"
+    fig.suptitle(f"{args.trainer} under a length-exploitable reward: {compared} "
                  f"(target {target:g}, horizon {horizon:g} samples{', ' if extras else ''}{', '.join(extras)}), "
                  f"lr {args.learning_rate:g} ({args.lr_scheduler}), {args.batch} completions per step, "
                  f"seed {args.seed}", fontsize=10)
