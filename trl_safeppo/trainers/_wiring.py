@@ -604,8 +604,8 @@ class KLTrustRegion:
 
         from ..rails.kl import kl_pull_back_search
 
-        if math.isfinite(kl_now) and kl_now <= self.pull_back_above:
-            return 1.0, kl_now
+        if math.isfinite(kl_now) and kl_now <= self.pull_back_above:  # the search's own check, made here so that
+            return 1.0, kl_now  # a step that needs no pull-back builds no copy of the weights
         reference = dict(_unwrap(trainer, trainer.ref_model).named_parameters())
         names = {id(p): n for n, p in _unwrap(trainer, trainer.model).named_parameters()}
         params = self._params
