@@ -85,6 +85,10 @@ def main(argv=None) -> dict:
                         "until the KL is --pull-back-to (default: off)")
     parser.add_argument("--pull-back-to", type=float, default=None,
                         help="the KL a pull-back lands on (default: --pull-back-above)")
+    parser.add_argument("--pull-back-on", default="trained_batch", choices=["trained_batch", "new_batch"],
+                        help="which batch the pull-back checks (rails.kl.pull_back_on): trained_batch, after each "
+                        "update (default); new_batch, each new rollout batch before the update, drawn again from "
+                        "the pulled-back weights when above --pull-back-above")
     parser.add_argument("--no-fixed", action="store_true",
                         help="run the adaptive configuration only (half the time): the fixed-beta run of a seed does "
                         "not depend on the adaptive flags, so one invocation with it per seed is enough")
@@ -130,6 +134,9 @@ def main(argv=None) -> dict:
                                               and 0 < args.pull_back_to <= args.pull_back_above):
         raise SystemExit(f"--pull-back-to={args.pull_back_to}: needs --pull-back-above and must be in (0, "
                          f"--pull-back-above]")
+    if args.pull_back_on != "trained_batch" and args.pull_back_above is None:
+        raise SystemExit(f"--pull-back-on={args.pull_back_on}: needs --pull-back-above (it says where the pull-back "
+                         f"checks)")
     if args.measure_exact and not args.measure_before_update:
         raise SystemExit("--measure-exact: needs --measure-before-update (the exact KL is read from each new batch)")
     if args.probe < 0 or args.probe == 1:
@@ -159,7 +166,8 @@ def main(argv=None) -> dict:
                        "proportional": args.proportional, "measure_before_update": args.measure_before_update,
                        "measure_exact": args.measure_exact,
                        "max_kl": args.max_kl, "max_kl_backtracks": args.max_kl_backtracks,
-                       "pull_back_above": args.pull_back_above, "pull_back_to": args.pull_back_to}}
+                       "pull_back_above": args.pull_back_above, "pull_back_to": args.pull_back_to,
+                       "pull_back_on": args.pull_back_on}}
     configs = {
         "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
         "adaptive": ("benchmarks._worker", base_config(args, args.trainer, rails=adaptive, **shared), {}),
@@ -296,7 +304,8 @@ def main(argv=None) -> dict:
     extras += [f"trust region max_kl {args.max_kl:g}"] if args.max_kl is not None else []
     if args.pull_back_above is not None:
         to = args.pull_back_to if args.pull_back_to is not None else args.pull_back_above
-        extras += [f"pull-back above {args.pull_back_above:g} to {to:g}"]
+        where = " on each new batch" if args.pull_back_on == "new_batch" else ""
+        extras += [f"pull-back above {args.pull_back_above:g} to {to:g}{where}"]
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     extras += [f"Adam beta1 {args.adam_beta1:g}"] if args.adam_beta1 != 0.9 else []
     compared = "adaptive" if args.no_fixed else f"fixed beta {args.beta:g} vs adaptive"

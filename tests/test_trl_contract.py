@@ -221,6 +221,25 @@ def test_grpo_attributes_read_by_the_wiring():
     )
 
 
+def test_what_one_draw_adds_to_the_trainer():
+    used_by = WIRING + " (rails.kl.pull_back_on='new_batch': _DrawState undoes a discarded draw)"
+    init = source(GRPOTrainer.__init__)
+    for attr in ["self._logs = {", "self._pending_extra_logs = defaultdict(list)",
+                 "self._pending_metrics = defaultdict(list)", "self._last_loaded_step = -1"]:
+        require(attr in init, f"the GRPOTrainer attribute `{attr}`", used_by)
+    draw = source(GRPOTrainer._generate) + source(GRPOTrainer._generate_and_score_completions)
+    require(
+        "self.state.num_input_tokens_seen +=" in draw and 'self._logs["completion"].extend(' in draw,
+        "GRPO's generation counting tokens in state.num_input_tokens_seen and filling self._logs",
+        used_by,
+    )
+    require(
+        "self.state.global_step != self._last_loaded_step" in source(GRPOTrainer._generate_single_turn),
+        "vLLM weight sync keyed on self._last_loaded_step",
+        used_by + " (it resets _last_loaded_step so vLLM loads the pulled-back weights before the redraw)",
+    )
+
+
 def test_optimizer_step_is_bracketed_by_callbacks_and_batches_come_from_prepare_inputs():
     loop = inspect.getsource(inspect.getmodule(Trainer))
     pre, step, post = (

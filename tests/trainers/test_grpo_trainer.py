@@ -397,6 +397,82 @@ def test_kl_pull_back_leaves_the_weights_on_the_line_to_the_reference(tmp_path, 
         torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+def test_new_batch_check_that_never_triggers_changes_nothing_and_reads_grpos_kl(tmp_path, tiny_debug_path):
+    kl = {"controller": "fixed", "init_kl_coef": 0.1}
+    _, plain = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "plain", rails={"kl": kl})
+    checked, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "checked",
+                           rails={"kl": {**kl, "pull_back_above": 1e9, "pull_back_on": "new_batch"}})
+    keys = ("loss", "reward", "kl", "entropy", "completions/mean_length", "grad_norm", "num_tokens")
+    assert [{k: h[k] for k in keys} for h in logs] == [{k: h[k] for k in keys} for h in plain]
+    assert plain[-1]["kl"] > 0
+    assert [h["kl/pull_back/alpha"] for h in logs] == [1.0, 1.0, 1.0]
+    # one micro-batch per step, drawn by the weights it is checked on: the checked KL is the k3 mean GRPO's first
+    # (and only) update on the batch logs as `kl`; step 1 is at the reference, KL 0
+    assert logs[0]["kl/pull_back/kl_checked"] == 0.0
+    for h in logs:
+        assert h["kl/pull_back/kl_checked"] == pytest.approx(h["kl"], rel=1e-4, abs=1e-7)
+        assert h["kl/pull_back/kl_after"] == h["kl/pull_back/kl_checked"]  # nothing pulled back
+    assert checked.rails_wiring.trust_region.batches == []
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "metrics.md")).read()
+    assert "`kl/pull_back/kl_checked`" in docs
+
+
+def test_new_batch_check_pulls_back_and_draws_again_from_the_pulled_back_weights(
+        tmp_path, tiny_debug_path, monkeypatch):
+    # Each update takes this batch's KL from 0 to ~0.02 (lr 1e-2), far above 2e-3, so from step 2 on every new batch
+    # is drawn, checked (KL > 2e-3), the weights move to theta_ref + alpha * (theta - theta_ref) with the logged
+    # alpha, and the batch is drawn again from there. The discarded draw leaves no trace: the reward rails (running
+    # normalization) see 3 batches, not 5, and the token count is that of the 3 batches trained on.
+    draws = []
+    real = GRPOTrainer._generate_and_score_completions
+
+    def spy(self, inputs):
+        output = real(self, inputs)
+        tokens = int(output["prompt_mask"].sum() + output["completion_mask"].sum())
+        draws.append({"step": self.state.global_step, "weights": _params(self.model), "tokens": tokens})
+        return output
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", spy)
+    rails = {"normalize": {"enabled": True},
+             "kl": {"controller": "fixed", "init_kl_coef": 0.1, "pull_back_above": 2e-3, "pull_back_to": 1e-3,
+                    "pull_back_iterations": 8, "pull_back_on": "new_batch"}}
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
+    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    reference = _reference_params(trainer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    alphas = [h["kl/pull_back/alpha"] for h in logs]
+    assert alphas[0] == 1.0 and all(a < 1.0 for a in alphas[1:]), alphas  # step 1 is at the reference: KL 0
+    assert [d["step"] for d in draws] == [0, 1, 1, 2, 2]  # steps 2 and 3 drew twice
+    for step, alpha in ((1, alphas[1]), (2, alphas[2])):
+        first, again = [d["weights"] for d in draws if d["step"] == step]
+        for ref, new, redraw in zip(reference, first, again, strict=True):
+            torch.testing.assert_close(redraw, ref + alpha * (new - ref), rtol=0, atol=1e-6)
+    for h in logs[1:]:
+        assert h["kl/pull_back/kl_checked"] > 2e-3 and h["kl/pull_back/kl_after"] <= 1e-3
+    assert trainer.rails_wiring.rails.n_calls == 3
+    trained = [draws[0], draws[2], draws[4]]  # the batch of each step is its last draw
+    assert trainer.state.num_input_tokens_seen == sum(d["tokens"] for d in trained)
+
+
+def test_new_batch_check_configuration_errors(tmp_path, tiny_debug_path):
+    with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_on must be 'trained_batch' or 'new_batch', got 'next'"):
+        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, rails={"kl": {"pull_back_above": 0.6, "pull_back_on": "next"}},
+                       **COMMON)
+    with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_on must be .*set kl\.pull_back_above too"):
+        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, rails={"kl": {"pull_back_on": "new_batch"}}, **COMMON)
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, beta=0.1, **COMMON,
+                          rails={"kl": {"pull_back_above": 0.6, "pull_back_on": "new_batch"}})
+
+    def rollout(prompts, trainer):  # never called: refused when the trainer is built
+        raise AssertionError
+
+    with pytest.raises(ValueError, match=r"pull_back_on='new_batch' draws .* again .* rollout_func; set "
+                                         r"rails\.kl\.pull_back_on to 'trained_batch'"):
+        SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset(),
+                        rollout_func=rollout)
+
+
 def test_kl_pull_back_configuration_errors(tmp_path, tiny_debug_path):
     from peft import LoraConfig
 

@@ -258,6 +258,17 @@ class KLConfig:
             also pulls back). Below `pull_back_above` leaves a margin for the next batch, which the trained batch
             cannot show (benchmarks, docs/benchmarks.md section 5).
         pull_back_iterations: bisection steps of the pull-back (>= 1): alpha to within `2 ** -iterations`.
+        pull_back_on: which batch's KL the pull-back checks. "trained_batch": after every optimizer step, the batch
+            just trained on, importance-weighted (cheap, but a jump of the next batch's KL does not show on it).
+            "new_batch": every new rollout batch, before any update on it, on the policy's own samples; above
+            `pull_back_above` the weights are pulled back (importance-weighted on that batch) and the batch is drawn
+            again from the pulled-back policy, so no update trains on, and no metric reports, a batch whose KL
+            was above the trigger as drawn. The search weights each checked token by its whole prefix's probability
+            ratio (`rails.kl.kl_sums_after_update`): the pulled-back policy draws shorter completions. The discarded batch's rewards, logs and metrics are dropped and the reward
+            rails' state is restored; reward functions must not keep state of their own. Not with tools, environments
+            or a `rollout_func` (a redraw would repeat their side effects). Costs one policy forward without
+            gradient per rollout batch (shared with `measure_before_update`'s k3) and, on a batch that pulls back,
+            `pull_back_iterations` forwards, one generation and one scoring more.
     """
 
     controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al. 2019)."})
@@ -311,6 +322,12 @@ class KLConfig:
     pull_back_iterations: int = field(
         default=6, metadata={"help": "Bisection steps of the pull-back: alpha to within 2 ** -iterations."}
     )
+    pull_back_on: str = field(
+        default="trained_batch",
+        metadata={"help": "Which batch the pull-back checks: 'trained_batch' (after each optimizer step, the batch "
+                  "just trained on) or 'new_batch' (each new rollout batch before any update; above the trigger, "
+                  "pull back and draw the batch again)."},
+    )
 
     def __post_init__(self) -> None:
         _check(self.controller in ("fixed", "adaptive"), "kl.controller", "'fixed' or 'adaptive'", self.controller)
@@ -356,6 +373,16 @@ class KLConfig:
             and self.pull_back_iterations >= 1,
             "kl.pull_back_iterations", "an integer >= 1 (6: alpha to within 1/64)", self.pull_back_iterations,
         )
+        _check(
+            self.pull_back_on in ("trained_batch", "new_batch"), "kl.pull_back_on", "'trained_batch' or 'new_batch'",
+            self.pull_back_on,
+        )
+        if self.pull_back_on == "new_batch":
+            _check(
+                self.pull_back_above is not None, "kl.pull_back_on",
+                "'trained_batch', or set kl.pull_back_above too: 'new_batch' says where the pull-back checks, "
+                "pull_back_above switches it on", self.pull_back_on,
+            )
         if self.controller == "adaptive" and self.max_kl is not None:
             _check(
                 self.max_kl >= self.target, "kl.max_kl",

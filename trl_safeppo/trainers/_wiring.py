@@ -135,7 +135,7 @@ class RailsWiring:
         if kl.max_kl is not None or kl.pull_back_above is not None:
             trust_region = KLTrustRegion(
                 kl.max_kl, kl.max_kl_backtracks, pull_back_above=kl.pull_back_above, pull_back_to=kl.pull_back_to,
-                pull_back_iterations=kl.pull_back_iterations,
+                pull_back_iterations=kl.pull_back_iterations, pull_back_on=kl.pull_back_on,
             )
             if controller is None:
                 raise ValueError(
@@ -217,6 +217,16 @@ class RailsWiring:
                     f"rails.kl.{self.trust_region.field} to null"
                 )
             self.trust_region.check_reference(trainer)
+            if self.trust_region.checks_new_batch:
+                repeated = [name for name, on in (("tools", getattr(trainer, "tools", None)),
+                                                  ("environment_factory", getattr(trainer, "environment_factories", None)),
+                                                  ("rollout_func", getattr(trainer, "rollout_func", None))) if on]
+                if repeated:
+                    raise ValueError(
+                        f"rails.kl.pull_back_on='new_batch' draws a rollout batch again after a pull-back, which would "
+                        f"repeat the side effects of this trainer's {' and '.join(repeated)}; set rails.kl.pull_back_on "
+                        f"to 'trained_batch'"
+                    )
             trainer.add_callback(_KLTrustRegionCallback(self))
 
     # ------------------------------------------------------------------ rewards
@@ -306,13 +316,14 @@ class RailsWiring:
         self.kl_controller.update(sum(finite) / len(finite), n_steps)
         trainer.beta = float(self.kl_controller.value)
 
-    def update_kl_from_batch(self, trainer, output: dict) -> None:
+    def update_kl_from_batch(self, trainer, output: dict, logps=None) -> None:
         """``rails.kl.measure_before_update``: feed the controller the KL of a new GRPO batch (the output of
         ``_generate_and_score_completions``) before any update on it, and set ``trainer.beta`` for those updates.
 
         The KL is GRPO's own: k3 of the current policy against the reference, averaged over the completion tokens of
         all processes, i.e. what the first update on this batch will log as ``kl``. The policy's log-probabilities
-        are GRPO's ``old_per_token_logps`` when it computed them, else one forward without gradient.
+        are ``logps`` when given (measured already, on the same weights), else GRPO's ``old_per_token_logps`` when it
+        computed them, else one forward without gradient.
         """
         from ..rails.kl import FixedKLController, kl_per_token
 
@@ -326,7 +337,8 @@ class RailsWiring:
         if self.kl_exact:
             kl = exact_kl(trainer, output) * mask.to(torch.float32)
         else:
-            logps = output.get("old_per_token_logps")
+            if logps is None:
+                logps = output.get("old_per_token_logps")
             if logps is None:
                 logps = policy_logps(trainer, output, "measure_before_update")
             kl = kl_per_token(logps.float(), output["ref_per_token_logps"].float(), "k3", mask)
@@ -480,16 +492,22 @@ class KLTrustRegion:
     """
 
     def __init__(self, max_kl: float | None, max_backtracks: int, *, pull_back_above: float | None = None,
-                 pull_back_to: float | None = None, pull_back_iterations: int = 6):
+                 pull_back_to: float | None = None, pull_back_iterations: int = 6, pull_back_on: str = "trained_batch"):
         self.max_kl = None if max_kl is None else float(max_kl)
         self.max_backtracks = int(max_backtracks)
         self.pull_back_above = None if pull_back_above is None else float(pull_back_above)
         self.pull_back_to = self.pull_back_above if pull_back_to is None else float(pull_back_to)
         self.pull_back_iterations = int(pull_back_iterations)
+        self.pull_back_on = pull_back_on
         self.batches: list[dict] = []  # this process's micro-batches of the current optimizer step
         self._params: list | None = None
         self._diff: list | None = None  # theta_old (before the step), then theta_old - theta_new
         self._old_logps: list | None = None
+
+    @property
+    def checks_new_batch(self) -> bool:
+        """The pull-back checks each new rollout batch (:meth:`check_new_batch`) instead of each update."""
+        return self.pull_back_above is not None and self.pull_back_on == "new_batch"
 
     @property
     def field(self) -> str:
@@ -527,6 +545,9 @@ class KLTrustRegion:
     def before_step(self, trainer) -> None:
         import torch
 
+        if self.max_kl is None and self.checks_new_batch:  # nothing to do around the optimizer step
+            self.batches.clear()
+            return
         batches = [b for b in self.batches if b.get("ref_per_token_logps") is not None]
         if not batches:  # no reference log-probs (beta == 0): nothing to measure against
             self.batches.clear()
@@ -538,23 +559,29 @@ class KLTrustRegion:
                 self._diff = [p.detach().clone() for p in self._params]
         self._old_logps = [policy_logps(trainer, b, self.field).float() for b in batches]
 
-    def _kl(self, trainer, logps_list) -> float:
-        """Importance-weighted k3 mean over the completion tokens of all processes."""
+    def _kl(self, trainer, logps_list, prefix_weighted: bool = False) -> float:
+        """Importance-weighted k3 mean over the completion tokens of all processes: each token weighted by its own
+        probability ratio (:func:`~trl_safeppo.rails.kl.kl_per_token_after_update`), or with ``prefix_weighted`` by
+        its prefix's too (:func:`~trl_safeppo.rails.kl.kl_sums_after_update`)."""
         import torch
 
-        from ..rails.kl import kl_per_token_after_update
+        from ..rails.kl import kl_per_token_after_update, kl_sums_after_update
 
         device = logps_list[0].device
-        totals = torch.zeros(2, dtype=torch.float32, device=device)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
         for batch, logps, old in zip(self.batches, logps_list, self._old_logps, strict=True):
             mask = kl_mask(batch)
-            kl = kl_per_token_after_update(logps, old, batch["ref_per_token_logps"].float(), mask)
-            totals += torch.stack([kl.sum(), mask.sum().float()])
+            ref = batch["ref_per_token_logps"].float()
+            if prefix_weighted:
+                totals += torch.stack(kl_sums_after_update(logps, old, ref, mask))
+            else:
+                kl = kl_per_token_after_update(logps, old, ref, mask)
+                totals += torch.stack([kl.sum(), mask.sum()]).double()
         kl_sum, n_tokens = trainer.accelerator.reduce(totals, reduction="sum").tolist()
         return kl_sum / n_tokens if n_tokens > 0 else float("nan")
 
-    def _kl_now(self, trainer) -> float:
-        return self._kl(trainer, [policy_logps(trainer, b, self.field).float() for b in self.batches])
+    def _kl_now(self, trainer, prefix_weighted: bool = False) -> float:
+        return self._kl(trainer, [policy_logps(trainer, b, self.field).float() for b in self.batches], prefix_weighted)
 
     def after_step(self, trainer) -> None:
         if self._params is None:
@@ -567,7 +594,7 @@ class KLTrustRegion:
             metrics["kl/trust_region/kl_before"].append(kl_before)
             metrics["kl/trust_region/kl_after"].append(kl_now)
             metrics["kl/trust_region/backtracks"].append(float(evaluations - 1 + (scale == 0.0)))
-        if self.pull_back_above is not None:
+        if self.pull_back_above is not None and not self.checks_new_batch:
             alpha, kl_after = self._pull_back(trainer, self._kl_now(trainer) if kl_now is None else kl_now)
             metrics["kl/pull_back/alpha"].append(alpha)
             metrics["kl/pull_back/kl_after"].append(kl_after)
@@ -599,7 +626,7 @@ class KLTrustRegion:
                     p.add_(d, alpha=position - scale)
         return scale, kl_after, evaluations, kl_before
 
-    def _pull_back(self, trainer, kl_now: float) -> tuple[float, float]:
+    def _pull_back(self, trainer, kl_now: float, prefix_weighted: bool = False) -> tuple[float, float]:
         import torch
 
         from ..rails.kl import kl_pull_back_search
@@ -623,13 +650,81 @@ class KLTrustRegion:
 
             def kl_at(alpha: float) -> float:
                 move_to(alpha)
-                return self._kl_now(trainer)
+                return self._kl_now(trainer, prefix_weighted)
 
             alpha, kl_after, _ = kl_pull_back_search(
                 kl_at, self.pull_back_above, self.pull_back_to, kl_now, self.pull_back_iterations
             )
             move_to(alpha)
         return alpha, kl_after
+
+    def check_new_batch(self, trainer, draw, rails=None):
+        """``rails.kl.pull_back_on="new_batch"``: draw a rollout batch (``draw()``, GRPO's
+        ``_generate_and_score_completions``) and check its KL before any update on it.
+
+        The KL is k3 on the policy's own samples, averaged over the completion tokens of all processes (what GRPO's
+        first update on the batch logs as ``kl``). Above ``pull_back_above``, the weights are pulled back as after an
+        update (:meth:`_pull_back`), but with each token weighted by its prefix's probability ratio too
+        (:func:`~trl_safeppo.rails.kl.kl_sums_after_update`: a pull-back moves the policy far, and the completions
+        it then draws are shorter than the checked ones), everything the
+        draw logged or accumulated is put back as it was (:class:`_DrawState`, with ``rails``' state), and the batch
+        is drawn again from the pulled-back policy. Every process decides on the same reduced KL, so all draw again
+        together. Logs ``kl/pull_back/{kl_checked,alpha,kl_after}`` once per rollout batch.
+
+        Returns ``(output, logps)``: the batch trained on, and its ``(B, T)`` policy log-probabilities when they were
+        measured on the weights that drew it (no redraw), else None.
+        """
+        saved = _DrawState(trainer, rails)
+        output = draw()
+        logps = output.get("old_per_token_logps")
+        logps = policy_logps(trainer, output, "pull_back_above") if logps is None else logps
+        kept = self.batches
+        self.batches, self._old_logps = [output], [logps.float()]
+        try:
+            kl_checked = self._kl(trainer, self._old_logps)  # importance weight 1: the policy drew these tokens
+            alpha, kl_after = 1.0, kl_checked
+            if not (math.isfinite(kl_checked) and kl_checked <= self.pull_back_above):
+                self._params = [p for p in trainer.model.parameters() if p.requires_grad]
+                alpha, kl_after = self._pull_back(trainer, kl_checked, prefix_weighted=True)
+        finally:
+            self.batches, self._params, self._old_logps = kept, None, None
+        if alpha < 1.0:
+            saved.restore(trainer)
+            if getattr(trainer, "use_vllm", False):
+                trainer._last_loaded_step = -1  # the weights moved within this step: vLLM must load them again
+            output, logps = draw(), None
+        metrics = trainer._metrics["train"]
+        metrics["kl/pull_back/kl_checked"].append(kl_checked)
+        metrics["kl/pull_back/alpha"].append(alpha)
+        metrics["kl/pull_back/kl_after"].append(kl_after)
+        return output, logps
+
+
+class _DrawState:
+    """What one call of GRPO's ``_generate_and_score_completions`` adds to the trainer (metrics, the completions
+    table, the pending reward-function logs, the token count) and the reward rails' running state, saved so that a
+    discarded draw leaves no trace (:meth:`KLTrustRegion.check_new_batch`)."""
+
+    def __init__(self, trainer, rails=None):
+        import copy
+
+        self.metrics = {k: list(v) for k, v in trainer._metrics["train"].items()}
+        self.logs = copy.deepcopy(trainer._logs)
+        self.pending = (copy.deepcopy(trainer._pending_extra_logs), copy.deepcopy(trainer._pending_metrics))
+        self.tokens = trainer.state.num_input_tokens_seen
+        self.rails, self.rails_state = rails, None if rails is None else rails.state_dict()
+
+    def restore(self, trainer) -> None:
+        metrics = trainer._metrics["train"]
+        metrics.clear()
+        metrics.update(self.metrics)
+        trainer._logs.update(self.logs)
+        for live, saved in zip((trainer._pending_extra_logs, trainer._pending_metrics), self.pending, strict=True):
+            live.clear()
+            live.update(saved)
+        trainer.state.num_input_tokens_seen = self.tokens
+        if self.rails is not None:
+            self.rails.load_state_dict(self.rails_state)
 
 
 def _unwrap(trainer, model):

@@ -7,6 +7,8 @@ tripwire callback watches the logs. With ``rails=None`` and ``tripwires=None`` e
 
 from __future__ import annotations
 
+import functools
+
 from trl import GRPOTrainer
 
 from ..models import resolve_model_path
@@ -56,8 +58,14 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
         add_tripwires(self, args, wiring)
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
         wiring = self.rails_wiring
+        region = None if wiring is None else wiring.trust_region
+        logps = None
+        if region is not None and region.checks_new_batch and self.model.training:
+            draw = functools.partial(super()._generate_and_score_completions, inputs)
+            output, logps = region.check_new_batch(self, draw, wiring.rails)
+        else:
+            output = super()._generate_and_score_completions(inputs)
         if wiring is not None and wiring.kl_before_update and self.model.training:
-            wiring.update_kl_from_batch(self, output)
+            wiring.update_kl_from_batch(self, output, logps)
         return output
