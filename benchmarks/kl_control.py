@@ -197,6 +197,8 @@ def main(argv=None) -> dict:
         se = [x for r in rs for x in _series(r, EXACT_SE_KEY)[warmup:]]
         # with --pull-back-above: the steps whose update was pulled back towards the reference (alpha < 1)
         pulled = [a < 1 for r in rs for a in _series(r, "kl/pull_back/alpha")]
+        # with --pull-back-on new_batch: each batch's KL as first drawn, before a pull-back discarded it
+        first = [k for r in rs for k in _series(r, "kl/pull_back/kl_checked")[warmup:]]
         plausible = None
         if se and len(se) == len(exact):
             plausible = sum(k + 2 * e >= 0.5 * target and k - 2 * e <= 1.5 * target for k, e in zip(exact, se))
@@ -209,7 +211,9 @@ def main(argv=None) -> dict:
                         "share_control_failed": failed, "share_in_band_exact": inside_exact,
                         "exact_kl_after_warmup": stats(exact) if exact else None,
                         "share_in_band_within_2se": plausible,
-                        "share_in_band_probe": inside_probe, "steps_pulled_back": sum(pulled) if pulled else None, "probe_kl_after_warmup": stats(probe) if probe else None,
+                        "share_in_band_probe": inside_probe, "steps_pulled_back": sum(pulled) if pulled else None,
+                        "share_first_draw_above_band": (sum(k > 1.5 * target for k in first) / len(first)
+                                                        if first else None), "probe_kl_after_warmup": stats(probe) if probe else None,
                         "probe_kl_se_over_target": stats([e / target for r in rs
                                                           for e in _series(r, PROBE_KEY + "_se")[warmup:]])
                         if probe else None,
@@ -255,7 +259,12 @@ def main(argv=None) -> dict:
               f"the band ({fixed_share('share_in_band_within_2se')})")
     if result["adaptive"]["steps_pulled_back"] is not None:
         print(f"pull-back: {result['adaptive']['steps_pulled_back']} of {args.steps * args.repeats} adaptive steps "
-              f"moved towards the reference")
+              f"moved towards the reference" + (" (each of those batches drawn again)"
+                                                if args.pull_back_on == "new_batch" else ""))
+        first = result["adaptive"]["share_first_draw_above_band"]
+        if first is not None:
+            print(f"new-batch check: {100 * first:.0f}% of the post-warm-up batches were above the band as first "
+                  f"drawn; {100 * result['adaptive']['share_above_band']:.0f}% of those trained on")
 
     import matplotlib
 
@@ -274,6 +283,11 @@ def main(argv=None) -> dict:
         if exact:
             ax_kl.plot(range(1, len(exact) + 1), exact, color=color, ls="--", lw=0.9,
                        label=f"{name} beta, exact KL (no token sampling)")
+        checked, alphas = _series(run, "kl/pull_back/kl_checked"), _series(run, "kl/pull_back/alpha")
+        redrawn = [(i + 1, k) for i, (k, a) in enumerate(zip(checked, alphas)) if a < 1]
+        if redrawn:  # --pull-back-on new_batch: the first draws that were discarded
+            ax_kl.scatter(*zip(*redrawn), color=color, marker="x", s=14, lw=0.9,
+                          label=f"{name} beta, batch as first drawn, discarded (pulled back, drawn again)")
         probe = _series(run, PROBE_KEY)
         if probe:
             ax_kl.plot(range(1, len(probe) + 1), probe, color=color, ls=":", lw=1.6,

@@ -412,9 +412,10 @@ def test_new_batch_check_that_never_triggers_changes_nothing_and_reads_grpos_kl(
     for h in logs:
         assert h["kl/pull_back/kl_checked"] == pytest.approx(h["kl"], rel=1e-4, abs=1e-7)
         assert h["kl/pull_back/kl_after"] == h["kl/pull_back/kl_checked"]  # nothing pulled back
+        assert h["kl/pull_back/redraws"] == 0.0
     assert checked.rails_wiring.trust_region.batches == []
     docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "metrics.md")).read()
-    assert "`kl/pull_back/kl_checked`" in docs
+    assert "`kl/pull_back/kl_checked`" in docs and "`kl/pull_back/redraws`" in docs
 
 
 def test_new_batch_check_pulls_back_and_draws_again_from_the_pulled_back_weights(
@@ -435,15 +436,16 @@ def test_new_batch_check_pulls_back_and_draws_again_from_the_pulled_back_weights
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", spy)
     rails = {"normalize": {"enabled": True},
              "kl": {"controller": "fixed", "init_kl_coef": 0.1, "pull_back_above": 2e-3, "pull_back_to": 1e-3,
-                    "pull_back_iterations": 8, "pull_back_on": "new_batch"}}
+                    "pull_back_iterations": 8, "pull_back_on": "new_batch", "pull_back_redraws": 1}}
     args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
     trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
     reference = _reference_params(trainer)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["kl/pull_back/redraws"] for h in logs] == [0.0, 1.0, 1.0]
     alphas = [h["kl/pull_back/alpha"] for h in logs]
     assert alphas[0] == 1.0 and all(a < 1.0 for a in alphas[1:]), alphas  # step 1 is at the reference: KL 0
-    assert [d["step"] for d in draws] == [0, 1, 1, 2, 2]  # steps 2 and 3 drew twice
+    assert [d["step"] for d in draws] == [0, 1, 1, 2, 2]  # steps 2 and 3 drew twice (pull_back_redraws 1)
     for step, alpha in ((1, alphas[1]), (2, alphas[2])):
         first, again = [d["weights"] for d in draws if d["step"] == step]
         for ref, new, redraw in zip(reference, first, again, strict=True):
@@ -455,10 +457,49 @@ def test_new_batch_check_pulls_back_and_draws_again_from_the_pulled_back_weights
     assert trainer.state.num_input_tokens_seen == sum(d["tokens"] for d in trained)
 
 
+def test_new_batch_check_draws_again_at_most_pull_back_redraws_times(tmp_path, tiny_debug_path, monkeypatch):
+    # A search that only moves the weights to alpha = 0.9 of the way: each redrawn batch is still far above 2e-3
+    # (the update took KL to ~0.02), so steps 2 and 3 draw 1 + 2 times (pull_back_redraws 2), train on the last
+    # draw, and end at alpha 0.9 * 0.9 = 0.81 on the line from the reference to the weights of their first draw.
+    import trl_safeppo.rails.kl as kl_module
+
+    draws = []
+    real = GRPOTrainer._generate_and_score_completions
+
+    def spy(self, inputs):
+        draws.append({"step": self.state.global_step, "weights": _params(self.model)})
+        return real(self, inputs)
+
+    def short_search(kl_at, above, to, kl_now, iterations):
+        return 0.9, kl_at(0.9), 1
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", spy)
+    monkeypatch.setattr(kl_module, "kl_pull_back_search", short_search)
+    rails = {"kl": {"controller": "fixed", "init_kl_coef": 0.1, "pull_back_above": 2e-3, "pull_back_on": "new_batch"}}
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
+    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
+    reference = _reference_params(trainer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [d["step"] for d in draws] == [0, 1, 1, 1, 2, 2, 2]
+    assert [h["kl/pull_back/redraws"] for h in logs] == [0.0, 2.0, 2.0]
+    assert [h["kl/pull_back/alpha"] for h in logs] == pytest.approx([1.0, 0.81, 0.81])
+    for step in (1, 2):
+        first, *again = [d["weights"] for d in draws if d["step"] == step]
+        for k, weights in enumerate(again, start=1):
+            for ref, new, redraw in zip(reference, first, weights, strict=True):
+                torch.testing.assert_close(redraw, ref + 0.9 ** k * (new - ref), rtol=0, atol=1e-6)
+    # the last draw is trained on however high: GRPO's `kl` of steps 2 and 3 is above the trigger
+    assert all(h["kl"] > 2e-3 for h in logs[1:])
+
+
 def test_new_batch_check_configuration_errors(tmp_path, tiny_debug_path):
     with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_on must be 'trained_batch' or 'new_batch', got 'next'"):
         SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, rails={"kl": {"pull_back_above": 0.6, "pull_back_on": "next"}},
                        **COMMON)
+    with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_redraws must be an integer >= 1 .*got 0"):
+        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, **COMMON,
+                       rails={"kl": {"pull_back_above": 0.6, "pull_back_on": "new_batch", "pull_back_redraws": 0}})
     with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_on must be .*set kl\.pull_back_above too"):
         SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, rails={"kl": {"pull_back_on": "new_batch"}}, **COMMON)
     args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, beta=0.1, **COMMON,

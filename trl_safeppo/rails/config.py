@@ -269,6 +269,8 @@ class KLConfig:
             or a `rollout_func` (a redraw would repeat their side effects). Costs one policy forward without
             gradient per rollout batch (shared with `measure_before_update`'s k3) and, on a batch that pulls back,
             `pull_back_iterations` forwards, one generation and one scoring more.
+        pull_back_redraws: with `pull_back_on: new_batch`, the most times one rollout batch is drawn again (>= 1);
+            a redrawn batch is checked like the first, and the last draw is trained on whatever its KL.
     """
 
     controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al. 2019)."})
@@ -328,6 +330,11 @@ class KLConfig:
                   "just trained on) or 'new_batch' (each new rollout batch before any update; above the trigger, "
                   "pull back and draw the batch again)."},
     )
+    pull_back_redraws: int = field(
+        default=2,
+        metadata={"help": "pull_back_on 'new_batch': the most times one rollout batch is drawn again (each redraw "
+                  "is checked like the first; the last is trained on)."},
+    )
 
     def __post_init__(self) -> None:
         _check(self.controller in ("fixed", "adaptive"), "kl.controller", "'fixed' or 'adaptive'", self.controller)
@@ -376,6 +383,11 @@ class KLConfig:
         _check(
             self.pull_back_on in ("trained_batch", "new_batch"), "kl.pull_back_on", "'trained_batch' or 'new_batch'",
             self.pull_back_on,
+        )
+        _check(
+            isinstance(self.pull_back_redraws, int) and not isinstance(self.pull_back_redraws, bool)
+            and self.pull_back_redraws >= 1,
+            "kl.pull_back_redraws", "an integer >= 1 (2: a batch is drawn at most 3 times)", self.pull_back_redraws,
         )
         if self.pull_back_on == "new_batch":
             _check(

@@ -136,6 +136,7 @@ class RailsWiring:
             trust_region = KLTrustRegion(
                 kl.max_kl, kl.max_kl_backtracks, pull_back_above=kl.pull_back_above, pull_back_to=kl.pull_back_to,
                 pull_back_iterations=kl.pull_back_iterations, pull_back_on=kl.pull_back_on,
+                pull_back_redraws=kl.pull_back_redraws,
             )
             if controller is None:
                 raise ValueError(
@@ -492,13 +493,15 @@ class KLTrustRegion:
     """
 
     def __init__(self, max_kl: float | None, max_backtracks: int, *, pull_back_above: float | None = None,
-                 pull_back_to: float | None = None, pull_back_iterations: int = 6, pull_back_on: str = "trained_batch"):
+                 pull_back_to: float | None = None, pull_back_iterations: int = 6, pull_back_on: str = "trained_batch",
+                 pull_back_redraws: int = 2):
         self.max_kl = None if max_kl is None else float(max_kl)
         self.max_backtracks = int(max_backtracks)
         self.pull_back_above = None if pull_back_above is None else float(pull_back_above)
         self.pull_back_to = self.pull_back_above if pull_back_to is None else float(pull_back_to)
         self.pull_back_iterations = int(pull_back_iterations)
         self.pull_back_on = pull_back_on
+        self.pull_back_redraws = int(pull_back_redraws)
         self.batches: list[dict] = []  # this process's micro-batches of the current optimizer step
         self._params: list | None = None
         self._diff: list | None = None  # theta_old (before the step), then theta_old - theta_new
@@ -666,37 +669,48 @@ class KLTrustRegion:
         first update on the batch logs as ``kl``). Above ``pull_back_above``, the weights are pulled back as after an
         update (:meth:`_pull_back`), but with each token weighted by its prefix's probability ratio too
         (:func:`~trl_safeppo.rails.kl.kl_sums_after_update`: a pull-back moves the policy far, and the completions
-        it then draws are shorter than the checked ones), everything the
-        draw logged or accumulated is put back as it was (:class:`_DrawState`, with ``rails``' state), and the batch
-        is drawn again from the pulled-back policy. Every process decides on the same reduced KL, so all draw again
-        together. Logs ``kl/pull_back/{kl_checked,alpha,kl_after}`` once per rollout batch.
+        it then draws are shorter than the checked ones); everything the draw logged or accumulated is put back as it
+        was (:class:`_DrawState`, with ``rails``' state), and the batch is drawn again from the pulled-back policy
+        and checked again, at most ``pull_back_redraws`` times (the last draw is trained on whatever its KL).
+        Every process decides on the same reduced KL, so all draw again together. Logs
+        ``kl/pull_back/{kl_checked,alpha,kl_after,redraws}`` once per rollout batch; ``alpha`` is the product of
+        the pull-backs' alphas, the position of the final weights on the line from the reference to those that drew
+        the first batch (``theta_ref + a2 * (theta_ref + a1 * (theta - theta_ref) - theta_ref)``).
 
-        Returns ``(output, logps)``: the batch trained on, and its ``(B, T)`` policy log-probabilities when they were
-        measured on the weights that drew it (no redraw), else None.
+        Returns ``(output, logps)``: the batch trained on and its ``(B, T)`` policy log-probabilities under the
+        weights that drew it.
         """
         saved = _DrawState(trainer, rails)
-        output = draw()
-        logps = output.get("old_per_token_logps")
-        logps = policy_logps(trainer, output, "pull_back_above") if logps is None else logps
         kept = self.batches
-        self.batches, self._old_logps = [output], [logps.float()]
+        kl_checked, alpha, kl_after, redraws = None, 1.0, None, 0
+        output = draw()
         try:
-            kl_checked = self._kl(trainer, self._old_logps)  # importance weight 1: the policy drew these tokens
-            alpha, kl_after = 1.0, kl_checked
-            if not (math.isfinite(kl_checked) and kl_checked <= self.pull_back_above):
+            while True:
+                logps = output.get("old_per_token_logps")
+                logps = policy_logps(trainer, output, "pull_back_above") if logps is None else logps
+                self.batches, self._old_logps = [output], [logps.float()]
+                kl = self._kl(trainer, self._old_logps)  # importance weight 1: the policy drew these tokens
+                kl_checked = kl if kl_checked is None else kl_checked
+                if (math.isfinite(kl) and kl <= self.pull_back_above) or redraws == self.pull_back_redraws:
+                    kl_after = kl if kl_after is None else kl_after
+                    break
                 self._params = [p for p in trainer.model.parameters() if p.requires_grad]
-                alpha, kl_after = self._pull_back(trainer, kl_checked, prefix_weighted=True)
+                step_alpha, kl_after = self._pull_back(trainer, kl, prefix_weighted=True)
+                if step_alpha >= 1.0:  # nothing moved (a non-finite KL the search cannot lower): keep this draw
+                    break
+                alpha *= step_alpha
+                saved.restore(trainer)
+                if getattr(trainer, "use_vllm", False):
+                    trainer._last_loaded_step = -1  # the weights moved within this step: vLLM must load them again
+                output = draw()
+                redraws += 1
         finally:
             self.batches, self._params, self._old_logps = kept, None, None
-        if alpha < 1.0:
-            saved.restore(trainer)
-            if getattr(trainer, "use_vllm", False):
-                trainer._last_loaded_step = -1  # the weights moved within this step: vLLM must load them again
-            output, logps = draw(), None
         metrics = trainer._metrics["train"]
         metrics["kl/pull_back/kl_checked"].append(kl_checked)
         metrics["kl/pull_back/alpha"].append(alpha)
         metrics["kl/pull_back/kl_after"].append(kl_after)
+        metrics["kl/pull_back/redraws"].append(float(redraws))
         return output, logps
 
 
@@ -715,13 +729,16 @@ class _DrawState:
         self.rails, self.rails_state = rails, None if rails is None else rails.state_dict()
 
     def restore(self, trainer) -> None:
+        """Put the trainer back as saved; copies again, so that it can be restored more than once."""
+        import copy
+
         metrics = trainer._metrics["train"]
         metrics.clear()
-        metrics.update(self.metrics)
-        trainer._logs.update(self.logs)
+        metrics.update({k: list(v) for k, v in self.metrics.items()})
+        trainer._logs.update(copy.deepcopy(self.logs))
         for live, saved in zip((trainer._pending_extra_logs, trainer._pending_metrics), self.pending, strict=True):
             live.clear()
-            live.update(saved)
+            live.update(copy.deepcopy(saved))
         trainer.state.num_input_tokens_seen = self.tokens
         if self.rails is not None:
             self.rails.load_state_dict(self.rails_state)
