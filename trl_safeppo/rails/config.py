@@ -263,9 +263,10 @@ class KLConfig:
             "new_batch": every new rollout batch, before any update on it, on the policy's own samples; above
             `pull_back_above` the weights are pulled back (importance-weighted on that batch) and the batch is drawn
             again from the pulled-back policy, so no update trains on, and no metric reports, a batch whose KL
-            was above the trigger as drawn. The search weights each checked token by its whole prefix's probability
-            ratio (`rails.kl.kl_sums_after_update`): the pulled-back policy draws shorter completions. The discarded batch's rewards, logs and metrics are dropped and the reward
-            rails' state is restored; reward functions must not keep state of their own. Not with tools, environments
+            was above the trigger as drawn (up to `pull_back_redraws`). The search weights each checked token by
+            its whole prefix's probability ratio (`rails.kl.kl_sums_after_update`): the pulled-back policy draws
+            shorter completions. The discarded batch's rewards, logs and metrics are dropped and the reward rails'
+            state is restored; reward functions must not keep state of their own. Not with tools, environments
             or a `rollout_func` (a redraw would repeat their side effects). Costs one policy forward without
             gradient per rollout batch (shared with `measure_before_update`'s k3) and, on a batch that pulls back,
             `pull_back_iterations` forwards, one generation and one scoring more.

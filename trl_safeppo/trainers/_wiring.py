@@ -219,14 +219,14 @@ class RailsWiring:
                 )
             self.trust_region.check_reference(trainer)
             if self.trust_region.checks_new_batch:
-                repeated = [name for name, on in (("tools", getattr(trainer, "tools", None)),
-                                                  ("environment_factory", getattr(trainer, "environment_factories", None)),
-                                                  ("rollout_func", getattr(trainer, "rollout_func", None))) if on]
+                sources = {"tools": "tools", "environment_factory": "environment_factories",
+                           "rollout_func": "rollout_func"}
+                repeated = [name for name, attr in sources.items() if getattr(trainer, attr, None)]
                 if repeated:
                     raise ValueError(
                         f"rails.kl.pull_back_on='new_batch' draws a rollout batch again after a pull-back, which would "
-                        f"repeat the side effects of this trainer's {' and '.join(repeated)}; set rails.kl.pull_back_on "
-                        f"to 'trained_batch'"
+                        f"repeat the side effects of this trainer's {' and '.join(repeated)}; set "
+                        f"rails.kl.pull_back_on to 'trained_batch'"
                     )
             trainer.add_callback(_KLTrustRegionCallback(self))
 
