@@ -89,6 +89,9 @@ def main(argv=None) -> dict:
                         help="which batch the pull-back checks (rails.kl.pull_back_on): trained_batch, after each "
                         "update (default); new_batch, each new rollout batch before the update, drawn again from "
                         "the pulled-back weights when above --pull-back-above")
+    parser.add_argument("--pull-back-redraws", type=int, default=2,
+                        help="with --pull-back-on new_batch: the most times one batch is drawn again "
+                        "(rails.kl.pull_back_redraws, default 2)")
     parser.add_argument("--no-fixed", action="store_true",
                         help="run the adaptive configuration only (half the time): the fixed-beta run of a seed does "
                         "not depend on the adaptive flags, so one invocation with it per seed is enough")
@@ -134,6 +137,8 @@ def main(argv=None) -> dict:
                                               and 0 < args.pull_back_to <= args.pull_back_above):
         raise SystemExit(f"--pull-back-to={args.pull_back_to}: needs --pull-back-above and must be in (0, "
                          f"--pull-back-above]")
+    if args.pull_back_redraws < 1:
+        raise SystemExit(f"--pull-back-redraws={args.pull_back_redraws}: must be >= 1")
     if args.pull_back_on != "trained_batch" and args.pull_back_above is None:
         raise SystemExit(f"--pull-back-on={args.pull_back_on}: needs --pull-back-above (it says where the pull-back "
                          f"checks)")
@@ -167,7 +172,7 @@ def main(argv=None) -> dict:
                        "measure_exact": args.measure_exact,
                        "max_kl": args.max_kl, "max_kl_backtracks": args.max_kl_backtracks,
                        "pull_back_above": args.pull_back_above, "pull_back_to": args.pull_back_to,
-                       "pull_back_on": args.pull_back_on}}
+                       "pull_back_on": args.pull_back_on, "pull_back_redraws": args.pull_back_redraws}}
     configs = {
         "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
         "adaptive": ("benchmarks._worker", base_config(args, args.trainer, rails=adaptive, **shared), {}),
