@@ -269,7 +269,7 @@ def main(argv=None) -> dict:
         first = result["adaptive"]["share_first_draw_above_band"]
         if first is not None:
             print(f"new-batch check: {100 * first:.0f}% of the post-warm-up batches were above the band as first "
-                  f"drawn; {100 * result['adaptive']['share_above_band']:.0f}% of those trained on")
+                  f"drawn; {100 * result['adaptive']['share_above_band']:.0f}% of the batches trained on were")
 
     import matplotlib
 
