@@ -372,7 +372,8 @@ import sys
 from trl_safeppo.rejection_sampling import RejectionSamplingConfig, run_rejection_sampling
 config = RejectionSamplingConfig(model="tiny://debug", num_prompts=6, num_completions=3, max_new_tokens=6,
                                  batch_size=2, reward="math", output_dir=sys.argv[1], progress=False, seed=5)
-print("SUMMARY", run_rejection_sampling(config, distributed=True).completions_generated)
+n = run_rejection_sampling(config, distributed=True).completions_generated
+sys.stdout.write(f"SUMMARY {n}\\n")  # one write per process: print's separate writes interleave on the shared pipe
 """
 
 
