@@ -381,7 +381,8 @@ def kl_sums_after_update(
         mask: `(B, T)` 1 on completion tokens (a prefix of each row).
 
     Returns:
-        `(kl_sum, tokens)`, scalar float64 tensors.
+        `(kl_sum, tokens)`, scalar tensors in the inputs' dtype, at least float32 (not float64 by force: Apple's MPS
+        has no float64).
 
     Example: one completion of 2 tokens whose first token pi makes twice as likely as pi_old did (r = [log 2, 0]):
     W = [2, 2], so kl_sum = 2 * k3_1 + 2 * k3_2 and tokens = W_0 + W_1 = 1 + 2 = 3.
@@ -394,11 +395,12 @@ def kl_sums_after_update(
     """
     import torch
 
-    mask = mask.to(torch.float64)
-    cumulative = ((logp.double() - old_logp.double()) * mask).cumsum(dim=1)
-    weight = cumulative.clamp(max=60.0).exp()  # W_t (a ratio past e^60 is clamped to keep the sum finite)
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    logp, old_logp, ref_logp, mask = (x.to(dtype) for x in (logp, old_logp, ref_logp, mask))
+    cumulative = ((logp - old_logp) * mask).cumsum(dim=1)
+    weight = cumulative.clamp(max=60.0).exp()  # W_t (a ratio past e^60 is clamped to keep a float32 sum finite)
     before = torch.cat([torch.ones_like(weight[:, :1]), weight[:, :-1]], dim=1)  # W_{t-1}
-    k3 = kl_per_token(logp.double(), ref_logp.double(), "k3", mask)
+    k3 = kl_per_token(logp, ref_logp, "k3", mask)
     return (weight * k3).sum(), (before * mask).sum()
 
 

@@ -571,7 +571,7 @@ class KLTrustRegion:
         from ..rails.kl import kl_per_token_after_update, kl_sums_after_update
 
         device = logps_list[0].device
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        totals = torch.zeros(2, dtype=torch.float32, device=device)
         for batch, logps, old in zip(self.batches, logps_list, self._old_logps, strict=True):
             mask = kl_mask(batch)
             ref = batch["ref_per_token_logps"].float()
@@ -579,7 +579,7 @@ class KLTrustRegion:
                 totals += torch.stack(kl_sums_after_update(logps, old, ref, mask))
             else:
                 kl = kl_per_token_after_update(logps, old, ref, mask)
-                totals += torch.stack([kl.sum(), mask.sum()]).double()
+                totals += torch.stack([kl.sum(), mask.sum().float()])
         kl_sum, n_tokens = trainer.accelerator.reduce(totals, reduction="sum").tolist()
         return kl_sum / n_tokens if n_tokens > 0 else float("nan")
 
