@@ -38,6 +38,7 @@ def test_non_finite_value_policy_counts_and_replaces():
     out, state, m = run(rail, batch([1.0, float("nan"), float("inf"), float("-inf")]))
     assert_close(out.rewards, torch.tensor([1.0, 0.0, 0.0, 0.0]))
     assert m["rails/non_finite/count"] == 3 and m["rails/non_finite/nan"] == 1 and m["rails/non_finite/inf"] == 2
+    assert m["rails/non_finite/share"] == 0.75  # 3 of 4 repaired, read by the non_finite tripwire
     _, state, m = run(rail, batch([float("nan")]), state)
     assert state == {"total": 4} and m["rails/non_finite/total"] == 4
 

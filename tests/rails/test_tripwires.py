@@ -8,9 +8,12 @@ import pytest
 
 from trl_safeppo.rails.tripwires import (
     DETECTORS,
+    Decision,
     TripwireSpec,
     entropy_collapse,
+    escalate,
     evaluate,
+    init_ladder,
     format_gaming,
     kl_acceleration,
     kl_limit,
@@ -18,6 +21,8 @@ from trl_safeppo.rails.tripwires import (
     length_explosion,
     length_hacking,
     non_finite,
+    reward_timeout,
+    silent_reward,
 )
 
 
@@ -54,6 +59,87 @@ def test_non_finite():
     assert non_finite([{"loss": math.nan}, {"loss": 1.0}]).status == "ok"  # only the latest step counts
     assert non_finite([{"loss": 1.0, "rails/non_finite/count": 2.0}]).status == "warn"
     assert non_finite([]).status == "ok"
+
+
+def test_non_finite_trips_when_the_guard_repairs_too_much():
+    # the guard kept the logged reward finite, but repaired 16 of 16 rewards: share 1.0 > 0.5 -> trip
+    repaired_all = {"loss": 0.0, "reward": 0.0, "rails/non_finite/count": 16.0, "rails/non_finite/share": 1.0}
+    v = non_finite([repaired_all])
+    assert v.status == "trip" and v.values == {"repaired_share": 1.0, "max_repaired_share": 0.5}
+    # 4 of 16 = 0.25 <= 0.5: only the warn of a guard that fired
+    assert non_finite([{**repaired_all, "rails/non_finite/count": 4.0, "rails/non_finite/share": 0.25}]).status == "warn"
+    # exactly at the threshold does not pass it; 1 turns the share check off
+    assert non_finite([{**repaired_all, "rails/non_finite/share": 0.5}]).status == "warn"
+    assert non_finite([repaired_all], max_repaired_share=1.0).status == "warn"
+    assert non_finite([repaired_all], max_repaired_share=0.0).status == "trip"
+    with pytest.raises(ValueError, match=r"max_repaired_share must be a number in \[0, 1\].*got 1.5"):
+        TripwireSpec("non_finite", "stop", {"max_repaired_share": 1.5})
+
+
+def test_silent_reward():
+    key = "rewards/math/none_frac"
+    # latest share 1.0 (nothing scored): trips at the default patience 1
+    v = silent_reward([{key: 0.2}, {key: 1.0}])
+    assert v.status == "trip" and v.values == {"math/steps": 1.0, "math/share": 1.0}
+    # patience 3: silent on the last 2 logged steps -> warn; on the last 3 -> trip; a scored step resets the run
+    assert silent_reward(h(key, [1.0, 0.0, 1.0, 1.0]), patience=3).status == "warn"
+    assert silent_reward(h(key, [0.0, 1.0, 1.0, 1.0]), patience=3).status == "trip"
+    assert silent_reward(h(key, [1.0, 1.0, 1.0, 0.5]), patience=3).status == "ok"
+    # share threshold: 0.75 of the completions unscored counts as silent with share=0.7, not with the default 1.0
+    assert silent_reward(h(key, [0.75]), share=0.7).status == "trip"
+    assert silent_reward(h(key, [0.75])).status == "ok"
+    # every rewards/<func>/none_frac counts; other keys do not
+    v = silent_reward([{"rewards/a/none_frac": 0.0, "rewards/b/none_frac": 1.0, "rewards/b/mean": 1.0}])
+    assert v.status == "trip" and "'b'" in v.reason and "'a'" not in v.reason
+    assert silent_reward([{"reward": 1.0}]).status == "ok" and silent_reward([]).status == "ok"
+    with pytest.raises(ValueError, match="patience must be an integer >= 1, got 0"):
+        TripwireSpec("silent_reward", "stop", {"patience": 0})
+
+
+def test_reward_timeout():
+    key = "rewards/slow/timeout"
+    assert reward_timeout(h(key, [0.0, 0.0])).status == "ok"
+    # one of the two calls of the logged step was cut off: 0.5 > 0 -> trip at patience 1, warn at patience 2
+    v = reward_timeout(h(key, [0.0, 0.5]))
+    assert v.status == "trip" and v.values == {"slow/steps": 1.0, "slow/share": 0.5}
+    assert reward_timeout(h(key, [0.0, 0.5]), patience=2).status == "warn"
+    assert reward_timeout(h(key, [1.0, 0.5]), patience=2).status == "trip"
+
+
+def test_action_ladder_raise_kl_then_rollback_then_stop():
+    # beta 0.1, factor 2, max_beta 0.4, max_rollbacks 1; each trip asks for raise_kl and beta stays where the
+    # decisions put it: 0.1 -> 0.2 -> 0.4 (the max), then the raise is exhausted: rollback, then stop.
+    state, beta, taken = init_ladder(), 0.1, []
+    for _ in range(4):
+        decision, new_state = escalate("raise_kl", state, beta=beta, raise_kl_factor=2.0, max_beta=0.4, max_rollbacks=1)
+        assert state is not new_state  # pure: a new state every time
+        state = new_state
+        taken.append((decision.action, decision.beta, decision.escalated_from))
+        beta = decision.beta if decision.beta is not None else beta
+    assert taken == [
+        ("raise_kl", pytest.approx(0.2), None),
+        ("raise_kl", pytest.approx(0.4), None),
+        ("rollback", None, "raise_kl"),
+        ("stop", None, "raise_kl"),
+    ]
+    assert state == {"rollbacks": 1}
+    # the raise is capped at the max: 0.3 * 2 = 0.6 -> 0.4
+    assert escalate("raise_kl", init_ladder(), beta=0.3, raise_kl_factor=2.0, max_beta=0.4,
+                    max_rollbacks=2)[0] == Decision("raise_kl", beta=pytest.approx(0.4))
+    # beta 0 cannot be raised by any factor: straight to rollback
+    d, _ = escalate("raise_kl", init_ladder(), beta=0.0, raise_kl_factor=2.0, max_beta=1.0, max_rollbacks=2)
+    assert (d.action, d.escalated_from) == ("rollback", "raise_kl") and "at its max" in d.why
+    # a configured rollback: two allowed, the third becomes stop
+    state = init_ladder()
+    actions = []
+    for _ in range(3):
+        d, state = escalate("rollback", state, beta=0.1, raise_kl_factor=2.0, max_beta=1.0, max_rollbacks=2)
+        actions.append(d.action)
+    assert actions == ["rollback", "rollback", "stop"] and "tripwire_max_rollbacks=2" in d.why
+    # warn and stop are never changed
+    for action in ("warn", "stop"):
+        assert escalate(action, {"rollbacks": 9}, beta=0.1, raise_kl_factor=2.0, max_beta=1.0,
+                        max_rollbacks=0) == (Decision(action), {"rollbacks": 9})
 
 
 def test_length_hacking():
@@ -121,5 +207,5 @@ def test_spec_check_and_evaluate():
     assert TripwireSpec(**specs[0].to_dict()) == specs[0]
     assert set(DETECTORS) == {
         "kl_limit", "kl_acceleration", "non_finite", "length_hacking", "format_gaming",
-        "entropy_collapse", "length_collapse", "length_explosion",
+        "entropy_collapse", "length_collapse", "length_explosion", "silent_reward", "reward_timeout",
     }

@@ -49,7 +49,8 @@ def non_finite_guard(policy: str = "value", value: float = 0.0, name: str = "non
                       when the group has no finite reward.
     State: `{"total": int}`, the number of rewards replaced since init.
     Metrics: `rails/<name>/count` (replaced in this batch), `rails/<name>/nan`, `rails/<name>/inf`,
-    `rails/<name>/total`.
+    `rails/<name>/total`, `rails/<name>/share` (count / batch size; the `non_finite` tripwire's
+    `max_repaired_share` reads it).
     """
     if policy not in NON_FINITE_POLICIES:
         raise ValueError(f"non_finite.policy must be one of {list(NON_FINITE_POLICIES)}, got {policy!r}")
@@ -77,6 +78,7 @@ def non_finite_guard(policy: str = "value", value: float = 0.0, name: str = "non
             f"rails/{name}/nan": float(n_nan),
             f"rails/{name}/inf": float(n_bad - n_nan),
             f"rails/{name}/total": float(total),
+            f"rails/{name}/share": n_bad / r.numel() if r.numel() else 0.0,
         }
         return batch.replace(rewards=r), {"total": total}, metrics
 

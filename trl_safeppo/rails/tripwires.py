@@ -168,12 +168,20 @@ def non_finite(
     history: History,
     keys: Sequence[str] = ("loss", "reward", "kl", "grad_norm"),
     count_key: str = "rails/non_finite/count",
+    max_repaired_share: float = 0.5,
+    share_key: str = "rails/non_finite/share",
 ) -> Verdict:
-    """Trip when the latest entry has a NaN / inf / None value for any of `keys`; warn when the reward guard
-    replaced rewards in that step (`count_key` > 0)."""
+    """Trip when the latest entry has a NaN / inf / None value for any of `keys`, or when the reward guard repaired
+    more than `max_repaired_share` of the step's rewards (`share_key`; 1 turns this check off): a guard that
+    replaces every reward keeps the loss finite but leaves nothing to learn from. Warn when the guard replaced some
+    rewards in that step (`count_key` > 0)."""
     name = "non_finite"
     _require(
         isinstance(keys, (list, tuple)) and all(isinstance(k, str) for k in keys), name, "keys", "a list of names", keys
+    )
+    _require(
+        _finite(max_repaired_share) and 0 <= max_repaired_share <= 1,
+        name, "max_repaired_share", "a number in [0, 1] such as 0.5 (1 turns the share check off)", max_repaired_share,
     )
     if not history:
         return _ok(name, "no history yet")
@@ -182,6 +190,11 @@ def non_finite(
     if bad:
         values = {k: (float(last[k]) if isinstance(last[k], (int, float)) else float("nan")) for k in bad}
         return Verdict("trip", name, f"non-finite {', '.join(bad)} in the latest step", values)
+    share = last.get(share_key)
+    if _finite(share) and share > max_repaired_share:
+        reason = (f"the guard repaired {share:.0%} of the step's rewards (non-finite or missing), more than "
+                  f"max_repaired_share={max_repaired_share:g}")
+        return Verdict("trip", name, reason, {"repaired_share": float(share), "max_repaired_share": max_repaired_share})
     count = last.get(count_key)
     if _finite(count) and count > 0:
         reason = f"{count:g} non-finite rewards were replaced by the guard"
@@ -372,6 +385,61 @@ def length_explosion(
     return _ok(name, f"{key} {now:.4g} (start {start:.4g}), truncation rate {clip_now:.3g}", values)
 
 
+def _reward_streaks(history: History, suffix: str, hit: Callable[[float], bool]) -> dict[str, tuple[int, float]]:
+    """For every reward function with a `rewards/<func><suffix>` metric in the latest entry: the number of latest
+    consecutive entries whose value satisfies `hit` (an entry without the metric ends the run), and the latest value."""
+    if not history:
+        return {}
+    out = {}
+    for key, value in history[-1].items():
+        if not (key.startswith("rewards/") and key.endswith(suffix)) or not _finite(value):
+            continue
+        streak = 0
+        for entry in reversed(history):
+            v = entry.get(key)
+            if not (_finite(v) and hit(float(v))):
+                break
+            streak += 1
+        out[key[len("rewards/"):-len(suffix)]] = (streak, float(value))
+    return out
+
+
+def _streak_verdict(name: str, streaks: dict[str, tuple[int, float]], patience: int, what: str) -> Verdict:
+    """Trip when some function's run reached `patience` logged steps; warn while a run is shorter."""
+    running = {func: sv for func, sv in streaks.items() if sv[0] > 0}
+    if not running:
+        return _ok(name, f"no reward function {what}")
+    values = {f"{func}/steps": float(n) for func, (n, _) in running.items()}
+    values.update({f"{func}/share": share for func, (_, share) in running.items()})
+    parts = ", ".join(f"{func!r} for {n} logged step(s) (share {share:.0%})" for func, (n, share) in running.items())
+    status = "trip" if max(n for n, _ in running.values()) >= patience else "warn"
+    return Verdict(status, name, f"reward {what}: {parts}; patience {patience}", values)
+
+
+def silent_reward(history: History, patience: int = 1, share: float = 1.0, suffix: str = "/none_frac") -> Verdict:
+    """A reward function (or a rule of a checker) that contributes nothing: trip when its share of unscored
+    completions (`rewards/<func>/none_frac`: None, NaN, or a timed-out call) is `>= share` on the last `patience`
+    logged steps in a row; warn on a shorter run. With `logging_steps > 1` a logged value is the mean over the
+    interval, so the default `share` 1.0 means "silent on every step of the interval"."""
+    name = "silent_reward"
+    _require(isinstance(patience, int) and not isinstance(patience, bool) and patience >= 1, name, "patience",
+             "an integer >= 1", patience)
+    _require(_finite(share) and 0 < share <= 1, name, "share", "a number in (0, 1]", share)
+    streaks = _reward_streaks(history, suffix, lambda v: v >= share - 1e-9)
+    return _streak_verdict(name, streaks, patience, f"gave no score to >= {share:.0%} of the completions")
+
+
+def reward_timeout(history: History, patience: int = 1, suffix: str = "/timeout") -> Verdict:
+    """A reward function that did not answer within its timeout (`rewards/<func>/timeout` > 0: the share of its
+    calls in the logged step that were cut off, their scores None). Trip when that happened on the last `patience`
+    logged steps in a row; warn on a shorter run."""
+    name = "reward_timeout"
+    _require(isinstance(patience, int) and not isinstance(patience, bool) and patience >= 1, name, "patience",
+             "an integer >= 1", patience)
+    streaks = _reward_streaks(history, suffix, lambda v: v > 0)
+    return _streak_verdict(name, streaks, patience, "timed out")
+
+
 DETECTORS: dict[str, Callable[..., Verdict]] = {
     "kl_limit": kl_limit,
     "kl_acceleration": kl_acceleration,
@@ -381,6 +449,8 @@ DETECTORS: dict[str, Callable[..., Verdict]] = {
     "entropy_collapse": entropy_collapse,
     "length_collapse": length_collapse,
     "length_explosion": length_explosion,
+    "silent_reward": silent_reward,
+    "reward_timeout": reward_timeout,
 }
 
 
@@ -390,7 +460,7 @@ class TripwireSpec:
 
     Attributes:
         detector: one of `DETECTORS` (kl_limit, kl_acceleration, non_finite, length_hacking, format_gaming,
-            entropy_collapse, length_collapse, length_explosion).
+            entropy_collapse, length_collapse, length_explosion, silent_reward, reward_timeout).
         action: on "trip": "warn" (log only), "raise_kl" (raise the KL coefficient), "rollback" (back to the last
             good checkpoint), "stop" (end training). "warn" verdicts are only logged, whatever the action.
         params: keyword arguments of the detector (thresholds, window, metric names).
@@ -434,3 +504,69 @@ class TripwireSpec:
 def evaluate(specs: Sequence[TripwireSpec], history: History) -> list[tuple[TripwireSpec, Verdict]]:
     """Run every spec on `history`; returns `(spec, verdict)` pairs in the specs' order."""
     return [(spec, spec.check(history)) for spec in specs]
+
+
+# --- the action ladder -------------------------------------------------------------------------------------------
+
+SEVERITY = {"warn": 0, "raise_kl": 1, "rollback": 2, "stop": 3}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the trainer does on a trip (the output of `escalate`).
+
+    Attributes:
+        action: the action to take ("warn", "raise_kl", "rollback", "stop").
+        beta: the new KL coefficient for "raise_kl", else None.
+        escalated_from: the action asked for when the ladder moved up ("raise_kl", "rollback"), else None.
+        why: one sentence saying why it moved up ("" when it did not).
+    """
+
+    action: str
+    beta: float | None = None
+    escalated_from: str | None = None
+    why: str = ""
+
+
+def init_ladder() -> dict[str, int]:
+    """The ladder's state: rollbacks taken so far in the stage (plain JSON)."""
+    return {"rollbacks": 0}
+
+
+def escalate(
+    action: str,
+    state: Mapping[str, int],
+    *,
+    beta: float,
+    raise_kl_factor: float,
+    max_beta: float,
+    max_rollbacks: int,
+) -> tuple[Decision, dict[str, int]]:
+    """The action ladder `raise_kl -> rollback -> stop`, as a pure function: `(action asked, state) -> (decision,
+    new state)`; `state` is never mutated.
+
+    - `raise_kl`: `beta' = min(beta * raise_kl_factor, max_beta)` while `beta < max_beta`; a `raise_kl` trip with
+      beta already at `max_beta` (or at 0, which no factor raises) is exhausted and moves up to `rollback`.
+    - `rollback`: taken while fewer than `max_rollbacks` rollbacks were; then it moves up to `stop`.
+    - `warn`, `stop`: unchanged.
+
+    Example (beta 0.1, factor 2, max_beta 0.4, max_rollbacks 1, beta left as the decisions set it): the trips give
+    raise_kl (0.2), raise_kl (0.4), rollback (beta at its max), stop (rollbacks used up).
+    """
+    if action not in SEVERITY:
+        raise ValueError(f"tripwire action must be one of {list(SEVERITY)}, got {action!r}")
+    rollbacks = int(state.get("rollbacks", 0))
+    if action == "raise_kl":
+        if beta > 0 and beta < max_beta * (1 - 1e-9):
+            return Decision("raise_kl", beta=min(beta * raise_kl_factor, max_beta)), {"rollbacks": rollbacks}
+        why = f"beta {beta:.4g} is at its max {max_beta:.4g}, so raise_kl cannot hold the KL"
+        decision, new_state = escalate("rollback", state, beta=beta, raise_kl_factor=raise_kl_factor,
+                                       max_beta=max_beta, max_rollbacks=max_rollbacks)
+        why = f"{why}; {decision.why}" if decision.why else why
+        return Decision(decision.action, escalated_from="raise_kl", why=why), new_state
+    if action == "rollback":
+        if rollbacks < max_rollbacks:
+            return Decision("rollback"), {"rollbacks": rollbacks + 1}
+        why = f"{rollbacks} rollback(s) taken, tripwire_max_rollbacks={max_rollbacks}"
+        return Decision("stop", escalated_from="rollback", why=why), {"rollbacks": rollbacks}
+    return Decision(action), {"rollbacks": rollbacks}
