@@ -15,6 +15,7 @@ CONFIGS = [
     ("trl_safeppo.trainers.grpo_config", "SafeGRPOConfig"),
     ("trl_safeppo.trainers.dpo_config", "SafeDPOConfig"),
     ("trl_safeppo.trainers.tripwires", "TripwireFields"),
+    ("trl_safeppo.trainers.tripwires", "RewardTimeoutFields"),
     ("trl_safeppo.rejection_sampling", "RejectionSamplingConfig"),
     ("trl_safeppo.rails.config", "RailsConfig"),
     ("trl_safeppo.rails.config", "NonFiniteConfig"),

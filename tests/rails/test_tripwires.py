@@ -67,7 +67,8 @@ def test_non_finite_trips_when_the_guard_repairs_too_much():
     v = non_finite([repaired_all])
     assert v.status == "trip" and v.values == {"repaired_share": 1.0, "max_repaired_share": 0.5}
     # 4 of 16 = 0.25 <= 0.5: only the warn of a guard that fired
-    assert non_finite([{**repaired_all, "rails/non_finite/count": 4.0, "rails/non_finite/share": 0.25}]).status == "warn"
+    quarter = {**repaired_all, "rails/non_finite/count": 4.0, "rails/non_finite/share": 0.25}
+    assert non_finite([quarter]).status == "warn"
     # exactly at the threshold does not pass it; 1 turns the share check off
     assert non_finite([{**repaired_all, "rails/non_finite/share": 0.5}]).status == "warn"
     assert non_finite([repaired_all], max_repaired_share=1.0).status == "warn"

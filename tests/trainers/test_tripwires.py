@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -24,17 +25,43 @@ BLOWUP_AFTER = 2  # the weights are scrambled at the end of step 2, so step 3 me
 
 
 class LengthReward:
-    """Reward = completion length in characters; NaN for every completion when global_step == nan_at."""
+    """Reward = completion length in characters; NaN for every completion when global_step == nan_at, or from
+    global_step == nan_from on."""
 
     __name__ = "length_reward"
 
-    def __init__(self, nan_at: int | None = None):
+    def __init__(self, nan_at: int | None = None, nan_from: int | None = None):
         self.nan_at = nan_at
+        self.nan_from = nan_from
 
     def __call__(self, prompts, completions, trainer_state=None, **kwargs):
-        if self.nan_at is not None and trainer_state is not None and trainer_state.global_step == self.nan_at:
+        step = trainer_state.global_step if trainer_state is not None else None
+        if step is not None and (step == self.nan_at or (self.nan_from is not None and step >= self.nan_from)):
             return [math.nan] * len(completions)
         return [float(len(c[0]["content"])) for c in completions]
+
+
+class HangsAt:
+    """Reward 1.0 for every completion, except that the call made while global_step == hang_at sleeps 60 s."""
+
+    __name__ = "hangs"
+
+    def __init__(self, hang_at: int):
+        self.hang_at = hang_at
+
+    def __call__(self, prompts, completions, trainer_state=None, **kwargs):
+        if trainer_state is not None and trainer_state.global_step == self.hang_at:
+            time.sleep(60)
+        return [1.0] * len(completions)
+
+
+class NoScore:
+    """Gives no score at all (None for every completion)."""
+
+    __name__ = "no_score"
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [None] * len(completions)
 
 
 class Recorder(TrainerCallback):
@@ -66,7 +93,7 @@ def _dataset():
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(32)]})
 
 
-def _trainer(tmp_path, tiny_debug_path, tripwires, reward, max_steps=4, blowup_after=None):
+def _trainer(tmp_path, tiny_debug_path, tripwires, reward, max_steps=4, blowup_after=None, **overrides):
     args = SafeGRPOConfig(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
@@ -74,13 +101,14 @@ def _trainer(tmp_path, tiny_debug_path, tripwires, reward, max_steps=4, blowup_a
         max_completion_length=8,
         max_steps=max_steps,
         logging_steps=1,
-        learning_rate=1e-3,
+        learning_rate=overrides.pop("learning_rate", 1e-3),
         beta=0.1,
         seed=0,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
         tripwires=tripwires,
+        **overrides,
     )
     trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=reward, args=args, train_dataset=_dataset())
     recorder = Recorder(trainer, blowup_after=blowup_after)
@@ -130,8 +158,9 @@ def test_kl_blowup_raises_beta(tmp_path, tiny_debug_path):
     events = [e for e in _events(tmp_path) if e["status"] == "trip"]
     assert [(e["step"], e["detector"], e["action"]) for e in events] == [(3, "kl_limit", "raise_kl")]
     assert events[0]["values"]["kl"] == pytest.approx(kls[2])
-    # beta 0.1 * raise_kl_factor 2 = 0.2
-    assert events[0]["details"] == {"beta_before": pytest.approx(0.1), "beta_after": pytest.approx(0.2)}
+    # beta 0.1 * raise_kl_factor 2 = 0.2, below the default ceiling 16 * 0.1 = 1.6
+    assert events[0]["details"] == {"beta_before": pytest.approx(0.1), "beta_after": pytest.approx(0.2),
+                                    "max_beta": pytest.approx(1.6)}
     assert trainer.beta == pytest.approx(0.2)
 
 
@@ -155,6 +184,78 @@ def test_kl_blowup_stops_and_keeps_last_good(tmp_path, tiny_debug_path):
     assert os.path.exists(os.path.join(tmp_path, "tripwire-last-good", "snapshot.pt"))
 
 
+def test_guard_repairing_every_reward_from_step_4_on_stops(tmp_path, tiny_debug_path):
+    # The reward is NaN for every completion from step 4 on (scored while global_step == 3). The rails' guard
+    # replaces each by 0.0, so reward and loss stay finite; the guard's repaired share 16/16 = 1.0 > 0.5 trips.
+    tripwires = [{"detector": "non_finite", "action": "stop"}]
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(nan_from=3), max_steps=6, rails={})
+    trainer.train()
+
+    assert trainer.state.global_step == 4  # stopped at the first repaired step, not at max_steps=6
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert math.isfinite(logs[-1]["reward"]) and math.isfinite(logs[-1]["loss"])  # what used to hide it
+    assert [h["rails/non_finite/share"] for h in logs] == [0.0, 0.0, 0.0, 1.0]
+    events = [e for e in _events(tmp_path) if e["status"] == "trip"]
+    assert [(e["step"], e["detector"], e["action"]) for e in events] == [(4, "non_finite", "stop")]
+    assert events[0]["values"] == {"repaired_share": 1.0, "max_repaired_share": 0.5}
+    assert events[0]["details"]["stopped"] is True
+
+
+def test_raise_kl_exhausted_escalates_to_rollback_then_stop(tmp_path, tiny_debug_path):
+    # Every update moves the policy (lr 1e-2), so KL > 1e-6 at each log but the first (KL 0: policy == reference)
+    # and the one right after a rollback to the initial weights. beta 0.1, max 0.2, one rollback allowed:
+    #   log 1: ok (candidate snapshot); log 2: raise_kl 0.1 -> 0.2 (the max);
+    #   log 3: beta at its max -> rollback to the last good = the initial weights (step 0; log 2 tripped, so the
+    #          candidate was never promoted); beta = snapshot's 0.1 * 2 = 0.2, learning rate halved;
+    #   log 4: KL 0 again (initial weights): ok;  log 5: beta 0.2 at its max, rollbacks used up -> stop.
+    tripwires = [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 1e-6}}]
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=8, learning_rate=1e-2,
+                          tripwire_max_beta=0.2, tripwire_max_rollbacks=1)
+    trainer.train()
+
+    kls = [h["kl"] for h in trainer.state.log_history if "loss" in h]
+    assert kls[0] == 0.0 and kls[3] == 0.0 and min(kls[1], kls[2], kls[4]) > 1e-6
+    events = [e for e in _events(tmp_path) if e["status"] == "trip"]
+    assert [(e["step"], e["action"]) for e in events] == [(2, "raise_kl"), (3, "raise_kl"), (5, "raise_kl")]
+    d2, d3, d5 = (e["details"] for e in events)
+    assert d2 == {"beta_before": pytest.approx(0.1), "beta_after": pytest.approx(0.2), "max_beta": 0.2}
+    assert d3["escalated_from"] == "raise_kl" and "at its max 0.2" in d3["escalation"]
+    assert d3["restored_step"] == 0 and d3["rollbacks"] == 1 and d3["beta_after"] == pytest.approx(0.2)
+    assert d3["lr_after"] == pytest.approx(0.5 * d3["lr_before"])
+    assert d5["escalated_from"] == "raise_kl" and d5["stopped"] is True
+    assert "tripwire_max_rollbacks=1" in d5["escalation"]
+    assert trainer.state.global_step == 5  # stopped, not "completed" at max_steps=8
+
+
+def test_hanging_reward_is_cut_off_and_counted(tmp_path, tiny_debug_path):
+    # The second reward hangs (60 s) on the batch of step 2; with reward_timeout_s=2 its 4 scores are None, the
+    # step is scored by the first reward alone, and both detectors see it. Step 3 gets a fresh worker.
+    tripwires = [{"detector": "reward_timeout", "action": "warn"}, {"detector": "silent_reward", "action": "warn"}]
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, [LengthReward(), HangsAt(1)], max_steps=3,
+                          reward_timeout_s=2)
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["rewards/hangs/timeout"] for h in logs] == [0.0, 1.0, 0.0]
+    assert [h["rewards/hangs/none_frac"] for h in logs] == [0.0, 1.0, 0.0]
+    assert [h["rewards/length_reward/none_frac"] for h in logs] == [0.0, 0.0, 0.0]
+    assert logs[1]["rewards/hangs/mean"] is None and logs[2]["rewards/hangs/mean"] == 1.0
+    events = [(e["step"], e["detector"], e["status"]) for e in _events(tmp_path)]
+    assert events == [(2, "reward_timeout", "trip"), (2, "silent_reward", "trip")]
+    assert [h["tripwire/reward_timeout"] for h in logs] == [0.0, 2.0, 0.0]
+
+
+def test_silent_reward_stops_after_its_patience(tmp_path, tiny_debug_path):
+    # no_score gives None to every completion of every step: log 1 warns (1 < patience 2), log 2 trips and stops.
+    tripwires = [{"detector": "silent_reward", "action": "stop", "params": {"patience": 2}}]
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, [LengthReward(), NoScore()], max_steps=4)
+    trainer.train()
+
+    assert trainer.state.global_step == 2
+    events = [(e["step"], e["status"], e["action"]) for e in _events(tmp_path)]
+    assert events == [(1, "warn", "warn"), (2, "trip", "stop")]
+
+
 @pytest.mark.parametrize(
     ("tripwires", "message"),
     [
@@ -176,3 +277,12 @@ def test_bad_action_knob_names_the_field():
         TripwireActions(rollback_lr_factor=2)
     with pytest.raises(ValueError, match="tripwire_raise_kl_factor=1"):
         TripwireActions(raise_kl_factor=1)
+
+
+def test_bad_timeout_and_max_beta_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"reward_timeout_s=0 is invalid; use a number of seconds > 0 .* or null"):
+        SafeGRPOConfig(output_dir=str(tmp_path), reward_timeout_s=0, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="tripwire_max_beta=-1.0 is invalid; use a number > 0"):
+        TripwireActions(max_beta=-1.0)
+    assert SafeGRPOConfig(output_dir=str(tmp_path), reward_timeout_s=None, report_to="none",
+                          use_cpu=True).reward_timeout_s is None

@@ -44,6 +44,8 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
             {max_rollbacks}
         tripwire_snapshot_every (`int`, *optional*, defaults to `1`):
             {snapshot_every}
+        tripwire_max_beta (`float`, *optional*):
+            {max_beta}
         logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
             Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in
             the logs and would hide it from the `non_finite` tripwire.

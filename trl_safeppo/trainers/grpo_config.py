@@ -7,11 +7,17 @@ from typing import Any
 
 from trl import GRPOConfig
 
-from .tripwires import TRIPWIRE_HELP, TripwireFields, validate_tripwire_fields
+from .tripwires import (
+    TRIPWIRE_HELP,
+    RewardTimeoutFields,
+    TripwireFields,
+    validate_reward_timeout,
+    validate_tripwire_fields,
+)
 
 
 @dataclass
-class SafeGRPOConfig(TripwireFields, GRPOConfig):
+class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
     r"""
     Configuration class for [`SafeGRPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the fields below. With
     `rails=None` and `tripwires=None` (the defaults) training is exactly GRPOTrainer's.
@@ -47,9 +53,16 @@ class SafeGRPOConfig(TripwireFields, GRPOConfig):
             {max_rollbacks}
         tripwire_snapshot_every (`int`, *optional*, defaults to `1`):
             {snapshot_every}
+        tripwire_max_beta (`float`, *optional*):
+            {max_beta}
         logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
             Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in
             the logs and would hide it from the `non_finite` tripwire.
+
+        > Reward functions
+
+        reward_timeout_s (`float`, *optional*, defaults to `60.0`):
+            {reward_timeout_s}
     """
 
     # Rails
@@ -86,6 +99,7 @@ class SafeGRPOConfig(TripwireFields, GRPOConfig):
                     "or rails.kl.pull_back_above to null"
                 )
         validate_tripwire_fields(self)
+        validate_reward_timeout(self)
 
 
 # The docstring is a literal (so it is __doc__); the tripwire fields share their help text with the other configs.

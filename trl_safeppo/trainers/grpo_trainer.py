@@ -12,6 +12,7 @@ import functools
 from trl import GRPOTrainer
 
 from ..models import resolve_model_path
+from ..rewards.timeout import DEFAULT_TIMEOUT_S, with_timeouts
 from ._wiring import RailsWiring, SafeRailsMixin
 from .grpo_config import SafeGRPOConfig
 from .tripwires import add_tripwires
@@ -45,6 +46,7 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
                 f"rails.kl.estimator={estimator!r}: GRPO's KL term is its own k3 estimator; set rails.kl.estimator "
                 "to null or 'k3' for a GRPO stage"
             )
+        reward_funcs = with_timeouts(reward_funcs, getattr(args, "reward_timeout_s", DEFAULT_TIMEOUT_S))
         args, reward_funcs, reward_processing_classes = wiring.prepare_init(
             args, reward_funcs, reward_processing_classes
         )

@@ -8,7 +8,13 @@ from typing import Any
 
 from trl import GRPOConfig
 
-from .tripwires import TRIPWIRE_HELP, TripwireFields, validate_tripwire_fields
+from .tripwires import (
+    TRIPWIRE_HELP,
+    RewardTimeoutFields,
+    TripwireFields,
+    validate_reward_timeout,
+    validate_tripwire_fields,
+)
 
 # GRPO loss formulations that are the PPO clipped surrogate with a different token aggregation.
 PPO_LOSS_TYPES = ("bnpo", "dapo", "grpo", "dr_grpo")
@@ -18,7 +24,7 @@ GRPO_MIN_GENERATIONS_MESSAGE = "at least 2 generations per prompt"
 
 
 @dataclass
-class SafePPOConfig(TripwireFields, GRPOConfig):
+class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
     r"""
     Configuration class for [`SafePPOTrainer`]: classic RLHF PPO (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593;
     Ouyang et al. 2022 "InstructGPT", https://arxiv.org/abs/2203.02155) on top of TRL's `GRPOConfig`.
@@ -103,9 +109,16 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
             {max_rollbacks}
         tripwire_snapshot_every (`int`, *optional*, defaults to `1`):
             {snapshot_every}
+        tripwire_max_beta (`float`, *optional*):
+            {max_beta}
         logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
             Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in
             the logs and would hide it from the `non_finite` tripwire.
+
+        > Reward functions
+
+        reward_timeout_s (`float`, *optional*, defaults to `60.0`):
+            {reward_timeout_s}
 
         > GRPO fields with a PPO default
 
@@ -201,6 +214,7 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
     def __post_init__(self) -> None:
         self._check_ppo_fields()
         validate_tripwire_fields(self)
+        validate_reward_timeout(self)
         if self.bf16 is None and not self.fp16 and not self.use_cpu:
             # TRL turns bf16 on whenever fp16 is off, which TrainingArguments rejects on a machine without a bf16
             # accelerator; there, default to fp32 instead so that SafePPOConfig(output_dir=...) works everywhere.

@@ -36,6 +36,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from ..models import resolve_model_path
 from ..rails.kl import kl_per_token, sequence_kl
+from ..rewards.timeout import with_timeouts
 from ._wiring import RailsWiring, SafeRailsMixin
 from .tripwires import add_tripwires
 from .ppo_config import SafePPOConfig
@@ -131,7 +132,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             raise TypeError(f"args must be a SafePPOConfig, got {type(args).__name__}; build one with SafePPOConfig(...)")
         if isinstance(model, str):
             model = resolve_model_path(model)
-        reward_funcs = _resolve_reward_funcs(reward_funcs)
+        reward_funcs = with_timeouts(_resolve_reward_funcs(reward_funcs), args.reward_timeout_s)
         _check_dataset(train_dataset, args)
 
         wiring = _build_wiring(args)

@@ -5,7 +5,8 @@ Each configured tripwire names a detector of :mod:`trl_safeppo.rails` (``kl_limi
 
 - ``warn``: record the event, nothing else.
 - ``raise_kl``: multiply the KL coefficient ``beta`` by ``raise_kl_factor`` (the adaptive controller continues from
-  the new value).
+  the new value), up to ``max_beta``; a ``raise_kl`` trip with beta at ``max_beta`` moves up the ladder to
+  ``rollback`` (then ``stop``): :func:`trl_safeppo.rails.tripwires.escalate`.
 - ``rollback``: restore the last good snapshot (policy weights, optimizer state, rail state and beta), then continue
   with the stated change: ``beta *= rollback_beta_factor`` and ``learning_rate *= rollback_lr_factor``. After
   ``max_rollbacks`` rollbacks a further rollback trip becomes ``stop``.
@@ -16,9 +17,9 @@ The callback works for every trainer of the package through a small protocol: th
 ``optimizer``, ``accelerator``, ``model`` and, optionally, ``rails_wiring`` (a :class:`~._wiring.RailsWiring`, whose
 KL controller is kept in step with ``beta``).
 
-Snapshots (only when some tripwire's action is ``rollback`` or ``stop``): the metrics logged at step ``s`` were
-measured with the weights *before* update ``s``, so a clean log at ``s`` vouches for the weights of step ``s - 1``,
-not for the weights just produced. The callback therefore saves a *candidate* at each clean log (every
+Snapshots (only when some tripwire's action is ``raise_kl``, ``rollback`` or ``stop``): the metrics logged at step
+``s`` were measured with the weights *before* update ``s``, so a clean log at ``s`` vouches for the weights of step
+``s - 1``, not for the weights just produced. The callback therefore saves a *candidate* at each clean log (every
 ``snapshot_every``-th) in ``<output_dir>/tripwire-candidate/`` and promotes it to ``<output_dir>/tripwire-last-good/``
 at the next clean log; the initial weights are good by definition. Rollback and stop restore the last good one.
 
@@ -56,6 +57,14 @@ TRIPWIRE_HELP = {
     "rollback_beta_factor": "After a `rollback`, beta is multiplied by this factor (>= 1; 1 keeps beta).",
     "rollback_lr_factor": "After a `rollback`, the learning rate is multiplied by this factor (in (0, 1]).",
     "max_rollbacks": "Rollbacks allowed in one stage; a further `rollback` trip ends the stage like `stop` (>= 0).",
+    "max_beta": "`raise_kl` never raises beta above this; a `raise_kl` trip with beta already there escalates to "
+    "`rollback` (then `stop`, once `tripwire_max_rollbacks` are used). `None`: 16 x the beta the stage started with "
+    "(four doublings), and never above an adaptive KL controller's `max_coef`.",
+    "reward_timeout_s": "Seconds each call of a reward function may take (> 0); past it the call is cut off (its "
+    "worker process killed), the batch's scores from that function are None, a warning is logged and "
+    "`rewards/<func>/timeout` counts it for the `reward_timeout` tripwire. The pre-flight self-test uses the same "
+    "limit. `None`: no timeout (functions run in the trainer process). Reward models (`nn.Module`) and async "
+    "functions are not timed.",
     "snapshot_every": "Take the last-good snapshot every this many clean logging steps (>= 1); used by `rollback` "
     "and `stop`. Snapshots hold the policy and the optimizer state, so they cost memory and disk on large models.",
 }
@@ -70,6 +79,7 @@ class TripwireActions:
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 2
     snapshot_every: int = 1
+    max_beta: float | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -89,6 +99,10 @@ class TripwireActions:
             ("tripwire_max_rollbacks", self.max_rollbacks, self.max_rollbacks >= 0, "an integer >= 0"),
             ("tripwire_snapshot_every", self.snapshot_every, self.snapshot_every >= 1, "an integer >= 1"),
         ]
+        if self.max_beta is not None:
+            ok = isinstance(self.max_beta, (int, float)) and self.max_beta > 0
+            fix = "a number > 0 such as 1.0, or null (16 x the start beta)"
+            checks.append(("tripwire_max_beta", self.max_beta, ok, fix))
         for name, value, ok, fix in checks:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
                 raise ValueError(f"{name}={value!r} is invalid; use {fix}")
@@ -101,6 +115,7 @@ class TripwireActions:
             rollback_lr_factor=args.tripwire_rollback_lr_factor,
             max_rollbacks=args.tripwire_max_rollbacks,
             snapshot_every=args.tripwire_snapshot_every,
+            max_beta=getattr(args, "tripwire_max_beta", None),
         )
 
 
@@ -154,6 +169,7 @@ class TripwireFields:
         tripwire_rollback_lr_factor (`float`, defaults to `0.5`): see ``TRIPWIRE_HELP``.
         tripwire_max_rollbacks (`int`, defaults to `2`): see ``TRIPWIRE_HELP``.
         tripwire_snapshot_every (`int`, defaults to `1`): see ``TRIPWIRE_HELP``.
+        tripwire_max_beta (`float`, *optional*): see ``TRIPWIRE_HELP["max_beta"]``.
         logging_nan_inf_filter (`bool`, defaults to `False`): keeps NaN/inf losses visible to the `non_finite`
             tripwire.
     """
@@ -166,6 +182,7 @@ class TripwireFields:
     tripwire_rollback_lr_factor: float = field(default=0.5, metadata={"help": TRIPWIRE_HELP["rollback_lr_factor"]})
     tripwire_max_rollbacks: int = field(default=2, metadata={"help": TRIPWIRE_HELP["max_rollbacks"]})
     tripwire_snapshot_every: int = field(default=1, metadata={"help": TRIPWIRE_HELP["snapshot_every"]})
+    tripwire_max_beta: float | None = field(default=None, metadata={"help": TRIPWIRE_HELP["max_beta"]})
     logging_nan_inf_filter: bool = field(
         default=False,
         metadata={
@@ -173,6 +190,26 @@ class TripwireFields:
             "average in the logs and would hide it from the `non_finite` tripwire."
         },
     )
+
+
+@dataclass
+class RewardTimeoutFields:
+    """The reward-function timeout of SafeGRPOConfig and SafePPOConfig (listed before their TRL base; each describes
+    the field in its own docstring from ``TRIPWIRE_HELP["reward_timeout_s"]`` and calls
+    :func:`validate_reward_timeout` in ``__post_init__``).
+
+    Parameters:
+        reward_timeout_s (`float`, *optional*, defaults to `60.0`): see ``TRIPWIRE_HELP["reward_timeout_s"]``.
+    """
+
+    reward_timeout_s: float | None = field(default=60.0, metadata={"help": TRIPWIRE_HELP["reward_timeout_s"]})
+
+
+def validate_reward_timeout(args) -> None:
+    """``reward_timeout_s`` is None or seconds > 0 (one ValueError naming the field, the value and the fix)."""
+    from ..rewards.timeout import check_timeout
+
+    args.reward_timeout_s = check_timeout(args.reward_timeout_s)
 
 
 def validate_tripwire_fields(args) -> None:
@@ -231,13 +268,30 @@ class TripwireCallback(TrainerCallback):
         self.candidate_step: int | None = None
         self.history: list[dict[str, float]] = []
         self.events: list[dict[str, Any]] = []
-        self.n_rollbacks = 0
+        from ..rails.tripwires import init_ladder
+
+        self.ladder = init_ladder()  # the action ladder's state (rails.tripwires.escalate)
+        self.initial_beta = float(getattr(trainer, "beta", 0.0) or 0.0)
         self.n_clean = 0
         self.snapshot_step: int | None = None
         self.stopped_reason: str | None = None
-        self.needs_snapshots = any(spec.action in ("rollback", "stop") for spec in self.specs)
+        # raise_kl too: an exhausted raise escalates to rollback
+        self.needs_snapshots = any(spec.action in ("raise_kl", "rollback", "stop") for spec in self.specs)
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def n_rollbacks(self) -> int:
+        return self.ladder["rollbacks"]
+
+    @property
+    def max_beta(self) -> float:
+        """``raise_kl``'s ceiling: ``tripwire_max_beta`` (default 16 x the starting beta), at most an adaptive KL
+        controller's ``max_coef``."""
+        cap = self.actions.max_beta if self.actions.max_beta is not None else 16.0 * self.initial_beta
+        controller = getattr(getattr(self.trainer, "rails_wiring", None), "kl_controller", None)
+        max_coef = getattr(controller, "max_coef", None)
+        return min(cap, float(max_coef)) if max_coef is not None else cap
+
     @property
     def _is_main(self) -> bool:
         return self.trainer.accelerator.is_main_process
@@ -317,14 +371,22 @@ class TripwireCallback(TrainerCallback):
                     self._snapshot(state.global_step)
             return control
 
-        # One action per log step: the most severe configured among the tripped detectors.
-        action = max((spec.action for spec, _ in trips), key=_SEVERITY.__getitem__)
-        if action == "rollback" and self.n_rollbacks >= self.actions.max_rollbacks:
-            action = "stop"
-        details = self._act(action, state, control, trips)
+        # One action per log step: the most severe configured among the tripped detectors, moved up the ladder
+        # (raise_kl at max beta -> rollback -> stop) when it is exhausted.
+        from ..rails.tripwires import escalate
+
+        asked = max((spec.action for spec, _ in trips), key=_SEVERITY.__getitem__)
+        decision, self.ladder = escalate(
+            asked, self.ladder, beta=float(getattr(self.trainer, "beta", 0.0) or 0.0),
+            raise_kl_factor=self.actions.raise_kl_factor, max_beta=self.max_beta,
+            max_rollbacks=self.actions.max_rollbacks,
+        )
+        details = self._act(decision, state, control, trips)
+        if decision.escalated_from is not None:
+            details = {**details, "escalated_from": decision.escalated_from, "escalation": decision.why}
         for spec, verdict in trips:
-            self._write_event(self._event(state, verdict, spec.action, details if spec.action == action or (
-                spec.action == "rollback" and action == "stop") else {"superseded_by": action}))
+            self._write_event(self._event(state, verdict, spec.action, details if spec.action == asked else {
+                "superseded_by": decision.action}))
         return control
 
     def _event(self, state, verdict, action: str, details: dict) -> dict[str, Any]:
@@ -338,22 +400,20 @@ class TripwireCallback(TrainerCallback):
             "details": details,
         }
 
-    def _act(self, action: str, state, control, trips) -> dict[str, Any]:
+    def _act(self, decision, state, control, trips) -> dict[str, Any]:
         trainer = self.trainer
+        action = decision.action
         if action == "warn":
             return {}
         if action == "raise_kl":
             before = float(trainer.beta)
-            _set_beta(trainer, before * self.actions.raise_kl_factor)
-            return {"beta_before": before, "beta_after": float(trainer.beta)}
+            _set_beta(trainer, decision.beta)
+            return {"beta_before": before, "beta_after": float(trainer.beta), "max_beta": self.max_beta}
         if action == "rollback":
             from ._wiring import scale_learning_rate
 
             restored = self._restore()
-            if restored is None:
-                action = "stop"
-            else:
-                self.n_rollbacks += 1
+            if restored is not None:
                 before = float(trainer.beta)
                 _set_beta(trainer, before * self.actions.rollback_beta_factor)
                 lr_before, lr_after = scale_learning_rate(trainer, self.actions.rollback_lr_factor)
