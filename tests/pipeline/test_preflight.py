@@ -206,3 +206,20 @@ def test_probes_list_or_mapping():
     fails(micro(probes={"prompts": ["x"], "system": "Be brief."}), where="probes.system",
           match=r"did you mean 'system_prompt'")
     fails(micro(probes={"prompts": []}), where="probes.prompts", match="the list is empty")
+
+
+def test_reward_self_test_uses_the_stage_reward_timeout(monkeypatch):
+    # the self-test runs every rule under the timeout the stage's trainer will use: its args.reward_timeout_s, or
+    # the config's default (60 s); a hanging rule is tested in tests/rewards/test_selftest.py.
+    import trl_safeppo.rewards.selftest as selftest
+
+    seen = []
+    real = selftest.check_rewards
+    monkeypatch.setattr(selftest, "check_rewards", lambda *a, **kw: seen.append(kw["timeout_s"]) or real(*a, **kw))
+    preflight(recipe_from_dict(micro()), check_hardware=False)
+    tree = micro()
+    tree["stages"][1]["args"]["reward_timeout_s"] = 7.5
+    preflight(recipe_from_dict(tree), check_hardware=False)
+    assert seen == [60.0, 7.5]
+    tree["stages"][1]["args"]["reward_timeout_s"] = -3
+    fails(tree, where="stages[1] (grpo).args", match=r"reward_timeout_s=-3 is invalid")

@@ -59,7 +59,17 @@ def test_logging_through_trl_hooks():
     assert metrics["rewards/format/mean"] == [1.0]
     assert metrics["rewards/rules/pass_rate"] == [0.5]
     assert metrics["rewards/rules/none_frac"] == [0.0]
+    assert metrics["rewards/math/none_frac"] == [0.0] and metrics["rewards/format/none_frac"] == [0.0]
     assert extra == {"format": [1.0, 1.0], "math": [1.0, 0.0]}
+
+
+def test_a_rule_that_judges_nothing_is_logged_as_silent():
+    # the gold answer does not parse as math, so `math` gives None to both completions (none_frac 2/2 = 1.0) and
+    # logs no mean; `format` still scores, so the checker's total is not None (its none_frac stays 0).
+    metrics = defaultdict(list)
+    checker()(completions=[GOOD, WRONG], answer=["not math", "not math"], log_metric=lambda k, v: metrics[k].append(v))
+    assert metrics["rewards/math/none_frac"] == [1.0] and "rewards/math/mean" not in metrics
+    assert metrics["rewards/format/none_frac"] == [0.0] and metrics["rewards/rules/none_frac"] == [0.0]
 
 
 def test_single_rule_does_not_double_log():

@@ -70,3 +70,43 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main(["check-rewards", "--reward", str(recipe), "--dataset", str(data), "--processes", "0"]) == 0
     assert main(["check-rewards", "--reward", "nope", "--dataset", str(data)]) == 2  # configuration error
     assert "unknown rule 'nope'" in capsys.readouterr().err
+
+
+class Sleeper:
+    """A rule that hangs: 1.0 per completion after `seconds`."""
+
+    __name__ = "sleeper"
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, prompts=None, completions=None, **kwargs):
+        import time
+
+        time.sleep(self.seconds)
+        return [1.0] * len(completions)
+
+
+def test_a_hanging_rule_fails_the_self_test_within_the_timeout():
+    from trl_safeppo.rewards.timeout import RewardTimeoutError
+
+    spec = [{"name": "math"}, {"name": Sleeper(60), "alias": "slow"}]
+    with pytest.raises(RewardTimeoutError) as err:
+        check_rewards(spec, ROWS, threads=0, processes=0, timeout_s=1)
+    message = str(err.value)
+    assert "\n" not in message  # one line, naming the rule and the timeout
+    assert message.startswith("reward rule 'slow' did not return within reward_timeout_s=1 s")
+    # the same rule within its timeout passes (and the workers are gone afterwards: nothing hangs around)
+    fast = [{"name": "math"}, {"name": Sleeper(0.0), "alias": "slow", "weight": 0.0}]
+    assert check_rewards(fast, ROWS, threads=0, processes=0, timeout_s=5).ok
+
+
+def test_cli_timeout_option(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS))
+    base = ["check-rewards", "--reward", "math", "--dataset", str(data), "--threads", "0", "--processes", "0"]
+    assert main([*base, "--timeout-s", "none"]) == 0
+    assert main([*base, "--timeout-s", "30"]) == 0
+    with pytest.raises(SystemExit):
+        main([*base, "--timeout-s", "-1"])
+    assert "--timeout-s=-1.0 is invalid; use a number of seconds > 0" in capsys.readouterr().err

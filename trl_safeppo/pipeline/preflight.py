@@ -184,11 +184,12 @@ def _check_columns(spec: data_mod.DatasetSpec, stype: StageType, stage_type: str
 SELF_TEST_ROWS = 16
 
 
-def _self_test(reward: Any, ds, where: str, done: set) -> None:
-    """The reward's verifier self-test on the first rows of the stage's data: gold answers pass, wrong ones fail."""
+def _self_test(reward: Any, ds, where: str, done: set, timeout_s: float | None) -> None:
+    """The reward's verifier self-test on the first rows of the stage's data: gold answers pass, wrong ones fail;
+    each rule within the stage's ``reward_timeout_s`` (``timeout_s``)."""
     from ..rewards.selftest import check_rewards
 
-    key = (json.dumps(reward, sort_keys=True, default=str), getattr(ds, "_fingerprint", id(ds)))
+    key = (json.dumps(reward, sort_keys=True, default=str), getattr(ds, "_fingerprint", id(ds)), timeout_s)
     if key in done:
         return
     done.add(key)
@@ -196,7 +197,7 @@ def _self_test(reward: Any, ds, where: str, done: set) -> None:
     fix = ("fix the reward spec (try `trl-safeppo check-rewards`), or set `self_test: false` at the top of the "
            "recipe for a reward without a gold answer")
     try:
-        report = check_rewards(reward, rows, threads=2, processes=0)
+        report = check_rewards(reward, rows, threads=2, processes=0, timeout_s=timeout_s)
     except ValueError as err:
         raise RecipeError(where, f"the reward cannot be self-tested on this stage's data: {err}", fix) from None
     if not report.ok:
@@ -294,7 +295,12 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
             raise RecipeError(f"{where}.reward", f"a {spec.type} stage needs a reward and the recipe has none",
                               "add a top-level `reward:` (e.g. [{name: math}]) or a stage `reward:`")
         if stype.needs_reward and recipe.self_test and loaded is not None:
-            _self_test(reward, loaded, f"{where}.reward" if spec.reward is not None else "reward", self_tested)
+            from ..rewards.timeout import DEFAULT_TIMEOUT_S
+
+            # the stage's reward timeout (its config's default when not set), as the trainer will use it
+            timeout_s = args.get("reward_timeout_s", getattr(config_cls, "reward_timeout_s", DEFAULT_TIMEOUT_S))
+            _self_test(reward, loaded, f"{where}.reward" if spec.reward is not None else "reward", self_tested,
+                       timeout_s)
 
         if spec.gate:
             _check_gate(spec.gate, f"{where}.gate")

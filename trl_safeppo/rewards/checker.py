@@ -104,7 +104,8 @@ class RuleChecker:
         pass_threshold: total at or above which a completion passes; default full marks.
 
     Inside a trainer (when ``log_metric`` / ``log_extra`` are passed, as GRPOTrainer does) each call logs
-    ``rewards/<rule>/mean`` per rule, ``rewards/<name>/pass_rate``, ``rewards/<name>/none_frac`` and, with gates,
+    ``rewards/<rule>/mean`` and ``rewards/<rule>/none_frac`` per rule, ``rewards/<name>/pass_rate``,
+    ``rewards/<name>/none_frac`` and, with gates,
     ``rewards/<name>/gated_frac``; and one completions-table column per rule.
     """
 
@@ -198,6 +199,8 @@ class RuleChecker:
                 present = [v for v in values if v is not None]
                 if name != self.__name__ and present:
                     log_metric(f"rewards/{name}/mean", sum(present) / len(present))
+                if name != self.__name__:  # 1.0: the rule contributed nothing (the `silent_reward` tripwire)
+                    log_metric(f"rewards/{name}/none_frac", 1 - len(present) / n)
             log_metric(f"rewards/{self.__name__}/pass_rate", sum(scores.passed) / n)
             log_metric(f"rewards/{self.__name__}/none_frac", sum(t is None for t in scores.total) / n)
             if self.gates:

@@ -12,6 +12,9 @@ completion (the same template with every field replaced by ``__wrong__``), then 
   (which also proves the reward pickles),
 
 and reports the per-completion latency. ``report.ok`` is False (the CLI exits 1) past any threshold.
+
+Each rule runs under the trainers' reward timeout (``timeout_s``, the stage's ``reward_timeout_s``; default 60 s):
+a rule that does not return in time raises `RewardTimeoutError`, one line naming the rule and the timeout.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import string
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .base import Rule
 from .checker import RuleChecker, RuleScores
 from .spec import resolve
+from .timeout import DEFAULT_TIMEOUT_S, TimedReward, check_timeout
 
 DEFAULT_GOLD_TEMPLATE = "<think>\nThe answer is {answer}.\n</think>\n<answer>{answer}</answer>"
 _RESERVED = ("prompt", "completion", "completion_ids")
@@ -115,6 +119,15 @@ def _score_chunk(checker: RuleChecker, rows: list[dict], completions: list) -> t
     return scores.total, scores.breakdown
 
 
+def _timed(checker: RuleChecker, timeout_s: float | None) -> RuleChecker:
+    """The checker with each rule behind its own deadline (a timeout raises, naming the rule); itself when None."""
+    if timeout_s is None:
+        return checker
+    components = [replace(c, func=TimedReward(c.func, timeout_s, name=c.name, on_timeout="raise"))
+                  for c in checker.components]
+    return RuleChecker(components, checker.gates, name=checker.__name__, pass_threshold=checker.pass_threshold)
+
+
 def _chunks(n: int, k: int) -> list[tuple[int, int]]:
     size = max(1, math.ceil(n / max(1, k)))
     return [(i, min(n, i + size)) for i in range(0, n, size)]
@@ -147,6 +160,7 @@ def check_rewards(
     max_none_rate: float = 0.05,
     max_control_pass_rate: float = 0.0,
     max_latency_ms: float | None = None,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
 ) -> SelfTestReport:
     """Run the verifier self-test of a reward spec on ``rows`` (a list of dicts or a `datasets.Dataset`).
 
@@ -159,8 +173,11 @@ def check_rewards(
         threads, processes: workers of the determinism checks (0 skips a check).
         min_gold_pass_rate, max_unparseable_gold_rate, max_none_rate, max_control_pass_rate, max_latency_ms:
             thresholds; any breach is listed in ``report.failures``.
+        timeout_s: seconds each rule may take on one batch (the stage's ``reward_timeout_s``); past it
+            `RewardTimeoutError` names the rule and the timeout. None: no timeout.
     """
     checker = resolve(spec)
+    timeout_s = check_timeout(timeout_s, "timeout_s")
     rows = [dict(r) for r in rows]
     if not rows:
         raise ValueError("check_rewards: the dataset is empty")
@@ -171,16 +188,22 @@ def check_rewards(
     control = [render(gold_template, r, wrong=True) for r in rows]
     n = len(rows)
 
-    # Main thread, timed per batch.
+    # Main thread, timed per batch; every rule under the deadline of the trainers.
+    timed = _timed(checker, timeout_s)
     parts, per_completion_ms = [], []
-    for lo, hi in _chunks(n, math.ceil(n / max(1, batch_size))):
-        start = time.perf_counter()
-        s = _score(checker, rows[lo:hi], gold[lo:hi])
-        per_completion_ms.append(1000 * (time.perf_counter() - start) / (hi - lo))
-        parts.append((s.total, s.breakdown))
+    try:
+        for lo, hi in _chunks(n, math.ceil(n / max(1, batch_size))):
+            start = time.perf_counter()
+            s = _score(timed, rows[lo:hi], gold[lo:hi])
+            per_completion_ms.append(1000 * (time.perf_counter() - start) / (hi - lo))
+            parts.append((s.total, s.breakdown))
+        control_scores = _score(timed, rows, control)
+    finally:
+        for c in timed.components:
+            if isinstance(c.func, TimedReward):
+                c.func.close()
     reference = _merge(parts)
     total, breakdown = reference
-    control_scores = _score(checker, rows, control)
 
     deterministic_threads = deterministic_processes = None
     if threads > 0:
@@ -273,6 +296,17 @@ def load_rows(value: str, n: int | None, seed: int = 0) -> list[dict]:
     return rows[:n] if n else rows
 
 
+def _timeout_arg(value: str) -> float | None:
+    if value.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return check_timeout(float(value), "--timeout-s")
+    except ValueError as err:
+        import argparse
+
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--reward", required=True,
                         help="reward spec: a built-in name, a dotted path, inline YAML, or a YAML file (a recipe's "
@@ -290,6 +324,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-none-rate", type=float, default=0.05)
     parser.add_argument("--max-control-pass-rate", type=float, default=0.0)
     parser.add_argument("--max-latency-ms", type=float, default=None, help="mean latency per completion")
+    parser.add_argument("--timeout-s", type=_timeout_arg, default=DEFAULT_TIMEOUT_S,
+                        help="seconds each rule may take on one batch (as the trainers' reward_timeout_s); "
+                             "'none' for no timeout")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report as JSON here")
 
 
@@ -301,6 +338,7 @@ def run(args) -> int:
         threads=args.threads, processes=args.processes, min_gold_pass_rate=args.min_gold_pass_rate,
         max_unparseable_gold_rate=args.max_unparseable_gold_rate, max_none_rate=args.max_none_rate,
         max_control_pass_rate=args.max_control_pass_rate, max_latency_ms=args.max_latency_ms,
+        timeout_s=args.timeout_s,
     )
     print(report.format())
     if args.json_path:

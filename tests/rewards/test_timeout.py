@@ -1,0 +1,176 @@
+"""TimedReward: a reward function with a per-call deadline, run in a worker process that is killed on timeout."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import pytest
+
+from trl_safeppo.rewards import RewardRuleError, resolve
+from trl_safeppo.rewards.timeout import RewardTimeoutError, TimedReward, check_timeout, with_timeouts
+
+GOOD = "<think>3+4</think><answer>7</answer>"
+WRONG = "<answer>8</answer>"
+
+
+class Sleeps:
+    """1.0 per completion after sleeping `seconds`; with `child`, first starts `sleep 300` in the background and
+    writes its pid to that file (a process the reward left behind)."""
+
+    __name__ = "sleeps"
+
+    def __init__(self, seconds: float, child: str | None = None):
+        self.seconds, self.child = seconds, child
+
+    def __call__(self, prompts=None, completions=None, **kwargs):
+        if self.child:
+            proc = subprocess.Popen(["sleep", "300"])
+            with open(self.child, "w") as f:
+                f.write(str(proc.pid))
+        time.sleep(self.seconds)
+        return [1.0] * len(completions)
+
+
+class Raises:
+    __name__ = "raises"
+
+    def __call__(self, prompts=None, completions=None, **kwargs):
+        raise KeyError("no such column")
+
+
+class Pid:
+    """Scores every completion with the id of the process that scored it."""
+
+    __name__ = "pid"
+
+    def __call__(self, prompts=None, completions=None, **kwargs):
+        return [float(os.getpid())] * len(completions)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (dead, not yet reaped by its parent) is gone for our purpose
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_a_fast_reward_returns_what_the_function_returns_and_replays_its_logs():
+    checker = resolve([{"name": "format", "weight": 0.5}, {"name": "math"}])
+    metrics, extra = defaultdict(list), {}
+    timed = TimedReward(checker, 30)
+    out = timed(completions=[GOOD, WRONG], answer=["7", "7"], log_metric=lambda k, v: metrics[k].append(v),
+                log_extra=lambda k, v: extra.__setitem__(k, v))
+    assert out == checker(completions=[GOOD, WRONG], answer=["7", "7"]) == [1.5, 0.125]
+    # the checker's own logs, replayed from the worker; its none_frac is not logged twice; timeout 0 added
+    assert metrics["rewards/math/mean"] == [0.5] and metrics["rewards/rules/none_frac"] == [0.0]
+    assert metrics["rewards/rules/timeout"] == [0.0]
+    assert extra == {"format": [1.0, 0.25], "math": [1.0, 0.0]}
+    assert timed.__name__ == "rules" and timed.pass_threshold == checker.pass_threshold  # forwarded attributes
+
+
+def test_the_call_runs_in_a_worker_process_kept_across_calls():
+    timed = TimedReward(Pid(), 30)
+    first, second = timed(completions=["a"]), timed(completions=["b", "c"])
+    assert first[0] != os.getpid() and second == [first[0], first[0]]  # one worker, reused
+    assert TimedReward(Pid(), None)(completions=["a"]) == [float(os.getpid())]  # no timeout: in-process
+    timed.close()
+    assert not _alive(int(first[0]))
+
+
+def test_a_hanging_call_is_cut_off_and_scores_none(tmp_path, caplog):
+    child_file = tmp_path / "child.pid"
+    timed = TimedReward(Sleeps(60, child=str(child_file)), 1.0)
+    metrics = defaultdict(list)
+    with caplog.at_level(logging.WARNING, logger="trl_safeppo.rewards.timeout"):
+        out = timed(completions=["a", "b", "c"], log_metric=lambda k, v: metrics[k].append(v))
+    assert out == [None, None, None]
+    assert metrics["rewards/sleeps/timeout"] == [1.0] and metrics["rewards/sleeps/none_frac"] == [1.0]
+    assert "did not return within reward_timeout_s=1 s" in caplog.text
+    assert "gave no score" in caplog.text
+    # nothing left running: the worker and the process the reward started (same process group) are killed
+    assert timed._worker is None
+    child = int(child_file.read_text())
+    deadline = time.time() + 5
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+    # the next call gets a fresh worker, which scores normally
+    timed.func.seconds, timed.func.child = 0.0, None
+    assert timed(completions=["a"]) == [1.0]
+
+
+def test_raise_mode_names_the_rule_and_the_timeout():
+    with pytest.raises(RewardTimeoutError, match=r"reward rule 'slow' did not return within reward_timeout_s=0.5 s"):
+        TimedReward(Sleeps(60), 0.5, name="slow", on_timeout="raise")(completions=["a"])
+
+
+def test_errors_in_the_worker_reach_the_caller():
+    with pytest.raises(RewardRuleError, match=r"reward function 'raises' raised KeyError: 'no such column'"):
+        TimedReward(Raises(), 30)(completions=["a"])
+    checker = resolve("math")  # a RewardRuleError keeps its own message
+    with pytest.raises(RewardRuleError, match="needs the dataset column 'answer'"):
+        TimedReward(checker, 30)(completions=["a"])
+
+
+def test_silent_batches_are_counted():
+    metrics = defaultdict(list)
+    timed = TimedReward(lambda prompts=None, completions=None, **kw: [None, float("nan")], None, name="nothing")
+    out = timed(completions=["a", "b"], log_metric=lambda k, v: metrics[k].append(v))
+    assert out[0] is None and math.isnan(out[1])  # returned as they are: GRPO reads both as "no score"
+    assert metrics["rewards/nothing/none_frac"] == [1.0] and "rewards/nothing/timeout" not in metrics
+
+
+def test_pickles_without_its_worker_and_trainer_state_history_is_not_sent():
+    class State:
+        global_step = 3
+        log_history = [{"loss": 1.0}] * 1000
+
+    timed = TimedReward(resolve("format"), 30)
+    timed(completions=[GOOD])
+    clone = pickle.loads(pickle.dumps(timed))
+    assert clone._worker is None and clone.timeout_s == 30 and clone.__name__ == "format"
+    assert clone(completions=[GOOD], trainer_state=State()) == timed(completions=[GOOD]) == [1.0]
+    assert len(State.log_history) == 1000  # the caller's state is untouched (a copy without history was sent)
+
+
+def test_with_timeouts_wraps_only_plain_functions():
+    import torch
+
+    async def judge(prompts=None, completions=None, **kwargs):
+        return [1.0] * len(completions)
+
+    model = torch.nn.Linear(1, 1)
+    checker = resolve("format")
+    wrapped = with_timeouts([checker, "tiny://reward", model, judge], 10)
+    assert isinstance(wrapped[0], TimedReward) and wrapped[0].timeout_s == 10
+    assert wrapped[1:] == ["tiny://reward", model, judge]
+    assert with_timeouts(wrapped[0], 5) is wrapped[0]  # never wrapped twice
+    assert isinstance(with_timeouts(checker, None), TimedReward)  # no timeout: still counted
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), "60", True])
+def test_bad_timeout_names_field_value_and_fix(value):
+    with pytest.raises(ValueError, match=r"reward_timeout_s=.* is invalid; use a number of seconds > 0 such as 60, "
+                                         r"or null"):
+        check_timeout(value)
+    assert check_timeout(None) is None and check_timeout(2) == 2.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers are the Linux path")
+def test_a_function_that_does_not_pickle_still_runs_in_a_forked_worker():
+    def local(prompts=None, completions=None, **kwargs):  # a closure: not picklable
+        return [float(os.getpid())] * len(completions)
+
+    with pytest.raises(Exception):
+        pickle.dumps(local)
+    assert TimedReward(local, 30)(completions=["a"])[0] != os.getpid()
