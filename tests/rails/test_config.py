@@ -30,7 +30,8 @@ def test_defaults_only_the_guard_is_on():
     assert cfg.reward_rail_names() == ["non_finite"]
     assert isinstance(cfg.build_kl_controller(), FixedKLController) and cfg.build_kl_controller().value == 0.0
     assert cfg.build_kl_controller(default_kl_coef=0.04).value == 0.04
-    assert cfg.build_tripwires() == [TripwireSpec("non_finite", "stop")]
+    assert cfg.build_tripwires() == [TripwireSpec("non_finite", "stop"), TripwireSpec("reward_timeout", "warn"),
+                                     TripwireSpec("silent_reward", "warn")]
     # finite rewards pass through unchanged
     b = batch([0.25, -7.0, 3.0], lengths=[1, 5, 9])
     rewards, metrics = RewardRails()(b)

@@ -411,7 +411,9 @@ class KLConfig:
 
 
 def _default_tripwires() -> list[TripwireSpec]:
-    return [TripwireSpec("non_finite", "stop")]
+    # stop on non-finite values or a guard that repairs most rewards; record reward functions that hang or go silent
+    return [TripwireSpec("non_finite", "stop"), TripwireSpec("reward_timeout", "warn"),
+            TripwireSpec("silent_reward", "warn")]
 
 
 _SECTIONS: dict[str, type] = {
@@ -435,7 +437,8 @@ class RailsConfig:
         clip: fixed and percentile clipping, before or after normalization (off).
         normalize: running reward normalization (off).
         kl: KL controller (fixed by default) and estimator.
-        tripwires: detectors and actions; default: `non_finite` with action "stop".
+        tripwires: detectors and actions; default: `non_finite` with action "stop", `reward_timeout` and
+            `silent_reward` with action "warn".
         diagnostics: log `rails/diagnostics/*` (raw/shaped reward mean, reward-length correlation).
     """
 
