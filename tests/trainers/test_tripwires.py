@@ -286,3 +286,20 @@ def test_bad_timeout_and_max_beta_name_the_field(tmp_path):
         TripwireActions(max_beta=-1.0)
     assert SafeGRPOConfig(output_dir=str(tmp_path), reward_timeout_s=None, report_to="none",
                           use_cpu=True).reward_timeout_s is None
+
+
+def test_raise_kl_keeps_snapshots_only_where_weights_are_whole(tmp_path):
+    from types import SimpleNamespace
+
+    from trl_safeppo.trainers.tripwires import TripwireCallback
+
+    specs = parse_tripwires([{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 1.0}}])
+    whole = SimpleNamespace(beta=0.1, is_fsdp_enabled=False, is_deepspeed_enabled=False)
+    fsdp = SimpleNamespace(beta=0.1, is_fsdp_enabled=True, is_deepspeed_enabled=False)
+    zero3 = SimpleNamespace(beta=0.1, is_fsdp_enabled=False, is_deepspeed_enabled=True,
+                            accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
+                                zero_stage=3))))
+    needs = [TripwireCallback(t, specs, TripwireActions(), str(tmp_path)).needs_snapshots for t in (whole, fsdp, zero3)]
+    assert needs == [True, False, False]  # sharded: an exhausted raise_kl stops without a restore
+    # the default ceiling: 16 x the starting beta 0.1 = 1.6
+    assert TripwireCallback(whole, specs, TripwireActions(), str(tmp_path)).max_beta == pytest.approx(1.6)

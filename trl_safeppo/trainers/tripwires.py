@@ -249,6 +249,14 @@ def _set_beta(trainer, value: float) -> None:
         trainer.beta = float(value)
 
 
+def _shards_weights(trainer) -> bool:
+    """FSDP or DeepSpeed ZeRO-3: no process holds the full weights, so no snapshot can be taken."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    return bool(getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3)
+
+
 class TripwireCallback(TrainerCallback):
     """Evaluates the configured detectors at every training log and acts on trips (see the module docstring).
 
@@ -277,8 +285,10 @@ class TripwireCallback(TrainerCallback):
         self.n_clean = 0
         self.snapshot_step: int | None = None
         self.stopped_reason: str | None = None
-        # raise_kl too: an exhausted raise escalates to rollback
-        self.needs_snapshots = any(spec.action in ("raise_kl", "rollback", "stop") for spec in self.specs)
+        # raise_kl too, since an exhausted raise escalates to rollback; but not where snapshots cannot be taken
+        # (FSDP, ZeRO-3 shard the weights): there an exhausted raise_kl stops without a restore, as before
+        self.needs_snapshots = any(spec.action in ("rollback", "stop") for spec in self.specs) or (
+            any(spec.action == "raise_kl" for spec in self.specs) and not _shards_weights(trainer))
 
     # ------------------------------------------------------------------ helpers
     @property
