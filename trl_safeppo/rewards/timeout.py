@@ -99,7 +99,7 @@ def _serve(func: Callable, conn) -> None:
     except (AttributeError, OSError):  # pragma: no cover - not POSIX
         pass
     if sys.platform.startswith("linux"):
-        try:  # die with the parent, even on kill -9
+        try:  # die with the parent, even on kill -9 (strictly: with the parent's thread that started the worker)
             import ctypes
 
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
