@@ -50,11 +50,9 @@ TRIPWIRE_HELP = {
     "tripwires": "Tripwires of this stage: a list of `{detector, action, params}`. `detector` is one of the rails' "
     "detectors (`kl_limit`, `kl_acceleration`, `non_finite`, `length_hacking`, `format_gaming`, "
     "`entropy_collapse`, `length_collapse`, `length_explosion`, `silent_reward`, `reward_timeout`), `action` one of "
-    "`warn`, `raise_kl`, `rollback`, "
-    "`stop`, `params` the detector's thresholds. Events go to `<output_dir>/tripwires.jsonl`. `None`: the "
-    "`tripwires` of the `rails` block when rails are set (default there: `non_finite` -> `stop`, `reward_timeout` "
-    "and `silent_reward` -> `warn`), else none; "
-    "`[]`: none.",
+    "`warn`, `raise_kl`, `rollback`, `stop`, `params` the detector's thresholds. Events go to "
+    "`<output_dir>/tripwires.jsonl`. `None`: the `tripwires` of the `rails` block when rails are set (default there: "
+    "`non_finite` -> `stop`, `reward_timeout` and `silent_reward` -> `warn`), else none; `[]`: none.",
     "raise_kl_factor": "`raise_kl` multiplies beta by this factor (> 1).",
     "rollback_beta_factor": "After a `rollback`, beta is multiplied by this factor (>= 1; 1 keeps beta).",
     "rollback_lr_factor": "After a `rollback`, the learning rate is multiplied by this factor (in (0, 1]).",
