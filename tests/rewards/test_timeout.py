@@ -45,6 +45,21 @@ class Raises:
         raise KeyError("no such column")
 
 
+class DiesOnce:
+    """Kills its own process on the first call (a crash in native code, an OOM kill), then scores 1.0."""
+
+    __name__ = "dies_once"
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def __call__(self, prompts=None, completions=None, **kwargs):
+        if not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            os._exit(9)
+        return [1.0] * len(completions)
+
+
 class Pid:
     """Scores every completion with the id of the process that scored it."""
 
@@ -174,3 +189,11 @@ def test_a_function_that_does_not_pickle_still_runs_in_a_forked_worker():
     with pytest.raises(Exception):
         pickle.dumps(local)
     assert TimedReward(local, 30)(completions=["a"])[0] != os.getpid()
+
+
+def test_a_worker_that_dies_is_an_error_and_the_next_call_recovers(tmp_path):
+    timed = TimedReward(DiesOnce(str(tmp_path / "died")), 30)
+    with pytest.raises(RewardRuleError, match=r"reward function 'dies_once': its worker process died while scoring "
+                                              r"\(exit code 9\)"):
+        timed(completions=["a"])
+    assert timed(completions=["a", "b"]) == [1.0, 1.0]  # a fresh worker

@@ -236,17 +236,20 @@ class TimedReward:
 
     def _run(self, prompts, completions, completion_ids, kwargs) -> tuple[list, list, bool]:
         """(scores, recorded hook calls, timed out) for one batch; in-process when there is no deadline to keep."""
+        if self.timeout_s is None or "environments" in kwargs or self._in_process_why is not None:
+            if self.timeout_s is not None and self._in_process_why is None:
+                self._in_process("TRL passes `environments` (objects of the trainer process) to it")
+            return (*_call(self.func, prompts, completions, completion_ids, kwargs), False)
         request_kwargs = dict(kwargs)
         state = request_kwargs.get("trainer_state")
         if state is not None and getattr(state, "log_history", None):
             state = copy.copy(state)
             state.log_history = []
             request_kwargs["trainer_state"] = state
-        if self.timeout_s is None or "environments" in kwargs or self._in_process_why is not None:
-            if self.timeout_s is not None and self._in_process_why is None:
-                self._in_process("TRL passes `environments` (objects of the trainer process) to it")
-            return (*_call(self.func, prompts, completions, completion_ids, kwargs), False)
         if self._worker is None or not self._worker.process.is_alive():
+            if self._worker is not None:  # died between calls: reap it before starting the next
+                self._worker.kill()
+                self._worker = None
             try:
                 self._worker = _Worker(self.func, _start_method())
             except Exception as err:  # noqa: BLE001 - e.g. a function that does not pickle under spawn
