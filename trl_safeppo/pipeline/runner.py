@@ -396,7 +396,8 @@ class _Runner:
             if sp.stype.trains:
                 callbacks.append(log_history_callback(stage_dir / "log_history.jsonl", self.is_main))
             callbacks.extend(_gate_callbacks(sp.spec.gate))
-            callbacks.extend(data_mod.import_object(d, where=f"{sp.where}.callbacks", what="callback")()
+            callbacks.extend(data_mod.find_callback_class(d, where=f"{sp.where}.callbacks",
+                                                          imports=self.plan.recipe.imports)()
                              for d in sp.spec.callbacks)
         reward = sp.reward if sp.spec.type != "eval" else (sp.spec.reward or self.plan.eval_options.get("reward"))
         return StageContext(
