@@ -214,7 +214,7 @@ def load(spec: DatasetSpec, *, where: str, seed: int = 0, previous_data: dict[st
         if path is None:
             raise RecipeError(where, f"the previous stage produced no {previous_kind!r} data",
                               "put a stage that produces it (rejection_sampling) before this one, or name a dataset")
-        ds = datasets.load_from_disk(path, keep_in_memory=True)  # no cache files in the run dir
+        ds = load_saved(path, where=where, kind=previous_kind or "", keep_in_memory=True)  # no cache files
     elif spec.kind == "file":
         path = Path(spec.path)
         if path.is_dir():
@@ -242,6 +242,22 @@ def load(spec: DatasetSpec, *, where: str, seed: int = 0, previous_data: dict[st
     if spec.n is not None and spec.kind != "task":
         ds = ds.select(range(min(spec.n, len(ds))))
     return ds
+
+
+def load_saved(path: str, *, where: str, kind: str, keep_in_memory: bool = False):
+    """``datasets.load_from_disk`` of data an earlier stage wrote; one RecipeError naming that stage and the path
+    when it cannot be read (a corrupted or half-deleted folder), instead of pyarrow's traceback."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(path, keep_in_memory=keep_in_memory)
+    except Exception as err:
+        parts = Path(path).parts
+        stage = parts[parts.index("stages") + 1] if "stages" in parts[:-1] else "the stage that wrote it"
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise RecipeError(where, f"the {kind} data written by stage {stage} cannot be read ({path}: "
+                          f"{type(err).__name__}: {first})",
+                          f"rerun stage {stage}: delete its folder (or pass --restart)") from None
 
 
 def check_columns(ds, accepted: tuple[tuple[str, ...], ...], *, where: str, stage_type: str) -> None:
