@@ -468,6 +468,8 @@ class _Runner:
             if plain is not None and "disable_tqdm" in accepted_fields(sp.config_cls):
                 args.setdefault("disable_tqdm", True)
                 callbacks.append(plain)
+            if "logging_nan_inf_filter" in accepted_fields(sp.config_cls):  # log a NaN loss as NaN (_check_losses)
+                args.setdefault("logging_nan_inf_filter", False)
             if "progress" in accepted_fields(sp.config_cls):  # rejection sampling's own bar
                 args.setdefault("progress", self.progress.interactive)
             if sp.stype.trains:
