@@ -214,8 +214,8 @@ STEPS_RANGE = "-1 (train by epochs) or an integer from 1 to 10000000"
     (0, "max_steps", -5, STEPS_RANGE),
     (0, "max_steps", 0, STEPS_RANGE),
     (0, "max_steps", 10**12, STEPS_RANGE),
-    (0, "learning_rate", float("nan"), "a finite number > 0"),
-    (0, "learning_rate", 0.0, "a finite number > 0"),
+    (0, "learning_rate", float("nan"), "a finite number >= 0"),
+    (0, "learning_rate", -1.0e-3, "a finite number >= 0"),
     (0, "num_train_epochs", 0, "a number > 0 and at most 100000"),
     (1, "beta", -0.1, "a finite number >= 0"),
     (0, "weight_decay", float("inf"), "a finite number >= 0"),
@@ -239,8 +239,8 @@ def test_numbers_written_as_yaml_text(tmp_path, capsys):
     tree["stages"][0]["args"]["learning_rate"] = ".nan"
     path.write_text(yaml.safe_dump(tree).replace("'.nan'", ".nan"))
     assert cli_check(path, capsys).endswith("stages[0] (sft).args.learning_rate: learning_rate=nan is out of range "
-                                            "(accepted: a finite number > 0). Fix: set `learning_rate` to a finite "
-                                            "number > 0")
+                                            "(accepted: a finite number >= 0). Fix: set `learning_rate` to a finite "
+                                            "number >= 0")
     assert refused(micro(seed=-1)) == ("r.yaml: seed: seed=-1 is out of range (accepted: an integer from 0 to "
                                        "2**32 - 1). Fix: set `seed` to an integer from 0 to 2**32 - 1")
     assert refused(micro(eval={"dataset": "task://arithmetic/eval", "max_new_tokens": 0})) == (

@@ -446,7 +446,7 @@ NUMBER_RANGES: dict[str, tuple[str, Any]] = {
     "max_steps": (f"-1 (train by epochs) or an integer from 1 to {MAX_STEPS_CAP}",
                   lambda v: v == -1 or 1 <= v <= MAX_STEPS_CAP),
     "num_train_epochs": ("a number > 0 and at most 100000", lambda v: 0 < v <= 100_000),
-    "learning_rate": _POSITIVE,
+    "learning_rate": ("a finite number >= 0", lambda v: v >= 0),  # 0 freezes the weights: a dry run of a pipeline
     "per_device_train_batch_size": _AT_LEAST_ONE,
     "per_device_eval_batch_size": _AT_LEAST_ONE,
     "gradient_accumulation_steps": _AT_LEAST_ONE,
