@@ -163,10 +163,9 @@ class Manifest:
 
     def save(self) -> None:
         self.data["updated_at"] = now()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        os.replace(tmp, self.path)
+        from ..fileio import write_json
+
+        write_json(self.path, self.data)
 
 
 def new_stage_entry(index: int, name: str, stype: str, directory: str, config: dict, fingerprint: str) -> dict:

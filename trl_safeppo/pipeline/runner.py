@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import fileio
 from . import data as data_mod
 from .manifest import (FINISHED, Manifest, final_metrics, hash_json, hash_path, library_versions, new_stage_entry, now,
                        output_record, verify_output)
@@ -121,9 +122,9 @@ def log_history_callback(path: Path, is_main: bool):
 
 
 def write_log_history(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(entry, default=float) + "\n" for entry in history))
-    tmp.replace(path)
+    from ..fileio import write_text
+
+    write_text(path, "".join(json.dumps(entry, default=float) + "\n" for entry in history))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -159,6 +160,9 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
          f"({state.num_processes} process{'es' if state.num_processes > 1 else ''})")
     run_dir = Path(recipe.output_dir)
     lock = lock_run_dir(run_dir, state, is_main)  # before anything reads or removes what another run writes
+    if is_main:  # temporaries of writers killed mid-write (only safe to remove while holding the lock)
+        for folder in [run_dir, *sorted((run_dir / "stages").glob("*"))]:
+            fileio.remove_temporaries(folder)
     old = None if restart else Manifest.load(run_dir)
     if old is not None and old.data.get("name") != recipe.name:
         lock.release()
@@ -168,7 +172,7 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
     state.wait_for_everyone()  # everyone has read the old manifest before the main process rewrites it
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        fileio.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         manifest.data["status"] = "running"
         manifest.save()
     state.wait_for_everyone()
