@@ -3,13 +3,16 @@
 Checks, in order, each failing with one :class:`~trl_safeppo.pipeline.recipe.RecipeError` that names the stage
 index, the key path and the fix:
 
+- ``output_dir`` (:func:`check_output_dir`) and the ``imports:`` modules (:func:`import_recipe_modules`), the only code
+  a recipe runs; every dotted path must point into them and be declared for its job (:mod:`trl_safeppo.dotted`);
 - the model and every explicit ``init`` resolve (``tiny://`` models are built; Hub ids are checked for form only);
 - every stage's ``args`` against its config dataclass (unknown keys with "did you mean", value types), then the
-  config is instantiated so its ``__post_init__`` checks run too;
+  config is instantiated so its ``__post_init__`` checks run too, and its numbers must be finite and in range
+  (:func:`check_numbers`);
 - the PEFT block against ``peft.LoraConfig``, and hand-off consistency (a kept adapter is continued, not re-wrapped);
 - every dataset: its form, that local files exist and are readable, the columns the stage needs (embedded tasks and
   local files are loaded; Hub datasets are checked when their stage starts, since nothing is downloaded here),
-  ``dataset: previous`` only after a stage that produces such data; dotted ``map`` functions import and are callable;
+  ``dataset: previous`` only after a stage that produces such data; a ``map`` is a function of a listed module;
 - the rewards: ``trl_safeppo.rewards.validate_spec`` plus its self-test on a handful of known completions;
 - rails (``RailsConfig.from_dict``, per stage with its overrides and tripwires), gates, probes and the ``eval`` block.
 

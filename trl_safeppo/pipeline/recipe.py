@@ -12,7 +12,8 @@ value and the fix:
 4. check the structure against :class:`Recipe` / :class:`StageSpec` (unknown keys get a "did you mean").
 
 The deeper checks that need the stage types (each stage's ``args`` against its TRL config dataclass, datasets,
-rewards, imports) are in :mod:`trl_safeppo.pipeline.preflight`. Nothing here imports torch or TRL.
+rewards, imports) are in :mod:`trl_safeppo.pipeline.preflight`. Nothing here imports torch or TRL. The YAML reader
+caps the file's size and its alias expansion (:func:`safe_yaml_load`), so a "billion laughs" file fails at once.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ class StageSpec:
             LoRA settings (`peft.LoraConfig` fields) plus `handoff: merge|keep`: merge the adapter into the weights
             handed to the next stage (default), or keep it as an adapter.
         callbacks (`list[str]`, defaults to `[]`):
-            Dotted paths to `transformers.TrainerCallback` classes (or factories), instantiated without arguments
-            and added to the stage's trainer.
+            Dotted paths to `transformers.TrainerCallback` subclasses (in a module of the recipe's `imports:`, or
+            from transformers / TRL), instantiated without arguments and added to the stage's trainer.
     """
 
     type: str = field(metadata={"help": "What the stage does: sft, ppo, grpo, rejection_sampling, dpo or eval."})
