@@ -83,3 +83,16 @@ def test_doc_example_module_is_found_beside_the_recipe_only_when_listed(doc_rule
                                "listed under the recipe's `imports:`. Fix: add `imports: [my_rules]` at the top of "
                                "the recipe")
     assert "my_rules" not in sys.modules  # refused before any import
+
+
+def test_check_rewards_cli_finds_the_recipes_rule_module(doc_rules, tmp_path, monkeypatch, capsys):
+    # `trl-safeppo check-rewards --reward recipe.yaml` imports the recipe's `imports:` as `run` does, and the rules
+    # pickle into a spawned worker process (which finds the module through the same search path)
+    folder, spec = doc_rules
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    from trl_safeppo.cli import main
+
+    assert main(["check-rewards", "--reward", str(path), "-n", "8", "--processes", "1", "--threads", "2"]) == 0, \
+        capsys.readouterr()
