@@ -45,6 +45,7 @@ class RunLock:
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK_NAME
         self.fd: int | None = None
+        self.pid = os.getpid()  # only this process releases (a forked child shares the lock, it must not drop it)
 
     def _body(self) -> dict:
         try:
@@ -72,7 +73,7 @@ class RunLock:
         return self._stale_note(previous) if previous.get("pid") else None
 
     def release(self) -> None:
-        if self.fd is None:
+        if self.fd is None or os.getpid() != self.pid:
             return
         try:  # an empty body means "released cleanly"; the file stays (deleting it would race a newcomer)
             os.ftruncate(self.fd, 0)

@@ -222,6 +222,8 @@ def lock_run_dir(run_dir: Path, state, is_main: bool):
                 _say(True, note)
         except RunDirLocked as err:
             error = str(err)
+        except OSError as err:  # decided here, raised on every process below (no process left at a barrier)
+            error = f"cannot take the lock {lock.path} ({err.strerror}). Fix: check that output_dir is writable"
     error = _agree(state, error)
     if error:
         raise RecipeError("output_dir", *error.rsplit(". Fix: ", 1))
@@ -388,7 +390,10 @@ class _Runner:
             for key, label in wanted:
                 producer = produced[key]
                 record = producer["outputs"]["final"] if key == "final" else producer["outputs"]["data"][key]
-                problem = verify_output(record)
+                try:
+                    problem = verify_output(record)
+                except OSError as err:
+                    problem = f"{record.get('path')} cannot be read ({err.strerror})"
                 if problem:
                     name = Path(producer["dir"]).name
                     error = (f"{label} of stage {name} changed on disk since that stage finished: {problem}",
