@@ -56,8 +56,8 @@ def is_stdlib(module: str) -> bool:
     return top in sys.stdlib_module_names or top in sys.builtin_module_names
 
 
-def _listed(module: str, imports: Sequence[str]) -> bool:
-    return any(module == m or module.startswith(m + ".") for m in (*imports, *TRUSTED_PACKAGES))
+def _listed(module: str, imports: Sequence[str], trusted: Sequence[str] = TRUSTED_PACKAGES) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in (*imports, *trusted))
 
 
 def check_module_name(module: str, *, where: str) -> None:
@@ -98,11 +98,13 @@ def import_listed(module: str, imports: Sequence[str], folders: Sequence[str | P
                               f"fix the error in {module!r}") from None
 
 
-def find(path: str, *, where: str, what: str, imports: Sequence[str] | None, fix: str) -> Any:
+def find(path: str, *, where: str, what: str, imports: Sequence[str] | None, fix: str,
+         trusted: Sequence[str] = TRUSTED_PACKAGES) -> Any:
     """The object a dotted path names, found without calling anything.
 
     ``imports=None`` is the Python API (the caller is code already): the module is imported on demand. A list is a
-    recipe's ``imports:``: the module must be in it (or in trl_safeppo). The standard library is always refused.
+    recipe's ``imports:``: the module must be in it (or in ``trusted``, by default trl_safeppo). The standard library
+    is always refused.
     """
     module, attr = split(path) if isinstance(path, str) else ("", "")
     if not module:
@@ -110,7 +112,7 @@ def find(path: str, *, where: str, what: str, imports: Sequence[str] | None, fix
     if is_stdlib(module):
         raise DottedPathError(where, f"{what} {path!r} is in the standard library ({module!r}), which a recipe may "
                               "not call", fix)
-    if imports is not None and not _listed(module, imports):
+    if imports is not None and not _listed(module, imports, trusted):
         listed = f" (it lists {list(imports)})" if imports else ""
         raise DottedPathError(where, f"{what} {path!r}: module {module!r} is not listed under the recipe's "
                               f"`imports:`{listed}", f"add `imports: [{module}]` at the top of the recipe")

@@ -140,6 +140,11 @@ def test_callbacks_and_maps_from_the_standard_library_are_refused():
     assert refused(tree) == ("r.yaml: stages[0] (sft).callbacks[0]: callback 'os.fork' is in the standard library "
                              "('os'), which a recipe may not call. Fix: point at a transformers.TrainerCallback "
                              "subclass in a module listed under `imports:`")
+    tree = micro()  # the package's own functions other than its row formats are not row functions either
+    tree["stages"][0]["dataset"]["map"] = "trl_safeppo.fileio.remove_temporaries"
+    assert refused(tree) == ("r.yaml: stages[0] (sft).dataset.map: map function "
+                             "'trl_safeppo.fileio.remove_temporaries': module 'trl_safeppo.fileio' is not listed under "
+                             "the recipe's `imports:`. Fix: add `imports: [trl_safeppo.fileio]` at the top of the recipe")
     tree = micro()
     tree["stages"][0]["dataset"]["map"] = "os.remove"
     assert refused(tree).startswith("r.yaml: stages[0] (sft).dataset.map: map function 'os.remove' is in the "

@@ -126,9 +126,9 @@ def test_dotted_paths_must_be_listed_import_and_be_declared():
     tree["stages"][1]["dataset"] = {"path": "task://arithmetic/rl", "map": "no_such_module.prepare"}
     fails(tree, where="stages[1] (grpo).dataset.map",
           match=r"module 'no_such_module' is not listed under the recipe's `imports:`")
-    tree["stages"][1]["dataset"]["map"] = "trl_safeppo.pipeline.recipe.STAGE_TYPE_NAMES"
+    tree["stages"][1]["dataset"]["map"] = "trl_safeppo.pipeline.formats.R1_SYSTEM_PROMPT"
     fails(tree, where="stages[1] (grpo).dataset.map",
-          match="is a tuple from 'builtins', not a Python function defined in 'trl_safeppo.pipeline.recipe'")
+          match="is a str from 'builtins', not a Python function defined in 'trl_safeppo.pipeline.formats'")
     tree = micro(reward="no_such_module.my_reward")
     fails(tree, where="reward.name", match="module 'no_such_module' is not listed under the recipe's `imports:`")
     tree = micro(imports=["no_such_module"])

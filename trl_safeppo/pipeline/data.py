@@ -29,6 +29,7 @@ TASK_PREFIX = "task://"
 TASKS: dict[str, str] = {"arithmetic": "trl_safeppo.tasks.arithmetic:load_arithmetic"}
 TASK_SPLITS: dict[str, tuple[str, ...]] = {"arithmetic": ("sft", "rl", "eval")}
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+BUILTIN_FORMATS = "trl_safeppo.pipeline.formats"  # the package's own `map:` functions (no listing needed)
 DATASET_KEYS = ("path", "name", "split", "n", "columns", "map", "pairs")
 
 
@@ -81,7 +82,7 @@ def import_object(dotted: str, *, where: str, what: str = "object", must_call: b
 
 def find_map_function(dotted: str, *, where: str, imports: list | None = None) -> Any:
     """A dataset's ``map:``: a plain Python function defined in the module the path names, which must be listed
-    under the recipe's ``imports:`` (or be trl_safeppo's, e.g. ``trl_safeppo.pipeline.formats.gsm8k_r1``). Found
+    under the recipe's ``imports:`` (or be one of :mod:`trl_safeppo.pipeline.formats`, e.g. ``gsm8k_r1``). Found
     without calling anything; builtins, classes and re-exported functions (``from os import remove``) are refused.
     Raises :class:`trl_safeppo.dotted.DottedPathError`."""
     import inspect
@@ -89,7 +90,7 @@ def find_map_function(dotted: str, *, where: str, imports: list | None = None) -
     from ..dotted import DottedPathError, find, split
 
     fix = "write a function `def prepare(row): return {...}` in a module beside the recipe and list it under `imports:`"
-    fn = find(dotted, where=where, what="map function", imports=imports, fix=fix)
+    fn = find(dotted, where=where, what="map function", imports=imports, fix=fix, trusted=(BUILTIN_FORMATS,))
     module = split(dotted)[0]
     if not inspect.isfunction(fn) or fn.__module__ != module:
         origin = getattr(fn, "__module__", None) or type(fn).__module__
