@@ -220,10 +220,10 @@ def preflight(recipe: Recipe, *, check_hardware: bool = True) -> Plan:
 
 
 def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
-    cuda = _cuda()
     check_output_dir(recipe.output_dir)
     check_numbers({"seed": recipe.seed}, "")
-    import_recipe_modules(recipe)
+    import_recipe_modules(recipe)  # the only code a recipe runs at check time (docs/recipes.md)
+    cuda = _cuda()
     model = _resolve_model(recipe.model, "model")
     if recipe.reward is not None:
         _check_reward(recipe.reward, "reward", recipe.imports)
