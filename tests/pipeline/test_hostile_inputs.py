@@ -488,3 +488,36 @@ def test_corrupted_rejection_sampling_data_names_the_stage_and_file(tmp_path):
                               f"cannot be read ({sft}: ")
     assert message.endswith("). Fix: rerun stage 03-rejection_sampling: delete its folder (or pass --restart)")
     assert "\n" not in message and "Traceback" not in message
+
+
+def test_corrupted_rejection_sampling_data_stops_the_stage_that_reads_it(tmp_path):
+    from trl_safeppo.pipeline.runner import run_recipe
+
+    name = fresh_module(tmp_path, """
+        from trl_safeppo.rewards import reward_function
+
+        @reward_function
+        def anything(prompts, completions, **kwargs):
+            return [1.0 for _ in completions]
+    """)
+    out = tmp_path / "run"
+    tree = {"name": "rs", "model": "tiny://debug", "output_dir": str(out), "imports": [name],
+            "reward": f"{name}:anything", "self_test": False,
+            "stages": [{"type": "rejection_sampling", "dataset": {"path": "task://arithmetic/rl", "n": 2},
+                        "args": {"num_completions": 2, "max_new_tokens": 4, "progress": False}},
+                       {"type": "sft", "dataset": "previous",
+                        "args": {"max_steps": 1, "per_device_train_batch_size": 2}}]}
+    recipe = write(tmp_path, tree)
+    assert run_recipe(str(recipe)) == 0
+    sft = out / "stages" / "01-rejection_sampling" / "data" / "sft"
+    (arrow,) = sft.glob("*.arrow")
+    recorded = json.loads((out / "manifest.json").read_text())["stages"][0]["outputs"]["data"]["sft"]["files"]
+    arrow.write_bytes(os.urandom(arrow.stat().st_size))  # the same size, other bytes
+    now = hashlib.sha256(arrow.read_bytes()).hexdigest()[:16]
+    with pytest.raises(RecipeError) as info:
+        run_recipe(str(recipe), ["stages.sft.args.learning_rate=1.0e-4"])
+    assert str(info.value) == (
+        f"stages[1] (sft): data/sft of stage 01-rejection_sampling changed on disk since that stage finished: {arrow} "
+        f"changed (sha256 {now}..., recorded {recorded[arrow.name]}...). Fix: restore the file, or rerun stage "
+        f"01-rejection_sampling (delete {out / 'stages/01-rejection_sampling'} or pass --restart)")
+    sys.modules.pop(name, None)
