@@ -16,6 +16,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 PARITY = (
+    "from trl_safeppo.rewards import reward_function\n"
+    "@reward_function\n"
     "def parity(prompts, completions, **kwargs):\n"
     "    texts = [c[-1]['content'] if isinstance(c, list) else c for c in completions]\n"
     "    return [1.0 if len(t) % 2 == 0 else 0.0 for t in texts]\n"
@@ -27,6 +29,7 @@ def recipe(out: Path) -> dict:
         "name": "dist",
         "model": "tiny://debug",
         "output_dir": str(out),
+        "imports": ["parity_reward"],
         "reward": "parity_reward.parity",  # passes about half of a random model's completions: samples and pairs
         "self_test": False,
         "eval": {"dataset": {"path": "task://arithmetic/eval", "n": 4}, "max_new_tokens": 8, "accuracy_reward": "math"},

@@ -42,3 +42,28 @@ def test_manifest_round_trip(tmp_path):
     assert set(loaded.data["versions"]) >= {"python", "torch", "transformers", "trl", "peft", "accelerate", "datasets"}
     assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, then renamed
     assert json.loads((tmp_path / "manifest.json").read_text())["stages"][0]["status"] == "pending"
+
+
+def test_output_record_hashes_each_file_and_verify_names_what_changed(tmp_path):
+    from trl_safeppo.pipeline.manifest import output_record, verify_output
+
+    out = tmp_path / "final"
+    out.mkdir()
+    (out / "a.txt").write_bytes(b"xy")
+    (out / "w.bin").write_bytes(b"z")
+    record = output_record(out)
+    # the overall hash is hash_path's (names + contents); each file also gets its own sha256
+    assert record == {"path": str(out), "hash": hash_path(out),
+                      "files": {"a.txt": hashlib.sha256(b"xy").hexdigest()[:16],
+                                "w.bin": hashlib.sha256(b"z").hexdigest()[:16]}}
+    assert verify_output(record) is None
+    (out / "cache-123.arrow").write_bytes(b"datasets cache")  # what a reader may add: not part of the output
+    assert verify_output(record) is None
+    (out / "w.bin").write_bytes(b"Z")
+    assert verify_output(record) == (f"{out / 'w.bin'} changed (sha256 {hashlib.sha256(b'Z').hexdigest()[:16]}..., "
+                                     f"recorded {hashlib.sha256(b'z').hexdigest()[:16]}...)")
+    (out / "a.txt").unlink()
+    assert verify_output(record).endswith(f"; {out / 'a.txt'} is missing")
+    old_style = {"path": str(out), "hash": hash_path(out)}  # a manifest from before per-file hashes
+    assert verify_output(old_style) is None
+    assert verify_output({"path": "org/model", "hash": None}) is None  # a Hub id has nothing to verify

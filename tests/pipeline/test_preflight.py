@@ -121,14 +121,18 @@ def test_unreadable_or_missing_dataset_path(tmp_path):
         fails(tree, where="stages[1] (grpo).dataset", match="not readable")
 
 
-def test_dotted_paths_must_import_and_be_callable():
+def test_dotted_paths_must_be_listed_import_and_be_declared():
     tree = micro()
     tree["stages"][1]["dataset"] = {"path": "task://arithmetic/rl", "map": "no_such_module.prepare"}
-    fails(tree, where="stages[1] (grpo).dataset.map", match="'no_such_module.prepare' does not import")
-    tree["stages"][1]["dataset"]["map"] = "trl_safeppo.pipeline.recipe.STAGE_TYPE_NAMES"
-    fails(tree, where="stages[1] (grpo).dataset.map", match="is a tuple, not a callable")
+    fails(tree, where="stages[1] (grpo).dataset.map",
+          match=r"module 'no_such_module' is not listed under the recipe's `imports:`")
+    tree["stages"][1]["dataset"]["map"] = "trl_safeppo.pipeline.formats.R1_SYSTEM_PROMPT"
+    fails(tree, where="stages[1] (grpo).dataset.map",
+          match="is a str from 'builtins', not a Python function defined in 'trl_safeppo.pipeline.formats'")
     tree = micro(reward="no_such_module.my_reward")
-    fails(tree, where="reward", match="cannot import module 'no_such_module'")
+    fails(tree, where="reward.name", match="module 'no_such_module' is not listed under the recipe's `imports:`")
+    tree = micro(imports=["no_such_module"])
+    fails(tree, where="imports[0]", match="cannot import module 'no_such_module'")
 
 
 def test_previous_data_needs_a_producer():

@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 PARITY = textwrap.dedent(
     """
+    from trl_safeppo.rewards import reward_function
+
+    @reward_function
     def parity(prompts, completions, **kwargs):
         # 1.0 for a completion with an even number of characters: a random tiny model passes about half the time,
         # so rejection sampling keeps some samples and pairs can be built.
@@ -35,6 +38,7 @@ def micro_recipe(out: Path) -> dict:
         "name": "micro",
         "model": "tiny://debug",
         "output_dir": str(out),
+        "imports": ["parity_reward"],
         "reward": "parity_reward.parity",
         "self_test": False,  # parity has no gold answer to test against
         "eval": {"dataset": {"path": "task://arithmetic/eval", "n": 4}, "max_new_tokens": 8,
@@ -146,6 +150,7 @@ def test_resume_after_kill_mid_stage(tmp_path, monkeypatch):
     (tmp_path / "killer_cb.py").write_text(KILLER)
     tree = micro_recipe(out)
     del tree["eval"], tree["probes"], tree["reward"]
+    tree["imports"] = ["killer_cb"]
     tree["stages"] = [
         tree["stages"][0],
         {"type": "sft", "name": "sft-long", "dataset": {"path": "task://arithmetic/sft", "n": 64},

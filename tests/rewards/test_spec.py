@@ -72,15 +72,28 @@ def test_dotted_paths_functions_and_factories():
         ([], r"reward: the list of rules is empty"),
         ({"rules": "math"}, r"reward\.rules: expected a list"),
         ({"rules": ["math"], "threshold": 1}, r"reward: unknown key\(s\) \['threshold'\]"),
-        ("no_such_module_xyz.rules:fn", r"cannot import module 'no_such_module_xyz.rules'"),
+        ("no_such_module_xyz.rules:fn", r"'no_such_module_xyz.rules:fn' does not import"),
         ("rewards.user_rules:missing", r"has no attribute 'missing'"),
-        ("rewards.user_rules:NOT_CALLABLE", r"is a int, not a callable"),
+        ("rewards.user_rules:NOT_CALLABLE", r"is a int without the reward mark, so it is not called"),
+        ("rewards.user_rules:unmarked", r"is a callable without the reward mark, so it is not called"),
+        ({"name": "rewards.user_rules:starts_with_yes", "k": 1}, r"is a @reward_function, which takes no options"),
+        ("os.system", r"reward\.name: reward 'os.system' is in the standard library \('os'\)"),
         (3, r"reward: expected a rule name"),
     ],
 )
 def test_validate_spec_errors_name_the_key_path(spec, match):
     with pytest.raises(ValueError, match=match):
         validate_spec(spec)
+
+
+def test_recipe_imports_gate_dotted_paths():
+    # a recipe's `imports:` list: the module must be listed (a package covers its submodules)
+    assert resolve("rewards.user_rules:starts_with_yes", imports=["rewards"]).__name__ == "starts_with_yes"
+    with pytest.raises(ValueError, match=r"module 'rewards.user_rules' is not listed under the recipe's `imports:` "
+                                         r"\(it lists \['other'\]\). Fix: add `imports: \[rewards.user_rules\]`"):
+        resolve("rewards.user_rules:starts_with_yes", imports=["other"])
+    # a built-in's own dotted path is the built-in (no listing needed)
+    assert resolve("trl_safeppo.rewards.rules.math:math_reward", imports=[]).rule_names == ["math"]
 
 
 def test_validate_spec_custom_root():

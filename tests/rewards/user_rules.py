@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from trl_safeppo.rewards import reward_factory, reward_function
 
+
+@reward_function
 def starts_with_yes(prompts=None, completions=None, completion_ids=None, **kwargs):
     return [1.0 if str(c).startswith("yes") else 0.0 for c in completions]
 
 
+@reward_factory
 def make_contains(word: str):
     return _Contains(word)
 
@@ -31,6 +35,11 @@ def wrong_length(prompts=None, completions=None, **kwargs):
 
 def wrong_type(prompts=None, completions=None, **kwargs):
     return ["high" for _ in completions]
+
+
+def unmarked(prompts=None, completions=None, **kwargs):
+    """A reward function without @reward_function: a dotted path to it is refused."""
+    return [1.0 for _ in completions]
 
 
 NOT_CALLABLE = 3

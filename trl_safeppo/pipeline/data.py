@@ -29,6 +29,7 @@ TASK_PREFIX = "task://"
 TASKS: dict[str, str] = {"arithmetic": "trl_safeppo.tasks.arithmetic:load_arithmetic"}
 TASK_SPLITS: dict[str, tuple[str, ...]] = {"arithmetic": ("sft", "rl", "eval")}
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+BUILTIN_FORMATS = "trl_safeppo.pipeline.formats"  # the package's own `map:` functions (no listing needed)
 DATASET_KEYS = ("path", "name", "split", "n", "columns", "map", "pairs")
 
 
@@ -51,7 +52,10 @@ class DatasetSpec:
 
 
 def import_object(dotted: str, *, where: str, what: str = "object", must_call: bool = True) -> Any:
-    """Import ``pkg.module.attr`` (or ``pkg.module:attr``); one RecipeError if it does not import or call."""
+    """Import ``pkg.module.attr`` (or ``pkg.module:attr``); one RecipeError if it does not import or call.
+
+    For the package's own tables (stage configs, runners, task loaders); never for a path from a recipe (those go
+    through :func:`find_map_function`, :func:`find_callback_class` and ``rewards.resolve``)."""
     if not isinstance(dotted, str) or not dotted.strip():
         raise RecipeError(where, f"{what} {dotted!r} is not a dotted path", "write e.g. my_package.module.function")
     text = dotted.strip()
@@ -74,6 +78,42 @@ def import_object(dotted: str, *, where: str, what: str = "object", must_call: b
         raise RecipeError(where, f"{what} {dotted!r} is a {type(obj).__name__}, not a callable",
                           "point at a function or a class")
     return obj
+
+
+def find_map_function(dotted: str, *, where: str, imports: list | None = None) -> Any:
+    """A dataset's ``map:``: a plain Python function defined in the module the path names, which must be listed
+    under the recipe's ``imports:`` (or be one of :mod:`trl_safeppo.pipeline.formats`, e.g. ``gsm8k_r1``). Found
+    without calling anything; builtins, classes and re-exported functions (``from os import remove``) are refused.
+    Raises :class:`trl_safeppo.dotted.DottedPathError`."""
+    import inspect
+
+    from ..dotted import DottedPathError, find, split
+
+    fix = "write a function `def prepare(row): return {...}` in a module beside the recipe and list it under `imports:`"
+    fn = find(dotted, where=where, what="map function", imports=imports, fix=fix, trusted=(BUILTIN_FORMATS,))
+    module = split(dotted)[0]
+    if not inspect.isfunction(fn) or fn.__module__ != module:
+        origin = getattr(fn, "__module__", None) or type(fn).__module__
+        raise DottedPathError(where, f"map function {dotted!r} is a {type(fn).__name__} from {origin!r}, not a "
+                              f"Python function defined in {module!r}", fix)
+    return fn
+
+
+def find_callback_class(dotted: str, *, where: str, imports: list | None = None) -> type:
+    """A stage's callback: a ``transformers.TrainerCallback`` subclass (instantiated later without arguments) in a
+    module listed under ``imports:`` or from transformers, TRL or trl_safeppo. Raises ``DottedPathError``."""
+    from transformers import TrainerCallback
+
+    from ..dotted import DottedPathError, find, split
+
+    module = split(dotted)[0] if isinstance(dotted, str) else ""
+    trusted = module.split(".")[0] in ("transformers", "trl")
+    fix = "point at a transformers.TrainerCallback subclass in a module listed under `imports:`"
+    cls = find(dotted, where=where, what="callback", imports=None if trusted else imports, fix=fix)
+    if not (isinstance(cls, type) and issubclass(cls, TrainerCallback)):
+        raise DottedPathError(where, f"callback {dotted!r} is a {type(cls).__name__}, not a TrainerCallback "
+                              "subclass", fix)
+    return cls
 
 
 def normalize(value: Any, *, where: str, shared: dict[str, Any] | None = None, _depth: int = 0) -> DatasetSpec:
@@ -175,7 +215,7 @@ def load(spec: DatasetSpec, *, where: str, seed: int = 0, previous_data: dict[st
         if path is None:
             raise RecipeError(where, f"the previous stage produced no {previous_kind!r} data",
                               "put a stage that produces it (rejection_sampling) before this one, or name a dataset")
-        ds = datasets.load_from_disk(path, keep_in_memory=True)  # no cache files in the run dir
+        ds = load_saved(path, where=where, kind=previous_kind or "", keep_in_memory=True)  # no cache files
     elif spec.kind == "file":
         path = Path(spec.path)
         if path.is_dir():
@@ -193,11 +233,32 @@ def load(spec: DatasetSpec, *, where: str, seed: int = 0, previous_data: dict[st
                               f"{ds.column_names}", "rename columns that exist")
         ds = ds.rename_columns(spec.columns)
     if spec.map:
-        fn = import_object(spec.map, where=f"{where}.map", what="map function")
+        from ..dotted import DottedPathError
+
+        try:
+            fn = find_map_function(spec.map, where=f"{where}.map")
+        except DottedPathError as err:
+            raise RecipeError(err.where, err.problem, err.fix) from None
         ds = ds.map(fn)
     if spec.n is not None and spec.kind != "task":
         ds = ds.select(range(min(spec.n, len(ds))))
     return ds
+
+
+def load_saved(path: str, *, where: str, kind: str, keep_in_memory: bool = False):
+    """``datasets.load_from_disk`` of data an earlier stage wrote; one RecipeError naming that stage and the path
+    when it cannot be read (a corrupted or half-deleted folder), instead of pyarrow's traceback."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(path, keep_in_memory=keep_in_memory)
+    except Exception as err:
+        parts = Path(path).parts
+        stage = parts[parts.index("stages") + 1] if "stages" in parts[:-1] else "the stage that wrote it"
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise RecipeError(where, f"the {kind} data written by stage {stage} cannot be read ({path}: "
+                          f"{type(err).__name__}: {first})",
+                          f"rerun stage {stage}: delete its folder (or pass --restart)") from None
 
 
 def check_columns(ds, accepted: tuple[tuple[str, ...], ...], *, where: str, stage_type: str) -> None:

@@ -66,6 +66,63 @@ def hash_path(path: str | os.PathLike) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def _derived(name: str) -> bool:
+    # files that readers add beside an output without changing it: datasets' cache files, atomic-write temporaries
+    return (name.startswith("cache-") and name.endswith(".arrow")) or name.startswith(".tmp-")
+
+
+def hash_tree(path: str | os.PathLike) -> tuple[str | None, dict[str, str]]:
+    """``(hash_path(path), {relative file name: sha256[:16]})`` in one read of every file; ``(None, {})`` when the
+    path is not on disk. The per-file hashes let a later stage name the file that changed (``verify_files``)."""
+    root = Path(path)
+    if not root.exists():
+        return None, {}
+    total, files = hashlib.sha256(), {}
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for file in paths:
+        rel = file.relative_to(root).as_posix() if root.is_dir() else file.name
+        if any(part.startswith(_SKIP_DIRS) for part in Path(rel).parts) or _derived(file.name):
+            continue
+        one = hashlib.sha256()
+        total.update(rel.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                total.update(chunk)
+                one.update(chunk)
+        files[rel] = one.hexdigest()[:16]
+    return total.hexdigest()[:16], files
+
+
+def output_record(path: str | os.PathLike) -> dict[str, Any]:
+    """What the manifest records of a stage output: ``path``, ``hash`` (as :func:`hash_path`) and per-file ``files``."""
+    digest, files = hash_tree(path)
+    return {"path": str(path), "hash": digest, "files": files}
+
+
+def verify_output(record: dict[str, Any]) -> str | None:
+    """None when the output on disk still matches its manifest record; else what changed, naming the files.
+    A record without ``files`` (an older manifest) is checked by its overall hash; a Hub id (no hash) passes."""
+    if not record or record.get("hash") is None:
+        return None
+    path = Path(record["path"])
+    if not path.exists():
+        return f"{path} is missing"
+    digest, files = hash_tree(path)
+    if digest == record["hash"]:
+        return None
+    recorded = record.get("files")
+    if not recorded:  # a manifest written before per-file hashes: its hash counted every file
+        if hash_path(path) == record["hash"]:
+            return None
+        return f"the files in {path} changed (hash {digest}, recorded {record['hash']})"
+    changed = sorted(k for k in recorded if k in files and files[k] != recorded[k])
+    missing = sorted(k for k in recorded if k not in files)
+    added = sorted(k for k in files if k not in recorded)
+    parts = [f"{path / k} changed (sha256 {files[k]}..., recorded {recorded[k]}...)" for k in changed]
+    parts += [f"{path / k} is missing" for k in missing] + [f"{path / k} was added" for k in added]
+    return "; ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "")
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -108,10 +165,9 @@ class Manifest:
 
     def save(self) -> None:
         self.data["updated_at"] = now()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        os.replace(tmp, self.path)
+        from ..fileio import write_json
+
+        write_json(self.path, self.data)
 
 
 def new_stage_entry(index: int, name: str, stype: str, directory: str, config: dict, fingerprint: str) -> dict:

@@ -3,13 +3,16 @@
 Checks, in order, each failing with one :class:`~trl_safeppo.pipeline.recipe.RecipeError` that names the stage
 index, the key path and the fix:
 
+- ``output_dir`` (:func:`check_output_dir`) and the ``imports:`` modules (:func:`import_recipe_modules`), the only code
+  a recipe runs; every dotted path must point into them and be declared for its job (:mod:`trl_safeppo.dotted`);
 - the model and every explicit ``init`` resolve (``tiny://`` models are built; Hub ids are checked for form only);
 - every stage's ``args`` against its config dataclass (unknown keys with "did you mean", value types), then the
-  config is instantiated so its ``__post_init__`` checks run too;
+  config is instantiated so its ``__post_init__`` checks run too, and its numbers must be finite and in range
+  (:func:`check_numbers`);
 - the PEFT block against ``peft.LoraConfig``, and hand-off consistency (a kept adapter is continued, not re-wrapped);
 - every dataset: its form, that local files exist and are readable, the columns the stage needs (embedded tasks and
   local files are loaded; Hub datasets are checked when their stage starts, since nothing is downloaded here),
-  ``dataset: previous`` only after a stage that produces such data; dotted ``map`` functions import and are callable;
+  ``dataset: previous`` only after a stage that produces such data; a ``map`` is a function of a listed module;
 - the rewards: ``trl_safeppo.rewards.validate_spec`` plus its self-test on a handful of known completions;
 - rails (``RailsConfig.from_dict``, per stage with its overrides and tripwires), gates, probes and the ``eval`` block.
 
@@ -103,12 +106,16 @@ def _resolve_model(value: str, where: str) -> str:
         raise RecipeError(where, problem, f"use {accepted}" if accepted else "fix the model identifier") from None
 
 
-def _check_reward(spec: Any, where: str) -> None:
-    """``rewards.validate_spec``: names, options, dotted paths (the self-test runs on each stage's data)."""
+def _check_reward(spec: Any, where: str, imports: list = ()) -> None:
+    """``rewards.validate_spec``: names, options, dotted paths (the self-test runs on each stage's data). A dotted
+    path must name a marked reward in a module of the recipe's ``imports:``."""
     from .. import rewards
+    from ..dotted import DottedPathError
 
     try:
-        rewards.validate_spec(spec, path=where)
+        rewards.validate_spec(spec, path=where, imports=list(imports))
+    except DottedPathError as err:
+        raise RecipeError(err.where, err.problem, err.fix) from None
     except (ValueError, ImportError, TypeError, AttributeError) as err:
         message = str(err)
         message = message[len(where) + 2:] if message.startswith(where + ": ") else message
@@ -132,7 +139,7 @@ def _instantiate(config_cls: Any, args: dict, where: str, check_hardware: bool) 
     if not check_hardware:
         trial.update({k: v for k, v in HARDWARE_MASK.items() if k in accepted_fields(config_cls)})
     try:
-        config_cls(**trial)
+        return config_cls(**trial)
     except (ValueError, TypeError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fix = "set `bf16: false` on a machine without a GPU" if "bf16" in message else "fix the value named above"
@@ -214,10 +221,13 @@ def preflight(recipe: Recipe, *, check_hardware: bool = True) -> Plan:
 
 
 def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
+    check_output_dir(recipe.output_dir)
+    check_numbers({"seed": recipe.seed}, "")
+    import_recipe_modules(recipe)  # the only code a recipe runs at check time (docs/recipes.md)
     cuda = _cuda()
     model = _resolve_model(recipe.model, "model")
     if recipe.reward is not None:
-        _check_reward(recipe.reward, "reward")
+        _check_reward(recipe.reward, "reward", recipe.imports)
     if recipe.rails:
         _check_rails(recipe.rails, "rails")
 
@@ -240,6 +250,7 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
         if spec.type == "eval":
             args = check_args(spec.args, config_cls, where=f"{where}.args", what="evaluate_heldout",
                               reserved=EVAL_STAGE_RESERVED)
+            check_numbers(args, f"{where}.args")
         else:
             reserved = {**RESERVED_ARGS, **(SAMPLING_RESERVED if spec.type == "rejection_sampling" else {})}
             user = check_args(spec.args, config_cls, where=f"{where}.args", what=config_cls.__name__,
@@ -257,7 +268,8 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
                 args["rails"] = rails
             if "tripwires" in fields and spec.tripwires:
                 args["tripwires"] = list(spec.tripwires)
-            _instantiate(config_cls, args, f"{where}.args", check_hardware)
+            config = _instantiate(config_cls, args, f"{where}.args", check_hardware)
+            check_numbers({f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, f"{where}.args")
 
         # PEFT and hand-off
         if spec.peft is not None:
@@ -285,12 +297,13 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
         dataset = _dataset_for(stages, recipe, i, stype, where)
         loaded = None
         if dataset is not None:
+            _check_map(dataset, f"{where}.dataset", recipe.imports)
             loaded = _check_columns(dataset, stype, spec.type, f"{where}.dataset", recipe.seed)
 
         # reward
         reward = spec.reward if spec.reward is not None else recipe.reward
         if spec.reward is not None:
-            _check_reward(spec.reward, f"{where}.reward")
+            _check_reward(spec.reward, f"{where}.reward", recipe.imports)
         if stype.needs_reward and reward is None:
             raise RecipeError(f"{where}.reward", f"a {spec.type} stage needs a reward and the recipe has none",
                               "add a top-level `reward:` (e.g. [{name: math}]) or a stage `reward:`")
@@ -307,7 +320,7 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
         if spec.callbacks and not stype.trains:
             raise RecipeError(f"{where}.callbacks", f"a {spec.type} stage runs no trainer", "remove `callbacks`")
         for j, dotted in enumerate(spec.callbacks):
-            data_mod.import_object(dotted, where=f"{where}.callbacks[{j}]", what="callback")
+            _user_object(data_mod.find_callback_class, dotted, f"{where}.callbacks[{j}]", recipe.imports)
 
         uses_reward = stype.needs_reward or spec.type == "eval"  # SFT / DPO ignore it (and so do their fingerprints)
         stages.append(StagePlan(i, spec, stype, config_cls, args, dataset, reward if uses_reward else None, rails,
@@ -325,6 +338,7 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
             plan.probe_options = check_args(options, run_probes, where="probes", what="run_probes",
                                             reserved={"model_or_path": "the runner probes each stage's policy",
                                                       "tokenizer": "loaded with the policy"})
+            check_numbers(plan.probe_options, "probes")
         try:
             plan.probes = validate_probes(prompts, where)
         except ValueError as err:
@@ -371,19 +385,21 @@ def _check_eval_block(recipe: Recipe, plan: Plan) -> None:
     reward = options.pop("reward", None)
     options = check_args(options, evaluate_heldout, where="eval", what="evaluate_heldout",
                          reserved={**EVAL_RESERVED, "dataset": "", "reward": ""})
+    check_numbers(options, "eval")
     if dataset_value is None:
         raise RecipeError("eval.dataset", "the held-out evaluation needs a dataset",
                           "add `dataset: task://arithmetic/eval` (or a file / Hub dataset with a prompt column)")
     spec = data_mod.normalize(dataset_value, where="eval.dataset", shared=recipe.data)
     if spec.kind == "previous":
         raise RecipeError("eval.dataset", "the held-out set cannot be `previous`", "name a fixed held-out dataset")
+    _check_map(spec, "eval.dataset", recipe.imports)
     _check_columns(spec, STAGE_TYPES["eval"], "eval", "eval.dataset", recipe.seed)
     if reward is not None:
-        _check_reward(reward, "eval.reward")
+        _check_reward(reward, "eval.reward", recipe.imports)
     reward = reward if reward is not None else recipe.reward
     for key in ("accuracy_reward", "format_reward"):
         if options.get(key) is not None:
-            _check_reward(options[key], f"eval.{key}")
+            _check_reward(options[key], f"eval.{key}", recipe.imports)
     if reward is None and options.get("accuracy_reward") is None:
         raise RecipeError("eval", "the held-out evaluation has no rule to score with",
                           "add a top-level `reward:` or `eval.accuracy_reward:`")
@@ -392,3 +408,131 @@ def _check_eval_block(recipe: Recipe, plan: Plan) -> None:
         if stage.spec.type == "eval" and stage.dataset is None:
             stage.dataset = spec
     plan.eval_options = {"reward": reward, **options}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile input: code a recipe may name, numbers, and where it may write
+def import_recipe_modules(recipe: Recipe) -> None:
+    """Import the modules of the recipe's ``imports:`` (searched in the installed packages, then the recipe's folder,
+    then the working directory). The only code a recipe runs before its rewards are called."""
+    if not recipe.imports:
+        return
+    from ..dotted import DottedPathError, add_search_folders, import_listed
+
+    folders = [Path(recipe.source).resolve().parent] if recipe.source else []
+    folders = list(dict.fromkeys([*folders, Path.cwd().resolve()]))
+    add_search_folders(folders)
+    for j, module in enumerate(recipe.imports):
+        try:
+            import_listed(module, recipe.imports, folders, where=f"imports[{j}]")
+        except DottedPathError as err:
+            raise RecipeError(err.where, err.problem, err.fix) from None
+
+
+def _user_object(finder, dotted: str, where: str, imports: list) -> Any:
+    from ..dotted import DottedPathError
+
+    try:
+        return finder(dotted, where=where, imports=imports)
+    except DottedPathError as err:
+        raise RecipeError(err.where, err.problem, err.fix) from None
+
+
+def _check_map(spec: data_mod.DatasetSpec, where: str, imports: list) -> None:
+    """A dataset's ``map:`` must be a Python function defined in a module of ``imports:`` (or trl_safeppo's own
+    formats), checked before the dataset is loaded, since loading calls it."""
+    if spec.map:
+        _user_object(data_mod.find_map_function, spec.map, f"{where}.map", imports)
+
+
+# Accepted ranges of numeric config fields, by name (any config, TRL's included). Every float of a stage's config
+# must be finite in any case; TRL's own __post_init__ checks run first (_instantiate).
+MAX_STEPS_CAP = 10_000_000
+_POSITIVE = ("a finite number > 0", lambda v: v > 0)
+_NON_NEGATIVE = ("a finite number >= 0", lambda v: v >= 0)
+_AT_LEAST_ONE = ("an integer >= 1", lambda v: v >= 1)
+NUMBER_RANGES: dict[str, tuple[str, Any]] = {
+    "max_steps": (f"-1 (train by epochs) or an integer from 1 to {MAX_STEPS_CAP}",
+                  lambda v: v == -1 or 1 <= v <= MAX_STEPS_CAP),
+    "num_train_epochs": ("a number > 0 and at most 100000", lambda v: 0 < v <= 100_000),
+    "learning_rate": ("a finite number >= 0", lambda v: v >= 0),  # 0 freezes the weights: a dry run of a pipeline
+    "per_device_train_batch_size": _AT_LEAST_ONE,
+    "per_device_eval_batch_size": _AT_LEAST_ONE,
+    "gradient_accumulation_steps": _AT_LEAST_ONE,
+    "batch_size": _AT_LEAST_ONE,
+    "generation_batch_size": _AT_LEAST_ONE,
+    "num_generations": _AT_LEAST_ONE,
+    "num_completions": _AT_LEAST_ONE,
+    "num_iterations": _AT_LEAST_ONE,
+    "max_completion_length": _AT_LEAST_ONE,
+    "max_prompt_length": _AT_LEAST_ONE,
+    "max_length": _AT_LEAST_ONE,
+    "max_new_tokens": _AT_LEAST_ONE,
+    "n": _AT_LEAST_ONE,
+    "logging_steps": _POSITIVE,
+    "save_steps": _POSITIVE,
+    "eval_steps": _POSITIVE,
+    "warmup_steps": _NON_NEGATIVE,
+    "warmup_ratio": ("a number from 0 to 1", lambda v: 0 <= v <= 1),
+    "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": _NON_NEGATIVE,
+    "beta": _NON_NEGATIVE,
+    "epsilon": _NON_NEGATIVE,
+    "temperature": _NON_NEGATIVE,
+    "top_p": ("a number > 0 and at most 1", lambda v: 0 < v <= 1),
+    "seed": ("an integer from 0 to 2**32 - 1", lambda v: 0 <= v < 2**32),
+}
+
+
+def check_numbers(values: dict[str, Any], where: str) -> None:
+    """Every number in ``values`` (a config's fields, or a function's arguments) is finite, and the known fields are
+    in range (:data:`NUMBER_RANGES`); one RecipeError naming the field, the value and the accepted range."""
+    import math
+    import numbers
+
+    for key, value in values.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, numbers.Real):
+                continue
+            accepted, ok = NUMBER_RANGES.get(key, ("a finite number", lambda v: True))
+            if not math.isfinite(item) or not ok(item):
+                path = f"{where}.{key}" if where else key
+                raise RecipeError(path, f"{key}={item!r} is out of range (accepted: {accepted})",
+                                  f"set `{key}` to {accepted}")
+
+
+# Folders a run must never write into, even when named by an absolute path.
+SYSTEM_FOLDERS = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/proc", "/sys",
+                  "/dev", "/run", "/var/lib", "/var/run", "/var/log", "/var/spool", "/var/cache", "/snap")
+
+
+def check_output_dir(value: str, where: str = "output_dir") -> Path:
+    """The run directory, refused when it is outside the working directory without being written as an absolute
+    path (``../../etc``), or when it is (inside) a system folder, ``/``, a home folder itself or a home dotfile
+    (``~/.ssh``), wherever it is written. Symlinks are followed for the system-folder test."""
+    import os
+
+    raw = Path(os.path.expanduser(value))
+    cwd = Path.cwd().resolve()
+    fix = "use a folder below the working directory (e.g. runs/my-run), or an absolute path outside system folders"
+    if not raw.is_absolute():
+        lexical = Path(os.path.normpath(cwd / raw))
+        if lexical == cwd or cwd not in lexical.parents:
+            raise RecipeError(where, f"output_dir {value!r} is {lexical}, "
+                              + ("the working directory itself" if lexical == cwd else
+                                 f"outside the working directory {cwd}"),
+                              "use a folder below the working directory (e.g. runs/my-run), or write the absolute "
+                              "path if you mean it")
+    target = (raw if raw.is_absolute() else cwd / raw).resolve()
+    for folder in ("/", *SYSTEM_FOLDERS):
+        base = Path(folder)
+        if target == base or (folder != "/" and base in target.parents):
+            raise RecipeError(where, f"output_dir {value!r} is {target}, "
+                              + ("the root folder" if folder == "/" else f"inside the system folder {folder}"), fix)
+    for home in {Path.home().resolve(), Path("/root")}:
+        if target == home or (home in target.parents and target.relative_to(home).parts[0].startswith(".")):
+            raise RecipeError(where, f"output_dir {value!r} is {target}, "
+                              + ("a home folder itself" if target == home else "inside a hidden folder of a home"),
+                              fix)
+    return target

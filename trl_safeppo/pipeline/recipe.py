@@ -12,7 +12,8 @@ value and the fix:
 4. check the structure against :class:`Recipe` / :class:`StageSpec` (unknown keys get a "did you mean").
 
 The deeper checks that need the stage types (each stage's ``args`` against its TRL config dataclass, datasets,
-rewards, imports) are in :mod:`trl_safeppo.pipeline.preflight`. Nothing here imports torch or TRL.
+rewards, imports) are in :mod:`trl_safeppo.pipeline.preflight`. Nothing here imports torch or TRL. The YAML reader
+caps the file's size and its alias expansion (:func:`safe_yaml_load`), so a "billion laughs" file fails at once.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ class StageSpec:
             LoRA settings (`peft.LoraConfig` fields) plus `handoff: merge|keep`: merge the adapter into the weights
             handed to the next stage (default), or keep it as an adapter.
         callbacks (`list[str]`, defaults to `[]`):
-            Dotted paths to `transformers.TrainerCallback` classes (or factories), instantiated without arguments
-            and added to the stage's trainer.
+            Dotted paths to `transformers.TrainerCallback` subclasses (in a module of the recipe's `imports:`, or
+            from transformers / TRL), instantiated without arguments and added to the stage's trainer.
     """
 
     type: str = field(metadata={"help": "What the stage does: sft, ppo, grpo, rejection_sampling, dpo or eval."})
@@ -159,6 +160,11 @@ class Recipe:
             Pre-flight runs the reward's verifier self-test (`trl_safeppo.rewards.selftest.check_rewards`) on the
             first rows of each rewarded stage's dataset: a gold answer must pass, a wrong one must fail. Set `false`
             for a reward without a gold answer.
+        imports (`list[str]`, defaults to `[]`):
+            Your Python modules (e.g. `my_rules`, found in the installed packages, the recipe's folder or the working
+            directory), imported by the pre-flight. Every dotted path in the recipe (custom rewards, `map:`
+            functions, callbacks) must name something in one of them; importing them is the only code a recipe runs
+            of its own accord.
         source (`str` or `None`):
             Set by the loader: the file the recipe came from (not a YAML key).
     """
@@ -180,6 +186,10 @@ class Recipe:
     description: str = field(default="", metadata={"help": "Free text, shown in the report."})
     self_test: bool = field(
         default=True, metadata={"help": "Run the reward's verifier self-test in pre-flight (false: no gold answer)."}
+    )
+    imports: list = field(
+        default_factory=list,
+        metadata={"help": "Your modules (beside the recipe or installed) that dotted paths may name, e.g. [my_rules]."},
     )
     source: str | None = field(
         default=None, repr=False, compare=False, metadata={"help": "Where the recipe was loaded from (not a key)."}
@@ -289,6 +299,72 @@ def set_path(tree: dict, path: str, value: Any) -> None:
         parent_key = segment
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Reading YAML safely: a recipe is small. Aliases (`*a`) share one node, so ten nested anchors of ten aliases each
+# ("billion laughs") parse in a blink but expand to 10^10 nodes once anything walks the tree; the expanded size is
+# counted on the node graph (each node once) before anything is built.
+MAX_RECIPE_BYTES = 1 << 20          # 1 MiB of YAML
+MAX_RECIPE_NODES = 100_000          # nodes after expanding every alias (the demo recipe has about 300)
+
+
+def _expanded_nodes(root: Any, limit: int) -> int:
+    """Nodes of the YAML node graph once every alias is expanded, counted in time linear in the graph's size;
+    raises ``ValueError`` past ``limit`` or on a recursive alias (a collection that contains itself)."""
+    import yaml
+
+    def children(node: Any) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [part for pair in node.value for part in pair]
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        return []
+
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:  # iterative post-order: deep nesting cannot overflow the interpreter's stack here
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children(node))
+            if sizes[key] > limit:
+                raise ValueError(f"expands to more than {limit} nodes through its aliases (&anchor / *alias)")
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise ValueError("has a recursive alias (a collection that contains itself)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node) if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def safe_yaml_load(text: str, what: str = "the recipe") -> Any:
+    """``yaml.safe_load`` with a size cap and an alias-expansion cap; one RecipeError instead of a hang."""
+    import yaml
+
+    fix = "write the repeated parts out (or use ${...} references); a recipe is data, not a data set"
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError("", f"{what} is {len(text)} characters long, over the limit of {MAX_RECIPE_BYTES}",
+                          "keep data in dataset files and name them in `data:`")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            _expanded_nodes(node, MAX_RECIPE_NODES)
+        except ValueError as err:
+            raise RecipeError("", f"{what} {err}", fix) from None
+        return loader.construct_document(node)
+    except RecursionError:
+        raise RecipeError("", f"{what} is nested too deeply", fix) from None
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"stages.1.args.max_steps=5"`` -> ``("stages.1.args.max_steps", 5)``; the value is parsed as YAML."""
     import yaml
@@ -297,7 +373,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise RecipeError("", f"override {text!r} has no '='", "write overrides as key.path=value, e.g. seed=1")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml_load(raw, what=f"override {key.strip()!r}") if raw.strip() else ""
     except yaml.YAMLError as err:
         raise RecipeError(key, f"override value {raw!r} is not valid YAML ({err})", "quote it") from None
     return key.strip(), value
@@ -413,6 +489,15 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
                               "list at least one prompt string, or remove the `probes` key") from None
     description = _expect(tree.get("description") or "", str, "description", "description", "write a string")
     self_test = _expect(tree.get("self_test", True), bool, "self_test", "self_test", "write true or false")
+    imports = _expect(tree.get("imports") or [], list, "imports", "imports",
+                      "write a list of module names, e.g. `imports: [my_rules]`")
+    for j, module in enumerate(imports):
+        from ..dotted import DottedPathError, check_module_name
+
+        try:
+            check_module_name(module, where=f"imports[{j}]")
+        except DottedPathError as err:
+            raise RecipeError(err.where, err.problem, err.fix) from None
     stages_raw = _expect(tree["stages"], list, "stages", "stages", "write a list of stages, each with a `type`")
 
     stages: list[StageSpec] = []
@@ -480,7 +565,7 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
     return Recipe(
         name=tree["name"], model=tree["model"], output_dir=tree["output_dir"], stages=stages, seed=seed, data=data,
         reward=tree.get("reward"), rails=rails, eval=eval_cfg, probes=probes, description=description, self_test=self_test,
-        source=source,
+        imports=list(imports), source=source,
     )
 
 
@@ -525,7 +610,9 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     file = find_recipe(path)
     source = os.fspath(file)
     try:
-        tree = yaml.safe_load(file.read_text())
+        tree = safe_yaml_load(file.read_text())
+    except RecipeError as err:
+        raise err.with_source(source) from None
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError("", f"cannot read the recipe ({err})", "check the file's permissions", source=source) from None
     except yaml.YAMLError as err:

@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import fileio
 from . import data as data_mod
-from .manifest import FINISHED, Manifest, final_metrics, hash_json, hash_path, library_versions, new_stage_entry, now
+from .manifest import (FINISHED, Manifest, final_metrics, hash_json, hash_path, library_versions, new_stage_entry, now,
+                       output_record, verify_output)
 from .preflight import Plan, StagePlan, preflight
 from .recipe import RecipeError, dump_recipe, load_recipe
 from .schema import accepted_fields
@@ -120,9 +122,9 @@ def log_history_callback(path: Path, is_main: bool):
 
 
 def write_log_history(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(entry, default=float) + "\n" for entry in history))
-    tmp.replace(path)
+    from ..fileio import write_text
+
+    write_text(path, "".join(json.dumps(entry, default=float) + "\n" for entry in history))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -157,15 +159,20 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
     _say(is_main, f"pre-flight passed: {len(plan.stages)} stages in {time.time() - started:.1f}s "
          f"({state.num_processes} process{'es' if state.num_processes > 1 else ''})")
     run_dir = Path(recipe.output_dir)
+    lock = lock_run_dir(run_dir, state, is_main)  # before anything reads or removes what another run writes
+    if is_main:  # temporaries of writers killed mid-write (only safe to remove while holding the lock)
+        for folder in [run_dir, *sorted((run_dir / "stages").glob("*"))]:
+            fileio.remove_temporaries(folder)
     old = None if restart else Manifest.load(run_dir)
     if old is not None and old.data.get("name") != recipe.name:
+        lock.release()
         raise RecipeError("output_dir", f"{run_dir} holds a run of another recipe ({old.data.get('name')!r})",
                           "choose another output_dir, or pass --restart to replace that run")
     manifest = reconcile(plan, old, run_dir)
     state.wait_for_everyone()  # everyone has read the old manifest before the main process rewrites it
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        fileio.write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         manifest.data["status"] = "running"
         manifest.save()
     state.wait_for_everyone()
@@ -186,6 +193,7 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
         if is_main:
             manifest.data["status"] = "failed"
             manifest.save()
+        lock.release()
         raise
     finally:
         progress.close()
@@ -197,7 +205,29 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
         print(summary_table(manifest), flush=True)
         _say(True, f"run directory: {run_dir} ({time.time() - started:.0f}s)")
     state.wait_for_everyone()
+    lock.release()
     return rc
+
+
+def lock_run_dir(run_dir: Path, state, is_main: bool):
+    """Take ``<run_dir>/.lock`` on the main process (pipeline/lock.py); every process raises the same one-line error
+    when another run holds it. Returns the lock (a no-op holder on the other processes)."""
+    from .lock import RunDirLocked, RunLock
+
+    lock, error = RunLock(run_dir), None
+    if is_main:
+        try:
+            note = lock.acquire()
+            if note:
+                _say(True, note)
+        except RunDirLocked as err:
+            error = str(err)
+        except OSError as err:  # decided here, raised on every process below (no process left at a barrier)
+            error = f"cannot take the lock {lock.path} ({err.strerror}). Fix: check that output_dir is writable"
+    error = _agree(state, error)
+    if error:
+        raise RecipeError("output_dir", *error.rsplit(". Fix: ", 1))
+    return lock
 
 
 class _Runner:
@@ -214,6 +244,7 @@ class _Runner:
 
     def run_all(self) -> int:
         policy, data, previous_eval = self.plan.model, {}, None
+        produced: dict[str, dict] = {}  # "final" or a data kind -> the manifest entry of the stage that wrote it
         for sp in self.plan.stages:
             entry = self.manifest.stage(sp.index)
             stage_dir = self.run_dir / entry["dir"]
@@ -224,6 +255,7 @@ class _Runner:
                 elif entry["status"] == "gated" and _outputs_exist(entry):
                     ok = self._recheck_gate(sp, entry, stage_dir, previous_eval)
                 else:
+                    self._verify_inputs(sp, produced)
                     ok = self.run_stage(sp, entry, stage_dir, policy, data, previous_eval)
                     if self.is_main:
                         _write_report(self.run_dir, quiet=True)  # a live report, rebuilt after every stage
@@ -231,17 +263,16 @@ class _Runner:
                 return 1
             policy = entry["outputs"]["final"]["path"]
             data = {**data, **{k: v["path"] for k, v in entry["outputs"].get("data", {}).items()}}
+            produced.update({"final": entry, **{k: entry for k in entry["outputs"].get("data", {})}})
             previous_eval = entry.get("eval") or previous_eval
         return 0
 
     # -- one stage ------------------------------------------------------------------------------------------------
     def run_stage(self, sp: StagePlan, entry: dict, stage_dir: Path, policy: str, data: dict[str, str],
                   previous_eval: dict | None) -> bool:
-        from transformers.trainer_utils import get_last_checkpoint
-
         resume_from = None
         if entry["status"] in ("running", "failed") and stage_dir.is_dir():
-            resume_from = get_last_checkpoint(str(stage_dir))
+            resume_from = self._resume_point(sp, entry, stage_dir)
         elif stage_dir.exists() and self.is_main:  # the stage (or one before it) changed since the last run
             self.say(f"stage {entry['index']} ({sp.spec.name}): changed since the last run, starting afresh")
             shutil.rmtree(stage_dir)
@@ -284,6 +315,7 @@ class _Runner:
     def _finish(self, sp: StagePlan, entry: dict, stage_dir: Path, outcome: StageOutcome,
                 previous_eval: dict | None) -> bool:
         """Monitoring hooks (eval, probes, gates) and the manifest entry; False when a gate failed."""
+        self._check_losses(sp, entry, outcome)
         status = "completed"
         gate_failed: list = []
         if self.is_main:
@@ -308,8 +340,8 @@ class _Runner:
                 metrics=final_metrics(history),
                 launch=outcome.launch,
                 outputs={
-                    "final": {"path": outcome.final, "hash": hash_path(outcome.final)},
-                    "data": {k: {"path": p, "hash": hash_path(p)} for k, p in outcome.data.items()},
+                    "final": output_record(outcome.final),
+                    "data": {k: output_record(p) for k, p in outcome.data.items()},
                 },
             )
             self._save()
@@ -341,7 +373,63 @@ class _Runner:
             entry.update(shared)
         return entry["status"] != "gated"
 
+    # -- integrity ----------------------------------------------------------------------------------------------------
+    def _verify_inputs(self, sp: StagePlan, produced: dict[str, dict]) -> None:
+        """Before a stage reads an earlier stage's output (its policy, its data), check the files against the hashes
+        in manifest.json: a changed file stops the run, naming the stage and the file."""
+        wanted = []
+        if sp.init == "previous" and "final" in produced:
+            wanted.append(("final", "final/"))
+        kind = sp.stype.consumes
+        if sp.dataset is not None and sp.dataset.kind == "previous" and kind:
+            source = kind if kind in produced else ("scored" if kind == "pairs" and "scored" in produced else None)
+            if source:
+                wanted.append((source, f"data/{source}"))
+        error = None
+        if self.is_main:
+            for key, label in wanted:
+                producer = produced[key]
+                record = producer["outputs"]["final"] if key == "final" else producer["outputs"]["data"][key]
+                try:
+                    problem = verify_output(record)
+                except OSError as err:
+                    problem = f"{record.get('path')} cannot be read ({err.strerror})"
+                if problem:
+                    name = Path(producer["dir"]).name
+                    error = (f"{label} of stage {name} changed on disk since that stage finished: {problem}",
+                             f"restore the file, or rerun stage {name} (delete {self.run_dir / producer['dir']} or "
+                             "pass --restart)")
+                    break
+        error = _agree(self.state, error)
+        if error:
+            raise RecipeError(sp.where, *error)
+
+    def _check_losses(self, sp: StagePlan, entry: dict, outcome: StageOutcome) -> None:
+        """A stage whose training loss is not finite has failed, whatever its tripwires said."""
+        error = None
+        if self.is_main and sp.stype.trains:
+            bad = nonfinite_loss(outcome.log_history)
+            if bad:
+                error = (f"the training loss is not finite ({bad}); the stage failed",
+                         "lower the learning rate or check the data; the previous stage's final/ is the last good "
+                         "policy")
+                entry.update(status="failed", error=f"{error[0]}. Fix: {error[1]}")
+                self._save()
+        error = _agree(self.state, error)
+        if error:
+            raise RecipeError(sp.where, *error)
+
     # -- pieces -----------------------------------------------------------------------------------------------------
+    def _resume_point(self, sp: StagePlan, entry: dict, stage_dir: Path) -> str | None:
+        """The newest complete checkpoint; incomplete ones (a kill or a full disk while saving) are moved aside."""
+        from .checkpoints import last_complete_checkpoint, set_aside_incomplete
+
+        if self.is_main:
+            for note in set_aside_incomplete(stage_dir):
+                self.say(f"stage {entry['index']} ({sp.spec.name}): {note}")
+        self.barrier()
+        return last_complete_checkpoint(stage_dir)
+
     def _save(self) -> None:
         if self.is_main:
             self.manifest.save()
@@ -366,11 +454,9 @@ class _Runner:
         """DPO pairs from an earlier stage's scored samples (the main process builds them, everyone loads)."""
         target = stage_dir / "data" / "pairs"
         if self.is_main and not target.exists():
-            import datasets
-
             from ..pairs import build_pairs_with_report, save_pairs
 
-            scored = datasets.load_from_disk(data["scored"])
+            scored = data_mod.load_saved(data["scored"], where=f"{sp.where}.dataset", kind="scored")
             pairs, report = build_pairs_with_report(scored, **sp.dataset.pairs)
             if len(pairs) == 0:
                 raise RecipeError(f"{sp.where}.dataset", f"no preference pairs could be built from the "
@@ -391,12 +477,15 @@ class _Runner:
             if plain is not None and "disable_tqdm" in accepted_fields(sp.config_cls):
                 args.setdefault("disable_tqdm", True)
                 callbacks.append(plain)
+            if "logging_nan_inf_filter" in accepted_fields(sp.config_cls):  # log a NaN loss as NaN (_check_losses)
+                args.setdefault("logging_nan_inf_filter", False)
             if "progress" in accepted_fields(sp.config_cls):  # rejection sampling's own bar
                 args.setdefault("progress", self.progress.interactive)
             if sp.stype.trains:
                 callbacks.append(log_history_callback(stage_dir / "log_history.jsonl", self.is_main))
             callbacks.extend(_gate_callbacks(sp.spec.gate))
-            callbacks.extend(data_mod.import_object(d, where=f"{sp.where}.callbacks", what="callback")()
+            callbacks.extend(data_mod.find_callback_class(d, where=f"{sp.where}.callbacks",
+                                                          imports=self.plan.recipe.imports)()
                              for d in sp.spec.callbacks)
         reward = sp.reward if sp.spec.type != "eval" else (sp.spec.reward or self.plan.eval_options.get("reward"))
         return StageContext(
@@ -434,6 +523,31 @@ class _Runner:
         result = [o.to_dict() for o in outcomes]
         write_json(stage_dir / "gates.json", result)
         return result
+
+
+def nonfinite_loss(history: list[dict[str, Any]]) -> str | None:
+    """``"loss=nan at step 3"`` for the first non-finite loss in a log history (``loss``, ``train_loss``, any
+    ``*_loss`` / ``*/loss``), or None."""
+    import math
+
+    for entry in history:
+        for key, value in entry.items():
+            if not (key == "loss" or key.endswith(("_loss", "/loss"))) or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return f"{key}={value} at step {entry.get('step', '?')}"
+    return None
+
+
+def _agree(state, value: Any) -> Any:
+    """The main process's ``value`` on every process (a decision only the main process makes)."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def _gate_callbacks(gate: dict) -> list:

@@ -14,7 +14,6 @@ anything that only the main process may do checks ``ctx.is_main``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -286,8 +285,7 @@ def run_eval(ctx: StageContext) -> StageOutcome:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (``trl_safeppo.fileio.write_json``)."""
+    from ..fileio import write_json as atomic_write_json
+
+    atomic_write_json(path, obj)

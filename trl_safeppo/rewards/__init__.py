@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .base import RewardRuleError, Rule, answer_region, completion_text
 from .checker import Component, Gate, RuleChecker, RuleScores
-from .spec import BUILTINS, resolve, validate_spec
+from .spec import BUILTINS, resolve, reward_factory, reward_function, validate_spec
 
 __all__ = [
     "BUILTINS",
@@ -22,5 +22,7 @@ __all__ = [
     "answer_region",
     "completion_text",
     "resolve",
+    "reward_factory",
+    "reward_function",
     "validate_spec",
 ]

@@ -269,6 +269,7 @@ def load_reward_spec(value: str) -> Any:
         with open(value, encoding="utf-8") as f:
             data = yaml.safe_load(f)
         if isinstance(data, Mapping) and "reward" in data:
+            _import_recipe_modules(value, data.get("imports") or [])
             return data["reward"]
         return data
     try:
@@ -276,6 +277,20 @@ def load_reward_spec(value: str) -> Any:
     except yaml.YAMLError as err:
         raise ValueError(f"--reward {value!r} is neither a file, a rule name nor valid YAML: {err}") from None
     return data
+
+
+def _import_recipe_modules(recipe_path: str, modules: list) -> None:
+    """A recipe's ``imports:`` (its custom rules), found as ``trl-safeppo run`` finds them: installed packages, then
+    the recipe's folder, then the working directory."""
+    from pathlib import Path
+
+    from ..dotted import add_search_folders, check_module_name, import_listed
+
+    folders = list(dict.fromkeys([Path(recipe_path).resolve().parent, Path.cwd().resolve()]))
+    add_search_folders(folders)
+    for j, module in enumerate(modules):
+        check_module_name(module, where=f"{recipe_path}: imports[{j}]")
+        import_listed(module, modules, folders, where=f"{recipe_path}: imports[{j}]")
 
 
 def load_rows(value: str, n: int | None, seed: int = 0) -> list[dict]:

@@ -12,8 +12,12 @@ Accepted forms (see docs/rewards.md)::
 Rule-entry keys: ``name`` (required), ``weight`` (default 1.0), ``alias`` (name in logs and breakdown; default the
 rule's name), ``required`` (None from this rule makes the total None), ``gate`` (``{below, value=0.0, on=<this
 rule>}``: when rule ``on`` scores below ``below``, the total is ``value``), ``kwargs`` (options); any other key is
-an option of the rule. A dotted path with options is called as a factory (``fn(**options)`` must return the reward
-function); without options it is the reward function.
+an option of the rule.
+
+A dotted path must name a callable marked for the job, checked before anything is called: ``@reward_function``
+(used as is, takes no options) or ``@reward_factory`` (called with the rule's options, ``fn(**options)`` must return
+the reward function). Anything else (``os.system``, an unmarked function) is refused. In a recipe its module must
+also be listed under ``imports:`` (``resolve(spec, imports=[...])``); see :mod:`trl_safeppo.dotted`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+from ..dotted import HOW_TO_REGISTER, DottedPathError, find, split
 from .checker import Component, Gate, RuleChecker
 
 # YAML name -> "module:factory". Factories take the rule's options as keyword arguments.
@@ -48,23 +53,53 @@ _CHECKER_KEYS = ("rules", "name", "pass_threshold")
 _GATE_KEYS = ("on", "below", "value")
 
 
-def _import_target(path: str, where: str) -> Any:
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-    else:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"{where}: {path!r} is neither a built-in rule ({sorted(BUILTINS)}) nor a dotted path "
-                         f"like 'my_pkg.my_rules:my_reward'")
+# The mark a dotted path needs (an attribute set by the decorators below; read with getattr_static, so an object with
+# a permissive __getattr__ cannot fake it).
+MARK = "__trl_safeppo_reward__"
+_BUILTIN_TARGETS = {target: name for name, target in BUILTINS.items()}
+
+
+def reward_function(func: Callable) -> Callable:
+    """Mark ``func`` as a reward function a recipe may name by dotted path (used as is; it takes no options).
+
+    ```python
+    >>> @reward_function
+    ... def short(prompts, completions, completion_ids=None, **kwargs):
+    ...     return [1.0 if len(c) < 10 else 0.0 for c in completions]
+    >>> short(None, ["ok", "far too long"])
+    [1.0, 0.0]
+
+    ```
+    """
+    setattr(func, MARK, "function")
+    return func
+
+
+def reward_factory(factory: Callable) -> Callable:
+    """Mark ``factory`` as a builder of reward functions a recipe may name by dotted path: the rule's options are its
+    keyword arguments (``{name: my_rules:max_words, limit: 40}`` calls ``max_words(limit=40)``), and it must return
+    the reward function. A class (e.g. a :class:`trl_safeppo.rewards.Rule` subclass) can be marked too."""
+    setattr(factory, MARK, "factory")
+    return factory
+
+
+def _mark(obj: Any) -> str | None:
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{where}: cannot import module {module_name!r} for reward {path!r}: {err}") from err
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{where}: module {module_name!r} has no attribute {attr!r} (reward {path!r})")
-        obj = getattr(obj, part)
-    return obj
+        value = inspect.getattr_static(obj, MARK)
+    except AttributeError:
+        return None
+    return value if value in ("function", "factory") else None
+
+
+def _import_target(path: str, where: str, imports: Sequence[str] | None) -> tuple[Any, str]:
+    """The marked callable a dotted path names and its mark, resolved without calling anything."""
+    obj = find(path, where=where, what="reward", imports=imports, fix=HOW_TO_REGISTER)
+    mark = _mark(obj)
+    if mark is None:
+        kind = "a callable" if callable(obj) else f"a {type(obj).__name__}"
+        raise DottedPathError(where, f"reward {path!r} is {kind} without the reward mark, so it is not called",
+                              HOW_TO_REGISTER)
+    return obj, mark
 
 
 def _builtin_factory(name: str) -> Callable:
@@ -78,7 +113,7 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def _entry(raw: Any, where: str) -> tuple[Component, dict | None]:
+def _entry(raw: Any, where: str, imports: Sequence[str] | None = None) -> tuple[Component, dict | None]:
     """One rule entry -> (Component, raw gate dict or None)."""
     if isinstance(raw, str):
         raw = {"name": raw}
@@ -106,6 +141,8 @@ def _entry(raw: Any, where: str) -> tuple[Component, dict | None]:
         raise ValueError(f"{where}: option(s) {both} given both flat and under `kwargs`; give each once")
     options.update(extra)
 
+    if isinstance(name, str) and ":".join(split(name)) in _BUILTIN_TARGETS:
+        name = _BUILTIN_TARGETS[":".join(split(name))]  # a built-in's own dotted path is the built-in
     if target is not None:
         func = target(**options) if options else target
     elif name in BUILTINS:
@@ -120,8 +157,8 @@ def _entry(raw: Any, where: str) -> tuple[Component, dict | None]:
         except (ValueError, TypeError) as err:
             raise ValueError(f"{where}: {err}") from err
     elif "." in name or ":" in name:
-        target = _import_target(name, f"{where}.name")
-        if options:
+        target, mark = _import_target(name, f"{where}.name", imports)
+        if mark == "factory":
             try:
                 func = target(**options)
             except Exception as err:
@@ -129,10 +166,11 @@ def _entry(raw: Any, where: str) -> tuple[Component, dict | None]:
                                  f"{type(err).__name__}: {err}") from err
             if not callable(func):
                 raise ValueError(f"{where}: factory {name!r} returned {type(func).__name__}, not a reward function")
+        elif options:
+            raise ValueError(f"{where}: {name!r} is a @reward_function, which takes no options (got "
+                             f"{sorted(options)}); mark a function that builds the rule with @reward_factory instead")
         else:
             func = target
-        if not callable(func):
-            raise ValueError(f"{where}.name: {name!r} is a {type(func).__name__}, not a callable reward function")
     else:
         raise ValueError(f"{where}.name: unknown rule {name!r}; built-in rules are {sorted(BUILTINS)}, or give a "
                          f"dotted path like 'my_pkg.my_rules:my_reward'")
@@ -164,12 +202,14 @@ def _gate(raw: Mapping, owner: str, where: str) -> Gate:
                                                                                     f"{where}.value"))
 
 
-def resolve(spec: Any, path: str = "reward") -> RuleChecker:
+def resolve(spec: Any, path: str = "reward", *, imports: Sequence[str] | None = None) -> RuleChecker:
     """Turn a reward spec into one TRL-compatible reward function (a picklable `RuleChecker`).
 
     ``spec`` is a built-in name, a dotted path, a rule mapping, a list of those, a ``{rules: [...]}`` mapping, a
     Python callable, or an existing `RuleChecker` (returned unchanged). ``path`` prefixes error messages (the key
-    path in the recipe). A single rule keeps its own name (TRL logs ``rewards/math/mean``); a list is named
+    path in the recipe). ``imports`` is a recipe's ``imports:`` list: a dotted path's module must be in it (``None``,
+    the Python API: imported on demand); either way it must name a marked reward (:func:`reward_function`,
+    :func:`reward_factory`) outside the standard library. A single rule keeps its own name (TRL logs ``rewards/math/mean``); a list is named
     ``rules`` unless the mapping form gives ``name``.
 
     Example:
@@ -205,7 +245,7 @@ def resolve(spec: Any, path: str = "reward") -> RuleChecker:
     components, gates = [], []
     for i, raw in enumerate(spec):
         where = entries_path if single else f"{entries_path}[{i}]"
-        component, gate = _entry(raw, where)
+        component, gate = _entry(raw, where, imports)
         components.append(component)
         if gate is not None:
             gates.append((gate, component.name, f"{where}.gate"))
@@ -230,10 +270,10 @@ def resolve(spec: Any, path: str = "reward") -> RuleChecker:
     return RuleChecker(components, built_gates, name=name, pass_threshold=threshold)
 
 
-def validate_spec(spec: Any, path: str = "reward") -> None:
+def validate_spec(spec: Any, path: str = "reward", *, imports: Sequence[str] | None = None) -> None:
     """Check a reward spec without running it; raise ``ValueError`` naming the key path (e.g. ``reward[1].gate``).
 
     Builds the rules (cheap: no model, no data), so unknown names, bad options and unimportable dotted paths are all
     reported at configuration time.
     """
-    resolve(spec, path=path)
+    resolve(spec, path=path, imports=imports)
