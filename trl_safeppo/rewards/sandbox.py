@@ -205,7 +205,11 @@ def _main():
 
         NS = 0x00020000 | 0x20000000 | 0x40000000 | 0x08000000 | 0x04000000 | 0x02000000  # mnt pid net ipc uts cgroup
         uid, gid = os.getuid(), os.getgid()
-        userns = cfg["mode"] == "userns" or os.geteuid() != 0
+        with open("/proc/self/uid_map") as f:
+            initial = f.read().split() == ["0", "0", "4294967295"]
+        # Root of the initial user namespace: mount/PID/... namespaces and a random unprivileged uid for the code.
+        # Anyone else (an ordinary user, root of a rootless container): a user namespace first.
+        userns = cfg["mode"] == "userns" or os.geteuid() != 0 or not initial
         if not userns and libc.unshare(NS) != 0:
             userns = True  # root without CAP_SYS_ADMIN (a restricted container): try a user namespace instead
         if userns:
