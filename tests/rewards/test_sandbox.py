@@ -153,6 +153,12 @@ def test_user_namespace_path_as_root():
     assert ok.passed, ok
     assert not run_python("open('/etc/shadow').read()", "", LIMITS, _mode="userns").passed
     assert not run_python("import os\nos._exit(0)", "assert False", LIMITS, _mode="userns").passed
+    # Same uid as init there: signals to it are ignored (init has no handlers), so the run still gets a verdict
+    # (a failed run, not "unavailable", which would score None instead of 0).
+    code = "import os, signal, time\nfor s in (2, 15, 9, 19):\n    os.kill(1, s)\ntime.sleep(0.2)"
+    killed = run_python(code, "assert False", LIMITS, _mode="userns")
+    assert killed.isolation == "kernel" and not killed.passed and "AssertionError" in killed.stderr
+    assert run_python(code, "", LIMITS, _mode="userns").passed
 
 
 # ---- escapes --------------------------------------------------------------------------------------------------

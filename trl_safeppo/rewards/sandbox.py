@@ -146,9 +146,13 @@ def _layout() -> _Layout:
         probe = subprocess.run([python, "-S", "-s", "-E", "-c", _PROBE], capture_output=True, text=True, timeout=60,
                                cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
         info = json.loads(probe.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError) as err:
-        raise SandboxUnavailable(f"could not probe the interpreter {python}: {err}") from None
-    dirs = tuple(os.path.realpath(d) for d in info["dirs"])
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError) as err:
+        raise SandboxUnavailable(f"could not probe the interpreter {python}: {err!r}") from None
+    try:
+        dirs = tuple(os.path.realpath(d) for d in info["dirs"])
+        cap_last_cap = int(info["cap_last_cap"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SandboxUnavailable(f"could not probe the interpreter {python}: {err!r}") from None
     inside = lambda p: any(p == d or p.startswith(d + os.sep) for d in dirs)  # noqa: E731
     files = [info["executable"]]
     files += [p for p in info["libs"] if os.path.isabs(p) and not inside(os.path.realpath(p))]
@@ -156,7 +160,7 @@ def _layout() -> _Layout:
         files.append("/etc/ld.so.cache")
     hide = tuple(os.path.join(d, "site-packages") for d in dirs if os.path.isdir(os.path.join(d, "site-packages")))
     return _Layout(python=python, dirs=dirs, files=tuple(dict.fromkeys(files)), hide=hide, arch=arch,
-                   cap_last_cap=int(info["cap_last_cap"]))
+                   cap_last_cap=cap_last_cap)
 
 
 # ---- the code that runs in the runner / init / worker (a fresh interpreter; only the standard library) ----------
@@ -236,6 +240,9 @@ def _init(cfg, libc, check, prctl, report, solution, tests, userns):
     try:
         prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the whole namespace dies with the runner
         prctl(4, 0)               # PR_SET_DUMPABLE 0
+        # As PID 1, init ignores every signal it has no handler for (sent from inside the namespace); Python's
+        # SIGINT handler would be one, so the code could interrupt init (same uid in a user namespace).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         _build_root(cfg, libc, check)
         out = os.memfd_create("stdout")
         err = os.memfd_create("stderr")
@@ -253,6 +260,14 @@ def _init(cfg, libc, check, prctl, report, solution, tests, userns):
             finally:
                 os._exit(2)
         os._exit(2)
+    try:
+        _supervise(cfg, report, worker, out, err)
+    except BaseException as e:  # the code has run: whatever happens now is a failed run, never "unavailable"
+        report({"returncode": None, "timed_out": False, "stdout": "", "stderr": f"sandbox init: {e!r}"})
+    os._exit(0)
+
+
+def _supervise(cfg, report, worker, out, err):
     deadline = _monotonic() + cfg["timeout"]
     status, timed_out = None, False
     while status is None:
@@ -281,7 +296,6 @@ def _init(cfg, libc, check, prctl, report, solution, tests, userns):
         else:
             record["returncode"] = code
     report(record)
-    os._exit(0)
 
 
 def _monotonic():
@@ -449,6 +463,7 @@ def _install(libc, prog):
 
 def _worker(cfg, libc, check, prctl, solution, tests, userns, out, err):
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(out, 1)
@@ -633,11 +648,10 @@ def run_python(solution: str, tests: str = "", limits: SandboxLimits = SandboxLi
         os.close(program)
         os.close(write_end)
     record, errors, killed = _collect(proc, read_end, limits.timeout + 10.0)
-    if record is None or "error" in record:
-        if killed:
-            return SandboxResult(False, None, True, "", errors, "kernel")
-        reason = (record or {}).get("error") or f"the sandbox runner failed: {errors.strip()[-2000:]}"
-        return _unavailable(reason)
+    if record is not None and "error" in record:  # refused before any of the code ran
+        return _unavailable(record["error"])
+    if record is None:  # no verdict (killed, or died after the code started): a failed run, never "unavailable"
+        return SandboxResult(False, None, killed, "", errors or "the sandbox gave no result", "kernel")
     code = record.get("returncode")
     timed_out = bool(record.get("timed_out"))
     return SandboxResult(passed=code == 0 and not timed_out, returncode=code, timed_out=timed_out,
