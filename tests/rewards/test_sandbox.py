@@ -107,6 +107,14 @@ def test_early_exit_does_not_pass(snippet):
     assert not result.passed and result.returncode != 0, result
 
 
+def test_unix_sockets_and_odd_text_work():
+    code = "import socket\na, b = socket.socketpair()\na.sendall(b'x')\ngot = b.recv(1)\ns = '\\ud800'"
+    assert run_python(code, "assert got == b'x' and len(s) == 1", LIMITS).passed
+    # A lone surrogate in the program itself is a failed run (it cannot compile), not an unavailable sandbox.
+    odd = run_python("x = '\ud800'", "assert False", LIMITS)
+    assert odd.isolation == "kernel" and not odd.passed
+
+
 def test_wall_clock_timeout():
     result = run_python("import time\ntime.sleep(30)", "", SandboxLimits(timeout=1.0, cpu_seconds=1))
     assert not result.passed and result.timed_out and result.returncode is None
@@ -196,6 +204,8 @@ ESCAPES = {
     "write_host_path": ("open('{host_tmp}/escape-{tag}', 'w').write('x')", ""),
     "connect_host_listener": ("import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
                               "s.sendall(b'escaped')", ""),
+    "socket_vsock_to_the_hypervisor": ("import socket\ns = socket.socket(40, socket.SOCK_STREAM)", ""),  # AF_VSOCK
+    "socket_packet": ("import socket\ns = socket.socket(17, socket.SOCK_RAW)", ""),  # AF_PACKET
     "fill_tmp_until_enospc": ("import os\nn = 0\ntry:\n    while True:\n"
                               "        with open(f'/tmp/fill-{tag}-{{n}}', 'wb') as f:\n"
                               "            f.write(b'x' * 32768)\n        n += 1\nexcept OSError:\n    pass\n"

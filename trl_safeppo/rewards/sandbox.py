@@ -204,7 +204,8 @@ def _main():
         with os.fdopen(cfg["program_fd"], "rb") as f:
             blob = f.read()
         n = struct.unpack("<I", blob[:4])[0]
-        solution, tests = blob[4:4 + n].decode(), blob[4 + n:].decode()
+        solution = blob[4:4 + n].decode("utf-8", "surrogatepass")
+        tests = blob[4 + n:].decode("utf-8", "surrogatepass")
         del blob
 
         NS = 0x00020000 | 0x20000000 | 0x40000000 | 0x08000000 | 0x04000000 | 0x02000000  # mnt pid net ipc uts cgroup
@@ -427,7 +428,8 @@ def _build_root(cfg, libc, check):
 
 def _filter(nr, arch_id, deny, kill=(), clone_ns=True):
     """Classic BPF: wrong arch -> kill; listed syscalls -> EPERM (``kill`` -> kill the process); clone with
-    namespace flags -> EPERM; clone3 -> ENOSYS (its flags are out of reach; libc falls back to clone)."""
+    namespace flags -> EPERM; clone3 -> ENOSYS (its flags are out of reach; libc falls back to clone); ioctl
+    TIOCSTI and socket families other than unix/inet/inet6/netlink -> EPERM."""
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
     KILL, ALLOW = 0x80000000, 0x7FFF0000
     EPERM, ENOSYS = 0x00050000 | 1, 0x00050000 | 38
@@ -443,6 +445,11 @@ def _filter(nr, arch_id, deny, kill=(), clone_ns=True):
         prog += [(JEQ, 0, 3, nr["clone"]), (LD, 0, 0, 16), (JSET, 0, 1, 0x7E020000), (RET, 0, 0, EPERM)]
         prog += [(LD, 0, 0, 0)]
         prog += [(JEQ, 0, 3, nr["ioctl"]), (LD, 0, 0, 24), (JEQ, 0, 1, 0x5412), (RET, 0, 0, EPERM)]  # TIOCSTI
+        prog += [(LD, 0, 0, 0)]
+        # socket(): only AF_UNIX, AF_INET, AF_INET6, AF_NETLINK, which the network namespace confines. AF_VSOCK
+        # (a VM guest talking to its hypervisor) and the like are not namespaced.
+        prog += [(JEQ, 0, 6, nr["socket"]), (LD, 0, 0, 16), (JEQ, 4, 0, 1), (JEQ, 3, 0, 2), (JEQ, 2, 0, 10),
+                 (JEQ, 1, 0, 16), (RET, 0, 0, EPERM)]
     prog += [(RET, 0, 0, ALLOW)]
     return prog
 
@@ -514,6 +521,7 @@ def _worker(cfg, libc, check, prctl, solution, tests, userns, out, err):
     sys.argv = ["solution.py"]
     blocked = frozenset(("gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames",
                          "sys._current_exceptions", "sys.settrace", "sys.setprofile", "sys.addaudithook",
+                         "sys.monitoring.register_callback",
                          "code.__new__"))
     kill_exit = _filter(nr, arch_id, (), kill=("exit_group",), clone_ns=False)
 
@@ -577,7 +585,7 @@ _NR = {
         vhangup=153, lookup_dcookie=212, modify_ldt=154, iopl=172, ioperm=173, uselib=134, memfd_secret=447,
         settimeofday=164, clock_settime=227, adjtimex=159, clock_adjtime=305, sethostname=170, setdomainname=171,
         mknod=133, mknodat=259, process_madvise=440,
-        clone=56, clone3=435, ioctl=16, exit_group=231,
+        clone=56, clone3=435, ioctl=16, exit_group=231, socket=41,
     ),
     "aarch64": dict(
         execve=221, execveat=281, ptrace=117, process_vm_readv=270, process_vm_writev=271, pidfd_getfd=438,
@@ -589,11 +597,11 @@ _NR = {
         fsmount=432, fspick=433, mount_setattr=442, syslog=116, kcmp=272, personality=92, vhangup=58,
         lookup_dcookie=18, memfd_secret=447, settimeofday=170, clock_settime=112, adjtimex=171, clock_adjtime=266,
         sethostname=161, setdomainname=162, mknodat=33, process_madvise=440,
-        clone=220, clone3=435, ioctl=29, exit_group=94,
+        clone=220, clone3=435, ioctl=29, exit_group=94, socket=198,
     ),
 }
 _ARCH_ID = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
-_NOT_DENIED = ("clone", "clone3", "ioctl", "exit_group")  # handled by argument (or per thread) in the filter
+_NOT_DENIED = ("clone", "clone3", "ioctl", "exit_group", "socket")  # handled by argument (or per thread) in the filter
 _UID_BASE = 1 << 30  # root runs the code as a random uid in [2^30, 2^30 + 2^24): its own RLIMIT_NPROC count
 
 _ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
