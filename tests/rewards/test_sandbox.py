@@ -311,7 +311,8 @@ def test_exec_is_refused_by_seccomp_not_by_a_missing_file():
 
 
 def test_the_code_sees_an_empty_root():
-    code = "import os\nroot = sorted(os.listdir('/'))\nuid = os.getuid()\nppid = os.getppid()\nfiles = os.listdir('/etc')"
+    code = ("import os\nroot = sorted(os.listdir('/'))\nuid = os.getuid()\nppid = os.getppid()\n"
+            "files = os.listdir('/etc')")
     probe = "print(root, uid, ppid, files)"
     result = run_python(code, probe, LIMITS)
     assert result.passed, result

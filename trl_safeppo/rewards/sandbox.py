@@ -315,7 +315,8 @@ def _read(fd, cap):
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
 
 
@@ -486,7 +487,8 @@ def _worker(cfg, libc, check, prctl, solution, tests, userns, out, err):
         resource.setrlimit(res, (value, value))
     resource.setrlimit(resource.RLIMIT_CPU, (cfg["cpu"], cfg["cpu"] + 1))
     # capabilities: lock the securebits, empty the bounding and ambient sets, switch uid (root), empty the rest
-    prctl(28, 0x01 | 0x02 | 0x08 | 0x20 | 0x40 | 0x80, what="securebits")  # NOROOT(+L) NO_SETUID_FIXUP_L KEEP_CAPS_L NO_AMBIENT(+L)
+    # PR_SET_SECUREBITS: NOROOT (+locked), NO_SETUID_FIXUP locked off, KEEP_CAPS locked off, NO_CAP_AMBIENT_RAISE
+    prctl(28, 0x01 | 0x02 | 0x08 | 0x20 | 0x40 | 0x80, what="securebits")
     for cap in range(cfg["cap_last_cap"] + 1):
         prctl(24, cap, what=f"drop capability {cap} from the bounding set")  # PR_CAPBSET_DROP
     prctl(47, 4, what="clear ambient capabilities")  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
@@ -629,7 +631,8 @@ def run_python(solution: str, tests: str = "", limits: SandboxLimits = SandboxLi
     nr = _NR[layout.arch]
     cfg = {
         "parent": os.getpid(), "mode": _mode, "guard": bool(_guard), "timeout": float(limits.timeout),
-        "cpu": int(limits.cpu_seconds), "memory": int(limits.memory_mb) << 20, "max_processes": int(limits.max_processes),
+        "cpu": int(limits.cpu_seconds), "memory": int(limits.memory_mb) << 20,
+        "max_processes": int(limits.max_processes),
         "fsize": int(limits.max_output_bytes), "output_cap": int(limits.max_output_bytes),
         "tmp_bytes": max(4 * int(limits.max_output_bytes), 1 << 20), "uid": _UID_BASE + secrets.randbelow(1 << 24),
         "dirs": list(layout.dirs), "files": list(layout.files), "hide": list(layout.hide), "nr": nr,
