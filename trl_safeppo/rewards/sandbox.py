@@ -128,6 +128,7 @@ class _Layout:
     hide: tuple[str, ...]    # directories inside ``dirs`` covered by an empty read-only tmpfs (site-packages)
     arch: str
     cap_last_cap: int
+    mask: tuple[str, ...] = ()  # files inside ``dirs`` covered by an empty file (CPython's test extensions)
 
 
 def _base_interpreter() -> str:
@@ -159,8 +160,14 @@ def _layout() -> _Layout:
     if os.path.isfile("/etc/ld.so.cache"):
         files.append("/etc/ld.so.cache")
     hide = tuple(os.path.join(d, "site-packages") for d in dirs if os.path.isdir(os.path.join(d, "site-packages")))
+    # CPython's own test extensions (_testcapi, _testinternalcapi, _ctypes_test, ...) hand out raw memory access
+    mask = tuple(sorted({os.path.join(d, name) for d in dirs for name in os.listdir(d)
+                         if name.startswith(_MASKED) and name.endswith(".so")}))
     return _Layout(python=python, dirs=dirs, files=tuple(dict.fromkeys(files)), hide=hide, arch=arch,
-                   cap_last_cap=cap_last_cap)
+                   cap_last_cap=cap_last_cap, mask=mask)
+
+
+_MASKED = ("_test", "_ctypes_test", "_xxtestfuzz")
 
 
 # ---- the code that runs in the runner / init / worker (a fresh interpreter; only the standard library) ----------
@@ -403,6 +410,12 @@ def _build_root(cfg, libc, check):
         target = root + real
         mount(real, target, None, MS_BIND | MS_REC)
         mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | locked_flags(real))
+    empty = root + "/.empty"
+    os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o444))
+    for m in cfg["mask"]:
+        if os.path.isfile(root + m):
+            mount(empty, root + m, None, MS_BIND)
+            mount(None, root + m, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     for h in cfg["hide"]:
         if os.path.isdir(root + h):
             mount("tmpfs", root + h, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
@@ -635,7 +648,8 @@ def run_python(solution: str, tests: str = "", limits: SandboxLimits = SandboxLi
         "max_processes": int(limits.max_processes),
         "fsize": int(limits.max_output_bytes), "output_cap": int(limits.max_output_bytes),
         "tmp_bytes": max(4 * int(limits.max_output_bytes), 1 << 20), "uid": _UID_BASE + secrets.randbelow(1 << 24),
-        "dirs": list(layout.dirs), "files": list(layout.files), "hide": list(layout.hide), "nr": nr,
+        "dirs": list(layout.dirs), "files": list(layout.files), "hide": list(layout.hide),
+        "mask": list(layout.mask), "nr": nr,
         "arch_id": _ARCH_ID[layout.arch], "cap_last_cap": layout.cap_last_cap,
         "deny": [name for name in nr if name not in _NOT_DENIED],
     }
