@@ -319,7 +319,7 @@ def test_the_code_sees_an_empty_root():
     assert result.passed, result
     # No /proc, /sys, /home; /etc only for the dynamic loader's cache; the parent is init of the PID namespace.
     root, rest = result.stdout.split("]", 1)
-    assert set(eval(root + "]")) <= {"tmp", "dev", "etc", "usr", "lib", "lib64", "bin", "root", "opt", "home"}
+    assert set(eval(root + "]")) <= {"tmp", "dev", "etc", "usr", "lib", "lib64", "bin", "root", "opt", "home", ".empty"}
     assert "proc" not in root and "sys" not in root
     assert rest.split()[1] == "1"
     assert eval(rest.split(" ", 3)[3]) in (["ld.so.cache"], [])
