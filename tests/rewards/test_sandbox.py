@@ -150,6 +150,13 @@ def test_output_is_capped():
     assert len(result.stdout) <= LIMITS.max_output_bytes
 
 
+def test_output_of_control_characters_up_to_the_cap_still_passes():
+    # 1.5 MB of control characters (each becomes 6 characters, 9 MB, in the JSON record) is under a 2 MiB cap
+    limits = SandboxLimits(timeout=10.0, cpu_seconds=5, memory_mb=256, max_output_bytes=2 << 20)
+    result = run_python("import sys\nsys.stdout.write('\\x01' * 1_500_000)", "", limits)
+    assert result.passed and result.stdout == "\x01" * 1_500_000
+
+
 def test_bad_limits():
     with pytest.raises(ValueError, match="timeout"):
         SandboxLimits(timeout=0)

@@ -672,7 +672,9 @@ def run_python(solution: str, tests: str = "", limits: SandboxLimits = SandboxLi
     finally:
         os.close(program)
         os.close(write_end)
-    record, errors, killed = _collect(proc, read_end, limits.timeout + 10.0)
+    # the record holds stdout and stderr as JSON strings: at most 6 characters per byte (``\\u0001``)
+    record_cap = 6 * (int(limits.max_output_bytes) + (1 << 16)) + (1 << 16)
+    record, errors, killed = _collect(proc, read_end, limits.timeout + 10.0, record_cap)
     if record is not None and "error" in record:  # refused before any of the code ran
         return _unavailable(record["error"])
     if record is None:  # no verdict (killed, or died after the code started): a failed run, never "unavailable"
@@ -689,7 +691,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _collect(proc: subprocess.Popen, result_fd: int, grace: float) -> tuple[dict | None, str, bool]:
+def _collect(proc: subprocess.Popen, result_fd: int, grace: float, cap: int) -> tuple[dict | None, str, bool]:
     """Read the result record and the runner's own stderr (bounded) until both close; kill the runner's process
     group if that takes longer than ``grace`` (init enforces the real wall-clock limit)."""
     deadline = time.monotonic() + grace
@@ -707,7 +709,7 @@ def _collect(proc: subprocess.Popen, result_fd: int, grace: float) -> tuple[dict
                 chunk = os.read(key.fd, 1 << 16)
                 if not chunk:
                     sel.unregister(key.fileobj)
-                elif len(key.data) < (8 << 20):
+                elif len(key.data) < cap:
                     key.data.extend(chunk)
     finally:
         sel.close()
