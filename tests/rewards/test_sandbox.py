@@ -131,13 +131,16 @@ def test_memory_limit():
     assert not result.passed and "MemoryError" in result.stderr
 
 
+# Fork sleeping children until fork fails, at most 200.
+_FORKS = (
+    "import os, time\nn = 0\nwhile n < 200:\n    try:\n        pid = os.fork()\n    except OSError:\n"
+    "        break\n    if pid == 0:\n        time.sleep(2)\n        os._exit(0)\n    n += 1\nprint('forks', n)"
+)
+
+
 def test_process_limit_is_set_before_the_code_runs():
-    # Fork sleeping children until fork fails: the count stops below max_processes (8 here), never at the 200 cap.
-    code = (
-        "import os, time\nn = 0\nwhile n < 200:\n    try:\n        pid = os.fork()\n    except OSError:\n"
-        "        break\n    if pid == 0:\n        time.sleep(2)\n        os._exit(0)\n    n += 1\nprint('forks', n)"
-    )
-    result = run_python(code, "", LIMITS)
+    # The count stops below max_processes (8 here), never at the 200 cap.
+    result = run_python(_FORKS, "", LIMITS)
     assert result.passed, result
     forks = int(result.stdout.split()[-1])
     assert 1 <= forks < LIMITS.max_processes
@@ -164,16 +167,21 @@ def test_bad_limits():
 
 def test_user_namespace_path_as_root():
     # The path an ordinary user takes (a user namespace), forced here so it is covered whoever runs the tests.
-    ok = run_python("import os\nuid = os.getuid()", "assert uid == 0", LIMITS, _mode="userns")
+    # As host root, uid 1 of the namespace (mapped to a random unprivileged host uid) runs the code.
+    ok = run_python("import os\nuid = os.getuid()", "assert uid == 1", LIMITS, _mode="userns")
     assert ok.passed, ok
+    forks = run_python(_FORKS, "", LIMITS, _mode="userns")
+    assert forks.passed and 1 <= int(forks.stdout.split()[-1]) < LIMITS.max_processes, forks
     assert not run_python("open('/etc/shadow').read()", "", LIMITS, _mode="userns").passed
     assert not run_python("import os\nos._exit(0)", "assert False", LIMITS, _mode="userns").passed
-    # Same uid as init there: signals to it are ignored (init has no handlers), so the run still gets a verdict
-    # (a failed run, not "unavailable", which would score None instead of 0).
-    code = "import os, signal, time\nfor s in (2, 15, 9, 19):\n    os.kill(1, s)\ntime.sleep(0.2)"
-    killed = run_python(code, "assert False", LIMITS, _mode="userns")
+    killed = run_python(_SIGNAL_INIT, "assert False", LIMITS, _mode="userns")
     assert killed.isolation == "kernel" and not killed.passed and "AssertionError" in killed.stderr
-    assert run_python(code, "", LIMITS, _mode="userns").passed
+
+
+# Signal init (PID 1) with everything. Where the code has init's uid (an ordinary user's user namespace), init ignores
+# them (no handlers), so the run still gets a verdict: a failed run, never "unavailable" (None instead of 0).
+_SIGNAL_INIT = ("import os, time\nfor s in (2, 15, 9, 19, 1, 10):\n    try:\n        os.kill(1, s)\n"
+                "    except OSError:\n        pass\ntime.sleep(0.2)")
 
 
 # ---- escapes --------------------------------------------------------------------------------------------------
@@ -369,6 +377,10 @@ cases = {
     "exit0": ("import os\nos._exit(0)", "assert False"),
     "listener": ("import socket\nsocket.create_connection(('127.0.0.1', %d), timeout=1)" % port, ""),
     "whoami": ("import os\nme = (os.getuid(), sorted(os.listdir('/')))", "print(me)"),
+    "signal_init": (sys.argv[3], "assert False"),
+    "signal_init_ok": (sys.argv[3], ""),
+    "forks": ("import os, time\nn = 0\nwhile n < 200:\n    try:\n        pid = os.fork()\n    except OSError:\n"
+              "        break\n    if pid == 0:\n        time.sleep(2)\n        os._exit(0)\n    n += 1", "print(n)"),
 }
 out = {"available": m.sandbox_available(), "reason": m.sandbox_unavailable_reason()}
 for name, (sol, tests) in cases.items():
@@ -399,7 +411,7 @@ def test_as_an_ordinary_user(listener):
     if python is None:
         pytest.skip("needs root (to drop to uid 65534 with setpriv) and an interpreter that uid can run")
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-I", "-c", _AS_USER,
-                           str(SANDBOX_PY), str(listener.getsockname()[1])],
+                           str(SANDBOX_PY), str(listener.getsockname()[1]), _SIGNAL_INIT],
                           capture_output=True, text=True, timeout=120, cwd="/")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -412,6 +424,8 @@ def test_as_an_ordinary_user(listener):
         assert out[name][:2] == [False, "kernel"], (name, out[name])
     # uid 0 of its own user namespace (the host's 65534), in the empty root
     assert out["whoami"][2].startswith("(0, [")
+    assert 1 <= int(out["forks"][2]) < 8  # RLIMIT_NPROC counts this run only
+    assert out["signal_init"][:2] == [False, "kernel"] and out["signal_init_ok"][:2] == [True, "kernel"]
     with pytest.raises(socket.timeout):
         listener.accept()[0].close()
 

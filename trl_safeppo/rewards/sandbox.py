@@ -214,37 +214,79 @@ def _main():
         solution = blob[4:4 + n].decode("utf-8", "surrogatepass")
         tests = blob[4 + n:].decode("utf-8", "surrogatepass")
         del blob
+        global _STATE
+        _STATE = (cfg, libc, check, prctl, report, solution, tests)
 
         NS = 0x00020000 | 0x20000000 | 0x40000000 | 0x08000000 | 0x04000000 | 0x02000000  # mnt pid net ipc uts cgroup
+        NEWUSER = 0x10000000
         uid, gid = os.getuid(), os.getgid()
         with open("/proc/self/uid_map") as f:
             initial = f.read().split() == ["0", "0", "4294967295"]
-        # Root of the initial user namespace: mount/PID/... namespaces and a random unprivileged uid for the code.
-        # Anyone else (an ordinary user, root of a rootless container): a user namespace first.
+        # Root of the initial user namespace: mount/PID/... namespaces, and the code runs as a random unprivileged
+        # uid. Anyone else (an ordinary user, root of a rootless container): a user namespace first.
         userns = cfg["mode"] == "userns" or os.geteuid() != 0 or not initial
         if not userns and libc.unshare(NS) != 0:
             userns = True  # root without CAP_SYS_ADMIN (a restricted container): try a user namespace instead
-        if userns:
-            check(libc.unshare(NS | 0x10000000), "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)")
-            with open("/proc/self/setgroups", "w") as f:
-                f.write("deny")
-            with open("/proc/self/uid_map", "w") as f:
-                f.write(f"0 {uid} 1")
-            with open("/proc/self/gid_map", "w") as f:
-                f.write(f"0 {gid} 1")
-        init = os.fork()
-        if init == 0:
-            _init(cfg, libc, check, prctl, report, solution, tests, userns)
-            os._exit(3)
-        os.close(result_fd)
-        _, status = os.waitpid(init, 0)
-        os._exit(0 if status == 0 else 3)
+        if not userns:
+            start_init(cfg["uid"])
+        if os.geteuid() == 0 and initial:
+            # Host root in a user namespace: uid 0 of the namespace is host root (to reach the interpreter while
+            # building the root) and uid 1 is the random unprivileged uid the code runs as (host root is exempt
+            # from RLIMIT_NPROC whatever the namespace). A map of two ids must be written from outside.
+            ready_r, ready_w = os.pipe()
+            go_r, go_w = os.pipe()
+            child = os.fork()
+            if child == 0:
+                try:
+                    os.close(ready_r)
+                    os.close(go_w)
+                    check(libc.unshare(NS | NEWUSER), "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)")
+                    os.write(ready_w, b"u")
+                    os.close(ready_w)
+                    if os.read(go_r, 1) != b"g":
+                        os._exit(3)
+                    start_init(1)
+                except BaseException as err:
+                    report({"error": f"{type(err).__name__}: {err}"})
+                os._exit(3)
+            os.close(ready_w)
+            os.close(go_r)
+            if os.read(ready_r, 1) == b"u":
+                for name in ("uid_map", "gid_map"):
+                    with open(f"/proc/{child}/{name}", "w") as f:
+                        f.write(f"0 0 1\n1 {cfg['uid']} 1\n")
+                os.write(go_w, b"g")
+            os.close(go_w)
+            os.close(result_fd)
+            _, status = os.waitpid(child, 0)
+            os._exit(0 if status == 0 else 3)
+        check(libc.unshare(NS | NEWUSER), "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)")
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"0 {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"0 {gid} 1")
+        start_init(None)  # the code keeps uid 0 of the namespace, which is the caller on the host
     except BaseException as err:
         report({"error": f"{type(err).__name__}: {err}"})
         os._exit(3)
 
 
-def _init(cfg, libc, check, prctl, report, solution, tests, userns):
+def start_init(switch):
+    """Fork PID 1 of the new PID namespace, wait for it and exit. ``switch``: the uid (and gid) the code runs as, in
+    the namespace the worker lives in, or None to keep the current one."""
+    cfg, libc, check, prctl, report, solution, tests = _STATE
+    init = os.fork()
+    if init == 0:
+        _init(cfg, libc, check, prctl, report, solution, tests, switch)
+        os._exit(3)
+    os.close(cfg["result_fd"])
+    _, status = os.waitpid(init, 0)
+    os._exit(0 if status == 0 else 3)
+
+
+def _init(cfg, libc, check, prctl, report, solution, tests, switch):
     try:
         prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the whole namespace dies with the runner
         prctl(4, 0)               # PR_SET_DUMPABLE 0
@@ -261,7 +303,7 @@ def _init(cfg, libc, check, prctl, report, solution, tests, userns):
     worker = os.fork()
     if worker == 0:
         try:
-            _worker(cfg, libc, check, prctl, solution, tests, userns, out, err)
+            _worker(cfg, libc, check, prctl, solution, tests, switch, out, err)
         except BaseException as e:
             try:
                 os.write(2, f"{type(e).__name__}: {e}\n".encode())
@@ -482,7 +524,9 @@ def _install(libc, prog):
         raise OSError(err, f"seccomp filter: {os.strerror(err)}")
 
 
-def _worker(cfg, libc, check, prctl, solution, tests, userns, out, err):
+def _worker(cfg, libc, check, prctl, solution, tests, switch, out, err):
+    global _STATE
+    _STATE = None  # the program's source stays out of module globals the code can read
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     signal.signal(signal.SIGINT, signal.default_int_handler)
     devnull = os.open("/dev/null", os.O_RDONLY)
@@ -493,8 +537,9 @@ def _worker(cfg, libc, check, prctl, solution, tests, userns, out, err):
     os.chdir("/tmp")
     os.environ.clear()
     os.environ.update({"HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PATH": "/nonexistent"})
-    # limits (NPROC counts the tasks of this run: itself and its thread, plus runner and init in a user namespace)
-    nproc = cfg["max_processes"] + (3 if userns else 1)
+    # limits (NPROC counts the tasks of the code's uid: itself and its thread, plus runner and init when it keeps
+    # the uid they have)
+    nproc = cfg["max_processes"] + (1 if switch is not None else 3)
     for res, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_NPROC, nproc),
                        (resource.RLIMIT_FSIZE, cfg["fsize"]), (resource.RLIMIT_AS, cfg["memory"])):
         resource.setrlimit(res, (value, value))
@@ -505,10 +550,10 @@ def _worker(cfg, libc, check, prctl, solution, tests, userns, out, err):
     for cap in range(cfg["cap_last_cap"] + 1):
         prctl(24, cap, what=f"drop capability {cap} from the bounding set")  # PR_CAPBSET_DROP
     prctl(47, 4, what="clear ambient capabilities")  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
-    if not userns:
+    if switch is not None:
         os.setgroups([])
-        os.setresgid(cfg["uid"], cfg["uid"], cfg["uid"])
-        os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
+        os.setresgid(switch, switch, switch)
+        os.setresuid(switch, switch, switch)
     header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0))
     data = ctypes.create_string_buffer(24)
     check(libc.capset(header, data), "capset")
