@@ -7,7 +7,8 @@ Process tree of one run (see docs/rewards.md, "Threat model"):
   (``python -S -s -B``, a controlled environment, nothing inherited but the memfd and the write end of the *result
   pipe*), and reads one JSON record from the result pipe. stdout of the code never reaches the verdict.
 - **runner**: ``unshare`` of the mount, PID, network, IPC, UTS and cgroup namespaces (as root), or of a user
-  namespace plus those (as an ordinary user, mapping the caller to uid 0 of the new namespace).
+  namespace plus those (as an ordinary user, mapping the caller to uid 0 of the new namespace; as host root without
+  ``CAP_SYS_ADMIN``, mapping 0 to host root and 1 to a random unprivileged uid, written from outside).
 - **init** (PID 1 of the new PID namespace): builds an empty tmpfs root holding only read-only bind mounts of the
   interpreter's standard library and the shared libraries it loads, a private size-limited ``/tmp`` and
   ``/dev/{null,zero,random,urandom}``; ``pivot_root`` into it and detaches the host tree. No ``/proc``, no
@@ -19,7 +20,8 @@ Process tree of one run (see docs/rewards.md, "Threat model"):
   inheritable, permitted and effective sets (as root it also switches to a random unprivileged uid/gid, so
   ``RLIMIT_NPROC`` holds), sets ``no_new_privs`` and installs a seccomp filter (classic BPF written here, arch
   checked) that denies ``execve``/``execveat``, ``ptrace``, ``mount``, ``unshare``, ``setns``, ``bpf``, ``keyctl``,
-  ``io_uring``, namespace flags in ``clone`` and more. Its main thread then starts one thread that installs a
+  ``io_uring``, namespace flags in ``clone``, sockets other than unix/inet/inet6/netlink (``AF_VSOCK``) and more.
+  Its main thread then starts one thread that installs a
   second filter on itself (``exit_group`` kills the process) and runs ``exec(solution)``, ``exec(tests)`` and, only
   if both returned, releases a lock no Python name leads to. The main thread waits, then exits 0 if that lock was
   released, else 1. The code cannot exit 0 by itself (``os._exit(0)`` dies by SIGSYS), cannot reach the result
@@ -238,6 +240,7 @@ def _main():
             child = os.fork()
             if child == 0:
                 try:
+                    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
                     os.close(ready_r)
                     os.close(go_w)
                     check(libc.unshare(NS | NEWUSER), "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)")
