@@ -220,6 +220,7 @@ ESCAPES = {
     "connect_host_listener": ("import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
                               "s.sendall(b'escaped')", ""),
     "import_testcapi": ("import _testcapi", ""),  # CPython's test extensions are masked (raw memory access)
+    "import_subinterpreters": ("import _xxsubinterpreters", ""),  # their own audit hooks: masked too
     "socket_vsock_to_the_hypervisor": ("import socket\ns = socket.socket(40, socket.SOCK_STREAM)", ""),  # AF_VSOCK
     "socket_packet": ("import socket\ns = socket.socket(17, socket.SOCK_RAW)", ""),  # AF_PACKET
     "fill_tmp_until_enospc": ("import os\nn = 0\ntry:\n    while True:\n"

@@ -169,7 +169,9 @@ def _layout() -> _Layout:
                    cap_last_cap=cap_last_cap, mask=mask)
 
 
-_MASKED = ("_test", "_ctypes_test", "_xxtestfuzz")
+# (and sub-interpreters, which the audit hook of the main interpreter does not watch)
+_MASKED = ("_test", "_ctypes_test", "_xxtestfuzz", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
+           "_interpchannels", "_interpqueues")
 
 
 # ---- the code that runs in the runner / init / worker (a fresh interpreter; only the standard library) ----------
