@@ -7,6 +7,10 @@ import pickle
 import pytest
 
 from trl_safeppo.rewards.rules.code import code_compiles_reward, code_tests_reward, extract_code
+from trl_safeppo.rewards.sandbox import sandbox_available, sandbox_unavailable_reason
+
+needs_sandbox = pytest.mark.skipif(not sandbox_available(),
+                                   reason=f"sandbox unavailable (code_tests fails closed): {sandbox_unavailable_reason()}")
 
 ADD = "<think>easy</think><answer>\n```python\ndef add(a, b):\n    return a + b\n```\n</answer>"
 SUB = "```python\ndef add(a, b):\n    return a - b\n```"
@@ -32,6 +36,7 @@ def test_extract_code_takes_last_block():
     assert extract_code(text) == "y = 2"
 
 
+@needs_sandbox
 def test_code_tests_pass_fail_and_unusable_tests():
     rule = code_tests_reward(timeout=10, cpu_seconds=5, workers=2)
     tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
@@ -40,6 +45,7 @@ def test_code_tests_pass_fail_and_unusable_tests():
     assert out == [1.0, 0.0, 0.0, None, None]
 
 
+@needs_sandbox
 def test_code_tests_list_of_asserts_and_pickle():
     rule = pickle.loads(pickle.dumps(code_tests_reward(column="checks", timeout=10)))
     assert rule.__name__ == "code_tests"

@@ -8,7 +8,7 @@ import warnings
 from typing import Any
 
 from ..base import Rule, answer_region, check_extract
-from ..sandbox import SandboxLimits, run_python
+from ..sandbox import SandboxLimits, run_python, sandbox_available, sandbox_unavailable_reason, warn_unavailable
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
@@ -81,6 +81,8 @@ class CodeTestsRule(Rule):
         self.limits = SandboxLimits(timeout=float(timeout), cpu_seconds=int(cpu_seconds), memory_mb=int(memory_mb),
                                     max_processes=int(max_processes), max_output_bytes=int(max_output_bytes))
         self.workers = int(workers)
+        if not sandbox_available():  # probed once per process; say so now rather than at the first score
+            warn_unavailable(sandbox_unavailable_reason())
 
     def score(self, text: str, row: dict[str, Any]) -> float | None:
         tests = row[self.column]
@@ -91,7 +93,11 @@ class CodeTestsRule(Rule):
         code = extract_code(text, self.extract)
         if not compiles(code):
             return 0.0  # no need to start a process
-        return float(run_python(code, tests, self.limits).passed)
+        result = run_python(code, tests, self.limits)
+        if result.isolation == "unavailable":  # fail closed: never run unsandboxed, never score what did not run
+            warn_unavailable(result.stderr)
+            return None
+        return float(result.passed)
 
 
 def code_tests_reward(
@@ -109,6 +115,8 @@ def code_tests_reward(
     non-compiling tests give ``None``. Each completion runs in a fresh subprocess with a wall-clock ``timeout``,
     ``cpu_seconds``, ``memory_mb``, ``max_processes`` and ``max_output_bytes`` limits, no network and a throwaway
     working directory; exiting early (``sys.exit``, ``os._exit``) does not pass. See `trl_safeppo.rewards.sandbox`.
+    Where the kernel cannot build the sandbox (no namespaces or seccomp), every score is ``None`` and one warning
+    says why; nothing runs unsandboxed.
     ``workers`` sandboxes run at once (threads waiting on subprocesses; scores keep the completions' order).
 
     Example:
