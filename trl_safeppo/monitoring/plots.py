@@ -74,7 +74,11 @@ def _legend(ax, *others):
 def _panel_reward(ax, h) -> bool:
     x, y = series(h, "reward")
     if x:
-        ax.plot(x, y, color=C_MAIN, label="reward (mean)", marker="." if len(x) < 30 else None)
+        # PPO logs its rollout metrics once per rollout (every steps_per_generation * num_iterations optimizer steps),
+        # its optimization metrics at every step: say so where the reward has fewer points than the steps
+        sparse = len(x) < max(len(series(h, "loss")[0]), len(series(h, "entropy")[0]))
+        ax.plot(x, y, color=C_MAIN, label="reward (mean of each rollout)" if sparse else "reward (mean)",
+                marker="." if len(x) < 30 else None)
         sx, sd = series(h, "reward_std")
         if sx == x:
             ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
@@ -225,16 +229,20 @@ def plot_stage(history: Sequence[Mapping[str, Any]], path: Path, *, title: str,
         return None
     cols = 2 if len(present) > 1 else 1
     rows = math.ceil(len(present) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 3.9 * rows + 0.5), squeeze=False)
-    for ax, panel in zip(axes.flat, present):
+    fig = plt.figure(figsize=(6.0 * cols, 3.9 * rows + 0.5))
+    grid = fig.add_gridspec(rows, cols)
+    axes = []
+    for k in range(len(present)):  # an odd last panel spans the row: no empty cell in the grid
+        r, c = divmod(k, cols)
+        wide = cols == 2 and k == len(present) - 1 and len(present) % 2 == 1
+        axes.append(fig.add_subplot(grid[r, :] if wide else grid[r, c]))
+    for ax, panel in zip(axes, present):
         panel(ax, history)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         for s in trip_steps:
             ax.axvline(s, color=C_TRIP, linestyle=":", linewidth=1.2)
-    for ax in list(axes.flat)[len(present):]:
-        ax.set_visible(False)
     for ax in fig.axes:  # plain tick labels: no "+6.239" offset above the axis
         formatter = ax.yaxis.get_major_formatter()
         if isinstance(formatter, ScalarFormatter):
@@ -248,30 +256,85 @@ def plot_stage(history: Sequence[Mapping[str, Any]], path: Path, *, title: str,
 
 
 OVERVIEW_KEYS = (
-    ("kl", "kl"),
+    ("kl", "kl (training)"),
     ("reward", "reward"),
+    ("reward_std", "reward std"),
     ("completions/mean_length", "mean length (tokens)"),
     ("entropy", "entropy"),
 )
+# Gate decision of a stage -> (marker, colour, legend label) in the overview's held-out row
+DECISIONS = {
+    "passed": ("o", C_THIRD, "gates passed"),
+    "plateau": ("v", C_THIRD, "gates passed, ended early on a plateau"),
+    "carried": ("X", "#ff7f0e", "gate failed: carried over (previous model handed on)"),
+    "stopped": ("s", C_SECOND, "gate failed: run stopped"),
+    "eval": ("D", "#7f7f7f", "eval stage"),
+}
 
 
-def plot_overview(stages: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: Path) -> Path | None:
-    """The whole run at a glance: KL, reward, length and entropy across stages, one column per stage.
+def plot_overview(stages: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: Path, *,
+                  heldout: Sequence[Mapping[str, Any]] | None = None) -> Path | None:
+    """The whole run at a glance, one column per stage.
 
-    Each stage gets the same width whatever its number of steps (its steps are scaled into it), so a 15-step PPO
-    stage is as visible as a 125-step SFT stage and the stage labels never overlap.
+    With ``heldout`` (one dict per stage, in the same order: ``accuracy``, ``kl_to_reference``, ``decision`` (a
+    key of :data:`DECISIONS`, or None), ``final`` (the run's final model)), the first rows show the held-out
+    accuracy of each stage's model with its gate decision and the KL of each stage's model to the SFT model on the
+    held-out prompts; a dashed line follows the accuracy of the model handed on. Then the training curves: KL,
+    reward, reward std, length and entropy; each stage gets the same width whatever its number of steps (its steps
+    are scaled into it), so a 15-step PPO stage is as visible as a 125-step SFT stage.
     """
     stages = [(label, [e for e in h if not any(str(k).startswith("eval_") for k in e)]) for label, h in stages]
     keys = [(k, lab) for k, lab in OVERVIEW_KEYS if any(series(h, k)[0] for _, h in stages)]
-    if not keys or not stages:
+    heldout = list(heldout or [])
+    has_acc = any(_finite(h.get("accuracy")) for h in heldout)
+    has_kl = any(_finite(h.get("kl_to_reference")) for h in heldout)
+    n_rows = len(keys) + has_acc + has_kl
+    if not n_rows or not stages:
         return None
     plt = _pyplot()
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import ScalarFormatter
 
     n = len(stages)
-    fig, axes = plt.subplots(len(keys), 1, figsize=(max(8.0, 1.6 * n + 2), 1.9 * len(keys) + 1.0), sharex=True,
+    fig, axes = plt.subplots(n_rows, 1, figsize=(max(8.0, 1.6 * n + 2), 1.75 * n_rows + 1.4), sharex=True,
                              squeeze=False)
-    for ax, (key, label) in zip(axes[:, 0], keys):
+    rows = list(axes[:, 0])
+    used: dict[str, tuple] = {}
+    if has_acc:
+        ax = rows.pop(0)
+        handed_x, handed_y, kept = [], [], None
+        for i, h in enumerate(heldout[:n]):
+            acc, decision = h.get("accuracy"), h.get("decision")
+            if decision not in ("carried", "stopped", "eval") and _finite(acc):
+                kept = acc
+            if kept is not None and decision != "eval":
+                handed_x.append(i + 0.5)
+                handed_y.append(kept)
+            if not _finite(acc):
+                continue
+            marker, color, label = DECISIONS.get(decision or "passed", DECISIONS["passed"])
+            used.setdefault(decision or "passed", (marker, color, label))
+            ax.plot([i + 0.5], [acc], marker=marker, color=color, markersize=9, linestyle="none", zorder=3)
+            if h.get("final"):
+                ax.plot([i + 0.5], [acc], marker="*", color="gold", markersize=20, markeredgecolor="black",
+                        linestyle="none", zorder=2)
+                used["final"] = ("*", "gold", "the run's final model")
+            ax.annotate(f"{acc:.2f}", (i + 0.5, acc), textcoords="offset points", xytext=(11, -3), fontsize=8)
+        if len(handed_x) > 1:
+            ax.plot(handed_x, handed_y, color="#7f7f7f", linestyle="--", linewidth=1, zorder=1)
+            used["handed"] = (None, "#7f7f7f", "accuracy of the model handed on")
+        ax.set_ylim(-0.05, 1.1)
+        ax.set_ylabel("held-out\naccuracy")
+    if has_kl:
+        ax = rows.pop(0)
+        xs = [i + 0.5 for i, h in enumerate(heldout[:n]) if _finite(h.get("kl_to_reference"))]
+        ys = [h["kl_to_reference"] for h in heldout[:n] if _finite(h.get("kl_to_reference"))]
+        ax.plot(xs, ys, color=C_SECOND, marker="o", linestyle=":")
+        for x, y in zip(xs, ys):
+            ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(8, 2), fontsize=8)
+        ax.set_ylabel("KL to SFT\n(held-out)")
+        ax.set_ylim(bottom=min(0.0, min(ys)), top=max(ys) * 1.25 if max(ys) > 0 else 1.0)
+    for ax, (key, label) in zip(rows, keys):
         for i, (_, history) in enumerate(stages):
             xs, ys = series(history, key)
             if not xs:
@@ -280,9 +343,10 @@ def plot_overview(stages: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], pat
             span = hi - lo
             xs = [i + 0.05 + 0.9 * ((x - lo) / span if span else 0.5) for x in xs]
             ax.plot(xs, ys, color=C_MAIN, marker="." if len(xs) < 30 else None)
+        ax.set_ylabel(label)
+    for ax in axes[:, 0]:
         for i in range(1, n):
             ax.axvline(i, color="#7f7f7f", linewidth=0.8, linestyle="--")
-        ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
         formatter = ax.yaxis.get_major_formatter()
         if isinstance(formatter, ScalarFormatter):
@@ -293,11 +357,22 @@ def plot_overview(stages: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], pat
                       rotation=20 if n > 4 else 0, ha="right" if n > 4 else "center")
     bottom.set_xlabel("stage (each stage's steps scaled to its column)")
     fig.suptitle("The run at a glance", fontsize=12)
-    fig.tight_layout()
+    if used:
+        handles = [Line2D([], [], marker=m, color=c, linestyle="none" if m else "--", markersize=9 if m != "*" else 14,
+                          markeredgecolor="black" if m == "*" else c, label=lab) for m, c, lab in used.values()]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncols=min(3, len(handles)),
+                   fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 0.93 if len(handles) <= 3 else 0.905))
+    else:
+        fig.tight_layout()
     try:
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def plot_heldout(stages: Sequence[tuple[str, Mapping[str, Any]]], path: Path) -> Path | None:
