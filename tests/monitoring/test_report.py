@@ -102,8 +102,8 @@ def test_failed_gate_shows_in_status_and_gate_table(tmp_path):
     (run / "stages" / "02-grpo" / "gates.json").write_text(json.dumps([gate]))
     md = write_report(run).read_text()
     assert "- **Status:** stopped at stage 02-grpo (a gate failed); the last good policy is the previous" in md
-    assert "- **Stop reason:** gate min:accuracy: accuracy = 0.71 &lt; 1.01" in md
-    assert "| 02-grpo | min:accuracy | ❌ FAIL | accuracy = 0.71 &lt; 1.01 |" in md
+    assert "- **Stop reason:** gate min:accuracy: accuracy = 0.71 < 1.01" in md
+    assert "| 02-grpo | min:accuracy | ❌ FAIL | accuracy = 0.71 < 1.01 |" in md
 
 
 def test_markdown_cells_are_escaped(tmp_path):
@@ -116,6 +116,15 @@ def test_markdown_cells_are_escaped(tmp_path):
     # fence is two backticks because the answer holds a single one
     assert "| `` a \\| b ⏎ *c* `x` `` |" in row
     assert len(re.findall(r"(?<!\\)\|", row)) == 3  # 2 columns -> 3 unescaped pipes
+
+
+def test_text_cells_escape_only_what_markdown_would_read_as_html(tmp_path):
+    run = make_run(tmp_path / "run", n_stages=1)
+    gate = {"gate": "g", "passed": True, "reason": "<b>x</b> 0.4 < 0.5 & more &amp;", "values": {}}
+    (run / "stages" / "01-sft" / "gates.json").write_text(json.dumps([gate]))
+    md = write_report(run).read_text()
+    # a tag and an entity are neutralised; a comparison and a lone ampersand read as written
+    assert "| 01-sft | g | ✅ pass | &lt;b>x&lt;/b> 0.4 < 0.5 & more &amp;amp; |" in md
 
 
 def test_sampling_stage_summary_is_shown(tmp_path):

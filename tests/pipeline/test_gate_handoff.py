@@ -131,8 +131,10 @@ def test_a_destructive_stage_is_carried_over_and_the_final_model_is_the_best(tmp
     assert sft["eval"]["kl_to_reference"] == 0.0 and sft["eval"]["kl_reference"] == "01-sft"
     assert wreck["eval"]["kl_to_reference"] > 0.1 and final_eval["eval"]["kl_to_reference"] < 1e-6
     md = (out / "report.md").read_text()
-    assert "- **Final model:** 01-sft (`final: best\\_heldout`: best held-out accuracy" in md
-    assert "carried over (gate failed: heldout\\_drop: held-out accuracy" in md
+    assert "- **Final model:** 01-sft (final: best\\_heldout, best held-out accuracy" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 2 | wreck | sft | carried |"))
+    assert f"carried over (gate failed: heldout\\_drop: {drop['reason']}); the next stage started from the " \
+           "previous model (01-sft) |" in row
     assert (out / "plots" / "overview.png").is_file()
 
     # a rerun skips everything: the carried stage's gate is re-checked, nothing trains again

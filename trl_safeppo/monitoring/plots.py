@@ -71,6 +71,11 @@ def _legend(ax, *others):
                   fontsize=8, frameon=False)
 
 
+def _dots(x: Sequence[float]) -> str | None:
+    """A marker on each point of a short series: a rollout metric logged a few times is not mistaken for a line."""
+    return "." if len(x) < 30 else None
+
+
 def _panel_reward(ax, h) -> bool:
     x, y = series(h, "reward")
     if x:
@@ -123,7 +128,7 @@ def _panel_kl(ax, h) -> bool:
     ax.set_title("KL to reference and KL coefficient β")
     others = []
     if xk:
-        ax.plot(xk, yk, color=C_MAIN, label="kl")
+        ax.plot(xk, yk, color=C_MAIN, label="kl", marker=_dots(xk))
         ax.set_ylabel("kl", color=C_MAIN)
     if xb:
         target = ax.twinx() if xk else ax
@@ -141,7 +146,7 @@ def _panel_length(ax, h) -> bool:
     x, y = series(h, "completions/mean_length")
     if not x:
         return False
-    ax.plot(x, y, color=C_MAIN, label="mean length")
+    ax.plot(x, y, color=C_MAIN, label="mean length", marker=_dots(x))
     xl, lo = series(h, "completions/min_length")
     xh, hi = series(h, "completions/max_length")
     if xl == x and xh == x:
@@ -152,7 +157,7 @@ def _panel_length(ax, h) -> bool:
     xc, yc = series(h, "completions/clipped_ratio")
     if xc:
         ax2 = ax.twinx()
-        ax2.plot(xc, yc, color=C_SECOND, linestyle="--", label="truncation rate")
+        ax2.plot(xc, yc, color=C_SECOND, linestyle="--", label="truncation rate", marker=_dots(xc))
         ax2.set_ylabel("truncation rate", color=C_SECOND)
         ax2.set_ylim(-0.02, 1.02)
         others.append(ax2)
@@ -181,15 +186,17 @@ def _panel_ppo(ax, h) -> bool:
         if x:
             ax.plot(x, y, color=color, linestyle=style, label=label)
             drawn = True
-    ax.set_ylabel("clip fraction")
+    if drawn:
+        ax.set_ylabel("clip fraction")
     others = []
     x, y = series(h, "ppo/val/explained_variance")
     if x:
-        ax2 = ax.twinx()
-        ax2.plot(x, y, color=C_THIRD, label="value explained variance")
+        ax2 = ax.twinx() if drawn else ax  # no clip fractions logged: no empty left axis
+        ax2.plot(x, y, color=C_THIRD, label="value explained variance", marker=_dots(x))
         ax2.axhline(0.0, color=C_THIRD, linewidth=0.8, linestyle=":")
         ax2.set_ylabel("explained variance", color=C_THIRD)
-        others.append(ax2)
+        if ax2 is not ax:
+            others.append(ax2)
         drawn = True
     if drawn:
         ax.set_title("PPO: clipping and critic quality")
@@ -360,9 +367,11 @@ def plot_overview(stages: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], pat
     if used:
         handles = [Line2D([], [], marker=m, color=c, linestyle="none" if m else "--", markersize=9 if m != "*" else 14,
                           markeredgecolor="black" if m == "*" else c, label=lab) for m, c, lab in used.values()]
-        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncols=min(3, len(handles)),
-                   fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0, 1, 0.93 if len(handles) <= 3 else 0.905))
+        height = fig.get_figheight()  # the title takes ~0.45 in at the top, each legend row ~0.22 in under it
+        legend_rows = math.ceil(len(handles) / 3)
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.42 / height),
+                   ncols=min(3, len(handles)), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0, 1, 1 - (0.3 + 0.2 * legend_rows) / height))
     else:
         fig.tight_layout()
     try:

@@ -211,7 +211,10 @@ def _cell(text: str, limit: int | None = None) -> str:
     text = str(text)
     if limit is not None and len(text) > limit:
         text = text[: limit - 1] + "…"
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    # only what markdown would read as HTML: `<` opening a tag or comment, `&` opening an entity ("0.4 < 0.5" and
+    # "a & b" stay as written, so the raw report reads as well as the rendered one)
+    text = re.sub(r"&(?=#?\w+;)", "&amp;", text)
+    text = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
     text = re.sub(r"([\\`*_\[\]|#])", r"\\\1", text)  # markdown specials, and | which would split the cell
     return text.replace("\r", "").replace("\n", "<br>")
 
@@ -247,13 +250,16 @@ def _failed_gates(s: StageRecord) -> str:
                      if isinstance(g, Mapping) and not g.get("passed", True))
 
 
-def _stage_note(s: StageRecord, final: Mapping[str, Any]) -> str:
-    """The stage table's note: a gate decision, an early stop on a plateau, the run's final model."""
+def _stage_note(s: StageRecord, final: Mapping[str, Any], finals: Mapping[str, str] | None = None) -> str:
+    """The stage table's note: a gate decision, an early stop on a plateau, the run's final model. ``finals`` maps
+    a stage's final/ path to its label (to name the model a carried stage handed on)."""
     notes = []
     if s.status == "carried":
         handoff = s.meta.get("handoff") if isinstance(s.meta.get("handoff"), Mapping) else {}
+        model = handoff.get("model")
+        model = (finals or {}).get(str(model), model)
         notes.append(f"carried over (gate failed: {_failed_gates(s) or handoff.get('reason', '?')}); the next stage "
-                     f"started from the previous model{' ' + str(handoff['model']) if handoff.get('model') else ''}")
+                     f"started from the previous model{f' ({model})' if model else ''}")
     elif s.status == "gated":
         notes.append(f"gate failed, the run stopped here: {_failed_gates(s)}")
     plateau = _plateau(s)
@@ -323,7 +329,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         md.append(f"- **Stop reason:** {_cell(reason)}")
     final = manifest.get("final") if isinstance(manifest.get("final"), Mapping) else {}
     if final.get("stage"):
-        md.append(f"- **Final model:** {_cell(str(final['stage']))} (`final: {_cell(str(final.get('policy')))}`: "
+        md.append(f"- **Final model:** {_cell(str(final['stage']))} (final: {_cell(str(final.get('policy')))}, "
                   f"{_cell(str(final.get('reason', '')))})")
     md += [f"- **Stages:** {len(stages)} ({', '.join(s.label for s in stages) or 'none yet'})",
            f"- **Report written:** {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}", ""]
@@ -346,7 +352,13 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             row.append(_fmt(s.final(key) if where == "train" else (s.eval or {}).get(key)))
         rows.append(row)
     headers = ["#", "stage", "type", "status", "time (s)"] + [c[0] for c in cols]
-    notes = [_stage_note(s, final) for s in stages]
+    finals: dict[str, str] = {}  # final/ path -> the stage that wrote it (the first: later ones pass it through)
+    for s in stages:
+        outputs = s.meta.get("outputs") if isinstance(s.meta.get("outputs"), Mapping) else {}
+        path = (outputs.get("final") or {}).get("path") if isinstance(outputs.get("final"), Mapping) else None
+        if path:
+            finals.setdefault(str(path), s.label)
+    notes = [_stage_note(s, final, finals) for s in stages]
     if any(notes):
         headers.append("note")
         rows = [row + [_cell(note)] for row, note in zip(rows, notes)]

@@ -642,6 +642,8 @@ def describe_plan(plan: Plan) -> str:
                      f"init={init} data={data}{peft}")
     if plan.eval_dataset is not None:
         lines.append(f"  held-out eval after each training stage: {plan.eval_dataset.describe()}")
+    if r.final != "last":
+        lines.append(f"  final model: {r.final} (an eval stage after the last training stage evaluates it)")
     lines.append("pre-flight passed")
     return "\n".join(lines)
 
