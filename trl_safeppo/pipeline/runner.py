@@ -8,8 +8,10 @@ The loop, top to bottom:
    interrupted one resumes from its last ``checkpoint-*``, a changed one (and every stage after it) starts afresh;
 3. for each stage: resolve the init policy (the previous stage's ``final/`` by default), load its data, run it,
    write ``log_history.jsonl``, then the monitoring hooks (held-out ``eval.json``, ``probes.json``,
-   ``gates.json``), and record it in the manifest; a failed gate stops the run;
-4. write the run report and print each stage's held-out score.
+   ``gates.json``), and record it in the manifest; a failed gate stops the run, or with ``on_fail:
+   carry_previous`` hands the stage's input model on instead (:class:`_HandOn`);
+4. record the run's final model (the recipe's ``final``), write the run report and print each stage's held-out
+   score.
 
 Under ``accelerate launch`` every process runs the trainers; only the main process writes the run directory
 (manifest, recipe.yaml, logs, eval, report) and the processes meet at a barrier between stages.
