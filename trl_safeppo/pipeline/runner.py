@@ -507,6 +507,7 @@ class _HandOn:
         trains = [sp.index for sp in plan.stages if sp.spec.type in _TRAINS_POLICY]
         self.last_training = max(trains, default=-1)
         self.has_sft = any(sp.spec.type == "sft" for sp in plan.stages)
+        self.sft: tuple[str, str] | None = None  # (label, path): the model handed on by the first SFT stage
         self.current: tuple[str, str | None] = (self.policy, self.hash)
 
     def _chosen(self) -> dict[str, Any] | None:
@@ -533,11 +534,12 @@ class _HandOn:
         return bool(model_hash and recorded.get("hash") and recorded["hash"] != model_hash)
 
     def after(self, sp: StagePlan, entry: dict) -> None:
-        if entry["status"] == "carried":
-            return  # the stage's model is rejected: the one it started from is handed on
-        final = entry["outputs"]["final"]
-        self.policy, self.hash = final["path"], final.get("hash")
-        if sp.spec.type in _TRAINS_POLICY:
+        if entry["status"] != "carried":  # carried: the stage's model is rejected, the one it started from goes on
+            final = entry["outputs"]["final"]
+            self.policy, self.hash = final["path"], final.get("hash")
+        if sp.spec.type == "sft" and self.sft is None:
+            self.sft = (stage_dir_name(sp.index, sp.spec.name), self.policy)
+        if sp.spec.type in _TRAINS_POLICY and entry["status"] != "carried":
             self.candidates.append({"stage": stage_dir_name(sp.index, sp.spec.name), "type": sp.spec.type,
                                     "path": self.policy, "hash": self.hash, "eval": entry.get("eval")})
 
@@ -546,9 +548,8 @@ class _HandOn:
         the SFT stage itself; None before it."""
         if not self.has_sft:
             return ("model", self.plan.model)
-        sft = next((c for c in self.candidates if c["type"] == "sft"), None)
-        if sft is not None:
-            return (sft["stage"], sft["path"])
+        if self.sft is not None:
+            return self.sft
         return ("self", "") if sp.spec.type == "sft" else None
 
     def final_record(self) -> dict[str, Any]:
