@@ -125,7 +125,8 @@ def _panel_kl(ax, h) -> bool:
     xb, yb = series(h, "beta")
     if not xk and not xb:
         return False
-    ax.set_title("KL to reference and KL coefficient β")
+    ax.set_title("KL to reference and KL coefficient β" if xk and xb else "KL to reference" if xk else
+                 "KL coefficient β")
     others = []
     if xk:
         ax.plot(xk, yk, color=C_MAIN, label="kl", marker=_dots(xk))
@@ -169,7 +170,7 @@ def _panel_entropy(ax, h) -> bool:
     x, y = series(h, "entropy")
     if not x:
         return False
-    ax.plot(x, y, color=C_MAIN, label="entropy")
+    ax.plot(x, y, color=C_MAIN, label="entropy", marker=_dots(x))
     ax.set_title("Policy entropy")
     ax.set_ylabel("nats / token")
     _legend(ax)
@@ -402,10 +403,11 @@ def plot_heldout(stages: Sequence[tuple[str, Mapping[str, Any]]], path: Path) ->
         bars = ax.bar(xs, vals, width=width, color=color, label=key.replace("_", " "))
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=8, padding=2)
     ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
-    ax.set_ylim(0, 1.15)
+    ax.set_ylim(0, 1.3)  # room above the bars' labels for the legend, so it never hides a label at 1.00
+    ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("fraction of held-out prompts")
     ax.set_title("Held-out accuracy and format-pass rate")
-    ax.legend(loc="upper left", fontsize=8, ncols=2)
+    ax.legend(loc="upper center", fontsize=8, ncols=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
 
     lengths = [ev.get("mean_length") if isinstance(ev.get("mean_length"), (int, float)) else 0.0 for _, ev in stages]
