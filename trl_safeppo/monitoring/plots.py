@@ -96,7 +96,7 @@ def _panel_reward(ax, h) -> bool:
     for key, color in (("rewards/chosen", C_THIRD), ("rewards/rejected", C_SECOND), ("rewards/margins", C_MAIN)):
         x, y = series(h, key)
         if x:
-            ax.plot(x, y, color=color, label=key)
+            ax.plot(x, y, color=color, label=key, marker=_dots(x))
             drawn = True
     if drawn:
         ax.set_title("DPO implicit rewards")
@@ -105,13 +105,13 @@ def _panel_reward(ax, h) -> bool:
         return True
     x, y = series(h, "loss")
     if x:
-        ax.plot(x, y, color=C_MAIN, label="loss")
+        ax.plot(x, y, color=C_MAIN, label="loss", marker=_dots(x))
         ax.set_title("Training loss")
         ax.set_ylabel("loss")
         x2, y2 = series(h, "mean_token_accuracy")
         if x2:
             ax2 = ax.twinx()
-            ax2.plot(x2, y2, color=C_THIRD, linestyle="--", label="token accuracy")
+            ax2.plot(x2, y2, color=C_THIRD, linestyle="--", label="token accuracy", marker=_dots(x2))
             ax2.set_ylabel("token accuracy", color=C_THIRD)
             _legend(ax, ax2)
         else:
@@ -133,7 +133,7 @@ def _panel_kl(ax, h) -> bool:
         ax.set_ylabel("kl", color=C_MAIN)
     if xb:
         target = ax.twinx() if xk else ax
-        target.plot(xb, yb, color=C_SECOND, linestyle="--", label="β (kl coef)")
+        target.plot(xb, yb, color=C_SECOND, linestyle="--", label="β (kl coef)", marker=_dots(xb))
         target.set_ylabel("β", color=C_SECOND)
         if max(yb) - min(yb) <= 1e-9 * max(1.0, abs(max(yb))):  # constant β: show it as a flat line, not noise
             target.set_ylim(min(0.0, 2 * yb[0]), max(0.0, 2 * yb[0]) or 1.0)
@@ -185,7 +185,7 @@ def _panel_ppo(ax, h) -> bool:
     ):
         x, y = series(h, key)
         if x:
-            ax.plot(x, y, color=color, linestyle=style, label=label)
+            ax.plot(x, y, color=color, linestyle=style, label=label, marker=_dots(x))
             drawn = True
     if drawn:
         ax.set_ylabel("clip fraction")
@@ -339,7 +339,8 @@ def plot_overview(stages: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], pat
         ys = [h["kl_to_reference"] for h in heldout[:n] if _finite(h.get("kl_to_reference"))]
         ax.plot(xs, ys, color=C_SECOND, marker="o", linestyle=":")
         for x, y in zip(xs, ys):
-            ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(8, 2), fontsize=8)
+            ax.annotate(f"{y:.3f}" if abs(y) >= 0.01 else f"{y:.2g}", (x, y), textcoords="offset points",
+                        xytext=(8, 2), fontsize=8)
         ax.set_ylabel("KL to SFT\n(held-out)")
         ax.set_ylim(bottom=min(0.0, min(ys)), top=max(ys) * 1.25 if max(ys) > 0 else 1.0)
     for ax, (key, label) in zip(rows, keys):
