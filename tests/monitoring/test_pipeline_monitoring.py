@@ -59,7 +59,7 @@ def test_plateau_and_failing_gate_through_the_runner(tmp_path):
 
     md = (out / "report.md").read_text()
     assert "- **Status:** stopped at stage 02-impossible (a gate failed)" in md
-    assert f"| 02-impossible | min:accuracy | ❌ FAIL | accuracy = {accuracy:.4g} &lt; 1.01 |" in md
+    assert f"| 02-impossible | min:accuracy | ❌ FAIL | accuracy = {accuracy:.4g} < 1.01 |" in md
     for png in ("01-flat", "02-impossible", "heldout"):
         assert (out / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG" and f"(plots/{png}.png)" in md
     assert "| probe | 01-flat | 02-impossible |" in md

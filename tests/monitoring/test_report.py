@@ -49,7 +49,8 @@ def test_demo_report_has_every_plot_and_the_probe_table(demo_run):
     rows = [line for line in probes if line.startswith("| ") and not line.startswith("| probe")]
     assert [r.split(" | ")[0][2:] for r in rows] == PROBES  # probe rows, in recipe order
     # "What is 57 + 68?" moved from 115 (right) to 125 (wrong) between stage 1 and 2: visible side by side
-    assert "&lt;answer&gt;115&lt;/answer&gt; | &lt;think&gt;57 + 68 = 125" in rows[1]
+    # answers are code spans: they read as the model wrote them, no HTML entities (&lt;think&gt;)
+    assert "<answer>115</answer>` | `<think>57 + 68 = 125" in rows[1] and "&lt;" not in rows[1]
 
     summary = _section(md, "Final metrics per stage")
     assert "| 2 | grpo | grpo | completed | 21 | 30 |" in summary  # duration 10.5 * 2 s, 30 logged steps
@@ -58,7 +59,7 @@ def test_demo_report_has_every_plot_and_the_probe_table(demo_run):
     assert "| 01-sft | no\\_tripwire\\_stop | ✅ pass |" in _section(md, "Gate outcomes")
     assert "- **Status:** completed" in md
     grpo_section = md[md.index("### 2. grpo"):md.index("### 3. dpo")]
-    assert "| What is 3 + 4? | &lt;think&gt;2 + 2 = 4&lt;/think&gt;&lt;answer&gt;4&lt;/answer&gt; |" in grpo_section
+    assert "| What is 3 + 4? | `<think>2 + 2 = 4</think><answer>4</answer>` |" in grpo_section
 
 
 def test_summary_reads_the_last_logged_value(demo_run):
@@ -101,18 +102,29 @@ def test_failed_gate_shows_in_status_and_gate_table(tmp_path):
     (run / "stages" / "02-grpo" / "gates.json").write_text(json.dumps([gate]))
     md = write_report(run).read_text()
     assert "- **Status:** stopped at stage 02-grpo (a gate failed); the last good policy is the previous" in md
-    assert "- **Stop reason:** gate min:accuracy: accuracy = 0.71 &lt; 1.01" in md
-    assert "| 02-grpo | min:accuracy | ❌ FAIL | accuracy = 0.71 &lt; 1.01 |" in md
+    assert "- **Stop reason:** gate min:accuracy: accuracy = 0.71 < 1.01" in md
+    assert "| 02-grpo | min:accuracy | ❌ FAIL | accuracy = 0.71 < 1.01 |" in md
 
 
 def test_markdown_cells_are_escaped(tmp_path):
     run = make_run(tmp_path / "run", n_stages=1)
-    probes = [{"prompt": p, "completion": "a | b\n*c*"} for p in PROBES]
+    probes = [{"prompt": p, "completion": "a | b\n*c* `x`"} for p in PROBES]
     (run / "stages" / "01-sft" / "probes.json").write_text(json.dumps(probes))
     md = write_report(run).read_text()
     row = next(line for line in md.splitlines() if line.startswith("| What is 2 + 2?"))
-    assert "a \\| b<br>\\*c\\*" in row
+    # a code span: * stays *, the pipe is escaped (it would split the cell), the line break is shown as ⏎, and the
+    # fence is two backticks because the answer holds a single one
+    assert "| `` a \\| b ⏎ *c* `x` `` |" in row
     assert len(re.findall(r"(?<!\\)\|", row)) == 3  # 2 columns -> 3 unescaped pipes
+
+
+def test_text_cells_escape_only_what_markdown_would_read_as_html(tmp_path):
+    run = make_run(tmp_path / "run", n_stages=1)
+    gate = {"gate": "g", "passed": True, "reason": "<b>x</b> 0.4 < 0.5 & more &amp;", "values": {}}
+    (run / "stages" / "01-sft" / "gates.json").write_text(json.dumps([gate]))
+    md = write_report(run).read_text()
+    # a tag and an entity are neutralised; a comparison and a lone ampersand read as written
+    assert "| 01-sft | g | ✅ pass | &lt;b>x&lt;/b> 0.4 < 0.5 & more &amp;amp; |" in md
 
 
 def test_sampling_stage_summary_is_shown(tmp_path):

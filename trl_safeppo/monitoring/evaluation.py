@@ -14,6 +14,12 @@ the same object the trainers were rewarded with). A score of ``None`` ("cannot j
 - ``mean_length``: mean completion length in tokens, up to and including EOS (as GRPO's
   ``completions/mean_length``); ``truncation_rate``: fraction that hit ``max_new_tokens`` without EOS.
 - ``n``: number of held-out prompts scored.
+- with ``kl_reference`` (a second model, e.g. the SFT model): ``kl_to_reference``, the exact KL(policy ||
+  reference) over the vocabulary at each token of the policy's greedy answers, averaged over those tokens (nats
+  per token), and ``kl_to_reference_seq``, its sum over each answer averaged over the prompts (nats per answer).
+  One forward pass of each model over the answers: a cheap, deterministic measure of how far a stage has moved
+  the policy from the reference, on prompts it never trained on. (Evaluated along greedy rather than sampled
+  answers, so it is not the sampled KL the trainers log as ``kl``.)
 
 Generation is greedy, so the result is a property of the checkpoint. Runs on one process (call it on the main
 process only).
@@ -115,6 +121,7 @@ def evaluate_heldout(
     n: int | None = None,
     tokenizer: Any = None,
     num_samples: int = 0,
+    kl_reference: Any = None,
 ) -> dict[str, Any]:
     """Generate greedily for the held-out ``dataset`` and score it (definitions in the module docstring).
 
@@ -129,6 +136,8 @@ def evaluate_heldout(
         n: score only the first ``n`` rows (None: all).
         tokenizer: needed only when ``model_or_path`` is a model object without a saved path.
         num_samples: also return the first ``num_samples`` (prompt, completion) pairs under ``samples``.
+        kl_reference: a model (object, path or ``tiny://`` name) sharing the policy's tokenizer: also return
+            ``kl_to_reference`` and ``kl_to_reference_seq`` (module docstring).
 
     Returns:
         ``{"accuracy", "accuracy_rule", "format_pass_rate", "pass_rate", "reward_mean", "mean_length",
@@ -160,9 +169,62 @@ def evaluate_heldout(
     result["mean_length"] = sum(g.length for g in gens) / len(gens)
     result["truncation_rate"] = sum(g.truncated for g in gens) / len(gens)
     result["n"] = len(gens)
+    if kl_reference is not None:
+        result.update(kl_along_answers(model, tokenizer, kl_reference, prompts, gens))
     if num_samples:
         result["samples"] = [
             {"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": g.text}
             for p, g in zip(prompts[:num_samples], gens[:num_samples])
         ]
     return result
+
+
+def kl_along_answers(model: Any, tokenizer: Any, reference: Any, prompts: Sequence[Any], gens: Sequence[Any],
+                     batch_size: int = 8) -> dict[str, float | None]:
+    """Exact KL(model || reference) over the vocabulary at each token of ``gens`` (the model's answers to
+    ``prompts``, as returned by ``generation.generate_greedy``): ``{"kl_to_reference": mean per token,
+    "kl_to_reference_seq": mean over answers of the sum over the answer}``. None values when the vocabularies
+    differ or there is no answer token."""
+    import torch
+
+    from .generation import _render, load_policy
+
+    ref, _ = load_policy(reference, tokenizer)
+    device = next(model.parameters()).device
+    ref = ref.to(device)
+    was_training = (model.training, ref.training)
+    model.eval(), ref.eval()
+    token_sum, n_tokens, seq_sums = 0.0, 0, []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            rows = []
+            for p, g in zip(prompts[start : start + batch_size], gens[start : start + batch_size]):
+                prompt_ids = tokenizer(_render(tokenizer, p), add_special_tokens=False)["input_ids"]
+                rows.append((list(prompt_ids), list(g.ids)))
+            width = max(len(a) + len(b) for a, b in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, (a, b) in enumerate(rows):  # right padding: position ids as in an unpadded pass
+                ids[i, : len(a) + len(b)] = torch.tensor(a + b)
+                mask[i, : len(a) + len(b)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            with torch.no_grad():
+                logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+                logq = ref(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+            if logp.shape[-1] != logq.shape[-1]:
+                return {"kl_to_reference": None, "kl_to_reference_seq": None}
+            for i, (a, b) in enumerate(rows):
+                if not b:
+                    seq_sums.append(0.0)
+                    continue
+                at = slice(len(a) - 1, len(a) + len(b) - 1)  # the logits at t predict token t + 1
+                kl = (logp[i, at].exp() * (logp[i, at] - logq[i, at])).sum(-1).clamp_min(0.0)
+                token_sum += float(kl.sum())
+                n_tokens += len(b)
+                seq_sums.append(float(kl.sum()))
+    finally:
+        model.train(was_training[0])
+        ref.train(was_training[1])
+    return {"kl_to_reference": token_sum / n_tokens if n_tokens else None,
+            "kl_to_reference_seq": sum(seq_sums) / len(seq_sums) if seq_sums else None}

@@ -1,8 +1,10 @@
 """Stage gates: conditions that must hold before the next stage starts, and early stops inside a stage.
 
 Between stages, ``evaluate_gates`` checks a finished stage against its ``GateConfig`` and returns one
-``GateOutcome`` per configured gate (written to ``stages/NN-name/gates.json``). A failed gate stops the pipeline;
-the last good checkpoint (the previous stage's ``final/``) is kept.
+``GateOutcome`` per configured gate (written to ``stages/NN-name/gates.json``). What a failed gate does is the
+gate's ``on_fail`` (``gate_decision``): ``stop`` ends the pipeline, the last good checkpoint (the previous stage's
+``final/``) is kept; ``carry_previous`` rejects the stage's model and hands the previous stage's on to the next
+stage. ``select_final`` picks the run's final model (``final: best_heldout | last``).
 
 Inside a stage, two TRL/transformers callbacks end training early by setting ``control.should_training_stop``:
 
@@ -56,6 +58,10 @@ METRIC_PREFIXES: tuple[str, ...] = (
 
 KNOWN_METRICS: tuple[str, ...] = TRAIN_METRICS + EVAL_METRICS
 
+# What a failed gate does (GateConfig.on_fail) and how the run's final model is chosen (the recipe's `final`).
+ON_FAIL = ("stop", "carry_previous")
+FINAL_POLICIES = ("last", "best_heldout")
+
 
 def check_metric_name(name: Any, field_name: str) -> str:
     """Return ``name`` if it is a known metric, else raise one ValueError listing the known names."""
@@ -105,6 +111,12 @@ class GateConfig:
     Tripwires:
         no_tripwire_stop (`bool`, defaults to `True`):
             The stage fails its gate if a tripwire stopped (or rolled back and then stopped) training.
+
+    On failure:
+        on_fail (`str`, defaults to `"stop"`):
+            What a failed gate of this stage does. `"stop"`: the pipeline stops here (status `gated`).
+            `"carry_previous"`: the stage's model is rejected, the previous stage's model is handed to the next
+            stage and the pipeline continues (status `carried`).
     """
 
     # Thresholds
@@ -147,6 +159,12 @@ class GateConfig:
     no_tripwire_stop: bool = field(
         default=True, metadata={"help": "Fail the gate if a tripwire stopped training during the stage."}
     )
+    # On failure
+    on_fail: str = field(
+        default="stop",
+        metadata={"help": "What a failed gate does: 'stop' the pipeline, or 'carry_previous' (hand the previous "
+                          "stage's model to the next stage and continue)."},
+    )
 
     def __post_init__(self):
         for name in ("min_metrics", "max_metrics"):
@@ -180,6 +198,8 @@ class GateConfig:
             )
         if not isinstance(self.no_tripwire_stop, bool):
             raise ValueError(f"gates.no_tripwire_stop: expected true or false, got {self.no_tripwire_stop!r}")
+        if self.on_fail not in ON_FAIL:
+            raise ValueError(f"gates.on_fail: unknown value {self.on_fail!r}; accepted values: {', '.join(ON_FAIL)}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> GateConfig:
@@ -435,3 +455,38 @@ def tripwire_stopped(event: Mapping[str, Any]) -> bool:
 def failed(outcomes: Iterable[GateOutcome]) -> list[GateOutcome]:
     """The outcomes that did not pass (empty: the pipeline may continue)."""
     return [o for o in outcomes if not o.passed]
+
+
+# ---------------------------------------------------------------- what a failed gate does, and the final model
+
+
+def gate_decision(on_fail: str, outcomes: Iterable[GateOutcome | Mapping[str, Any]]) -> str:
+    """``"passed"`` when every outcome passed; otherwise the gate's ``on_fail`` (``"stop"`` or
+    ``"carry_previous"``). Outcomes may be ``GateOutcome`` objects or their dicts (gates.json)."""
+    if on_fail not in ON_FAIL:
+        raise ValueError(f"gates.on_fail: unknown value {on_fail!r}; accepted values: {', '.join(ON_FAIL)}")
+    ok = all((o.passed if isinstance(o, GateOutcome) else bool(o.get("passed"))) for o in outcomes)
+    return "passed" if ok else on_fail
+
+
+def select_final(candidates: Sequence[Mapping[str, Any]], policy: str, metric: str = "accuracy"
+                 ) -> Mapping[str, Any] | None:
+    """The run's final model among ``candidates`` (oldest first): dicts with at least ``label`` and ``eval``.
+
+    ``"last"``: the last candidate. ``"best_heldout"``: the candidate with the highest held-out ``metric``; on a tie
+    the later one (it had more training at no held-out cost); candidates without that metric are skipped, and with
+    none measured it falls back to the last. ``None`` when there are no candidates. Callers pass only the models
+    that were handed on (a stage whose gate failed is not a candidate).
+    """
+    if policy not in FINAL_POLICIES:
+        raise ValueError(f"final: unknown value {policy!r}; accepted values: {', '.join(FINAL_POLICIES)}")
+    if not candidates:
+        return None
+    if policy == "last":
+        return candidates[-1]
+    best, best_value = None, -math.inf
+    for c in candidates:
+        value = (c.get("eval") or {}).get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= best_value:
+            best, best_value = c, float(value)
+    return best if best is not None else candidates[-1]

@@ -18,6 +18,7 @@ class Generation:
     text: str  # decoded completion, special tokens removed
     length: int  # generated tokens up to and including the first EOS
     truncated: bool  # no EOS within max_new_tokens
+    ids: tuple[int, ...] = ()  # the generated token ids kept (up to and including the first EOS)
 
 
 def load_policy(model_or_path: Any, tokenizer: Any = None):
@@ -90,6 +91,7 @@ def generate_greedy(
                         text=tokenizer.decode(kept, skip_special_tokens=True),
                         length=len(kept),
                         truncated=cut is None,
+                        ids=tuple(kept),
                     )
                 )
     finally:

@@ -39,7 +39,15 @@ SUMMARY_COLUMNS = (
     ("held-out len.", "eval", "mean_length"),
 )
 BAD_STATUSES = ("failed", "gated")  # the run stopped at this stage
-FINISHED_STATUSES = ("completed", "stopped")  # stopped: ended early by the plateau gate, a success
+# stopped: ended early by the plateau gate, a success; carried: a gate failed with on_fail: carry_previous (the
+# previous model was handed on and the run went on)
+FINISHED_STATUSES = ("completed", "stopped", "carried")
+# A metric that means nothing for a stage type, left out of its table with the reason: PPO draws one completion
+# per prompt, so GRPO's fraction of groups with zero reward spread is 1 by construction.
+HIDDEN_METRICS = {
+    ("ppo", "frac_reward_zero_std"): "PPO samples one completion per prompt, so every group of one has zero "
+                                     "reward spread by construction (its baseline is the critic, not the group)",
+}
 
 
 @dataclass
@@ -203,15 +211,78 @@ def _cell(text: str, limit: int | None = None) -> str:
     text = str(text)
     if limit is not None and len(text) > limit:
         text = text[: limit - 1] + "…"
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    # only what markdown would read as HTML: `<` opening a tag or comment, `&` opening an entity ("0.4 < 0.5" and
+    # "a & b" stay as written, so the raw report reads as well as the rendered one)
+    text = re.sub(r"&(?=#?\w+;)", "&amp;", text)
+    text = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
     text = re.sub(r"([\\`*_\[\]|#])", r"\\\1", text)  # markdown specials, and | which would split the cell
     return text.replace("\r", "").replace("\n", "<br>")
+
+
+def _code(text: str, limit: int | None = None) -> str:
+    """Model output in a table cell, as a code span: it reads as written (``<think>`` stays ``<think>``, no HTML
+    entities). Only what markdown needs is changed: ``|`` is escaped (it would split the cell), a line break is
+    shown as ``⏎``, and the span's fence is one backtick longer than any run of backticks inside."""
+    text = str(text)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    text = text.replace("\r", "").replace("\n", " ⏎ ").replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines + [""]
+
+
+def _plateau(s: StageRecord) -> Mapping[str, Any] | None:
+    """The plateau gate's outcome of a stage that ended early on a plateau (status ``stopped``), else None."""
+    if s.status != "stopped":
+        return None
+    return next((g for g in s.gates or [] if isinstance(g, Mapping) and g.get("gate") == "plateau"), None)
+
+
+def _failed_gates(s: StageRecord) -> str:
+    return "; ".join(f"{g.get('gate')}: {g.get('reason')}" for g in s.gates or []
+                     if isinstance(g, Mapping) and not g.get("passed", True))
+
+
+def _stage_note(s: StageRecord, final: Mapping[str, Any], finals: Mapping[str, str] | None = None) -> str:
+    """The stage table's note: a gate decision, an early stop on a plateau, the run's final model. ``finals`` maps
+    a stage's final/ path to its label (to name the model a carried stage handed on)."""
+    notes = []
+    if s.status == "carried":
+        handoff = s.meta.get("handoff") if isinstance(s.meta.get("handoff"), Mapping) else {}
+        model = handoff.get("model")
+        model = (finals or {}).get(str(model), model)
+        notes.append(f"carried over (gate failed: {_failed_gates(s) or handoff.get('reason', '?')}); the next stage "
+                     f"started from the previous model{f' ({model})' if model else ''}")
+    elif s.status == "gated":
+        notes.append(f"gate failed, the run stopped here: {_failed_gates(s)}")
+    plateau = _plateau(s)
+    if plateau is not None:
+        notes.append(f"ended early on a plateau: {plateau.get('reason')}")
+    if final.get("stage") == s.label:
+        notes.append(f"the run's final model (final: {final.get('policy')})")
+    return "; ".join(notes)
+
+
+def _overview_point(s: StageRecord, final: Mapping[str, Any]) -> dict[str, Any]:
+    """One stage's point in the overview's held-out rows (plots.plot_overview(heldout=...))."""
+    ev = s.eval or {}
+    if s.type == "eval":
+        decision = "eval"
+    elif s.status in ("carried", "gated"):
+        decision = "carried" if s.status == "carried" else "stopped"
+    elif s.status == "stopped" and _plateau(s) is not None:
+        decision = "plateau"
+    else:
+        decision = "passed"
+    return {"accuracy": ev.get("accuracy"), "kl_to_reference": ev.get("kl_to_reference"), "decision": decision,
+            "final": final.get("stage") == s.label}
 
 
 def _run_status(manifest: Mapping[str, Any], stages: list[StageRecord]) -> tuple[str, str | None]:
@@ -256,11 +327,16 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     md += [f"- **Run directory:** `{run}`", f"- **Status:** {_cell(status)}"]
     if reason:
         md.append(f"- **Stop reason:** {_cell(reason)}")
+    final = manifest.get("final") if isinstance(manifest.get("final"), Mapping) else {}
+    if final.get("stage"):
+        md.append(f"- **Final model:** {_cell(str(final['stage']))} (final: {_cell(str(final.get('policy')))}, "
+                  f"{_cell(str(final.get('reason', '')))})")
     md += [f"- **Stages:** {len(stages)} ({', '.join(s.label for s in stages) or 'none yet'})",
            f"- **Report written:** {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}", ""]
     md += ["How to read this report: docs/monitoring.md.", ""]
 
-    overview_png = plot_overview([(s.label, s.history) for s in stages], plots_dir / "overview.png")
+    overview_png = plot_overview([(s.label, s.history) for s in stages], plots_dir / "overview.png",
+                                 heldout=[_overview_point(s, final) for s in stages])
     if overview_png is not None:
         md += ["![the run at a glance](plots/overview.png)", ""]
 
@@ -276,6 +352,16 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             row.append(_fmt(s.final(key) if where == "train" else (s.eval or {}).get(key)))
         rows.append(row)
     headers = ["#", "stage", "type", "status", "time (s)"] + [c[0] for c in cols]
+    finals: dict[str, str] = {}  # final/ path -> the stage that wrote it (the first: later ones pass it through)
+    for s in stages:
+        outputs = s.meta.get("outputs") if isinstance(s.meta.get("outputs"), Mapping) else {}
+        path = (outputs.get("final") or {}).get("path") if isinstance(outputs.get("final"), Mapping) else None
+        if path:
+            finals.setdefault(str(path), s.label)
+    notes = [_stage_note(s, final, finals) for s in stages]
+    if any(notes):
+        headers.append("note")
+        rows = [row + [_cell(note)] for row, note in zip(rows, notes)]
     md += _table(headers, rows) if stages else ["No stages yet.", ""]
 
     # Gates.
@@ -306,7 +392,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     if heldout_png is not None:
         referenced.add(heldout_png.name)
         md += ["![held-out evaluation per stage](plots/heldout.png)", ""]
-        keys = ("accuracy", "format_pass_rate", "mean_length", "truncation_rate", "reward_mean", "n")
+        keys = ("accuracy", "format_pass_rate", "mean_length", "truncation_rate", "reward_mean", "kl_to_reference",
+                "kl_to_reference_seq", "n")
         keys = [k for k in keys if any(k in ev for _, ev in evaluated)]
         md += _table(["stage"] + keys, [[label] + [_fmt(ev.get(k)) for k in keys] for label, ev in evaluated])
     else:
@@ -327,7 +414,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             for s in probed:
                 answer = next((p.get("completion") for p in s.probes
                                if isinstance(p, Mapping) and str(p.get("prompt")) == prompt), None)
-                row.append("–" if answer is None else (_cell(str(answer), 300) if str(answer).strip() else "*(empty)*"))
+                row.append("–" if answer is None else (_code(str(answer), 300) if str(answer).strip() else "*(empty)*"))
             rows.append(row)
         md += _table(["probe"] + [s.label for s in probed], rows)
     else:
@@ -363,12 +450,15 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         samples = [x for x in (s.eval or {}).get("samples") or [] if isinstance(x, Mapping)]
         if samples:
             md += ["Held-out samples (greedy):", ""]
-            md += _table(["prompt", "completion"], [[_cell(x.get("prompt", ""), 200), _cell(x.get("completion", ""), 300)]
+            md += _table(["prompt", "completion"], [[_cell(x.get("prompt", ""), 200), _code(x.get("completion", ""), 300)]
                                                    for x in samples])
         metrics = s.final_metrics()
+        hidden = {k: why for (kind, k), why in HIDDEN_METRICS.items() if kind == s.type and k in metrics}
+        metrics = {k: v for k, v in metrics.items() if k not in hidden}
         if metrics:
             md += ["<details><summary>All final logged metrics</summary>", ""]
             md += _table(["metric", "value"], [[_cell(k), _fmt(v)] for k, v in sorted(metrics.items())])
+            md += [f"Not shown: `{k}` ({why})." for k, why in hidden.items()]
             md += ["</details>", ""]
 
     # Figures of an earlier report that this one did not draw (a stage renamed, or without data now) would mislead.

@@ -1,11 +1,13 @@
 """``manifest.json``: what happened to each stage of a run, and what lets a rerun resume.
 
 Per stage: ``index`` (1-based, as in ``stages/NN-name``), ``name``, ``type``, ``dir``, ``status``
-(``pending | running | completed | failed | stopped | gated``), ``config`` (the stage as resolved), ``fingerprint``
+(``pending | running | completed | failed | stopped | gated | carried``; ``carried``: a gate failed with
+``on_fail: carry_previous`` and ``handoff`` names the model handed on instead), ``config`` (the stage as resolved),
+``fingerprint``
 (hash of everything that determines the stage's result, chained with the previous stage's fingerprint), ``inputs``
 and ``outputs`` with content hashes, ``versions`` of the libraries, ``timings`` (``started_at``, ``finished_at``,
 ``duration_s``, ``attempts``, ``resumed_from``), ``metrics`` (last logged value of each metric), ``eval``,
-``gates`` and ``error``.
+``gates`` and ``error``. At the top level, ``final`` records the run's final model (the recipe's ``final``).
 
 A rerun of the same recipe skips stages whose status is ``completed`` and whose fingerprint is unchanged, and
 resumes a ``running`` / ``failed`` stage with the same fingerprint from its last ``checkpoint-*``. The file is
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STATUSES = ("pending", "running", "completed", "failed", "stopped", "gated")
+STATUSES = ("pending", "running", "completed", "failed", "stopped", "gated", "carried")
 FINISHED = ("completed", "stopped")  # a later rerun skips these (stopped = ended early by a plateau: a success)
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "trl_safeppo")
 _SKIP_DIRS = ("checkpoint-", "final.partial")

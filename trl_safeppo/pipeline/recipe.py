@@ -156,6 +156,10 @@ class Recipe:
             prompts, or `{prompts: [...], system_prompt: ..., max_new_tokens: ...}` (`monitoring.probes.run_probes`).
         description (`str`, defaults to `""`):
             Free text, shown in the report.
+        final (`str`, defaults to `"last"`):
+            The run's final model, which an `eval` stage after the last training stage evaluates and the manifest
+            records under `final`: `last` (the last model handed on) or `best_heldout` (of the models handed on, the
+            one with the best held-out accuracy; needs the `eval` block).
         self_test (`bool`, defaults to `True`):
             Pre-flight runs the reward's verifier self-test (`trl_safeppo.rewards.selftest.check_rewards`) on the
             first rows of each rewarded stage's dataset: a gold answer must pass, a wrong one must fail. Set `false`
@@ -184,6 +188,11 @@ class Recipe:
         default_factory=list, metadata={"help": "Probe prompts answered greedily after every training stage."}
     )
     description: str = field(default="", metadata={"help": "Free text, shown in the report."})
+    final: str = field(
+        default="last",
+        metadata={"help": "The run's final model: `last` (the last handed on) or `best_heldout` (best held-out "
+                          "accuracy among the models handed on)."},
+    )
     self_test: bool = field(
         default=True, metadata={"help": "Run the reward's verifier self-test in pre-flight (false: no gold answer)."}
     )
@@ -457,9 +466,47 @@ def _type_words(types) -> str:
 def build_recipe(tree: Any, source: str | None = None) -> Recipe:
     """Check the structure of a parsed (overridden, reference-resolved) recipe and build the dataclasses."""
     try:
-        return _build_recipe(tree, source)
+        recipe = _build_recipe(tree, source)
+        _check_final_and_on_fail(tree, recipe)
+        return recipe
     except RecipeError as err:
         raise err.with_source(source) if source and not err.source else err
+
+
+_TRAINS_POLICY = ("sft", "ppo", "grpo", "dpo")  # stage types that hand on a new model
+
+
+def _article(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
+def _check_final_and_on_fail(tree: dict, recipe: Recipe) -> None:
+    """The recipe's `final` and each stage's `gate.on_fail` (monitoring.gates.FINAL_POLICIES / ON_FAIL)."""
+    from ..monitoring.gates import FINAL_POLICIES, ON_FAIL
+
+    final = tree.get("final", "last")
+    if final not in FINAL_POLICIES:
+        raise RecipeError("final", f"unknown value {final!r}{did_you_mean(str(final), FINAL_POLICIES)}",
+                          f"use one of the accepted values: {', '.join(FINAL_POLICIES)}")
+    if final == "best_heldout" and not (recipe.eval or {}).get("dataset"):
+        raise RecipeError("final", "`final: best_heldout` chooses by the held-out evaluation, and the recipe has no "
+                          "`eval.dataset`", "add `eval: {dataset: ...}` or write `final: last`")
+    recipe.final = final
+    trained_before = False
+    for i, stage in enumerate(recipe.stages):
+        where = f"stages[{i}] ({stage.name}).gate.on_fail"
+        on_fail = (stage.gate or {}).get("on_fail", "stop")
+        if on_fail not in ON_FAIL:
+            raise RecipeError(where, f"unknown value {on_fail!r}{did_you_mean(str(on_fail), ON_FAIL)}",
+                              f"use one of the accepted values: {', '.join(ON_FAIL)}")
+        if on_fail == "carry_previous":
+            if stage.type not in _TRAINS_POLICY:
+                raise RecipeError(where, f"`carry_previous` on {_article(stage.type)} stage, which trains no model (the "
+                                  "policy passes through it): there is nothing to carry over", "write `on_fail: stop`")
+            if not trained_before:
+                raise RecipeError(where, "`carry_previous` on the first training stage: there is no previous model "
+                                  "to carry over", "write `on_fail: stop` (or remove it) on this stage")
+        trained_before = trained_before or stage.type in _TRAINS_POLICY
 
 
 def _build_recipe(tree: Any, source: str | None) -> Recipe:

@@ -8,8 +8,10 @@ The loop, top to bottom:
    interrupted one resumes from its last ``checkpoint-*``, a changed one (and every stage after it) starts afresh;
 3. for each stage: resolve the init policy (the previous stage's ``final/`` by default), load its data, run it,
    write ``log_history.jsonl``, then the monitoring hooks (held-out ``eval.json``, ``probes.json``,
-   ``gates.json``), and record it in the manifest; a failed gate stops the run;
-4. write the run report and print each stage's held-out score.
+   ``gates.json``), and record it in the manifest; a failed gate stops the run, or with ``on_fail:
+   carry_previous`` hands the stage's input model on instead (:class:`_HandOn`);
+4. record the run's final model (the recipe's ``final``), write the run report and print each stage's held-out
+   score.
 
 Under ``accelerate launch`` every process runs the trainers; only the main process writes the run directory
 (manifest, recipe.yaml, logs, eval, report) and the processes meet at a barrier between stages.
@@ -244,15 +246,22 @@ class _Runner:
 
     def run_all(self) -> int:
         policy, data, previous_eval = self.plan.model, {}, None
+        handed = self.handed = _HandOn(self.plan)  # the model handed on, the candidates of the final model
         produced: dict[str, dict] = {}  # "final" or a data kind -> the manifest entry of the stage that wrote it
         for sp in self.plan.stages:
             entry = self.manifest.stage(sp.index)
             stage_dir = self.run_dir / entry["dir"]
+            policy, policy_hash = handed.input_for(sp)
+            self._previous = (policy, policy_hash)  # what `on_fail: carry_previous` hands on instead
             with self.progress.stage(sp.index + 1, sp.spec.name, sp.spec.type):
+                if handed.changed(sp, entry):
+                    self.say(f"stage {entry['index']} ({sp.spec.name}): it now starts from another model "
+                             f"({policy}), so it runs again")
+                    entry["status"] = "pending"
                 if entry["status"] in FINISHED and _outputs_exist(entry):
                     self.say(f"stage {entry['index']} ({sp.spec.name}): already {entry['status']}, skipped")
                     ok = True
-                elif entry["status"] == "gated" and _outputs_exist(entry):
+                elif entry["status"] in ("gated", "carried") and _outputs_exist(entry):
                     ok = self._recheck_gate(sp, entry, stage_dir, previous_eval)
                 else:
                     self._verify_inputs(sp, produced)
@@ -260,12 +269,24 @@ class _Runner:
                     if self.is_main:
                         _write_report(self.run_dir, quiet=True)  # a live report, rebuilt after every stage
             if not ok:
+                self._record_final(handed)
                 return 1
-            policy = entry["outputs"]["final"]["path"]
+            handed.after(sp, entry)
             data = {**data, **{k: v["path"] for k, v in entry["outputs"].get("data", {}).items()}}
-            produced.update({"final": entry, **{k: entry for k in entry["outputs"].get("data", {})}})
-            previous_eval = entry.get("eval") or previous_eval
+            if entry["status"] != "carried":  # a carried stage's final/ is not handed on (its input model is)
+                produced["final"] = entry
+                previous_eval = entry.get("eval") or previous_eval
+            produced.update({k: entry for k in entry["outputs"].get("data", {})})
+        self._record_final(handed)
         return 0
+
+    def _record_final(self, handed: _HandOn) -> None:
+        """manifest["final"]: the run's final model (the recipe's `final`), with why it was chosen."""
+        record = handed.final_record()
+        self.manifest.data["final"] = record
+        self._save()
+        if record and record.get("stage"):
+            self.say(f"final model ({record['policy']}): {record['stage']}, {record['reason']}")
 
     # -- one stage ------------------------------------------------------------------------------------------------
     def run_stage(self, sp: StagePlan, entry: dict, stage_dir: Path, policy: str, data: dict[str, str],
@@ -323,6 +344,9 @@ class _Runner:
             if sp.stype.trains:
                 write_log_history(stage_dir / "log_history.jsonl", history)
             eval_result = outcome.eval if outcome.eval is not None else self._heldout(sp, outcome.final)
+            if eval_result is not None and "kl_to_reference" in eval_result:
+                reference = self.handed.kl_reference(sp)
+                eval_result["kl_reference"] = stage_dir.name if reference[0] == "self" else reference[0]
             if eval_result is not None:
                 write_json(stage_dir / "eval.json", eval_result)
             if self.plan.probes and sp.stype.trains:
@@ -331,8 +355,7 @@ class _Runner:
             gate_failed = [o for o in outcomes if not o["passed"]]
             if any(e and e.get("gate") == "plateau" for e in outcome.early_stops):
                 status = "stopped"
-            if gate_failed:
-                status = "gated"
+            status = self._gate_status(sp, entry, outcomes, status)
             entry.update(
                 status=status,
                 eval=eval_result,
@@ -349,8 +372,10 @@ class _Runner:
             self.say(f"stage {entry['index']} ({sp.spec.name}): {status} in {entry['timings']['duration_s']}s"
                  + (f"; held-out {summary}" if summary else ""))
             for o in gate_failed:
-                self.say(f"stage {entry['index']} ({sp.spec.name}): gate {o['gate']} failed: {o['reason']}; the run "
-                     f"stops here (the last good policy is the previous stage's final/)")
+                self.say(f"stage {entry['index']} ({sp.spec.name}): gate {o['gate']} failed: {o['reason']}; "
+                         + (f"carried over: the next stage starts from the previous model ({entry['handoff']['model']})"
+                            if status == "carried" else
+                            "the run stops here (the last good policy is the previous stage's final/)"))
         # every process needs the outcome: broadcast the main process's entry
         self.barrier()
         shared = _broadcast(entry, self.state)
@@ -364,7 +389,7 @@ class _Runner:
             history = read_jsonl(stage_dir / "log_history.jsonl")
             outcomes = self._gates(sp, stage_dir, history, entry.get("eval"), previous_eval, [])
             entry["gates"] = outcomes
-            entry["status"] = "gated" if any(not o["passed"] for o in outcomes) else "completed"
+            entry["status"] = self._gate_status(sp, entry, outcomes, "completed")
             self._save()
             self.say(f"stage {entry['index']} ({sp.spec.name}): gate re-checked: {entry['status']}")
         self.barrier()
@@ -419,6 +444,24 @@ class _Runner:
         if error:
             raise RecipeError(sp.where, *error)
 
+    def _gate_status(self, sp: StagePlan, entry: dict, outcomes: list[dict], status: str) -> str:
+        """The stage's status after its gates (``on_fail``): ``status`` when they passed, ``gated`` (the run stops)
+        or ``carried`` (the previous model is handed on; recorded in ``entry["handoff"]``)."""
+        from ..monitoring.gates import gate_decision
+
+        decision = gate_decision((sp.spec.gate or {}).get("on_fail", "stop"), outcomes)
+        entry.pop("handoff", None)
+        if decision == "passed":
+            return status
+        if decision == "stop":
+            return "gated"
+        model, model_hash = self._previous
+        entry["handoff"] = {
+            "decision": "carry_previous", "model": model, "hash": model_hash,
+            "reason": "; ".join(f"{o['gate']}: {o['reason']}" for o in outcomes if not o["passed"]),
+        }
+        return "carried"
+
     # -- pieces -----------------------------------------------------------------------------------------------------
     def _resume_point(self, sp: StagePlan, entry: dict, stage_dir: Path) -> str | None:
         """The newest complete checkpoint; incomplete ones (a kill or a full disk while saving) are moved aside."""
@@ -471,6 +514,9 @@ class _Runner:
         callbacks: list = []
         if sp.spec.type == "eval":
             args = {**{k: v for k, v in self.plan.eval_options.items() if k != "reward"}, **args}
+            reference = self.handed.kl_reference(sp)
+            if reference is not None and reference[0] != "self":
+                args.setdefault("kl_reference", reference[1])
         else:
             args["output_dir"] = str(stage_dir)
             plain = self.progress.trainer_callback()  # log lines instead of tqdm when not on a terminal
@@ -501,7 +547,13 @@ class _Runner:
 
         ds = data_mod.load(self.plan.eval_dataset, where="eval.dataset", seed=self.plan.recipe.seed)
         options = dict(self.plan.eval_options)
-        return evaluate_heldout(policy, ds, options.pop("reward"), **options)
+        reference = self.handed.kl_reference(sp)
+        if reference is not None and reference[0] != "self":
+            options.setdefault("kl_reference", reference[1])
+        result = evaluate_heldout(policy, ds, options.pop("reward"), **options)
+        if reference is not None and reference[0] == "self":  # the SFT model itself: KL 0 by definition
+            result.update(kl_to_reference=0.0, kl_to_reference_seq=0.0)
+        return result
 
     def _probes(self, policy: str) -> list[dict]:
         from ..monitoring.probes import run_probes
@@ -548,6 +600,88 @@ def _agree(state, value: Any) -> Any:
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+_TRAINS_POLICY = ("sft", "ppo", "grpo", "dpo")  # stage types that hand on a new model
+
+
+class _HandOn:
+    """Which model each stage starts from, and which is the run's final model.
+
+    After each stage the model handed on is its ``final/``, except for a stage ``carried`` (its gate failed with
+    ``on_fail: carry_previous``), which hands on the model it started from. Every model a training stage handed on
+    is a candidate for the run's final model (the recipe's ``final``, :func:`monitoring.gates.select_final`); an
+    ``eval`` stage after the last training stage evaluates that final model. The SFT model (the first SFT stage's
+    ``final/``; the recipe's ``model`` when the recipe has no SFT stage) is the reference of ``kl_to_reference``.
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.policy, self.hash = plan.model, None
+        self.candidates: list[dict[str, Any]] = []  # {"stage", "type", "path", "hash", "eval"}, oldest first
+        trains = [sp.index for sp in plan.stages if sp.spec.type in _TRAINS_POLICY]
+        self.last_training = max(trains, default=-1)
+        self.has_sft = any(sp.spec.type == "sft" for sp in plan.stages)
+        self.sft: tuple[str, str] | None = None  # (label, path): the model handed on by the first SFT stage
+        self.current: tuple[str, str | None] = (self.policy, self.hash)
+
+    def _chosen(self) -> dict[str, Any] | None:
+        from ..monitoring.gates import select_final
+
+        return select_final(self.candidates, self.plan.recipe.final)
+
+    def input_for(self, sp: StagePlan) -> tuple[str, str | None]:
+        """``(path, hash)`` of the policy handed to ``sp``: the last model handed on, or for an eval stage after
+        the last training stage, the run's final model."""
+        chosen = self._chosen() if sp.spec.type == "eval" and sp.index > self.last_training else None
+        self.current = (chosen["path"], chosen["hash"]) if chosen else (self.policy, self.hash)
+        return self.current
+
+    def changed(self, sp: StagePlan, entry: dict) -> bool:
+        """Whether a stage recorded in the manifest started from another model than the one handed to it now (a
+        gate decision before it changed on a rerun): it must run again."""
+        recorded = (entry.get("inputs") or {}).get("model") or {}
+        if sp.init != "previous" or sp.index == 0 or entry["status"] == "pending" or not recorded:
+            return False
+        path, model_hash = self.current
+        if recorded.get("path") != path:
+            return True
+        return bool(model_hash and recorded.get("hash") and recorded["hash"] != model_hash)
+
+    def after(self, sp: StagePlan, entry: dict) -> None:
+        if entry["status"] != "carried":  # carried: the stage's model is rejected, the one it started from goes on
+            final = entry["outputs"]["final"]
+            self.policy, self.hash = final["path"], final.get("hash")
+        if sp.spec.type == "sft" and self.sft is None:
+            self.sft = (stage_dir_name(sp.index, sp.spec.name), self.policy)
+        if sp.spec.type in _TRAINS_POLICY and entry["status"] != "carried":
+            self.candidates.append({"stage": stage_dir_name(sp.index, sp.spec.name), "type": sp.spec.type,
+                                    "path": self.policy, "hash": self.hash, "eval": entry.get("eval")})
+
+    def kl_reference(self, sp: StagePlan) -> tuple[str, str] | None:
+        """``(label, path)`` of the model ``kl_to_reference`` is measured against for ``sp``; ``("self", "")`` for
+        the SFT stage itself; None before it."""
+        if not self.has_sft:
+            return ("model", self.plan.model)
+        if self.sft is not None:
+            return self.sft
+        return ("self", "") if sp.spec.type == "sft" else None
+
+    def final_record(self) -> dict[str, Any]:
+        """manifest["final"]: ``{"policy", "stage", "path", "hash", "accuracy", "reason", "candidates"}``."""
+        policy = self.plan.recipe.final
+        chosen = self._chosen()
+        scores = [{"stage": c["stage"], "accuracy": (c["eval"] or {}).get("accuracy")} for c in self.candidates]
+        if chosen is None:
+            return {"policy": policy, "stage": None, "path": self.policy, "hash": self.hash, "accuracy": None,
+                    "reason": "no training stage handed on a model", "candidates": scores}
+        accuracy = (chosen["eval"] or {}).get("accuracy")
+        if policy == "best_heldout" and accuracy is not None:
+            reason = (f"best held-out accuracy ({accuracy:.3f}) of the {len(self.candidates)} models handed on"
+                      + (" (the last one)" if chosen is self.candidates[-1] else ""))
+        else:
+            reason = "the last model handed on"
+        return {"policy": policy, "stage": chosen["stage"], "path": chosen["path"], "hash": chosen["hash"],
+                "accuracy": accuracy, "reason": reason, "candidates": scores}
 
 
 def _gate_callbacks(gate: dict) -> list:
@@ -625,6 +759,8 @@ def describe_plan(plan: Plan) -> str:
                      f"init={init} data={data}{peft}")
     if plan.eval_dataset is not None:
         lines.append(f"  held-out eval after each training stage: {plan.eval_dataset.describe()}")
+    if r.final != "last":
+        lines.append(f"  final model: {r.final} (an eval stage after the last training stage evaluates it)")
     lines.append("pre-flight passed")
     return "\n".join(lines)
 
