@@ -259,7 +259,7 @@ class HarvestCallback(TrainerCallback):
         source = self.source_model
         if source is None and model is not None:
             config = getattr(model, "config", None)
-            source = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+            source = getattr(config, "name_or_path", None) or getattr(model, "name_or_path", None)
         spec = self.reward_spec
         if spec is None and self.watched:
             from .rewards import RuleChecker

@@ -258,20 +258,10 @@ class KLConfig:
             also pulls back). Below `pull_back_above` leaves a margin for the next batch, which the trained batch
             cannot show (benchmarks, docs/benchmarks.md section 5).
         pull_back_iterations: bisection steps of the pull-back (>= 1): alpha to within `2 ** -iterations`.
-        pull_back_on: which batch's KL the pull-back checks. "trained_batch": after every optimizer step, the batch
-            just trained on, importance-weighted (cheap, but a jump of the next batch's KL does not show on it).
-            "new_batch": every new rollout batch, before any update on it, on the policy's own samples; above
-            `pull_back_above` the weights are pulled back (importance-weighted on that batch) and the batch is drawn
-            again from the pulled-back policy, so no update trains on, and no metric reports, a batch whose KL
-            was above the trigger as drawn (up to `pull_back_redraws`). The search weights each checked token by
-            its whole prefix's probability ratio (`rails.kl.kl_sums_after_update`): the pulled-back policy draws
-            shorter completions. The discarded batch's rewards, logs and metrics are dropped and the reward rails'
-            state is restored; reward functions must not keep state of their own. Not with tools, environments
-            or a `rollout_func` (a redraw would repeat their side effects). Costs one policy forward without
-            gradient per rollout batch (shared with `measure_before_update`'s k3) and, on a batch that pulls back,
-            `pull_back_iterations` forwards, one generation and one scoring more.
-        pull_back_redraws: with `pull_back_on: new_batch`, the most times one rollout batch is drawn again (>= 1);
-            a redrawn batch is checked like the first, and the last draw is trained on whatever its KL.
+        pull_back_on: which batch's KL the pull-back checks: "trained_batch", after every optimizer step, the batch
+            just trained on, importance-weighted. ("new_batch", which drew a rollout batch again after a pull-back,
+            was removed: see docs/rails.md and docs/benchmarks.md section 5; set `pull_back_to` below
+            `pull_back_above` instead, which leaves the next batch a margin.)
     """
 
     controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al. 2019)."})
@@ -328,13 +318,7 @@ class KLConfig:
     pull_back_on: str = field(
         default="trained_batch",
         metadata={"help": "Which batch the pull-back checks: 'trained_batch' (after each optimizer step, the batch "
-                  "just trained on) or 'new_batch' (each new rollout batch before any update; above the trigger, "
-                  "pull back and draw the batch again)."},
-    )
-    pull_back_redraws: int = field(
-        default=2,
-        metadata={"help": "pull_back_on 'new_batch': the most times one rollout batch is drawn again (each redraw "
-                  "is checked like the first; the last is trained on)."},
+                  "just trained on; 'new_batch' was removed)."},
     )
 
     def __post_init__(self) -> None:
@@ -382,20 +366,13 @@ class KLConfig:
             "kl.pull_back_iterations", "an integer >= 1 (6: alpha to within 1/64)", self.pull_back_iterations,
         )
         _check(
-            self.pull_back_on in ("trained_batch", "new_batch"), "kl.pull_back_on", "'trained_batch' or 'new_batch'",
+            self.pull_back_on != "new_batch", "kl.pull_back_on",
+            "'trained_batch': 'new_batch' (draw a rollout batch again after a pull-back) was removed, because it "
+            "had to undo TRL's private logging state; use pull_back_on: trained_batch with pull_back_to below "
+            "pull_back_above (for example 0.8 x), which leaves the next batch a margin (docs/rails.md)",
             self.pull_back_on,
         )
-        _check(
-            isinstance(self.pull_back_redraws, int) and not isinstance(self.pull_back_redraws, bool)
-            and self.pull_back_redraws >= 1,
-            "kl.pull_back_redraws", "an integer >= 1 (2: a batch is drawn at most 3 times)", self.pull_back_redraws,
-        )
-        if self.pull_back_on == "new_batch":
-            _check(
-                self.pull_back_above is not None, "kl.pull_back_on",
-                "'trained_batch', or set kl.pull_back_above too: 'new_batch' says where the pull-back checks, "
-                "pull_back_above switches it on", self.pull_back_on,
-            )
+        _check(self.pull_back_on == "trained_batch", "kl.pull_back_on", "'trained_batch'", self.pull_back_on)
         if self.controller == "adaptive" and self.max_kl is not None:
             _check(
                 self.max_kl >= self.target, "kl.max_kl",
@@ -582,6 +559,12 @@ class RailsConfig:
 
 def _section_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     accepted = [f.name for f in dataclasses.fields(cls)]
+    if cls is KLConfig and "pull_back_redraws" in data:
+        raise ValueError(
+            f"{where}.pull_back_redraws={data['pull_back_redraws']!r}: the redraw of a rollout batch "
+            "(pull_back_on: new_batch) was removed; delete pull_back_redraws and use pull_back_on: trained_batch "
+            "with pull_back_to below pull_back_above (docs/rails.md)"
+        )
     unknown = sorted(set(data) - set(accepted))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; accepted: {accepted}")

@@ -287,31 +287,32 @@ class SafePPOConfig(TripwireFields, GRPOConfig):
             raise bad("critic_warmup_steps", self.critic_warmup_steps, "use an integer >= 0")
         if self.num_iterations < 1:
             raise bad("num_iterations", self.num_iterations, "use at least 1 PPO epoch")
+        self.rails_config = None
         if self.rails is not None:
             from ..rails.config import RailsConfig
 
             if not isinstance(self.rails, (dict, RailsConfig)):
                 raise bad("rails", type(self.rails).__name__, "pass a trl_safeppo.RailsConfig, a dict, or None")
-            # Validate now, at configuration time; keep the plain dict form so that the config stays JSON-serializable
-            # (TrainingArguments.to_json_string, loggers, checkpoints).
-            self.rails = RailsConfig.from_any(self.rails).to_dict()
-            if self.rails["kl"]["measure_exact"]:
+            # Parsed here, once, at configuration time; `rails` keeps the plain dict form so that the config stays
+            # JSON-serializable (TrainingArguments.to_json_string, loggers, checkpoints).
+            self.rails_config = RailsConfig.from_any(self.rails)
+            self.rails = self.rails_config.to_dict()
+            kl = self.rails_config.kl
+            if kl.measure_exact:
                 raise bad(
                     "rails.kl.measure_exact", True,
                     "the exact-KL measurement runs in GRPO stages only (PPO's controller reads the rollout's KL per "
                     "sequence from its own log-probabilities); set it to false",
                 )
-            max_kl = self.rails["kl"]["max_kl"]
-            if max_kl is not None:
+            if kl.max_kl is not None:
                 raise bad(
-                    "rails.kl.max_kl", max_kl,
+                    "rails.kl.max_kl", kl.max_kl,
                     "the KL trust region runs in GRPO stages only (PPO's KL is a per-token reward, its updates are "
                     "clipped by the PPO ratio); set it to null here and bound PPO's KL with a `kl_limit` tripwire",
                 )
-            pull_back = self.rails["kl"]["pull_back_above"]
-            if pull_back is not None:
+            if kl.pull_back_above is not None:
                 raise bad(
-                    "rails.kl.pull_back_above", pull_back,
+                    "rails.kl.pull_back_above", kl.pull_back_above,
                     "the KL pull-back runs in GRPO stages only; set it to null here and bound PPO's KL with a "
                     "`kl_limit` tripwire (action raise_kl or rollback)",
                 )
