@@ -89,19 +89,39 @@ def test_private_members_listed_exist():
         require(callable(getattr(owners[0], name)), f"{owners[0].__name__}.{name} (no longer a method)", "trainers/")
 
 
-def test_grpo_config_refuses_one_generation_after_computing_the_batch_sizes():
-    # SafePPOConfig lets PPO run with num_generations=1: GRPOConfig raises only after it derived every batch size
-    config = GRPOConfig.__new__(GRPOConfig)
-    with pytest.raises(ValueError) as err:
-        config.__init__(output_dir="unused", per_device_train_batch_size=2, gradient_accumulation_steps=3,
-                        num_generations=1, use_cpu=True, report_to="none")
-    from trl_safeppo.trainers.ppo_config import GRPO_MIN_GENERATIONS_MESSAGE
+@pytest.mark.parametrize(
+    "sizes",
+    [dict(per_device_train_batch_size=2, gradient_accumulation_steps=3),
+     dict(per_device_train_batch_size=3, generation_batch_size=9),
+     dict(per_device_train_batch_size=1, steps_per_generation=5)],
+)
+def test_grpo_config_derives_ppo_batches_with_one_generation(sizes):
+    # SafePPOConfig runs GRPOConfig's checks for num_generations=1 on the batch doubled with 2 completions per
+    # prompt: the derived sizes must be those of GRPOConfig's own arithmetic (2 x 3 = 6 rows in 3 steps; 9 rows of 3
+    # in 3 steps; 1 x 5 = 5 rows in 5 steps), odd sizes included
+    from trl_safeppo import SafePPOConfig
 
-    require(GRPO_MIN_GENERATIONS_MESSAGE in str(err.value), f"GRPOConfig's error for num_generations=1: {err.value}",
-            "trainers/ppo_config.py")
-    require(config.steps_per_generation == 3 and config.generation_batch_size == 6,
-            "GRPOConfig deriving steps_per_generation / generation_batch_size before its num_generations check",
-            "trainers/ppo_config.py")
+    common = dict(output_dir="unused", use_cpu=True, report_to="none")
+    ppo = SafePPOConfig(num_generations=1, **common, **sizes)
+    expected = {"per_device_train_batch_size": 2, "generation_batch_size": 6, "steps_per_generation": 3} \
+        if "gradient_accumulation_steps" in sizes else \
+        {"per_device_train_batch_size": 3, "generation_batch_size": 9, "steps_per_generation": 3} \
+        if "generation_batch_size" in sizes else \
+        {"per_device_train_batch_size": 1, "generation_batch_size": 5, "steps_per_generation": 5}
+    got = {k: getattr(ppo, k) for k in expected}
+    require(got == expected and ppo.num_generations == 1,
+            f"GRPOConfig's batch-size derivation (num_generations=1 via the doubled batch: {got}, expected "
+            f"{expected})", "trainers/ppo_config.py (SafePPOConfig._grpo_post_init_with_one_generation)")
+
+
+def test_grpo_config_checks_still_run_with_one_generation():
+    from trl_safeppo import SafePPOConfig
+
+    common = dict(output_dir="unused", use_cpu=True, report_to="none", num_generations=1)
+    with pytest.raises(ValueError, match="vllm_importance_sampling_clip_min"):  # a check after GRPO's minimum
+        SafePPOConfig(vllm_importance_sampling_clip_min=2.0, vllm_importance_sampling_clip_max=1.0, **common)
+    with pytest.raises(ValueError, match="divisible by the global batch size"):  # 5 rows in batches of 2
+        SafePPOConfig(per_device_train_batch_size=2, generation_batch_size=5, **common)
 
 
 # ------------------------------------------------------------------------------------------------- behaviour
