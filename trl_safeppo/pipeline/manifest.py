@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_json
+
 STATUSES = ("pending", "running", "completed", "failed", "stopped", "gated")
 FINISHED = ("completed", "stopped")  # a later rerun skips these (stopped = ended early by a plateau: a success)
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "trl_safeppo")
@@ -108,10 +110,7 @@ class Manifest:
 
     def save(self) -> None:
         self.data["updated_at"] = now()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data)
 
 
 def new_stage_entry(index: int, name: str, stype: str, directory: str, config: dict, fingerprint: str) -> dict:

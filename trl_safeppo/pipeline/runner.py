@@ -26,12 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_json, write_text
 from . import data as data_mod
 from .manifest import FINISHED, Manifest, final_metrics, hash_json, hash_path, library_versions, new_stage_entry, now
 from .preflight import Plan, StagePlan, preflight
 from .recipe import RecipeError, dump_recipe, load_recipe
 from .schema import accepted_fields
-from .stages import StageContext, StageOutcome, stage_run_function, write_json
+from .stages import StageContext, StageOutcome, stage_run_function
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,9 +121,7 @@ def log_history_callback(path: Path, is_main: bool):
 
 
 def write_log_history(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(entry, default=float) + "\n" for entry in history))
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(entry, default=float) + "\n" for entry in history))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
