@@ -325,16 +325,12 @@ class KLConfig:
         _check(self.controller in ("fixed", "adaptive"), "kl.controller", "'fixed' or 'adaptive'", self.controller)
         _check(self.estimator in (None, "k1", "k2", "k3"), "kl.estimator", "null, 'k1', 'k2' or 'k3'", self.estimator)
         _check_number("kl.init_kl_coef", self.init_kl_coef, ge=0, nullable=True)
-        _check_number("kl.target", self.target, gt=0)
-        _check_number("kl.horizon", self.horizon, gt=0)
-        _check_number("kl.min_coef", self.min_coef, gt=0)
-        _check(
-            _is_number(self.max_coef) and self.max_coef >= self.min_coef,
-            "kl.max_coef", f">= kl.min_coef ({self.min_coef})", self.max_coef,
+        from .kl import validate_adaptive_kl
+
+        validate_adaptive_kl(
+            self.init_kl_coef if self.controller == "adaptive" else None, self.target, self.horizon, self.min_coef,
+            self.max_coef, self.hold_until_target, self.deadband, self.proportional, where="rails.kl.",
         )
-        _check(isinstance(self.hold_until_target, bool), "kl.hold_until_target", "true or false", self.hold_until_target)
-        _check_number("kl.deadband", self.deadband, ge=0)
-        _check_number("kl.proportional", self.proportional, ge=0)
         _check(
             isinstance(self.measure_before_update, bool), "kl.measure_before_update", "true or false",
             self.measure_before_update,
@@ -378,12 +374,6 @@ class KLConfig:
                 self.max_kl >= self.target, "kl.max_kl",
                 f">= kl.target ({self.target}): the trust region caps KL above the target the controller steers to "
                 "(for example 1.3 x target)", self.max_kl,
-            )
-        if self.controller == "adaptive" and self.init_kl_coef is not None:
-            bounds = f"[{self.min_coef}, {self.max_coef}]"
-            _check(
-                self.min_coef <= self.init_kl_coef <= self.max_coef,
-                "kl.init_kl_coef", f"in [min_coef, max_coef] = {bounds} for the adaptive controller", self.init_kl_coef,
             )
 
 
@@ -541,12 +531,11 @@ class RailsConfig:
             return FixedKLController(0.0 if coef is None else coef)
         if coef is None:
             raise ValueError("rails.kl.init_kl_coef is needed for the adaptive controller (or pass the trainer's beta)")
-        if not self.kl.min_coef <= coef <= self.kl.max_coef:
-            source = "rails.kl.init_kl_coef" if self.kl.init_kl_coef is not None else "the trainer's KL coefficient"
-            raise ValueError(
-                f"{source} = {coef!r} must be in [min_coef, max_coef] = [{self.kl.min_coef}, {self.kl.max_coef}] "
-                "for the adaptive controller; set rails.kl.init_kl_coef to a value in that range"
-            )
+        if self.kl.init_kl_coef is None:  # the trainer's beta: checked here, so that the error says where it came from
+            from .kl import validate_adaptive_kl
+
+            validate_adaptive_kl(coef, self.kl.target, self.kl.horizon, self.kl.min_coef, self.kl.max_coef,
+                                 init_name=f"the trainer's KL coefficient = {coef!r}")
         return AdaptiveKLController(
             coef, self.kl.target, self.kl.horizon, self.kl.min_coef, self.kl.max_coef,
             hold_until_target=self.kl.hold_until_target, deadband=self.kl.deadband,

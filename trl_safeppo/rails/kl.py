@@ -207,7 +207,7 @@ def _check_type(state: dict[str, Any], expected: str) -> None:
 
 
 def validate_adaptive_kl(
-    init_kl_coef: float,
+    init_kl_coef: float | None,
     target: float,
     horizon: float,
     min_coef: float,
@@ -215,35 +215,39 @@ def validate_adaptive_kl(
     hold_until_target: bool = False,
     deadband: float = 0.0,
     proportional: float = 0.0,
+    *,
+    where: str = "",
+    init_name: str = "init_kl_coef",
 ) -> None:
-    """Raise ValueError naming the first bad setting and its accepted range."""
+    """The one check of the adaptive controller's settings (the controller, ``rails.kl`` and the trainers use it):
+    raise ValueError naming the first bad setting, its value and its accepted range. ``where`` prefixes each name
+    (``"rails.kl."``); ``init_kl_coef=None`` (a config whose trainer supplies beta) skips its range check."""
 
     def finite(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+    def bad(name: str, accepted: str, value: Any, why: str = "") -> ValueError:
+        return ValueError(f"{where}{name} must be {accepted}, got {value!r}{why}")
+
     if not (finite(target) and target > 0):
-        raise ValueError(f"target must be a finite number > 0 (the KL to track), got {target!r}")
+        raise bad("target", "a finite number > 0", target, " (the KL to track)")
     if not (finite(horizon) and horizon > 0):
-        raise ValueError(f"horizon must be a finite number > 0 (samples per ~20% move of beta), got {horizon!r}")
+        raise bad("horizon", "a finite number > 0", horizon, " (samples per ~20% move of beta)")
     if not (finite(min_coef) and min_coef > 0):
-        raise ValueError(
-            f"min_coef must be a finite number > 0 (GRPO loads no reference model when beta == 0), got {min_coef!r}"
-        )
+        raise bad("min_coef", "a finite number > 0", min_coef, " (GRPO loads no reference model when beta == 0)")
     if not (isinstance(max_coef, (int, float)) and max_coef >= min_coef):
-        raise ValueError(f"max_coef must be >= min_coef ({min_coef}), got {max_coef!r}")
-    if not (finite(init_kl_coef) and min_coef <= init_kl_coef <= max_coef):
+        raise bad("max_coef", f">= min_coef ({min_coef})", max_coef)
+    if init_kl_coef is not None and not (finite(init_kl_coef) and min_coef <= init_kl_coef <= max_coef):
         raise ValueError(
-            f"init_kl_coef must be in [min_coef, max_coef] = [{min_coef}, {max_coef}], got {init_kl_coef!r}"
+            f"{where if init_name == 'init_kl_coef' else ''}{init_name} must be in [min_coef, max_coef] = "
+            f"[{min_coef}, {max_coef}] for the adaptive controller, got {init_kl_coef!r}"
         )
     if not isinstance(hold_until_target, bool):
-        raise ValueError(f"hold_until_target must be true or false, got {hold_until_target!r}")
+        raise bad("hold_until_target", "true or false", hold_until_target)
     if not (finite(deadband) and deadband >= 0):
-        raise ValueError(
-            f"deadband must be a finite number >= 0 (0.5 holds beta while KL is in [0.5, 1.5] x target), "
-            f"got {deadband!r}"
-        )
+        raise bad("deadband", "a finite number >= 0", deadband, " (0.5 holds beta while KL is in [0.5, 1.5] x target)")
     if not (finite(proportional) and proportional >= 0):
-        raise ValueError(f"proportional must be a finite number >= 0 (0: Ziegler's rule alone), got {proportional!r}")
+        raise bad("proportional", "a finite number >= 0", proportional, " (0: Ziegler's rule alone)")
 
 
 def kl_line_search(
