@@ -442,7 +442,7 @@ def test_critic_checkpointing_uses_the_current_transformers_api(tiny_debug_path)
 
     from transformers import AutoModelForSequenceClassification
 
-    from trl_safeppo.trainers.ppo_trainer import _enable_checkpointing
+    from trl_safeppo.trainers.critic import _enable_checkpointing
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_debug_path, num_labels=1)
     model.train()

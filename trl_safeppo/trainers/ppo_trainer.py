@@ -29,7 +29,6 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -37,6 +36,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from ..fileio import atomic_dir, atomic_path
 from ..models import resolve_model_path
 from ..rails.kl import kl_per_token, sequence_kl
+from .critic import check_critic, load_critic, prepare_critic
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
 from .rails_mixin import SafeRailsMixin, TrainerRails, checkpoint_folder
@@ -45,36 +45,6 @@ from .tripwires import add_tripwires
 CRITIC_DIR = "critic"
 CRITIC_OPTIMIZER_FILE = "critic_optimizer.pt"
 CRITIC_SCHEDULER_FILE = "critic_scheduler.pt"
-
-
-class ValueModel(nn.Module):
-    """Per-token values from a sequence-classification model: its trunk, then its scalar head on every position.
-
-    `forward(input_ids, attention_mask) -> (B, L)` float values (the head of TRL's former PPOTrainer, `get_reward`).
-    Wrapping the two calls in one module lets accelerate prepare (DDP-wrap) the critic as a whole.
-    """
-
-    def __init__(self, model: PreTrainedModel):
-        super().__init__()
-        self.model = model
-        self.head = value_head(model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        trunk = getattr(self.model, self.model.base_model_prefix)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
-
-
-def value_head(model: nn.Module) -> nn.Linear:
-    """The scalar head of a sequence-classification model (`score` in decoder models, `classifier` in encoders)."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            return head
-    raise ValueError(
-        f"critic {type(model).__name__} has no linear `score` / `classifier` head; use a checkpoint that "
-        "AutoModelForSequenceClassification loads as a decoder with a `score` head (Llama, Qwen2, Mistral, GPT-2, ...)"
-    )
 
 
 class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
@@ -126,8 +96,8 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         # Built before GRPO wraps the policy (PEFT injects its layers into the model object in place), and checked
         # before the policy and reference load.
         critic_field = "value_model" if value_model is not None else "critic_model_path"
-        critic = value_model if value_model is not None else _load_critic(args, model, reward_funcs)
-        _check_critic(critic, None, critic_field)
+        critic = value_model if value_model is not None else load_critic(args, model, reward_funcs)
+        check_critic(critic, None, critic_field)
 
         super().__init__(
             model=model,
@@ -156,19 +126,8 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 "FSDP do not yet shard the critic. Launch without a DeepSpeed / FSDP config."
             )
 
-        _check_critic(critic, self.processing_class, critic_field)
-        critic.config.pad_token_id = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
-        if args.disable_dropout:
-            from trl.trainer.utils import disable_dropout_in_model
-
-            disable_dropout_in_model(critic)
-        critic_checkpointing = args.critic_gradient_checkpointing
-        if critic_checkpointing is None:
-            critic_checkpointing = args.gradient_checkpointing
-        if critic_checkpointing:
-            _enable_checkpointing(critic, args.gradient_checkpointing_kwargs)
+        value_module = prepare_critic(critic, args, self.processing_class, critic_field)
         critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate
-        value_module = ValueModel(critic)
         optimizer = self._create_critic_optimizer(value_module, critic_lr)
         self.critic = self.accelerator.prepare_model(value_module)
         self.critic_optimizer = self.accelerator.prepare_optimizer(optimizer)
@@ -518,17 +477,6 @@ def _reshuffle(slices: list[dict]) -> list[dict]:
     return split_tensor_dict(shuffle_sequence_dict(pooled), len(slices))
 
 
-def _enable_checkpointing(model: PreTrainedModel, kwargs: dict | None) -> None:
-    """Turn on activation recomputation as the transformers Trainer does for the policy: `every_n_layers` and
-    `offload` are arguments of the enable call (transformers >= 5.23), the other keys go to torch's checkpoint."""
-    kwargs = dict(kwargs or {"use_reentrant": False})
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; the old name is deprecated there
-        layer_args = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **layer_args)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
 def kl_estimator(args: SafePPOConfig) -> str:
     """`rails.kl.estimator` when set, else `args.kl_estimator`."""
     rails_estimator = args.rails_config.kl.estimator if args.rails_config is not None else None
@@ -583,80 +531,3 @@ def _check_dataset(train_dataset, args: SafePPOConfig) -> None:
         )
     if "prompt" not in getattr(train_dataset, "column_names", ["prompt"]):
         raise ValueError(f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names})")
-
-
-def _model_init_kwargs(args: SafePPOConfig) -> dict:
-    kwargs = dict(args.model_init_kwargs or {})
-    kwargs.pop("device_map", None)
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return kwargs
-
-
-def _load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrainedModel:
-    """The critic's starting point, per `args.critic_model_path` (see SafePPOConfig)."""
-    import copy
-
-    spec = args.critic_model_path
-    if spec == "reward_model":
-        for func in reward_funcs:
-            if isinstance(func, str):
-                return _from_pretrained(func, args, "critic_model_path='reward_model'")
-            if isinstance(func, PreTrainedModel):
-                return copy.deepcopy(func)
-        raise ValueError(
-            "critic_model_path='reward_model' needs a sequence-classification reward model in reward_funcs, but all "
-            "of them are callables; set critic_model_path=None (start from the policy) or a critic path"
-        )
-    if spec is not None:
-        try:
-            path = resolve_model_path(spec)
-        except ValueError as err:
-            raise ValueError(f"critic_model_path={spec!r}: {err}") from err
-        return _from_pretrained(path, args, f"critic_model_path={spec!r}")
-    if isinstance(model, str):
-        return _from_pretrained(model, args, "critic_model_path=None (the policy)")
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        raise ValueError(
-            "the policy is a PeftModel object, so the critic cannot be copied from it; pass the base model with "
-            "peft_config, or set critic_model_path"
-        )
-    config = copy.deepcopy(model.config)
-    config.num_labels = 1
-    critic = AutoModelForSequenceClassification.from_config(config)
-    trunk = getattr(critic, critic.base_model_prefix)
-    trunk.load_state_dict(getattr(model, model.base_model_prefix).state_dict())
-    return critic.to(dtype=model.dtype)
-
-
-def _from_pretrained(path: str, args: SafePPOConfig, what: str) -> PreTrainedModel:
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_model_init_kwargs(args))
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"{what}: cannot load {path!r} as a critic (AutoModelForSequenceClassification, num_labels=1): {err}. "
-            "Pass a sequence-classification or causal-LM checkpoint whose weights match its config, that shares the "
-            "policy's tokenizer"
-        ) from err
-
-
-def _check_critic(critic: Any, processing_class: Any, field_name: str) -> None:
-    if not isinstance(critic, PreTrainedModel):
-        raise ValueError(f"{field_name}: the critic must be a transformers PreTrainedModel, got {type(critic).__name__}")
-    head = value_head(critic)
-    hidden = critic.config.get_text_config().hidden_size
-    if head.in_features != hidden or head.out_features != 1:
-        raise ValueError(
-            f"{field_name}: the critic's value head maps {head.in_features} -> {head.out_features} but its hidden size "
-            f"is {hidden} and a value is one number; use a checkpoint whose head is Linear({hidden}, 1)"
-        )
-    if processing_class is None:
-        return
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    vocab = critic.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise ValueError(
-            f"{field_name}: the critic's vocabulary has {vocab} embeddings but the policy's tokenizer has "
-            f"{len(tokenizer)} tokens; the critic reads the policy's token ids, so it must share its tokenizer"
-        )
