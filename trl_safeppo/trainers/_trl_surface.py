@@ -35,12 +35,8 @@ from __future__ import annotations
 
 MAX_PRIVATE_MEMBERS = 8
 
-PRIVATE_MEMBERS: dict[str, str] = {
-    "_calculate_rewards": "GRPOTrainer hook: the reward rails act between scoring and GRPO's normalization",
-    "_generate_and_score_completions": "GRPOTrainer hook: PPO's rollout and the before-update KL read GRPO's batch",
-    "_prepare_inputs": "GRPOTrainer/Trainer hook: PPO's per-epoch minibatches; the trust region's micro-batches",
-    "_get_per_token_logps_and_entropies": "GRPOTrainer helper: policy log-probs (rollout, KL), PPO's loss log-probs",
-    "_metrics": "GRPOTrainer/DPOTrainer metric store: the package's metrics are logged with GRPO's own",
-    "_buffered_inputs": "GRPOTrainer rollout buffer: None after a tripwire rollback, so the next batch is drawn anew",
-    "_tr_loss": "Trainer's accumulated loss: zeroed when non-finite after a tripwire rollback",
-}
+# the allow-list; the reasons are in the module docstring
+PRIVATE_MEMBERS = (
+    "_calculate_rewards", "_generate_and_score_completions", "_prepare_inputs", "_get_per_token_logps_and_entropies",
+    "_metrics", "_buffered_inputs", "_tr_loss",
+)

@@ -89,16 +89,17 @@ class RewardStage:
     def reward_batch(self, trainer, raw_rewards, completion_ids_list, mode: str):
         """GRPO's global rewards (B,) + this process's completion ids -> a :class:`RewardBatch` over all processes
         (lengths and truncation as :func:`trl_safeppo.rails.reward_batch_from_completions` reads them)."""
+        import torch
+
         from ..rails.base import RewardBatch, reward_batch_from_completions
 
+        # this process's lengths and truncation flags (no EOS among the tokens), then gathered like the rewards
         local = reward_batch_from_completions(
             [0.0] * len(completion_ids_list), completion_ids_list, eos_token_id=list(trainer.eos_token_ids),
         )
         device = raw_rewards.device
         gather = trainer.accelerator.gather
         num_generations = trainer.num_generations if mode == "train" else trainer.num_generations_eval
-        import torch
-
         return RewardBatch(
             rewards=raw_rewards.float().cpu(),
             lengths=gather(local.lengths.to(device)).cpu(),
