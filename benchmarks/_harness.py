@@ -224,23 +224,20 @@ def machine() -> dict[str, Any]:
 
 def write_json(out: Path, name: str, payload: dict) -> Path:
     """Write `<out>/<name>.json` atomically."""
-    out.mkdir(parents=True, exist_ok=True)
+    from trl_safeppo.fileio import write_json as write
+
     path = out / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write(path, payload)
     return path
 
 
 def save_figure(fig, out: Path, name: str) -> Path:
     """Save a matplotlib figure as `<out>/<name>.png` atomically."""
-    out.mkdir(parents=True, exist_ok=True)
+    from trl_safeppo.fileio import atomic_path
+
     path = out / f"{name}.png"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 
@@ -22,33 +21,33 @@ def main(config: dict) -> None:
 
     out = config["output_dir"]
     if not os.path.exists(os.path.join(out, "config.json")):
-        tmp = out + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        data = load_arithmetic("sft", n=sft_settings(config)["num_examples"], seed=config.get("seed", 0))
-        settings = sft_settings(config)
-        trainer = SFTTrainer(
-            model=resolve_model_path(config.get("model", "tiny://arithmetic")),
-            train_dataset=data,
-            args=SFTConfig(
-                output_dir=tmp,
-                learning_rate=settings["learning_rate"],
-                lr_scheduler_type=settings["lr_scheduler_type"],
-                warmup_steps=settings["warmup_steps"],
-                num_train_epochs=settings["num_train_epochs"],
-                per_device_train_batch_size=settings["per_device_train_batch_size"],
-                save_strategy="no",
-                report_to="none",
-                logging_steps=10,
-                seed=config.get("seed", 0),
-                use_cpu=settings["use_cpu"],
-                bf16=settings["bf16"],
-                disable_tqdm=True,
-            ),
-        )
-        trainer.train()
-        trainer.save_model(tmp)
-        trainer.processing_class.save_pretrained(tmp)
-        os.replace(tmp, out)
+        from trl_safeppo.fileio import atomic_dir
+
+        with atomic_dir(out) as tmp:
+            data = load_arithmetic("sft", n=sft_settings(config)["num_examples"], seed=config.get("seed", 0))
+            settings = sft_settings(config)
+            trainer = SFTTrainer(
+                model=resolve_model_path(config.get("model", "tiny://arithmetic")),
+                train_dataset=data,
+                args=SFTConfig(
+                    output_dir=tmp,
+                    learning_rate=settings["learning_rate"],
+                    lr_scheduler_type=settings["lr_scheduler_type"],
+                    warmup_steps=settings["warmup_steps"],
+                    num_train_epochs=settings["num_train_epochs"],
+                    per_device_train_batch_size=settings["per_device_train_batch_size"],
+                    save_strategy="no",
+                    report_to="none",
+                    logging_steps=10,
+                    seed=config.get("seed", 0),
+                    use_cpu=settings["use_cpu"],
+                    bf16=settings["bf16"],
+                    disable_tqdm=True,
+                ),
+            )
+            trainer.train()
+            trainer.save_model(tmp)
+            trainer.processing_class.save_pretrained(tmp)
     emit({"config": config, "path": out, "step_seconds": []})
 
 

@@ -85,13 +85,6 @@ def main(argv=None) -> dict:
                         "until the KL is --pull-back-to (default: off)")
     parser.add_argument("--pull-back-to", type=float, default=None,
                         help="the KL a pull-back lands on (default: --pull-back-above)")
-    parser.add_argument("--pull-back-on", default="trained_batch", choices=["trained_batch", "new_batch"],
-                        help="which batch the pull-back checks (rails.kl.pull_back_on): trained_batch, after each "
-                        "update (default); new_batch, each new rollout batch before the update, drawn again from "
-                        "the pulled-back weights when above --pull-back-above")
-    parser.add_argument("--pull-back-redraws", type=int, default=2,
-                        help="with --pull-back-on new_batch: the most times one batch is drawn again "
-                        "(rails.kl.pull_back_redraws, default 2)")
     parser.add_argument("--no-fixed", action="store_true",
                         help="run the adaptive configuration only (half the time): the fixed-beta run of a seed does "
                         "not depend on the adaptive flags, so one invocation with it per seed is enough")
@@ -137,11 +130,6 @@ def main(argv=None) -> dict:
                                               and 0 < args.pull_back_to <= args.pull_back_above):
         raise SystemExit(f"--pull-back-to={args.pull_back_to}: needs --pull-back-above and must be in (0, "
                          f"--pull-back-above]")
-    if args.pull_back_redraws < 1:
-        raise SystemExit(f"--pull-back-redraws={args.pull_back_redraws}: must be >= 1")
-    if args.pull_back_on != "trained_batch" and args.pull_back_above is None:
-        raise SystemExit(f"--pull-back-on={args.pull_back_on}: needs --pull-back-above (it says where the pull-back "
-                         f"checks)")
     if args.measure_exact and not args.measure_before_update:
         raise SystemExit("--measure-exact: needs --measure-before-update (the exact KL is read from each new batch)")
     if args.probe < 0 or args.probe == 1:
@@ -171,8 +159,7 @@ def main(argv=None) -> dict:
                        "proportional": args.proportional, "measure_before_update": args.measure_before_update,
                        "measure_exact": args.measure_exact,
                        "max_kl": args.max_kl, "max_kl_backtracks": args.max_kl_backtracks,
-                       "pull_back_above": args.pull_back_above, "pull_back_to": args.pull_back_to,
-                       "pull_back_on": args.pull_back_on, "pull_back_redraws": args.pull_back_redraws}}
+                       "pull_back_above": args.pull_back_above, "pull_back_to": args.pull_back_to}}
     configs = {
         "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
         "adaptive": ("benchmarks._worker", base_config(args, args.trainer, rails=adaptive, **shared), {}),
@@ -202,8 +189,6 @@ def main(argv=None) -> dict:
         se = [x for r in rs for x in _series(r, EXACT_SE_KEY)[warmup:]]
         # with --pull-back-above: the steps whose update was pulled back towards the reference (alpha < 1)
         pulled = [a < 1 for r in rs for a in _series(r, "kl/pull_back/alpha")]
-        # with --pull-back-on new_batch: each batch's KL as first drawn, before a pull-back discarded it
-        first = [k for r in rs for k in _series(r, "kl/pull_back/kl_checked")[warmup:]]
         plausible = None
         if se and len(se) == len(exact):
             plausible = sum(k + 2 * e >= 0.5 * target and k - 2 * e <= 1.5 * target for k, e in zip(exact, se))
@@ -217,8 +202,7 @@ def main(argv=None) -> dict:
                         "exact_kl_after_warmup": stats(exact) if exact else None,
                         "share_in_band_within_2se": plausible,
                         "share_in_band_probe": inside_probe, "steps_pulled_back": sum(pulled) if pulled else None,
-                        "share_first_draw_above_band": (sum(k > 1.5 * target for k in first) / len(first)
-                                                        if first else None), "probe_kl_after_warmup": stats(probe) if probe else None,
+                        "probe_kl_after_warmup": stats(probe) if probe else None,
                         "probe_kl_se_over_target": stats([e / target for r in rs
                                                           for e in _series(r, PROBE_KEY + "_se")[warmup:]])
                         if probe else None,
@@ -264,12 +248,7 @@ def main(argv=None) -> dict:
               f"the band ({fixed_share('share_in_band_within_2se')})")
     if result["adaptive"]["steps_pulled_back"] is not None:
         print(f"pull-back: {result['adaptive']['steps_pulled_back']} of {args.steps * args.repeats} adaptive steps "
-              f"moved towards the reference" + (" (each of those batches drawn again)"
-                                                if args.pull_back_on == "new_batch" else ""))
-        first = result["adaptive"]["share_first_draw_above_band"]
-        if first is not None:
-            print(f"new-batch check: {100 * first:.0f}% of the post-warm-up batches were above the band as first "
-                  f"drawn; {100 * result['adaptive']['share_above_band']:.0f}% of the batches trained on were")
+              f"moved towards the reference")
 
     import matplotlib
 
@@ -288,11 +267,6 @@ def main(argv=None) -> dict:
         if exact:
             ax_kl.plot(range(1, len(exact) + 1), exact, color=color, ls="--", lw=0.9,
                        label=f"{name} beta, exact KL (no token sampling)")
-        checked, alphas = _series(run, "kl/pull_back/kl_checked"), _series(run, "kl/pull_back/alpha")
-        redrawn = [(i + 1, k) for i, (k, a) in enumerate(zip(checked, alphas)) if a < 1]
-        if redrawn:  # --pull-back-on new_batch: the first draws that were discarded
-            ax_kl.scatter(*zip(*redrawn), color=color, marker="x", s=14, lw=0.9,
-                          label=f"{name} beta, batch as first drawn, discarded (pulled back, drawn again)")
         probe = _series(run, PROBE_KEY)
         if probe:
             ax_kl.plot(range(1, len(probe) + 1), probe, color=color, ls=":", lw=1.6,
@@ -323,8 +297,7 @@ def main(argv=None) -> dict:
     extras += [f"trust region max_kl {args.max_kl:g}"] if args.max_kl is not None else []
     if args.pull_back_above is not None:
         to = args.pull_back_to if args.pull_back_to is not None else args.pull_back_above
-        where = " on each new batch" if args.pull_back_on == "new_batch" else ""
-        extras += [f"pull-back above {args.pull_back_above:g} to {to:g}{where}"]
+        extras += [f"pull-back above {args.pull_back_above:g} to {to:g}"]
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     extras += [f"Adam beta1 {args.adam_beta1:g}"] if args.adam_beta1 != 0.9 else []
     compared = "adaptive" if args.no_fixed else f"fixed beta {args.beta:g} vs adaptive"

@@ -114,8 +114,6 @@ def test_length_exploit_reward_by_hand():
         ("kl_control", ["--max-kl", "0.65", "--max-kl-backtracks", "-1"], "--max-kl-backtracks=-1"),
         ("kl_control", ["--pull-back-above", "0"], "--pull-back-above=0.0: must be > 0"),
         ("kl_control", ["--pull-back-to", "0.5"], "--pull-back-to=0.5: needs --pull-back-above"),
-        ("kl_control", ["--pull-back-on", "new_batch"], "--pull-back-on=new_batch: needs --pull-back-above"),
-        ("kl_control", ["--pull-back-redraws", "0"], "--pull-back-redraws=0: must be >= 1"),
         ("kl_control", ["--pull-back-above", "0.6", "--pull-back-to", "0.7"], "must be in (0, --pull-back-above]"),
         # argparse: "argument --lr-scheduler: invalid choice: 'cosine' (choose from linear, constant)"; the quoting
         # of the choices differs between Python versions

@@ -179,7 +179,7 @@ def test_select_modes_by_hand():
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
     # 6 prompts in chunks of 2 -> 3 chunks; the first attempt dies while generating the second chunk.
     config = dict(**SMALL, num_prompts=6, reward=HasLetterE(), seed=11)
-    original = rs._process_chunk
+    original = rs.run._process_chunk
     calls = []
 
     def dies_on_second_chunk(*args, **kwargs):
@@ -188,12 +188,12 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
             raise KeyboardInterrupt("simulated interruption")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rs, "_process_chunk", dies_on_second_chunk)
+    monkeypatch.setattr(rs.run, "_process_chunk", dies_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         run_rejection_sampling(RejectionSamplingConfig(**config, output_dir=str(tmp_path / "resumed")))
     assert sorted(p.name for p in (tmp_path / "resumed" / "parts").iterdir()) == ["chunk-000000.jsonl"]
     assert not (tmp_path / "resumed" / "summary.json").exists()
-    monkeypatch.setattr(rs, "_process_chunk", original)
+    monkeypatch.setattr(rs.run, "_process_chunk", original)
 
     resumed = run_rejection_sampling(RejectionSamplingConfig(**config, output_dir=str(tmp_path / "resumed")))
     straight = run_rejection_sampling(RejectionSamplingConfig(**config, output_dir=str(tmp_path / "straight")))
@@ -476,7 +476,7 @@ def test_vllm_path_with_a_stand_in_module(tmp_path, monkeypatch):
     )
     # 3 prompts in chunks of 2 -> 2 calls, each with the recorded settings and its own seed
     assert [c["n"] for c in calls] == [4, 4] and calls[0]["max_tokens"] == 8 and calls[0]["temperature"] == 1.0
-    assert calls[0]["seed"] == rs._chunk_seed(0, 0) and calls[1]["seed"] == rs._chunk_seed(0, 1)
+    assert calls[0]["seed"] == rs.generation.chunk_seed(0, 0) and calls[1]["seed"] == rs.generation.chunk_seed(0, 1)
     scored = load_scored_samples(tmp_path)
     assert scored["truncated"][:4] == [True, False, True, False] and scored["num_tokens"][:2] == [1, 2]
     # per prompt: "eh 1" and "eh 3" pass ("e"), "xx" twice fails

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("trl_safeppo.tiny", "build, list or locate the embedded tiny:// models"),
     "run": ("trl_safeppo.pipeline.runner", "run a recipe: every stage of a YAML file, resumable (see docs/recipes.md)"),
     "report": ("trl_safeppo.monitoring.report", "rebuild report.md and plots/ of a finished or interrupted run"),
-    "sample": ("trl_safeppo.rejection_sampling", "rejection sampling: generate, score, keep what passes, write SFT data"),
+    "sample": ("trl_safeppo.rejection_sampling.cli", "rejection sampling: generate, score, keep what passes"),
     "check-rewards": ("trl_safeppo.rewards.selftest", "verifier self-test of a reward spec on a dataset (pre-flight)"),
 }
 

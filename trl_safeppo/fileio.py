@@ -8,7 +8,7 @@ module writes through these helpers; none hand-rolls its own ``os.replace``.
   path (``torch.save``, ``fig.savefig``, ``Dataset.save_to_disk``). On success the temporary replaces the
   destination; on any exception it is removed.
 - :func:`write_text`, :func:`write_bytes`, :func:`write_json`: the common cases in one line.
-- :func:`atomic_dir`: the same for a folder. The new folder replaces the old one whole; the old one is moved aside
+- :func:`atomic_dir`: the same for a folder (:func:`install_dir` moves a folder written under an agreed name). The new folder replaces the old one whole; the old one is moved aside
   first and deleted only once the new one is in place.
 
 The temporary lives in the destination's folder (same filesystem, so ``os.replace`` is an atomic rename) and its
@@ -55,8 +55,10 @@ def _fsync_dir(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[str]:
+def atomic_path(path: PathLike, *, fsync: bool = True, mode: int | None = None) -> Iterator[str]:
     """Yield a temporary file path beside ``path``; on a clean exit it replaces ``path`` atomically.
+
+    ``mode``: the new file's permissions (the temporary is created 0600; 0o644 for a file meant to be shared).
 
     >>> import tempfile, os
     >>> d = tempfile.mkdtemp()
@@ -75,6 +77,8 @@ def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[str]:
         if fsync and os.path.isfile(tmp):
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
         if fsync:
             _fsync_dir(directory)
@@ -84,15 +88,15 @@ def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[str]:
         raise
 
 
-def write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+def write_bytes(path: PathLike, data: bytes, *, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (``mode``: as :func:`atomic_path`)."""
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
 
 
-def write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` atomically."""
-    write_bytes(path, text.encode(encoding))
+def write_text(path: PathLike, text: str, encoding: str = "utf-8", *, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` atomically (``mode``: as :func:`atomic_path`)."""
+    write_bytes(path, text.encode(encoding), mode=mode)
 
 
 def write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
@@ -101,12 +105,13 @@ def write_json(path: PathLike, obj: Any, *, indent: int = 2) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: PathLike) -> Iterator[str]:
+def atomic_dir(path: PathLike, *, replace: bool = True) -> Iterator[str]:
     """Yield a fresh temporary folder beside ``path``; on a clean exit it replaces ``path`` whole.
 
     An existing ``path`` is first renamed aside (``.tmp-old-...``) and deleted only after the new folder is in
     place, so at every instant ``path`` is either the old folder or the new one (between the two renames, briefly,
-    absent: a reader must treat a missing folder as "not written yet").
+    absent: a reader must treat a missing folder as "not written yet"). With ``replace=False`` a folder that is
+    already there (another process finished first) is kept and the new one dropped.
 
     >>> import tempfile, os
     >>> d = tempfile.mkdtemp()
@@ -121,18 +126,37 @@ def atomic_dir(path: PathLike) -> Iterator[str]:
     tmp = tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}", suffix=f"-{os.path.basename(path)}")
     try:
         yield tmp
-        old = None
-        if os.path.lexists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}old-")
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        install_dir(tmp, path, replace=replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def install_dir(src: PathLike, path: PathLike, *, replace: bool = True) -> None:
+    """Move the finished folder ``src`` (same filesystem) to ``path``, replacing a folder there as :func:`atomic_dir`
+    does: the old one is renamed aside first and deleted once the new one is in place. For a folder that several
+    processes write under a name they agree on (``trainer.save_model``), then one installs. ``replace=False``: keep
+    a folder already at ``path`` (``src`` is deleted)."""
+    src, path = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if not replace:
+        try:
+            os.rename(src, path)  # fails when a folder is already there
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+            shutil.rmtree(src, ignore_errors=True)
+        _fsync_dir(parent)
+        return
+    old = None
+    if os.path.lexists(path):
+        old = tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}old-")
+        os.rmdir(old)
+        os.replace(path, old)
+    os.replace(src, path)
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_temporaries(directory: PathLike) -> list[str]:

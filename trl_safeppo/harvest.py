@@ -43,16 +43,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .rejection_sampling import (
-    DEDUP_MODES,
-    SFT_FORMATS,
-    Summary,
-    _describe,
-    _write_text,
-    select,
-    stable_prompt_id,
-    write_products,
-)
+from .fileio import write_text
+from .rejection_sampling import DEDUP_MODES, SFT_FORMATS, Summary, describe, select, stable_prompt_id, write_products
 
 # kwargs GRPOTrainer passes to reward functions that are not dataset columns
 _TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")
@@ -232,8 +224,8 @@ class HarvestCallback(TrainerCallback):
                 path.unlink()
         if state.is_world_process_zero:
             root.mkdir(parents=True, exist_ok=True)
-            _write_text(json.dumps(self._provenance(args, model), indent=2, sort_keys=True) + "\n",
-                        root / "harvest.json")
+            provenance = self._provenance(args, model)
+            write_text(root / "harvest.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
     def on_step_end(self, args, state, control, **kwargs):
         self._commit(args.process_index, state.global_step)
@@ -259,16 +251,16 @@ class HarvestCallback(TrainerCallback):
         source = self.source_model
         if source is None and model is not None:
             config = getattr(model, "config", None)
-            source = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+            source = getattr(config, "name_or_path", None) or getattr(model, "name_or_path", None)
         spec = self.reward_spec
         if spec is None and self.watched:
             from .rewards import RuleChecker
 
             spec = "; ".join(
-                repr(w.reward_func) if isinstance(w.reward_func, RuleChecker) else str(_describe(w.reward_func))
+                repr(w.reward_func) if isinstance(w.reward_func, RuleChecker) else str(describe(w.reward_func))
                 for w in self.watched
             )
-        described = _describe(spec)
+        described = describe(spec)
         from . import __version__
 
         versions = {getattr(w.reward_func, "version", None) for w in self.watched} - {None}

@@ -29,11 +29,11 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .fileio import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -264,25 +264,9 @@ def save_pairs(pairs, path: str | os.PathLike, report: PairReport | None = None)
     replaced only once the new one is complete. Returns ``path``.
     """
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    old = None
-    try:
+    with atomic_dir(path) as tmp:
         pairs.save_to_disk(tmp)
         if report is not None:
             with open(os.path.join(tmp, REPORT_FILE), "w", encoding="utf-8") as f:
                 json.dump(report.to_dict(), f, indent=2)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "previous"))
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not os.path.exists(path) and os.path.exists(os.path.join(old, "previous")):
-            os.replace(os.path.join(old, "previous"), path)  # put the previous dataset back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return path

@@ -17,11 +17,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .fileio import atomic_dir
 
 PREFIX = "tiny://"
 BUILDER_VERSION = "3"  # bump whenever the build code changes what it writes: it enters the cache fingerprint
@@ -148,20 +148,9 @@ def build_tiny(identifier: str, *, force: bool = False) -> Path:
 
 
 def _build_locked(name: str, target: Path, force: bool) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        _build_into(name, TINY_MODELS[name], tmp)
-        if force and target.exists():
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: keep its (identical) build
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # without force, a build another process finished first is kept (it is identical)
+    with atomic_dir(target, replace=force) as tmp:
+        _build_into(name, TINY_MODELS[name], Path(tmp))
     return target
 
 

@@ -1,10 +1,10 @@
-"""A tripwire rollback restores PPO's critic with the policy (trainers._wiring snapshot hook)."""
+"""A tripwire rollback restores PPO's critic with the policy (trainers.tripwires snapshot hook)."""
 
 from __future__ import annotations
 
 import torch
 
-from trl_safeppo.trainers._wiring import restore_snapshot, save_snapshot
+from trl_safeppo.trainers.tripwires import restore_snapshot, save_snapshot
 from trl_safeppo.trainers.ppo_trainer import SafePPOTrainer
 
 from test_ppo_trainer import LengthReward, config, params, prompts  # same directory (pytest prepend mode)

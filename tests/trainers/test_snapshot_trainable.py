@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trl_safeppo.trainers._wiring import restore_snapshot, save_snapshot
+from trl_safeppo.trainers.tripwires import restore_snapshot, save_snapshot
 
 
 class _Accelerator:

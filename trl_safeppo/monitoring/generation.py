@@ -39,7 +39,7 @@ def load_policy(model_or_path: Any, tokenizer: Any = None):
     else:
         model = model_or_path
         if tokenizer is None:
-            name = getattr(getattr(model, "config", None), "_name_or_path", None)
+            name = getattr(getattr(model, "config", None), "name_or_path", None)
             if not name:
                 raise ValueError("pass tokenizer= when model_or_path is a model object without a saved path")
             tokenizer = AutoTokenizer.from_pretrained(name)

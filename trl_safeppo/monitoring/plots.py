@@ -12,17 +12,17 @@ Each stage gets one figure with a panel per quantity that the stage logged:
 - for PPO, the policy and value clip fractions and the critic's explained variance.
 
 Steps where a tripwire tripped are marked with a purple dotted vertical line in every panel.
-Uses the Agg backend (no display needed); figures are written atomically (temporary file, then ``os.replace``).
+Uses the Agg backend (no display needed); figures are written atomically (:mod:`trl_safeppo.fileio`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..fileio import atomic_path
 
 C_MAIN, C_SECOND, C_THIRD, C_TRIP = "#1f77b4", "#d62728", "#2ca02c", "#9467bd"
 
@@ -48,16 +48,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, mode=0o644) as tmp:  # a report is meant to be shared
         fig.savefig(tmp, format="png", dpi=110)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

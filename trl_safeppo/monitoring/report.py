@@ -6,7 +6,7 @@
 so the report of an interrupted run (a truncated last log line, a stage with no eval, a DPO stage with no KL)
 still builds. The runner calls it after every stage and at the end; ``trl-safeppo report RUN_DIR`` rebuilds it.
 
-Everything is written atomically (temporary file, then ``os.replace``).
+Everything is written atomically (:mod:`trl_safeppo.fileio`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ..fileio import write_text
 
 # Columns of the summary table: (header, where, key). where = "train" (last logged value) or "eval" (eval.json).
 SUMMARY_COLUMNS = (
@@ -468,20 +469,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
                 path.unlink(missing_ok=True)
 
     report = run / "report.md"
-    _atomic_write(report, "\n".join(md).rstrip() + "\n")
+    write_text(report, "\n".join(md).rstrip() + "\n", mode=0o644)  # a report is meant to be shared
     return report
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------- CLI: trl-safeppo report RUN_DIR

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_json
+
 STATUSES = ("pending", "running", "completed", "failed", "stopped", "gated", "carried")
 FINISHED = ("completed", "stopped")  # a later rerun skips these (stopped = ended early by a plateau: a success)
 VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "trl_safeppo")
@@ -167,8 +169,6 @@ class Manifest:
 
     def save(self) -> None:
         self.data["updated_at"] = now()
-        from ..fileio import write_json
-
         write_json(self.path, self.data)
 
 

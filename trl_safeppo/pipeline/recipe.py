@@ -209,10 +209,6 @@ class Recipe:
         out["stages"] = [dataclasses.asdict(stage) for stage in self.stages]
         return out
 
-    def stage_where(self, index: int) -> str:
-        stage = self.stages[index]
-        return f"stages[{index}] ({stage.name})"
-
 
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "source")
 STAGE_KEYS = tuple(f.name for f in dataclasses.fields(StageSpec))

@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import fileio
+from ..fileio import write_json, write_text
 from . import data as data_mod
 from .manifest import (FINISHED, Manifest, final_metrics, hash_json, hash_path, library_versions, new_stage_entry, now,
                        output_record, verify_output)
 from .preflight import Plan, StagePlan, preflight
 from .recipe import RecipeError, dump_recipe, load_recipe
 from .schema import accepted_fields
-from .stages import StageContext, StageOutcome, stage_run_function, write_json
+from .stages import StageContext, StageOutcome, stage_run_function
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,8 +125,6 @@ def log_history_callback(path: Path, is_main: bool):
 
 
 def write_log_history(path: Path, history: list[dict[str, Any]]) -> None:
-    from ..fileio import write_text
-
     write_text(path, "".join(json.dumps(entry, default=float) + "\n" for entry in history))
 
 

@@ -14,12 +14,12 @@ anything that only the main process may do checks ``ctx.is_main``.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..fileio import install_dir
 from .data import import_object
 from .recipe import Recipe, RecipeError, StageSpec
 
@@ -175,12 +175,6 @@ def build_config(ctx: StageContext):
     return config_class(ctx.spec.type, ctx.where)(**ctx.args)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(src, dst)
-
-
 def train_and_save(ctx: StageContext, trainer) -> StageOutcome:
     """Train (resuming from ``ctx.resume_from``), then write ``final/`` atomically.
 
@@ -210,7 +204,7 @@ def train_and_save(ctx: StageContext, trainer) -> StageOutcome:
         processing = getattr(trainer, "processing_class", None)
         if processing is not None and not (partial / "tokenizer_config.json").exists():
             processing.save_pretrained(str(partial))
-        _replace_dir(partial, final)
+        install_dir(partial, final)
     _barrier()
     accelerator = trainer.accelerator
     return StageOutcome(final=str(final), log_history=list(trainer.state.log_history),
@@ -284,8 +278,3 @@ def run_eval(ctx: StageContext) -> StageOutcome:
     return StageOutcome(final=ctx.model, eval=result)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (``trl_safeppo.fileio.write_json``)."""
-    from ..fileio import write_json as atomic_write_json
-
-    atomic_write_json(path, obj)

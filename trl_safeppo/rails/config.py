@@ -258,20 +258,10 @@ class KLConfig:
             also pulls back). Below `pull_back_above` leaves a margin for the next batch, which the trained batch
             cannot show (benchmarks, docs/benchmarks.md section 5).
         pull_back_iterations: bisection steps of the pull-back (>= 1): alpha to within `2 ** -iterations`.
-        pull_back_on: which batch's KL the pull-back checks. "trained_batch": after every optimizer step, the batch
-            just trained on, importance-weighted (cheap, but a jump of the next batch's KL does not show on it).
-            "new_batch": every new rollout batch, before any update on it, on the policy's own samples; above
-            `pull_back_above` the weights are pulled back (importance-weighted on that batch) and the batch is drawn
-            again from the pulled-back policy, so no update trains on, and no metric reports, a batch whose KL
-            was above the trigger as drawn (up to `pull_back_redraws`). The search weights each checked token by
-            its whole prefix's probability ratio (`rails.kl.kl_sums_after_update`): the pulled-back policy draws
-            shorter completions. The discarded batch's rewards, logs and metrics are dropped and the reward rails'
-            state is restored; reward functions must not keep state of their own. Not with tools, environments
-            or a `rollout_func` (a redraw would repeat their side effects). Costs one policy forward without
-            gradient per rollout batch (shared with `measure_before_update`'s k3) and, on a batch that pulls back,
-            `pull_back_iterations` forwards, one generation and one scoring more.
-        pull_back_redraws: with `pull_back_on: new_batch`, the most times one rollout batch is drawn again (>= 1);
-            a redrawn batch is checked like the first, and the last draw is trained on whatever its KL.
+        pull_back_on: which batch's KL the pull-back checks: "trained_batch", after every optimizer step, the batch
+            just trained on, importance-weighted. ("new_batch", which drew a rollout batch again after a pull-back,
+            was removed: see docs/rails.md and docs/benchmarks.md section 5; set `pull_back_to` below
+            `pull_back_above` instead, which leaves the next batch a margin.)
     """
 
     controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al. 2019)."})
@@ -328,29 +318,19 @@ class KLConfig:
     pull_back_on: str = field(
         default="trained_batch",
         metadata={"help": "Which batch the pull-back checks: 'trained_batch' (after each optimizer step, the batch "
-                  "just trained on) or 'new_batch' (each new rollout batch before any update; above the trigger, "
-                  "pull back and draw the batch again)."},
-    )
-    pull_back_redraws: int = field(
-        default=2,
-        metadata={"help": "pull_back_on 'new_batch': the most times one rollout batch is drawn again (each redraw "
-                  "is checked like the first; the last is trained on)."},
+                  "just trained on; 'new_batch' was removed)."},
     )
 
     def __post_init__(self) -> None:
         _check(self.controller in ("fixed", "adaptive"), "kl.controller", "'fixed' or 'adaptive'", self.controller)
         _check(self.estimator in (None, "k1", "k2", "k3"), "kl.estimator", "null, 'k1', 'k2' or 'k3'", self.estimator)
         _check_number("kl.init_kl_coef", self.init_kl_coef, ge=0, nullable=True)
-        _check_number("kl.target", self.target, gt=0)
-        _check_number("kl.horizon", self.horizon, gt=0)
-        _check_number("kl.min_coef", self.min_coef, gt=0)
-        _check(
-            _is_number(self.max_coef) and self.max_coef >= self.min_coef,
-            "kl.max_coef", f">= kl.min_coef ({self.min_coef})", self.max_coef,
+        from .kl import validate_adaptive_kl
+
+        validate_adaptive_kl(
+            self.init_kl_coef if self.controller == "adaptive" else None, self.target, self.horizon, self.min_coef,
+            self.max_coef, self.hold_until_target, self.deadband, self.proportional, where="rails.kl.",
         )
-        _check(isinstance(self.hold_until_target, bool), "kl.hold_until_target", "true or false", self.hold_until_target)
-        _check_number("kl.deadband", self.deadband, ge=0)
-        _check_number("kl.proportional", self.proportional, ge=0)
         _check(
             isinstance(self.measure_before_update, bool), "kl.measure_before_update", "true or false",
             self.measure_before_update,
@@ -382,31 +362,18 @@ class KLConfig:
             "kl.pull_back_iterations", "an integer >= 1 (6: alpha to within 1/64)", self.pull_back_iterations,
         )
         _check(
-            self.pull_back_on in ("trained_batch", "new_batch"), "kl.pull_back_on", "'trained_batch' or 'new_batch'",
+            self.pull_back_on != "new_batch", "kl.pull_back_on",
+            "'trained_batch': 'new_batch' (draw a rollout batch again after a pull-back) was removed, because it "
+            "had to undo TRL's private logging state; use pull_back_on: trained_batch with pull_back_to below "
+            "pull_back_above (for example 0.8 x), which leaves the next batch a margin (docs/rails.md)",
             self.pull_back_on,
         )
-        _check(
-            isinstance(self.pull_back_redraws, int) and not isinstance(self.pull_back_redraws, bool)
-            and self.pull_back_redraws >= 1,
-            "kl.pull_back_redraws", "an integer >= 1 (2: a batch is drawn at most 3 times)", self.pull_back_redraws,
-        )
-        if self.pull_back_on == "new_batch":
-            _check(
-                self.pull_back_above is not None, "kl.pull_back_on",
-                "'trained_batch', or set kl.pull_back_above too: 'new_batch' says where the pull-back checks, "
-                "pull_back_above switches it on", self.pull_back_on,
-            )
+        _check(self.pull_back_on == "trained_batch", "kl.pull_back_on", "'trained_batch'", self.pull_back_on)
         if self.controller == "adaptive" and self.max_kl is not None:
             _check(
                 self.max_kl >= self.target, "kl.max_kl",
                 f">= kl.target ({self.target}): the trust region caps KL above the target the controller steers to "
                 "(for example 1.3 x target)", self.max_kl,
-            )
-        if self.controller == "adaptive" and self.init_kl_coef is not None:
-            bounds = f"[{self.min_coef}, {self.max_coef}]"
-            _check(
-                self.min_coef <= self.init_kl_coef <= self.max_coef,
-                "kl.init_kl_coef", f"in [min_coef, max_coef] = {bounds} for the adaptive controller", self.init_kl_coef,
             )
 
 
@@ -567,12 +534,11 @@ class RailsConfig:
             return FixedKLController(0.0 if coef is None else coef)
         if coef is None:
             raise ValueError("rails.kl.init_kl_coef is needed for the adaptive controller (or pass the trainer's beta)")
-        if not self.kl.min_coef <= coef <= self.kl.max_coef:
-            source = "rails.kl.init_kl_coef" if self.kl.init_kl_coef is not None else "the trainer's KL coefficient"
-            raise ValueError(
-                f"{source} = {coef!r} must be in [min_coef, max_coef] = [{self.kl.min_coef}, {self.kl.max_coef}] "
-                "for the adaptive controller; set rails.kl.init_kl_coef to a value in that range"
-            )
+        if self.kl.init_kl_coef is None:  # the trainer's beta: checked here, so that the error says where it came from
+            from .kl import validate_adaptive_kl
+
+            validate_adaptive_kl(coef, self.kl.target, self.kl.horizon, self.kl.min_coef, self.kl.max_coef,
+                                 init_name=f"the trainer's KL coefficient = {coef!r}")
         return AdaptiveKLController(
             coef, self.kl.target, self.kl.horizon, self.kl.min_coef, self.kl.max_coef,
             hold_until_target=self.kl.hold_until_target, deadband=self.kl.deadband,
@@ -585,6 +551,12 @@ class RailsConfig:
 
 def _section_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     accepted = [f.name for f in dataclasses.fields(cls)]
+    if cls is KLConfig and "pull_back_redraws" in data:
+        raise ValueError(
+            f"{where}.pull_back_redraws={data['pull_back_redraws']!r}: the redraw of a rollout batch "
+            "(pull_back_on: new_batch) was removed; delete pull_back_redraws and use pull_back_on: trained_batch "
+            "with pull_back_to below pull_back_above (docs/rails.md)"
+        )
     unknown = sorted(set(data) - set(accepted))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; accepted: {accepted}")

@@ -36,9 +36,7 @@ Estimators of KL(pi || pi_ref) per token, with `log r = ref_logp - logp` on toke
     k3 = (r - 1) - log r                          unbiased, low variance, >= 0 (TRL GRPO's estimator)
 
 After an update the sampled tokens are off-policy; `kl_per_token_after_update` weights k3 by `pi / pi_old`
-(the KL trust region's measure, `kl_line_search`, and the pull-back's, `kl_pull_back_search`);
-`kl_sums_after_update` also weights each token by its prefix's ratio, for a policy that has moved far (the
-pull-back of a new batch).
+(the KL trust region's measure, `kl_line_search`, and the pull-back's, `kl_pull_back_search`).
 
 Torch is not imported here at module level: the estimators only use tensor methods.
 """
@@ -209,7 +207,7 @@ def _check_type(state: dict[str, Any], expected: str) -> None:
 
 
 def validate_adaptive_kl(
-    init_kl_coef: float,
+    init_kl_coef: float | None,
     target: float,
     horizon: float,
     min_coef: float,
@@ -217,35 +215,39 @@ def validate_adaptive_kl(
     hold_until_target: bool = False,
     deadband: float = 0.0,
     proportional: float = 0.0,
+    *,
+    where: str = "",
+    init_name: str = "init_kl_coef",
 ) -> None:
-    """Raise ValueError naming the first bad setting and its accepted range."""
+    """The one check of the adaptive controller's settings (the controller, ``rails.kl`` and the trainers use it):
+    raise ValueError naming the first bad setting, its value and its accepted range. ``where`` prefixes each name
+    (``"rails.kl."``); ``init_kl_coef=None`` (a config whose trainer supplies beta) skips its range check."""
 
     def finite(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+    def bad(name: str, accepted: str, value: Any, why: str = "") -> ValueError:
+        return ValueError(f"{where}{name} must be {accepted}, got {value!r}{why}")
+
     if not (finite(target) and target > 0):
-        raise ValueError(f"target must be a finite number > 0 (the KL to track), got {target!r}")
+        raise bad("target", "a finite number > 0", target, " (the KL to track)")
     if not (finite(horizon) and horizon > 0):
-        raise ValueError(f"horizon must be a finite number > 0 (samples per ~20% move of beta), got {horizon!r}")
+        raise bad("horizon", "a finite number > 0", horizon, " (samples per ~20% move of beta)")
     if not (finite(min_coef) and min_coef > 0):
-        raise ValueError(
-            f"min_coef must be a finite number > 0 (GRPO loads no reference model when beta == 0), got {min_coef!r}"
-        )
+        raise bad("min_coef", "a finite number > 0", min_coef, " (GRPO loads no reference model when beta == 0)")
     if not (isinstance(max_coef, (int, float)) and max_coef >= min_coef):
-        raise ValueError(f"max_coef must be >= min_coef ({min_coef}), got {max_coef!r}")
-    if not (finite(init_kl_coef) and min_coef <= init_kl_coef <= max_coef):
+        raise bad("max_coef", f">= min_coef ({min_coef})", max_coef)
+    if init_kl_coef is not None and not (finite(init_kl_coef) and min_coef <= init_kl_coef <= max_coef):
         raise ValueError(
-            f"init_kl_coef must be in [min_coef, max_coef] = [{min_coef}, {max_coef}], got {init_kl_coef!r}"
+            f"{where if init_name == 'init_kl_coef' else ''}{init_name} must be in [min_coef, max_coef] = "
+            f"[{min_coef}, {max_coef}] for the adaptive controller, got {init_kl_coef!r}"
         )
     if not isinstance(hold_until_target, bool):
-        raise ValueError(f"hold_until_target must be true or false, got {hold_until_target!r}")
+        raise bad("hold_until_target", "true or false", hold_until_target)
     if not (finite(deadband) and deadband >= 0):
-        raise ValueError(
-            f"deadband must be a finite number >= 0 (0.5 holds beta while KL is in [0.5, 1.5] x target), "
-            f"got {deadband!r}"
-        )
+        raise bad("deadband", "a finite number >= 0", deadband, " (0.5 holds beta while KL is in [0.5, 1.5] x target)")
     if not (finite(proportional) and proportional >= 0):
-        raise ValueError(f"proportional must be a finite number >= 0 (0: Ziegler's rule alone), got {proportional!r}")
+        raise bad("proportional", "a finite number >= 0", proportional, " (0: Ziegler's rule alone)")
 
 
 def kl_line_search(
@@ -355,53 +357,6 @@ def kl_per_token_after_update(
         mask: `(B, T)` 1 on response tokens; the result is 0 elsewhere.
     """
     return (logp - old_logp).exp() * kl_per_token(logp, ref_logp, "k3", mask)
-
-
-def kl_sums_after_update(
-    logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean per-token k3 KL(pi || pi_ref) over the completions a moved policy pi would sample, estimated from
-    completions sampled by pi_old with per-decision importance weights (Precup et al. 2000): a token counts with the
-    probability ratio of its whole prefix, so completions pi makes more (or less) likely count more (or less), and
-    with them their length. :func:`kl_per_token_after_update` weights each token by its own ratio only, which reads
-    every prefix as pi_old drew it: when pi has moved far from pi_old (a pull-back towards the reference) it misses
-    that pi draws fewer of the long, high-KL completions.
-
-    With `r_t = mask_t * (logp_t - old_logp_t)` and `W_t = exp(r_1 + ... + r_t)` per completion (`W_0 = 1`):
-
-        kl_sum = sum_{i,t} W_{i,t} * k3_{i,t}          (E_pi_old[kl_sum] = E_pi[sum_t k3_t])
-        tokens = sum_{i,t} W_{i,t-1} * mask_{i,t}      (E_pi_old[tokens] = E_pi[completion length])
-
-    and the estimate is `kl_sum / tokens`, summed over processes first (a ratio of unbiased sums: consistent,
-    slightly biased for a small batch). Equal to `kl_per_token(logp, ref_logp, "k3", mask)`'s sum and `mask.sum()`
-    when `logp == old_logp`.
-
-    Args:
-        logp, old_logp, ref_logp: `(B, T)` log-probabilities of the sampled tokens under pi, pi_old, pi_ref.
-        mask: `(B, T)` 1 on completion tokens (a prefix of each row).
-
-    Returns:
-        `(kl_sum, tokens)`, scalar tensors in the inputs' dtype, at least float32 (not float64 by force: Apple's MPS
-        has no float64).
-
-    Example: one completion of 2 tokens whose first token pi makes twice as likely as pi_old did (r = [log 2, 0]):
-    W = [2, 2], so kl_sum = 2 * k3_1 + 2 * k3_2 and tokens = W_0 + W_1 = 1 + 2 = 3.
-
-    >>> import math, torch
-    >>> logp = torch.tensor([[math.log(0.5), math.log(0.5)]])
-    >>> s, n = kl_sums_after_update(logp, logp - torch.tensor([[math.log(2), 0.0]]), logp, torch.ones(1, 2))
-    >>> float(s), round(float(n), 6)  # k3 = 0 where pi == pi_ref
-    (0.0, 3.0)
-    """
-    import torch
-
-    dtype = torch.promote_types(logp.dtype, torch.float32)
-    logp, old_logp, ref_logp, mask = (x.to(dtype) for x in (logp, old_logp, ref_logp, mask))
-    cumulative = ((logp - old_logp) * mask).cumsum(dim=1)
-    weight = cumulative.clamp(max=60.0).exp()  # W_t (a ratio past e^60 is clamped to keep a float32 sum finite)
-    before = torch.cat([torch.ones_like(weight[:, :1]), weight[:, :-1]], dim=1)  # W_{t-1}
-    k3 = kl_per_token(logp, ref_logp, "k3", mask)
-    return (weight * k3).sum(), (before * mask).sum()
 
 
 def kl_exact(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..fileio import write_json
 from .base import Rule
 from .checker import RuleChecker, RuleScores
 from .spec import resolve
@@ -357,8 +358,5 @@ def run(args) -> int:
     )
     print(report.format())
     if args.json_path:
-        tmp = args.json_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2)
-        os.replace(tmp, args.json_path)
+        write_json(args.json_path, report.to_dict())
     return 0 if report.ok else 1

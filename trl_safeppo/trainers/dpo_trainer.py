@@ -12,10 +12,13 @@ import json
 import math
 import os
 
+from transformers import TrainerCallback
 from trl import DPOTrainer
 
+from ..fileio import write_json
 from ..models import resolve_model_path
 from .dpo_config import SafeDPOConfig
+from .rails_mixin import checkpoint_folder, resume_folder
 from .tripwires import add_tripwires
 
 DPO_STATE_FILE = "safe_dpo_state.json"
@@ -53,7 +56,7 @@ class SafeDPOTrainer(DPOTrainer):
     def __init__(self, model, ref_model=None, args: SafeDPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = SafeDPOConfig(f"{name.split('/')[-1]}-SafeDPO")
         if isinstance(model, str):
             model = resolve_model_path(model)
@@ -72,6 +75,7 @@ class SafeDPOTrainer(DPOTrainer):
             **kwargs,
         )
         add_tripwires(self, args)
+        self.add_callback(DPOStateCallback(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -87,22 +91,24 @@ class SafeDPOTrainer(DPOTrainer):
             store["beta"].append(float(self.beta))
         return out
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), folder)
-            tmp = os.path.join(folder, f".{DPO_STATE_FILE}.tmp")
-            with open(tmp, "w") as f:
-                json.dump({"beta": float(self.beta)}, f)
-            os.replace(tmp, os.path.join(folder, DPO_STATE_FILE))
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, DPO_STATE_FILE)):
-            with open(os.path.join(checkpoint, DPO_STATE_FILE)) as f:
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        folder = resume_folder(self.args, resume_from_checkpoint)
+        path = None if folder is None else os.path.join(folder, DPO_STATE_FILE)
+        if path is not None and os.path.exists(path):
+            with open(path) as f:
                 beta = json.load(f).get("beta")
             if isinstance(beta, (int, float)) and math.isfinite(beta):
                 self.beta = float(beta)  # a beta raised by a tripwire survives the resume
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+
+class DPOStateCallback(TrainerCallback):
+    """Writes the DPO trainer's beta (which a tripwire may have raised) into every checkpoint folder."""
+
+    def __init__(self, trainer: SafeDPOTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            write_json(os.path.join(checkpoint_folder(args, state), DPO_STATE_FILE), {"beta": float(self.trainer.beta)})
+        return control

@@ -78,23 +78,30 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.rails is not None:
-            from ._wiring import _as_rails_config
+        from ..rails.config import RailsConfig
 
-            # a bad rails block fails here, naming its field; a RailsConfig is kept as its dict (JSON-able args)
-            self.rails = _as_rails_config(self.rails).to_dict()
-            kl = self.rails["kl"]
-            beta = kl["init_kl_coef"] if kl["init_kl_coef"] is not None else self.beta
-            for name in ("max_kl", "pull_back_above"):
-                if kl[name] is not None and not beta > 0:
-                    raise ValueError(
-                        f"rails.kl.{name}={kl[name]!r} bounds the KL to the reference model, but the KL coefficient "
-                        f"is {beta!r}, so GRPO loads no reference model; set rails.kl.init_kl_coef (or beta) > 0, or "
-                        f"rails.kl.{name} to null"
-                    )
-            if kl["pull_back_above"] is not None and self.sync_ref_model:
+        # The rails block is parsed here, once: a bad block fails now, naming its field. `rails` keeps the dict form
+        # (JSON-able args); the trainer builds its rails from `rails_config`.
+        self.rails_config = None if self.rails is None else RailsConfig.from_any(self.rails)
+        if self.rails_config is not None:
+            self.rails = self.rails_config.to_dict()
+            kl = self.rails_config.kl
+            if kl.estimator not in (None, "k3"):
                 raise ValueError(
-                    f"rails.kl.pull_back_above={kl['pull_back_above']!r} pulls the policy back towards the reference "
+                    f"rails.kl.estimator={kl.estimator!r}: GRPO's KL term is its own k3 estimator; set "
+                    "rails.kl.estimator to null or 'k3' for a GRPO stage"
+                )
+            beta = kl.init_kl_coef if kl.init_kl_coef is not None else self.beta
+            for name in ("max_kl", "pull_back_above"):
+                if getattr(kl, name) is not None and not beta > 0:
+                    raise ValueError(
+                        f"rails.kl.{name}={getattr(kl, name)!r} bounds the KL to the reference model, but the KL "
+                        f"coefficient is {beta!r}, so GRPO loads no reference model; set rails.kl.init_kl_coef (or "
+                        f"beta) > 0, or rails.kl.{name} to null"
+                    )
+            if kl.pull_back_above is not None and self.sync_ref_model:
+                raise ValueError(
+                    f"rails.kl.pull_back_above={kl.pull_back_above!r} pulls the policy back towards the reference "
                     "while sync_ref_model=True moves the reference towards the policy; set sync_ref_model to False, "
                     "or rails.kl.pull_back_above to null"
                 )

@@ -1,20 +1,18 @@
 """SafeGRPOTrainer: TRL's GRPOTrainer with reward rails, adaptive KL on beta, and tripwires that act.
 
-All of it is wiring (see ``_wiring.py`` and ``tripwires.py``): GRPO's rewards go through the rails before GRPO
+All of it is wiring (``rails_mixin.py`` and ``tripwires.py``): GRPO's rewards go through the rails before GRPO
 normalizes them per group, beta follows the KL controller, rails and KL state ride along in checkpoints, and the
 tripwire callback watches the logs. With ``rails=None`` and ``tripwires=None`` every override is a pass-through.
 """
 
 from __future__ import annotations
 
-import functools
-
 from trl import GRPOTrainer
 
 from ..models import resolve_model_path
 from ..rewards.timeout import DEFAULT_TIMEOUT_S, with_timeouts
-from ._wiring import RailsWiring, SafeRailsMixin
 from .grpo_config import SafeGRPOConfig
+from .rails_mixin import SafeRailsMixin, TrainerRails
 from .tripwires import add_tripwires
 
 
@@ -25,7 +23,8 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
     :func:`trl_safeppo.models.resolve_model_path`), or a model object.
 
     Attributes added to GRPOTrainer's:
-        rails_wiring: the :class:`~trl_safeppo.trainers._wiring.RailsWiring` (rails state, KL controller).
+        rails_wiring: the :class:`~trl_safeppo.trainers.rails_mixin.TrainerRails` (reward rails, KL control, trust
+            region).
         tripwire_callback: the :class:`~trl_safeppo.trainers.tripwires.TripwireCallback`, or None.
     """
 
@@ -34,40 +33,20 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args: SafeGRPOConfig | None = None, *, reward_processing_classes=None,
                  **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = SafeGRPOConfig(f"{name.split('/')[-1]}-SafeGRPO")
         if isinstance(model, str):
             model = resolve_model_path(model)
-        wiring = RailsWiring.from_config(getattr(args, "rails", None), default_kl_coef=args.beta)
-        estimator = getattr(getattr(wiring.rails, "config", None), "kl", None)
-        estimator = getattr(estimator, "estimator", None)
-        if estimator not in (None, "k3"):
-            raise ValueError(
-                f"rails.kl.estimator={estimator!r}: GRPO's KL term is its own k3 estimator; set rails.kl.estimator "
-                "to null or 'k3' for a GRPO stage"
-            )
         reward_funcs = with_timeouts(reward_funcs, getattr(args, "reward_timeout_s", DEFAULT_TIMEOUT_S))
-        args, reward_funcs, reward_processing_classes = wiring.prepare_init(
+        rails = TrainerRails.from_args(args)
+        args, reward_funcs, reward_processing_classes = rails.prepare_init(
             args, reward_funcs, reward_processing_classes
         )
-        self.rails_wiring = wiring
+        self.rails_wiring = rails
         self.tripwire_callback = None
         super().__init__(
             model=model, reward_funcs=reward_funcs, args=args, reward_processing_classes=reward_processing_classes,
             **kwargs,
         )
-        wiring.attach(self)
-        add_tripwires(self, args, wiring)
-
-    def _generate_and_score_completions(self, inputs):
-        wiring = self.rails_wiring
-        region = None if wiring is None else wiring.trust_region
-        logps = None
-        if region is not None and region.checks_new_batch and self.model.training:
-            draw = functools.partial(super()._generate_and_score_completions, inputs)
-            output, logps = region.check_new_batch(self, draw, wiring.rails)
-        else:
-            output = super()._generate_and_score_completions(inputs)
-        if wiring is not None and wiring.kl_before_update and self.model.training:
-            wiring.update_kl_from_batch(self, output, logps)
-        return output
+        rails.start(self)
+        add_tripwires(self, args, rails)

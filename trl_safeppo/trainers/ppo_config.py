@@ -19,8 +19,6 @@ from .tripwires import (
 # GRPO loss formulations that are the PPO clipped surrogate with a different token aggregation.
 PPO_LOSS_TYPES = ("bnpo", "dapo", "grpo", "dr_grpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-# GRPOConfig.__post_init__ raises this when num_generations < 2; PPO accepts 1 (see SafePPOConfig.__post_init__).
-GRPO_MIN_GENERATIONS_MESSAGE = "at least 2 generations per prompt"
 
 
 @dataclass
@@ -222,16 +220,7 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
 
             self.bf16 = bool(is_torch_bf16_gpu_available())
         if self.num_generations == 1:
-            # GRPO needs >= 2 completions per prompt for its group baseline; PPO's baseline is the critic, so 1 is
-            # the classic setup. GRPOConfig raises its "at least 2" error after every batch-size computation, and
-            # only the vLLM importance-sampling checks follow it; run those here (tests/test_trl_contract.py pins
-            # this order in the installed TRL).
-            try:
-                super().__post_init__()
-            except ValueError as err:
-                if GRPO_MIN_GENERATIONS_MESSAGE not in str(err):
-                    raise
-                self._post_min_generations_checks()
+            self._grpo_post_init_with_one_generation()
         else:
             super().__post_init__()
         if self.gradient_accumulation_steps and self.steps_per_generation % self.gradient_accumulation_steps != 0:
@@ -241,24 +230,37 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
                 "rollout batch; set steps_per_generation (or generation_batch_size) accordingly."
             )
 
-    def _post_min_generations_checks(self) -> None:
-        if self.vllm_importance_sampling_cap is not None:
-            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
-        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
-        if lo is not None and hi is not None and lo >= hi:
+    def _grpo_post_init_with_one_generation(self) -> None:
+        """GRPOConfig's own checks and batch sizes for one completion per prompt (classic PPO).
+
+        GRPO needs >= 2 completions per prompt for its group baseline; PPO's baseline is the critic. GRPOConfig uses
+        `num_generations` only to check that batches hold whole groups (divisibility) and for that minimum, so it
+        checks the PPO batch as the same batch with every size doubled and 2 completions per prompt: each
+        divisibility check then holds exactly when it holds for the PPO batch with 1 (tests/test_trl_contract.py
+        checks this on the installed TRL), the minimum holds, and every other check runs unchanged. The sizes are
+        halved back afterwards; `steps_per_generation` is a ratio and comes out the same.
+        """
+        eval_doubled = self.num_generations_eval is None
+        self.num_generations = 2
+        self.per_device_train_batch_size *= 2
+        if self.generation_batch_size is not None:
+            self.generation_batch_size *= 2
+        if eval_doubled:
+            self.per_device_eval_batch_size *= 2
+        try:
+            super().__post_init__()
+        except ValueError as err:
             raise ValueError(
-                f"vllm_importance_sampling_clip_min ({lo}) must be less than vllm_importance_sampling_clip_max ({hi})."
-            )
-        if (
-            self.vllm_importance_sampling_correction
-            and self.vllm_importance_sampling_mode in ("token_truncate", "sequence_truncate")
-            and lo is None
-            and hi is None
-        ):
-            raise ValueError(
-                "At least one of vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max must be set "
-                "when vllm_importance_sampling_mode is a *_truncate mode."
-            )
+                f"{err} (num_generations=1: GRPOConfig checked this PPO batch with every batch size doubled and 2 "
+                "completions per prompt, so halve the batch sizes it names)"
+            ) from err
+        finally:
+            self.num_generations = 1
+            self.per_device_train_batch_size //= 2
+            if self.generation_batch_size is not None:
+                self.generation_batch_size //= 2
+            if eval_doubled:
+                self.per_device_eval_batch_size //= 2
 
     def _check_ppo_fields(self) -> None:
         def bad(name: str, value: Any, fix: str) -> ValueError:
@@ -301,31 +303,32 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
             raise bad("critic_warmup_steps", self.critic_warmup_steps, "use an integer >= 0")
         if self.num_iterations < 1:
             raise bad("num_iterations", self.num_iterations, "use at least 1 PPO epoch")
+        self.rails_config = None
         if self.rails is not None:
             from ..rails.config import RailsConfig
 
             if not isinstance(self.rails, (dict, RailsConfig)):
                 raise bad("rails", type(self.rails).__name__, "pass a trl_safeppo.RailsConfig, a dict, or None")
-            # Validate now, at configuration time; keep the plain dict form so that the config stays JSON-serializable
-            # (TrainingArguments.to_json_string, loggers, checkpoints).
-            self.rails = RailsConfig.from_any(self.rails).to_dict()
-            if self.rails["kl"]["measure_exact"]:
+            # Parsed here, once, at configuration time; `rails` keeps the plain dict form so that the config stays
+            # JSON-serializable (TrainingArguments.to_json_string, loggers, checkpoints).
+            self.rails_config = RailsConfig.from_any(self.rails)
+            self.rails = self.rails_config.to_dict()
+            kl = self.rails_config.kl
+            if kl.measure_exact:
                 raise bad(
                     "rails.kl.measure_exact", True,
                     "the exact-KL measurement runs in GRPO stages only (PPO's controller reads the rollout's KL per "
                     "sequence from its own log-probabilities); set it to false",
                 )
-            max_kl = self.rails["kl"]["max_kl"]
-            if max_kl is not None:
+            if kl.max_kl is not None:
                 raise bad(
-                    "rails.kl.max_kl", max_kl,
+                    "rails.kl.max_kl", kl.max_kl,
                     "the KL trust region runs in GRPO stages only (PPO's KL is a per-token reward, its updates are "
                     "clipped by the PPO ratio); set it to null here and bound PPO's KL with a `kl_limit` tripwire",
                 )
-            pull_back = self.rails["kl"]["pull_back_above"]
-            if pull_back is not None:
+            if kl.pull_back_above is not None:
                 raise bad(
-                    "rails.kl.pull_back_above", pull_back,
+                    "rails.kl.pull_back_above", kl.pull_back_above,
                     "the KL pull-back runs in GRPO stages only; set it to null here and bound PPO's KL with a "
                     "`kl_limit` tripwire (action raise_kl or rollback)",
                 )

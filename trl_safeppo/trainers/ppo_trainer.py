@@ -1,21 +1,23 @@
 """SafePPOTrainer: classic RLHF PPO (Ziegler et al. 2019; InstructGPT) as a thin subclass of TRL's GRPOTrainer.
 
 GRPOTrainer already samples completions (transformers or vLLM), scores them with `reward_funcs`, handles PEFT and
-the reference model, and its loss accepts per-token `(B, T)` advantages. PPO adds, by extending it through `super()`:
+the reference model, and its loss accepts per-token `(B, T)` advantages. One PPO iteration, in the order of this file
+(cleanrl's ppo.py reads the same way):
 
-1. Rollout (`_generate_and_score_completions`): after GRPO has generated, scored and computed the reference
-   log-probabilities, we gather the per-token tensors of all processes and compute
-   score (after the reward rails) -> token rewards `-beta * KL_t` (+ score on the last token) -> values of the
-   critic -> GAE advantages and returns -> whitening. GRPO's group advantages `(B,)` are replaced by the GAE
-   advantages `(B, T)`; the rollout-time values and returns travel with the batch (GRPO shuffles and splits every
-   tensor of the batch along dim 0, so they stay aligned with their rows).
-2. Loss (`_compute_loss`): GRPO's clipped surrogate on our advantages, with `beta` set to 0 for the call, so the KL
-   stays in the reward and out of the loss; plus `vf_coef *` the clipped value loss of the critic.
-3. The critic: a separate sequence-classification model read per token, prepared by accelerate (DDP when
-   distributed), with its own optimizer (built from `optim` like the policy's), scheduler, gradient clipping and
-   checkpoint files.
+1. Rollout (`_generate_and_score_completions`): GRPO generates, scores (through the reward rails,
+   `reward_rails.py`) and computes the reference log-probabilities; we add the policy's log-probabilities and the
+   critic's values.
+2. Targets (`_rollout_targets`), on the global batch: score -> per-token KL -> token rewards `-beta * KL_t` (+ score
+   on the last token) -> GAE advantages and returns -> whitening (the maths: `ppo_maths.py`). GRPO's group
+   advantages `(B,)` are replaced by the GAE advantages `(B, T)`; values and returns travel with the batch.
+3. Epochs of minibatch updates (`_prepare_inputs`, `compute_loss`, `training_step`): each epoch reshuffles the
+   rollout into minibatches; each minibatch trains the policy (GRPO's clipped surrogate on our advantages, with
+   `beta` 0 for the call so the KL stays in the reward) and the critic (`vf_coef *` the clipped value loss, its own
+   optimizer, scheduler and gradient clipping).
 
-Notation follows TRL's former PPOTrainer and cleanrl's ppo.py. Shapes: B completions, T response tokens.
+The critic is a separate sequence-classification model read per token, prepared by accelerate (DDP when
+distributed), saved in every checkpoint. Notation follows TRL's former PPOTrainer and cleanrl's ppo.py. Shapes: B
+completions, T response tokens.
 """
 
 from __future__ import annotations
@@ -24,74 +26,26 @@ import contextlib
 import copy
 import math
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch
-from torch import nn
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from ..fileio import atomic_dir, atomic_path
 from ..models import resolve_model_path
 from ..rails.kl import kl_per_token, sequence_kl
 from ..rewards.timeout import with_timeouts
-from ._wiring import RailsWiring, SafeRailsMixin
-from .tripwires import add_tripwires
+from .critic import check_critic, load_critic, prepare_critic
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
+from .rails_mixin import SafeRailsMixin, TrainerRails, checkpoint_folder
+from .tripwires import add_tripwires
 
 CRITIC_DIR = "critic"
 CRITIC_OPTIMIZER_FILE = "critic_optimizer.pt"
 CRITIC_SCHEDULER_FILE = "critic_scheduler.pt"
-
-
-class ValueModel(nn.Module):
-    """Per-token values from a sequence-classification model: its trunk, then its scalar head on every position.
-
-    `forward(input_ids, attention_mask) -> (B, L)` float values (the head of TRL's former PPOTrainer, `get_reward`).
-    Wrapping the two calls in one module lets accelerate prepare (DDP-wrap) the critic as a whole.
-    """
-
-    def __init__(self, model: PreTrainedModel):
-        super().__init__()
-        self.model = model
-        self.head = value_head(model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        trunk = getattr(self.model, self.model.base_model_prefix)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
-
-
-def value_head(model: nn.Module) -> nn.Linear:
-    """The scalar head of a sequence-classification model (`score` in decoder models, `classifier` in encoders)."""
-    for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            return head
-    raise ValueError(
-        f"critic {type(model).__name__} has no linear `score` / `classifier` head; use a checkpoint that "
-        "AutoModelForSequenceClassification loads as a decoder with a `score` head (Llama, Qwen2, Mistral, GPT-2, ...)"
-    )
-
-
-class PPOWiring(RailsWiring):
-    """The shared rails wiring, with the KL controller driven once per rollout by the per-sequence KL (PPO)
-    instead of once per optimizer step by GRPO's per-token `kl` metric."""
-
-    def observe_kl(self, trainer) -> None:  # GRPO's `kl` metric is not PPO's measure
-        return None
-
-    def step_kl(self) -> None:  # updated in SafePPOTrainer._ppo_rollout, once per rollout
-        return None
-
-    def update_kl(self, sequence_kl: float, n_samples: int) -> None:
-        if self.kl_controller is None or self.trainer is None:
-            return
-        self.kl_controller.update(sequence_kl, n_samples)
-        self.trainer.beta = float(self.kl_controller.value)
 
 
 class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
@@ -135,16 +89,16 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         reward_funcs = with_timeouts(_resolve_reward_funcs(reward_funcs), args.reward_timeout_s)
         _check_dataset(train_dataset, args)
 
-        wiring = _build_wiring(args)
-        args, reward_funcs, reward_processing_classes = wiring.prepare_init(
+        rails = TrainerRails.from_args(args, ppo=True)
+        args, reward_funcs, reward_processing_classes = rails.prepare_init(
             args, reward_funcs, reward_processing_classes
         )
-        self.rails_wiring = wiring
+        self.rails_wiring = rails
         # Built before GRPO wraps the policy (PEFT injects its layers into the model object in place), and checked
         # before the policy and reference load.
         critic_field = "value_model" if value_model is not None else "critic_model_path"
-        critic = value_model if value_model is not None else _load_critic(args, model, reward_funcs)
-        _check_critic(critic, None, critic_field)
+        critic = value_model if value_model is not None else load_critic(args, model, reward_funcs)
+        check_critic(critic, None, critic_field)
 
         super().__init__(
             model=model,
@@ -159,10 +113,10 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
-        wiring.attach(self)
+        rails.start(self)
         self.tripwire_callback = None
-        add_tripwires(self, args, wiring)  # raise_kl / rollback act on wiring.kl_controller through wiring.set_beta
-        if self._is_vlm:
+        add_tripwires(self, args, rails)  # raise_kl / rollback act on the KL controller through rails.kl.set_beta
+        if isinstance(self.processing_class, ProcessorMixin):
             raise ValueError(
                 f"processing_class={type(self.processing_class).__name__} is a multimodal processor; SafePPOTrainer's "
                 "critic and rollout forwards are text-only. Use a text-only model (or SafeGRPOTrainer for VLMs)."
@@ -173,122 +127,31 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 "FSDP do not yet shard the critic. Launch without a DeepSpeed / FSDP config."
             )
 
-        _check_critic(critic, self.processing_class, critic_field)
-        critic.config.pad_token_id = self._tokenizer.pad_token_id
-        if args.disable_dropout:
-            from trl.trainer.utils import disable_dropout_in_model
-
-            disable_dropout_in_model(critic)
-        critic_checkpointing = args.critic_gradient_checkpointing
-        if critic_checkpointing is None:
-            critic_checkpointing = args.gradient_checkpointing
-        if critic_checkpointing:
-            _enable_checkpointing(critic, args.gradient_checkpointing_kwargs)
+        value_module = prepare_critic(critic, args, self.processing_class, critic_field)
         critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate
-        value_module = ValueModel(critic)
         optimizer = self._create_critic_optimizer(value_module, critic_lr)
         self.critic = self.accelerator.prepare_model(value_module)
         self.critic_optimizer = self.accelerator.prepare_optimizer(optimizer)
         self.critic_lr_scheduler = None
+        self.critic_resume_folder: str | None = None  # the checkpoint whose critic scheduler create_scheduler loads
+        self.add_callback(CriticCheckpointCallback(self))
+        # minibatches of the current rollout, and the micro-steps served from it (_prepare_inputs)
+        self._ppo_minibatches: list[dict] = []
+        self._ppo_steps = 0
         self._ppo_capture = False
         self._ppo_captured_logps: torch.Tensor | None = None
-        self._ppo_rewards_per_func: torch.Tensor | None = None
 
-    # ------------------------------------------------------------------ critic optimisation
-    def _create_critic_optimizer(self, value_module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        """The critic's optimizer, built as the Trainer builds the policy's: the class and settings of `args.optim`
-        (e.g. fused AdamW, 8-bit Adam) and weight decay on the same parameters (not biases, not norms)."""
-        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, value_module)
-        if "params" in kwargs or "model" in kwargs:  # GaLore, Apollo, LOMO: built around one model's layers
-            optim = getattr(self.args.optim, "value", self.args.optim)  # an OptimizerNames enum after post-init
-            raise ValueError(
-                f"optim={optim!r} builds its optimizer around the policy's own layers and cannot also train "
-                "SafePPOTrainer's critic; use an AdamW-type optimizer (e.g. optim='adamw_torch_fused')"
-            )
-        decay = set(self.get_decay_parameter_names(value_module))
-        named = [(n, p) for n, p in value_module.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
-            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-        ]
-        return optimizer_cls([g for g in groups if g["params"]], **{**kwargs, "lr": lr})
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
-        if self.critic_lr_scheduler is None:
-            from transformers import get_scheduler
-
-            self.critic_lr_scheduler = get_scheduler(
-                self.args.lr_scheduler_type,
-                optimizer=self.critic_optimizer,
-                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
-                num_training_steps=num_training_steps,
-                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
-            )
-        return scheduler
-
-    def training_step(self, model, inputs, num_items_in_batch):
-        self.critic.train()
-        # sync_gradients is the Trainer's optimizer-step boundary (the last micro-batch of gradient accumulation):
-        # before it, the critic's DDP gradient all-reduce is deferred exactly as the Trainer defers the policy's.
-        sync = self.accelerator.sync_gradients
-        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.critic):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        if sync:
-            self._critic_optimizer_step()
-        return loss
-
-    def _critic_optimizer_step(self) -> None:
-        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(self.critic.parameters(), self.args.max_grad_norm)
-            self._metrics["train"]["ppo/val/grad_norm"].append(float(norm))
-        self.critic_optimizer.step()
-        if self.critic_lr_scheduler is not None:
-            self.critic_lr_scheduler.step()
-        self.critic_optimizer.zero_grad(set_to_none=True)
-
-    def _prepare_inputs(self, generation_batch):
-        # PPO draws fresh minibatches in every epoch (cleanrl's ppo.py; TRL's former PPOTrainer). GRPO shuffles a
-        # rollout once and walks the same slices in every iteration, so at each later epoch's first step the
-        # buffered slices are re-pooled, shuffled and split again (each process its own rows) before GRPO serves one.
-        spg = self.args.steps_per_generation
-        if (
-            self.model.training
-            and self._buffered_inputs is not None
-            and self._step % (spg * self.num_iterations) != 0
-            and self._step % spg == 0
-            and spg > 1
-        ):
-            self._buffered_inputs = _reshuffle(self._buffered_inputs)
-        return super()._prepare_inputs(generation_batch)
-
-    def _critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
-        """`(B, T)` values V(s_t) of the states before each response token (hidden state of the previous position)."""
-        with self.accelerator.autocast():
-            values = self.critic(input_ids=input_ids, attention_mask=attention_mask)
-        return values[:, -logits_to_keep - 1 : -1]
-
-    # ------------------------------------------------------------------ rollout
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._ppo_rewards_per_func = rewards_per_func  # global (all processes), after the rails' adjustment column
-        return rewards_per_func
-
-    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        if self._ppo_capture:
-            self._ppo_captured_logps = out[0].detach()
-        return out
-
+    # ================================================================== 1. Rollout
     def _generate_and_score_completions(self, inputs):
-        self._ppo_rewards_per_func = None
+        # GRPO generates, scores through the reward rails and computes the reference log-probs; PPO adds the rest
         output = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            self._ppo_minibatches, self._ppo_steps = [], 0  # a new rollout: its epochs start (_prepare_inputs)
         return self._ppo_rollout(output)
 
     @torch.no_grad()
     def _ppo_rollout(self, output: dict[str, Any]) -> dict[str, Any]:
         mode = "train" if self.model.training else "eval"
-        store = self._metrics[mode]
         accelerator = self.accelerator
         prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
@@ -298,6 +161,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         n_local, t_local = completion_ids.shape
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
 
+        # Policy log-probs (GRPO's when it computed them) and the critic's values V(s_t)
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             old_logps = output.get("old_per_token_logps")
             if old_logps is None:  # GRPO skips it when the batch is used for exactly one optimizer step
@@ -320,21 +184,38 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         def gather_bt(x: torch.Tensor) -> torch.Tensor:
             return accelerator.gather(accelerator.pad_across_processes(x.contiguous(), dim=1, pad_index=0))
 
-        mask_g = gather_bt(mask.float())
-        old_g = gather_bt(old_logps.float())
         values_g = gather_bt(values.float())
         ref_g = gather_bt(ref_logps.float()) if ref_logps is not None else None
-        rpf = self._ppo_rewards_per_func
-        score = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1).to(mask_g.device)
-        unscorable = (torch.isnan(rpf).all(dim=1).to(mask_g.device)) | ~torch.isfinite(score)
+        targets = self._rollout_targets(mode, gather_bt(mask.float()), gather_bt(old_logps.float()), ref_g, values_g)
+        rows = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
+        dtype = torch.float32  # advantages, values and returns stay in full precision under bf16 autocast
+        output["advantages"] = targets.advantages[rows, :t_local].to(dtype)
+        output["ppo_values"] = values_g[rows, :t_local].to(dtype)
+        output["ppo_returns"] = targets.returns[rows, :t_local].to(dtype)
+        output["ppo_mask"] = targets.mask[rows, :t_local].to(dtype)
+        return output
+
+    # ================================================================== 2. Targets: score, KL, GAE, whitening
+    def _rollout_targets(self, mode, mask_g, old_g, ref_g, values_g):
+        """The PPO targets of one rollout from its global `(B, T)` tensors (`ppo_maths.rollout_targets`), with the
+        KL controller fed once per rollout and the rollout's metrics logged."""
+        store = self._metrics[mode]
+        kl = self.rails_wiring.kl
+        estimator = kl_estimator(self.args)
+
+        # Score: the reward functions' weighted sum after the reward rails (reward_rails.py), one number per row
+        score = self.rails_wiring.rewards.last_rewards.to(mask_g.device)
+        unscorable = ~torch.isfinite(score)
         empty = mask_g.sum(dim=1) == 0
-        before_update = self.rails_wiring.kl_before_update
-        if before_update and mode == "train" and ref_g is not None and (~empty).any():
-            # rails.kl.measure_before_update: this rollout's KL sets the beta of its own penalty
+
+        # KL coefficient: rails.kl.measure_before_update lets this rollout's KL set the beta of its own penalty
+        if kl.before_update and mode == "train" and ref_g is not None and (~empty).any():
             maskf = mask_g.to(old_g.dtype)
-            rollout_kl = sequence_kl(kl_per_token(old_g, ref_g, kl_estimator(self.args), maskf), maskf)[~empty]
-            self.rails_wiring.update_kl(rollout_kl.mean().item(), len(rollout_kl))
+            rollout_kl = sequence_kl(kl_per_token(old_g, ref_g, estimator, maskf), maskf)[~empty]
+            kl.update(rollout_kl.mean().item(), len(rollout_kl))
         beta = float(self.beta) if ref_g is not None else 0.0
+
+        # Token rewards -beta * KL_t (+ score on the last token), GAE advantages and returns, whitening
         targets = rollout_targets(
             score,
             old_g,
@@ -344,7 +225,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             beta,
             gamma=self.args.gamma,
             lam=self.args.lam,
-            estimator=kl_estimator(self.args),
+            estimator=estimator,
             whiten_advantages=self.args.whiten_advantages,
             whiten_rewards=self.args.whiten_rewards,
             scorable=~unscorable & ~empty,
@@ -368,36 +249,45 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         store["ppo/returns/mean"].append(_masked_mean(targets.returns, targets.mask))
         store["ppo/val/explained_variance"].append(explained_variance(values_g, targets.returns, targets.mask))
 
-        if mode == "train" and ref_logps is not None and not before_update:
-            finite = ~empty
-            if finite.any():
-                self.rails_wiring.update_kl(seq_kl[finite].mean().item(), int(finite.sum().item()))
+        # KL coefficient, by default: the rollout's KL moves beta for the next rollout (Ziegler et al. 2019)
+        if mode == "train" and ref_g is not None and not kl.before_update and (~empty).any():
+            kl.update(seq_kl[~empty].mean().item(), int((~empty).sum().item()))
+        return targets
 
-        rank = accelerator.process_index
-        rows = slice(rank * n_local, (rank + 1) * n_local)
-        dtype = torch.float32  # advantages, values and returns stay in full precision under bf16 autocast
-        output["advantages"] = targets.advantages[rows, :t_local].to(dtype)
-        output["ppo_values"] = values_g[rows, :t_local].to(dtype)
-        output["ppo_returns"] = targets.returns[rows, :t_local].to(dtype)
-        output["ppo_mask"] = targets.mask[rows, :t_local].to(dtype)
-        return output
+    # ================================================================== 3. Epochs of minibatch updates
+    def _prepare_inputs(self, generation_batch):
+        # PPO draws fresh minibatches in every epoch (cleanrl's ppo.py; TRL's former PPOTrainer). GRPO shuffles a
+        # rollout once and serves the same slices in every epoch, so the first epoch takes GRPO's slices and every
+        # later epoch pools them, shuffles the rows and splits them again (each process its own rows).
+        inputs = super()._prepare_inputs(generation_batch)
+        if not self.model.training:
+            return inputs
+        spg = self.args.steps_per_generation
+        step, self._ppo_steps = self._ppo_steps, self._ppo_steps + 1
+        if step < spg:  # epoch 0
+            self._ppo_minibatches.append(inputs)
+            return inputs
+        if step % spg == 0 and spg > 1:  # a later epoch starts
+            self._ppo_minibatches = _reshuffle(self._ppo_minibatches)
+        return self._ppo_minibatches[step % spg]
 
-    # ------------------------------------------------------------------ loss
-    def _compute_loss(self, model, inputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         store = self._metrics[mode]
-        beta, self.beta = self.beta, 0.0  # the KL is in the reward: GRPO must not add it to the loss
+
+        # Policy loss: GRPO's clipped surrogate on the GAE advantages; beta 0 for the call, the KL is in the reward
+        beta, self.beta = self.beta, 0.0
         self._ppo_capture = True
         try:
-            policy_loss = super()._compute_loss(model, inputs)
+            policy_loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self.beta = beta
             self._ppo_capture = False
         logps, self._ppo_captured_logps = self._ppo_captured_logps, None
 
+        # Value loss, clipped around the rollout-time values (TRL PPOTrainer; Huang et al. 2024, detail 9)
         mask = inputs["ppo_mask"]
         maskf = mask.float()
-        # Value loss, clipped around the rollout-time values (TRL PPOTrainer; Huang et al. 2024, detail 9)
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -437,30 +327,106 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         store["ppo/loss/policy"].append(local_policy_loss * scale)
         return policy_weight * policy_loss + self.args.vf_coef * vf_loss / scale
 
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if self._ppo_capture:  # the loss's own log-probs, for approxkl / clipfrac / ratio_mean
+            self._ppo_captured_logps = out[0].detach()
+        return out
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        self.critic.train()
+        # sync_gradients is the Trainer's optimizer-step boundary (the last micro-batch of gradient accumulation):
+        # before it, the critic's DDP gradient all-reduce is deferred exactly as the Trainer defers the policy's.
+        sync = self.accelerator.sync_gradients
+        with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.critic):
+            loss = super().training_step(model, inputs, num_items_in_batch)  # policy step: the Trainer's
+        if sync:
+            self._critic_optimizer_step()
+        return loss
+
+    # ------------------------------------------------------------------ the critic
+    def _critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int):
+        """`(B, T)` values V(s_t) of the states before each response token (hidden state of the previous position)."""
+        with self.accelerator.autocast():
+            values = self.critic(input_ids=input_ids, attention_mask=attention_mask)
+        return values[:, -logits_to_keep - 1 : -1]
+
+    def _critic_optimizer_step(self) -> None:
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(self.critic.parameters(), self.args.max_grad_norm)
+            self._metrics["train"]["ppo/val/grad_norm"].append(float(norm))
+        self.critic_optimizer.step()
+        if self.critic_lr_scheduler is not None:
+            self.critic_lr_scheduler.step()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+
+    def _create_critic_optimizer(self, value_module: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        """The critic's optimizer, built as the Trainer builds the policy's: the class and settings of `args.optim`
+        (e.g. fused AdamW, 8-bit Adam) and weight decay on the same parameters (not biases, not norms)."""
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, value_module)
+        if "params" in kwargs or "model" in kwargs:  # GaLore, Apollo, LOMO: built around one model's layers
+            optim = getattr(self.args.optim, "value", self.args.optim)  # an OptimizerNames enum after post-init
+            raise ValueError(
+                f"optim={optim!r} builds its optimizer around the policy's own layers and cannot also train "
+                "SafePPOTrainer's critic; use an AdamW-type optimizer (e.g. optim='adamw_torch_fused')"
+            )
+        decay = set(self.get_decay_parameter_names(value_module))
+        named = [(n, p) for n, p in value_module.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        return optimizer_cls([g for g in groups if g["params"]], **{**kwargs, "lr": lr})
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps=num_training_steps, optimizer=optimizer)
+        if self.critic_lr_scheduler is None:
+            from transformers import get_scheduler
+
+            self.critic_lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=self.critic_optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
+            )
+            path = os.path.join(self.critic_resume_folder or "", CRITIC_SCHEDULER_FILE)
+            if self.critic_resume_folder is not None and os.path.exists(path):
+                self.critic_lr_scheduler.load_state_dict(torch.load(path, weights_only=False))
+        return scheduler
+
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)  # policy, its optimizer, rails + KL controller state
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+    def save_critic(self, folder: str) -> None:
+        """Write the critic, its optimizer and scheduler into a checkpoint folder (after the policy's)."""
         self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            critic = self.accelerator.unwrap_model(self.critic).model
-            tmp = tempfile.mkdtemp(dir=folder, prefix=".tmp-critic-")
-            try:
-                critic.save_pretrained(tmp)
-                final = os.path.join(folder, CRITIC_DIR)
-                if os.path.exists(final):
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            finally:
-                if os.path.exists(tmp):
-                    shutil.rmtree(tmp)
-            _atomic_save(self.critic_optimizer.state_dict(), os.path.join(folder, CRITIC_OPTIMIZER_FILE))
-            if self.critic_lr_scheduler is not None:
-                _atomic_save(self.critic_lr_scheduler.state_dict(), os.path.join(folder, CRITIC_SCHEDULER_FILE))
+        if not self.args.should_save:
+            return
+        with atomic_dir(os.path.join(folder, CRITIC_DIR)) as tmp:
+            self.accelerator.unwrap_model(self.critic).model.save_pretrained(tmp)
+        with atomic_path(os.path.join(folder, CRITIC_OPTIMIZER_FILE)) as tmp:
+            torch.save(self.critic_optimizer.state_dict(), tmp)
+        if self.critic_lr_scheduler is not None:
+            with atomic_path(os.path.join(folder, CRITIC_SCHEDULER_FILE)) as tmp:
+                torch.save(self.critic_lr_scheduler.state_dict(), tmp)
 
-    # --- tripwire rollback: the critic is trained state too (hook of trainers._wiring.save_snapshot)
+    def load_checkpoint_state(self, folder: str) -> None:
+        super().load_checkpoint_state(folder)  # rails + KL controller
+        critic_dir = os.path.join(folder, CRITIC_DIR)
+        if not os.path.isdir(critic_dir):
+            raise ValueError(
+                f"resume_from_checkpoint={folder!r} has no {CRITIC_DIR}/ directory: it was not written by "
+                "SafePPOTrainer, so the critic cannot be restored; resume from a SafePPOTrainer checkpoint"
+            )
+        critic = self.accelerator.unwrap_model(self.critic).model
+        loaded = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=critic.dtype)
+        critic.load_state_dict(loaded.state_dict())
+        del loaded
+        device = self.accelerator.device
+        state = torch.load(os.path.join(folder, CRITIC_OPTIMIZER_FILE), map_location=device, weights_only=False)
+        self.critic_optimizer.load_state_dict(state)
+        self.critic_resume_folder = folder  # its scheduler is loaded once create_scheduler has built it
+
+    # --- tripwire rollback: the critic is trained state too (hook of trainers.tripwires.save_snapshot)
     def tripwire_state_dict(self) -> dict[str, Any]:
         """The critic's weights and optimizer state, saved with every tripwire snapshot, so a rollback restores the
         critic together with the policy instead of pairing old policy weights with a critic trained past them."""
@@ -474,26 +440,16 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         self.accelerator.unwrap_model(self.critic).load_state_dict(state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        critic_dir = os.path.join(checkpoint, CRITIC_DIR)
-        if not os.path.isdir(critic_dir):
-            raise ValueError(
-                f"resume_from_checkpoint={checkpoint!r} has no {CRITIC_DIR}/ directory: it was not written by "
-                "SafePPOTrainer, so the critic cannot be restored; resume from a SafePPOTrainer checkpoint"
-            )
-        critic = self.accelerator.unwrap_model(self.critic).model
-        loaded = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=critic.dtype)
-        critic.load_state_dict(loaded.state_dict())
-        del loaded
-        device = self.accelerator.device
-        state = torch.load(os.path.join(checkpoint, CRITIC_OPTIMIZER_FILE), map_location=device, weights_only=False)
-        self.critic_optimizer.load_state_dict(state)
-        sched_path = os.path.join(checkpoint, CRITIC_SCHEDULER_FILE)
-        if self.critic_lr_scheduler is not None and os.path.exists(sched_path):
-            self.critic_lr_scheduler.load_state_dict(torch.load(sched_path, weights_only=False))
+
+class CriticCheckpointCallback(TrainerCallback):
+    """Saves the critic into every checkpoint folder, right after the Trainer wrote the policy's."""
+
+    def __init__(self, trainer: SafePPOTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.save_critic(checkpoint_folder(args, state))
+        return control
 
 
 # ---------------------------------------------------------------------- helpers
@@ -522,41 +478,9 @@ def _reshuffle(slices: list[dict]) -> list[dict]:
     return split_tensor_dict(shuffle_sequence_dict(pooled), len(slices))
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _enable_checkpointing(model: PreTrainedModel, kwargs: dict | None) -> None:
-    """Turn on activation recomputation as the transformers Trainer does for the policy: `every_n_layers` and
-    `offload` are arguments of the enable call (transformers >= 5.23), the other keys go to torch's checkpoint."""
-    kwargs = dict(kwargs or {"use_reentrant": False})
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; the old name is deprecated there
-        layer_args = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **layer_args)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _build_wiring(args: SafePPOConfig) -> PPOWiring:
-    """Reward rails and KL controller from `args.rails` (None: no reward rail, `FixedKLController(args.beta)`)."""
-    from ..rails.kl import FixedKLController
-
-    wiring = PPOWiring.from_config(args.rails, default_kl_coef=args.beta)
-    if args.rails is None and args.beta > 0:
-        wiring.kl_controller = FixedKLController(args.beta)
-    return wiring
-
-
 def kl_estimator(args: SafePPOConfig) -> str:
     """`rails.kl.estimator` when set, else `args.kl_estimator`."""
-    rails_estimator = ((args.rails or {}).get("kl") or {}).get("estimator")
+    rails_estimator = args.rails_config.kl.estimator if args.rails_config is not None else None
     return rails_estimator or args.kl_estimator
 
 
@@ -608,80 +532,3 @@ def _check_dataset(train_dataset, args: SafePPOConfig) -> None:
         )
     if "prompt" not in getattr(train_dataset, "column_names", ["prompt"]):
         raise ValueError(f"train_dataset has no 'prompt' column (columns: {train_dataset.column_names})")
-
-
-def _model_init_kwargs(args: SafePPOConfig) -> dict:
-    kwargs = dict(args.model_init_kwargs or {})
-    kwargs.pop("device_map", None)
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return kwargs
-
-
-def _load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrainedModel:
-    """The critic's starting point, per `args.critic_model_path` (see SafePPOConfig)."""
-    import copy
-
-    spec = args.critic_model_path
-    if spec == "reward_model":
-        for func in reward_funcs:
-            if isinstance(func, str):
-                return _from_pretrained(func, args, "critic_model_path='reward_model'")
-            if isinstance(func, PreTrainedModel):
-                return copy.deepcopy(func)
-        raise ValueError(
-            "critic_model_path='reward_model' needs a sequence-classification reward model in reward_funcs, but all "
-            "of them are callables; set critic_model_path=None (start from the policy) or a critic path"
-        )
-    if spec is not None:
-        try:
-            path = resolve_model_path(spec)
-        except ValueError as err:
-            raise ValueError(f"critic_model_path={spec!r}: {err}") from err
-        return _from_pretrained(path, args, f"critic_model_path={spec!r}")
-    if isinstance(model, str):
-        return _from_pretrained(model, args, "critic_model_path=None (the policy)")
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        raise ValueError(
-            "the policy is a PeftModel object, so the critic cannot be copied from it; pass the base model with "
-            "peft_config, or set critic_model_path"
-        )
-    config = copy.deepcopy(model.config)
-    config.num_labels = 1
-    critic = AutoModelForSequenceClassification.from_config(config)
-    trunk = getattr(critic, critic.base_model_prefix)
-    trunk.load_state_dict(getattr(model, model.base_model_prefix).state_dict())
-    return critic.to(dtype=model.dtype)
-
-
-def _from_pretrained(path: str, args: SafePPOConfig, what: str) -> PreTrainedModel:
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_model_init_kwargs(args))
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"{what}: cannot load {path!r} as a critic (AutoModelForSequenceClassification, num_labels=1): {err}. "
-            "Pass a sequence-classification or causal-LM checkpoint whose weights match its config, that shares the "
-            "policy's tokenizer"
-        ) from err
-
-
-def _check_critic(critic: Any, processing_class: Any, field_name: str) -> None:
-    if not isinstance(critic, PreTrainedModel):
-        raise ValueError(f"{field_name}: the critic must be a transformers PreTrainedModel, got {type(critic).__name__}")
-    head = value_head(critic)
-    hidden = critic.config.get_text_config().hidden_size
-    if head.in_features != hidden or head.out_features != 1:
-        raise ValueError(
-            f"{field_name}: the critic's value head maps {head.in_features} -> {head.out_features} but its hidden size "
-            f"is {hidden} and a value is one number; use a checkpoint whose head is Linear({hidden}, 1)"
-        )
-    if processing_class is None:
-        return
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    vocab = critic.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        raise ValueError(
-            f"{field_name}: the critic's vocabulary has {vocab} embeddings but the policy's tokenizer has "
-            f"{len(tokenizer)} tokens; the critic reads the policy's token ids, so it must share its tokenizer"
-        )

@@ -14,7 +14,7 @@ Each configured tripwire names a detector of :mod:`trl_safeppo.rails` (``kl_limi
   (``control.should_training_stop``) and record why.
 
 The callback works for every trainer of the package through a small protocol: the trainer has ``beta``,
-``optimizer``, ``accelerator``, ``model`` and, optionally, ``rails_wiring`` (a :class:`~._wiring.RailsWiring`, whose
+``optimizer``, ``accelerator``, ``model`` and, optionally, ``rails_wiring`` (a :class:`~.rails_mixin.TrainerRails`, whose
 KL controller is kept in step with ``beta``).
 
 Snapshots (only when some tripwire's action is ``raise_kl``, ``rollback`` or ``stop``): the metrics logged at step
@@ -39,10 +39,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..fileio import atomic_path
+
 ACTIONS = ("warn", "raise_kl", "rollback", "stop")
 _SEVERITY = {"warn": 0, "raise_kl": 1, "rollback": 2, "stop": 3}
 STATUS_CODE = {"ok": 0.0, "warn": 1.0, "trip": 2.0}
 TRIPWIRES_FILE = "tripwires.jsonl"
+SNAPSHOT_FILE = "snapshot.pt"
 LAST_GOOD_DIR = "tripwire-last-good"
 CANDIDATE_DIR = "tripwire-candidate"
 
@@ -242,7 +245,7 @@ def _json_number(value: Any) -> Any:
 def _set_beta(trainer, value: float) -> None:
     wiring = getattr(trainer, "rails_wiring", None)
     if wiring is not None and wiring.trainer is trainer:
-        wiring.set_beta(value)
+        wiring.kl.set_beta(value)
     else:
         trainer.beta = float(value)
 
@@ -318,8 +321,6 @@ class TripwireCallback(TrainerCallback):
 
     def _snapshot(self, step: int, *, good: bool = False) -> None:
         """Save the current weights as the candidate (or straight as the last good one when ``good``)."""
-        from ._wiring import save_snapshot
-
         save_snapshot(self.trainer, self.snapshot_dir if good else self.candidate_dir)
         if good:
             self.snapshot_step = step
@@ -328,8 +329,6 @@ class TripwireCallback(TrainerCallback):
 
     def _promote(self) -> None:
         """The candidate was followed by a clean log: it becomes the last good snapshot."""
-        from ._wiring import SNAPSHOT_FILE
-
         if self.candidate_step is None:
             return
         if self._is_main:
@@ -339,8 +338,6 @@ class TripwireCallback(TrainerCallback):
         self.snapshot_step, self.candidate_step = self.candidate_step, None
 
     def _restore(self) -> int | None:
-        from ._wiring import restore_snapshot
-
         if self.snapshot_step is None:
             return None
         step = restore_snapshot(self.trainer, self.snapshot_dir)
@@ -420,8 +417,6 @@ class TripwireCallback(TrainerCallback):
             _set_beta(trainer, decision.beta)
             return {"beta_before": before, "beta_after": float(trainer.beta), "max_beta": self.max_beta}
         if action == "rollback":
-            from ._wiring import scale_learning_rate
-
             restored = self._restore()
             if restored is not None:
                 before = float(trainer.beta)
@@ -461,3 +456,96 @@ def add_tripwires(trainer, args, wiring=None) -> TripwireCallback | None:
     trainer.add_callback(callback)
     trainer.tripwire_callback = callback
     return callback
+
+
+# ---------------------------------------------------------------------- snapshots (tripwire rollback)
+def snapshot_state_dict(model) -> dict:
+    """The entries of ``model.state_dict()`` that training can change, copied to CPU: trainable parameters and
+    buffers. Frozen parameters (a PEFT base model, frozen layers) cannot change, so a snapshot leaves them out:
+    with LoRA it holds the adapters, megabytes instead of the whole base model."""
+    changing = {id(p) for p in model.parameters() if p.requires_grad} | {id(b) for b in model.buffers()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict(keep_vars=True).items() if id(v) in changing}
+
+
+def load_snapshot_state_dict(model, state: dict) -> None:
+    """Load a :func:`snapshot_state_dict` back; every trainable parameter must be in it (else one ValueError)."""
+    result = model.load_state_dict(state, strict=False)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    own = model.state_dict(keep_vars=True)
+    missing = [k for k in result.missing_keys if id(own[k]) in trainable]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"the tripwire snapshot does not match the model: trainable parameters missing {missing[:5]}, unexpected "
+            f"keys {list(result.unexpected_keys)[:5]}; it was written for another model or adapter setup -- delete "
+            "the tripwire-last-good/ directory of this output_dir and restart"
+        )
+
+
+def save_snapshot(trainer, directory: str) -> str:
+    """Save policy weights (those training can change, :func:`snapshot_state_dict`), optimizer state and rail state
+    of ``trainer`` to ``directory/snapshot.pt``.
+
+    Works for single-process and DDP training (every rank holds the full weights); the main process writes and the
+    others wait. A trainer with more trained state than the policy (PPO's critic) adds it by defining
+    ``tripwire_state_dict()`` and ``load_tripwire_state_dict(state)``. Returns the file path.
+    """
+    import torch
+
+    path = os.path.join(directory, SNAPSHOT_FILE)
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(trainer.model)
+        state = {
+            "step": int(trainer.state.global_step),
+            "model": snapshot_state_dict(model),
+            "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else None,
+            "beta": float(getattr(trainer, "beta", math.nan)),
+            "wiring": trainer.rails_wiring.state_dict() if getattr(trainer, "rails_wiring", None) else None,
+            # hook for trainers with more trained state than the policy (e.g. PPO's critic)
+            "extra": trainer.tripwire_state_dict() if hasattr(trainer, "tripwire_state_dict") else None,
+        }
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def restore_snapshot(trainer, directory: str) -> int:
+    """Load a :func:`save_snapshot` file back into ``trainer`` (weights, optimizer, rail state, beta).
+
+    The learning-rate schedule keeps following ``global_step``; GRPO's buffered generations are dropped so the
+    next batch is sampled from the restored policy. Returns the step the snapshot was taken at.
+    """
+    import torch
+
+    state = torch.load(os.path.join(directory, SNAPSHOT_FILE), map_location="cpu", weights_only=False)
+    load_snapshot_state_dict(trainer.accelerator.unwrap_model(trainer.model), state["model"])
+    if trainer.optimizer is not None and state["optimizer"] is not None:
+        current_lrs = [group["lr"] for group in trainer.optimizer.param_groups]
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(trainer.optimizer.param_groups, current_lrs, strict=True):
+            group["lr"] = lr
+    wiring = getattr(trainer, "rails_wiring", None)
+    if wiring is not None and state.get("wiring") is not None:
+        wiring.load_state_dict(state["wiring"])
+    if (wiring is None or wiring.kl_controller is None) and math.isfinite(state.get("beta", math.nan)):
+        trainer.beta = state["beta"]  # no controller: beta is the trainer's alone
+    if state.get("extra") is not None and hasattr(trainer, "load_tripwire_state_dict"):
+        trainer.load_tripwire_state_dict(state["extra"])
+    if hasattr(trainer, "_buffered_inputs"):
+        trainer._buffered_inputs = None
+    tr_loss = getattr(trainer, "_tr_loss", None)
+    if isinstance(tr_loss, torch.Tensor) and not torch.isfinite(tr_loss).all():
+        tr_loss.zero_()
+    return int(state["step"])
+
+
+def scale_learning_rate(trainer, factor: float) -> tuple[float, float]:
+    """Multiply the learning rate (optimizer groups and the scheduler's base rates); returns (before, after)."""
+    before = trainer.optimizer.param_groups[0]["lr"]
+    for group in trainer.optimizer.param_groups:
+        group["lr"] *= factor
+    scheduler = getattr(trainer, "lr_scheduler", None)
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    return before, trainer.optimizer.param_groups[0]["lr"]

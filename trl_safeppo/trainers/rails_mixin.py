@@ -1,0 +1,215 @@
+"""The rails of one GRPO-based trainer (SafeGRPOTrainer, SafePPOTrainer): what they hold, and the hooks that run them.
+
+- :class:`TrainerRails` (``trainer.rails_wiring``) is built once from the parsed ``rails`` config
+  (``args.rails_config``) and holds the three pieces, each the one owner of its state:
+  ``rewards`` (:class:`~.reward_rails.RewardStage`: the reward rails on GRPO's rewards), ``kl``
+  (:class:`~.kl_control.KLControl`: the KL controller and ``beta``) and ``trust_region``
+  (:class:`~.trust_region.KLTrustRegion` or ``None``). It checkpoints them in one file, ``safe_rails_state.pt``.
+- :class:`SafeRailsMixin` holds the GRPOTrainer overrides that call them (``class X(SafeRailsMixin,
+  GRPOTrainer)``). With no rails configured every override is a pass-through: training is exactly GRPOTrainer's.
+
+Checkpoints go through public hooks: the state file is written by :class:`RailsCheckpointCallback` (``on_save``,
+right after the Trainer wrote the checkpoint folder) and read back by :meth:`SafeRailsMixin.train` when it resumes.
+The private TRL members touched are listed, once, in :mod:`._trl_surface`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from transformers import TrainerCallback
+
+from ..fileio import atomic_path
+from .kl_control import KLControl
+from .reward_rails import RewardStage
+from .trust_region import KLTrustRegion
+
+RAILS_STATE_FILE = "safe_rails_state.pt"
+STATE_VERSION = 2
+
+
+def checkpoint_folder(args, state) -> str:
+    """The folder the Trainer just wrote for ``state.global_step`` (no hyper-parameter search)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def resume_folder(args, resume_from_checkpoint) -> str | None:
+    """``train(resume_from_checkpoint=...)``'s folder: a path, or ``True`` for the last checkpoint of
+    ``output_dir`` (``None`` when there is none: the Trainer then raises its own error)."""
+    if isinstance(resume_from_checkpoint, bool):
+        if not resume_from_checkpoint:
+            return None
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(args.output_dir)
+    return resume_from_checkpoint or None
+
+
+def upgrade_state(state: dict) -> dict:
+    """Read a rails state file of either format into the current one (version 2).
+
+    Version 1 stored the KL controller twice (inside ``rails`` and as ``kl``) and ``beta`` apart; version 2 stores
+    the controller once: inside ``rails`` when reward rails are on, else as ``kl``; beta is the controller's value.
+    """
+    version = state.get("version", 1)
+    if version == STATE_VERSION:
+        return state
+    if version != 1:
+        raise ValueError(f"{RAILS_STATE_FILE} has version {version!r}; this trl_safeppo reads versions 1 and 2")
+    rails = state.get("rails")
+    return {"version": STATE_VERSION, "rails": rails, "kl": state.get("kl") if rails is None else None}
+
+
+class TrainerRails:
+    """Reward rails, KL control and trust region of one trainer (see the module docstring)."""
+
+    def __init__(self, rewards: RewardStage | None = None, kl: KLControl | None = None,
+                 trust_region: KLTrustRegion | None = None):
+        self.rewards = rewards or RewardStage()
+        self.kl = kl or KLControl()
+        self.trust_region = trust_region
+        self.trainer = None
+
+    @classmethod
+    def from_args(cls, args, *, ppo: bool = False) -> TrainerRails:
+        """From ``args.rails_config`` (the ``rails`` block parsed once by the config) and ``args.beta``; PPO keeps a
+        fixed controller at ``beta`` when no rails are set (its reward penalty reads beta from it)."""
+        from ..rails.config import RewardRails
+        from ..rails.kl import FixedKLController
+
+        config = getattr(args, "rails_config", None)
+        if config is None:
+            controller = FixedKLController(args.beta) if ppo and args.beta > 0 else None
+            return cls(kl=KLControl.build(None, controller, ppo=ppo))
+        rails = RewardRails(config, default_kl_coef=args.beta)
+        return cls(RewardStage(rails), KLControl.build(config, rails.kl_controller, ppo=ppo),
+                   KLTrustRegion.from_config(config.kl))
+
+    # the pieces tests and users look at
+    @property
+    def rails(self):
+        """The :class:`~trl_safeppo.rails.RewardRails` (reward chain and its state), or ``None``."""
+        return self.rewards.rails
+
+    @property
+    def kl_controller(self):
+        return self.kl.controller
+
+    @property
+    def last_batch(self):
+        return self.rewards.last_batch
+
+    @property
+    def last_rewards(self):
+        return self.rewards.last_rewards
+
+    @property
+    def active(self) -> bool:
+        """Whether there is state to checkpoint."""
+        return self.rails is not None or self.kl.controller is not None
+
+    def prepare_init(self, args, reward_funcs, reward_processing_classes=None):
+        """GRPOTrainer's constructor arguments, adjusted (a copy of ``args`` when changed): the reward rails'
+        adjustment column, and ``beta`` starting at the controller's value."""
+        import copy
+
+        if self.kl.controller is not None:
+            args = copy.copy(args)
+            args.beta = self.kl.value
+        return self.rewards.prepare_init(args, reward_funcs, reward_processing_classes)
+
+    def start(self, trainer) -> None:
+        """Bind to the constructed trainer."""
+        self.trainer = trainer
+        self.rewards.start(trainer)
+        self.kl.start(trainer)
+        if self.trust_region is not None:
+            self.trust_region.start(trainer)
+        if self.active:
+            trainer.add_callback(RailsCheckpointCallback(self))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        rails = self.rails.state_dict() if self.rails is not None else None
+        return {"version": STATE_VERSION, "rails": rails, "kl": self.kl.state_dict() if rails is None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = upgrade_state(state)
+        if self.rails is not None and state.get("rails") is not None:
+            self.rails.load_state_dict(state["rails"])  # the controller is the rails' own: loaded with them
+            self.kl.sync()
+        elif state.get("kl") is not None:
+            self.kl.load_state_dict(state["kl"])
+
+    def save(self, directory: str) -> None:
+        import torch
+
+        with atomic_path(os.path.join(directory, RAILS_STATE_FILE)) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    def load(self, directory: str) -> bool:
+        """Load the state file of a checkpoint folder; False when it has none."""
+        import torch
+
+        path = os.path.join(directory, RAILS_STATE_FILE)
+        if not os.path.exists(path):
+            return False
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        return True
+
+
+class RailsCheckpointCallback(TrainerCallback):
+    """Writes the rails state into every checkpoint folder, right after the Trainer wrote it."""
+
+    def __init__(self, rails: TrainerRails):
+        self.rails = rails
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.rails.save(checkpoint_folder(args, state))
+        return control
+
+
+class SafeRailsMixin:
+    """GRPOTrainer overrides that route through ``self.rails_wiring`` (a :class:`TrainerRails`).
+
+    Use as ``class MyTrainer(SafeRailsMixin, GRPOTrainer)``: build the rails, call ``rails_wiring.prepare_init``
+    before and ``rails_wiring.start(self)`` after ``super().__init__``.
+    """
+
+    rails_wiring: TrainerRails | None = None
+
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        region = self.rails_wiring.trust_region
+        if region is not None and self.model.training:
+            region.batches.append(inputs)  # the micro-batches of the coming optimizer step
+        return inputs
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self.rails_wiring.rewards.apply(self, rewards_per_func, completion_ids_list)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            self.rails_wiring.kl.update_from_batch(self, output)  # rails.kl.measure_before_update (GRPO)
+        return output
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.rails_wiring.kl.observe_step(self)
+        return loss
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        folder = resume_folder(self.args, resume_from_checkpoint)
+        if folder is not None:
+            self.load_checkpoint_state(folder)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def load_checkpoint_state(self, folder: str) -> None:
+        """What this package adds to a checkpoint folder, read back before the Trainer resumes from it."""
+        if self.rails_wiring.active:
+            self.rails_wiring.load(folder)
