@@ -117,7 +117,7 @@ def test_a_destructive_stage_is_carried_over_and_the_final_model_is_the_best(tmp
     sft_final = sft["outputs"]["final"]
     assert wreck["handoff"] == {"decision": "carry_previous", "model": sft_final["path"], "hash": sft_final["hash"],
                                 "reason": f"heldout_drop: {drop['reason']}"}
-    assert ungated["inputs"]["model"] == sft_final
+    assert ungated["inputs"]["model"] == {"path": sft_final["path"], "hash": sft_final["hash"]}
     assert wreck["outputs"]["final"]["hash"] != sft_final["hash"]
     # the ungated stage at lr 1.0 regressed too, and was handed on (no gate): its input gate compares with the SFT
     assert ungated["eval"]["accuracy"] < best
@@ -125,7 +125,7 @@ def test_a_destructive_stage_is_carried_over_and_the_final_model_is_the_best(tmp
     assert m["final"]["policy"] == "best_heldout" and m["final"]["stage"] == "01-sft"
     assert m["final"]["path"] == sft_final["path"] and m["final"]["accuracy"] == best
     assert [c["stage"] for c in m["final"]["candidates"]] == ["01-sft", "03-wreck-ungated"]
-    assert final_eval["inputs"]["model"] == sft_final
+    assert final_eval["inputs"]["model"] == {"path": sft_final["path"], "hash": sft_final["hash"]}
     assert final_eval["eval"]["accuracy"] == best  # the same greedy answers on the same 24 prompts
     # KL to the SFT model: 0 for itself, large for the collapsed policies
     assert sft["eval"]["kl_to_reference"] == 0.0 and sft["eval"]["kl_reference"] == "01-sft"
