@@ -149,6 +149,7 @@ def test_a_destructive_stage_is_carried_over_and_the_final_model_is_the_best(tmp
     relaxed = manifest()
     assert [s["status"] for s in relaxed["stages"]] == ["completed", "completed", "completed", "completed"]
     assert [s["timings"]["attempts"] for s in relaxed["stages"][:2]] == [1, 1]
-    assert relaxed["stages"][2]["inputs"]["model"] == relaxed["stages"][1]["outputs"]["final"]
+    wreck_final = relaxed["stages"][1]["outputs"]["final"]
+    assert relaxed["stages"][2]["inputs"]["model"] == {"path": wreck_final["path"], "hash": wreck_final["hash"]}
     assert "handoff" not in relaxed["stages"][1]
     assert relaxed["final"]["stage"] == "01-sft"  # still the best held-out model
