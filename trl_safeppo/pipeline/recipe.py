@@ -93,6 +93,8 @@ class StageSpec:
         callbacks (`list[str]`, defaults to `[]`):
             Dotted paths to `transformers.TrainerCallback` classes (or factories), instantiated without arguments
             and added to the stage's trainer.
+        scale_with_world_size (`bool` or `None`, defaults to `None`):
+            Overrides the recipe's `scale_with_world_size` for this stage (`None`: the recipe's value).
     """
 
     type: str = field(metadata={"help": "What the stage does: sft, ppo, grpo, rejection_sampling, dpo or eval."})
@@ -117,6 +119,9 @@ class StageSpec:
     )
     callbacks: list = field(
         default_factory=list, metadata={"help": "Dotted paths to TrainerCallback classes added to the trainer."}
+    )
+    scale_with_world_size: bool | None = field(
+        default=None, metadata={"help": "Overrides the recipe's scale_with_world_size for this stage (null: inherit)."}
     )
 
     @property
@@ -159,6 +164,12 @@ class Recipe:
             Pre-flight runs the reward's verifier self-test (`trl_safeppo.rewards.selftest.check_rewards`) on the
             first rows of each rewarded stage's dataset: a gold answer must pass, a wrong one must fail. Set `false`
             for a reward without a gold answer.
+        scale_with_world_size (`bool`, defaults to `True`):
+            `true`: `per_device_train_batch_size` is per process, so the global batch grows with the number of
+            processes (accelerate's convention). `false`: each stage's args describe the run at one process; under
+            N processes the runner divides `per_device_train_batch_size` by N, so the global batch, the number of
+            optimizer steps and the completions per RL step stay those of one process. A stage's
+            `scale_with_world_size` overrides it.
         source (`str` or `None`):
             Set by the loader: the file the recipe came from (not a YAML key).
     """
@@ -180,6 +191,11 @@ class Recipe:
     description: str = field(default="", metadata={"help": "Free text, shown in the report."})
     self_test: bool = field(
         default=True, metadata={"help": "Run the reward's verifier self-test in pre-flight (false: no gold answer)."}
+    )
+    scale_with_world_size: bool = field(
+        default=True,
+        metadata={"help": "true: per-device batches (the global batch grows with the processes); false: the args "
+                          "describe one process and the runner divides per_device_train_batch_size by their number."},
     )
     source: str | None = field(
         default=None, repr=False, compare=False, metadata={"help": "Where the recipe was loaded from (not a key)."}
@@ -413,6 +429,8 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
                               "list at least one prompt string, or remove the `probes` key") from None
     description = _expect(tree.get("description") or "", str, "description", "description", "write a string")
     self_test = _expect(tree.get("self_test", True), bool, "self_test", "self_test", "write true or false")
+    scale = _expect(tree.get("scale_with_world_size", True), bool, "scale_with_world_size", "scale_with_world_size",
+                    "write true (per-device batches) or false (the args describe one process)")
     stages_raw = _expect(tree["stages"], list, "stages", "stages", "write a list of stages, each with a `type`")
 
     stages: list[StageSpec] = []
@@ -455,6 +473,10 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
                             "write a list of dotted paths to TrainerCallback classes")
         for j, cb in enumerate(callbacks):
             _expect(cb, str, f"{where}.callbacks[{j}]", "a callback", "write a dotted path, e.g. my_pkg.MyCallback")
+        stage_scale = raw.get("scale_with_world_size")
+        if stage_scale is not None:
+            _expect(stage_scale, bool, f"{where}.scale_with_world_size", "scale_with_world_size",
+                    "write true, false, or remove it (the recipe's value)")
         peft = raw.get("peft")
         if peft is not None:
             _expect(peft, dict, f"{where}.peft", "peft", "write a mapping of peft.LoraConfig fields plus handoff")
@@ -475,12 +497,13 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
                 gate=dict(raw.get("gate") or {}),
                 peft=dict(peft) if peft is not None else None,
                 callbacks=list(callbacks),
+                scale_with_world_size=stage_scale,
             )
         )
     return Recipe(
         name=tree["name"], model=tree["model"], output_dir=tree["output_dir"], stages=stages, seed=seed, data=data,
         reward=tree.get("reward"), rails=rails, eval=eval_cfg, probes=probes, description=description, self_test=self_test,
-        source=source,
+        scale_with_world_size=scale, source=source,
     )
 
 

@@ -412,13 +412,13 @@ def policy_logps(trainer, batch: dict, setting: str):
     Text-only: a batch with image inputs raises a ValueError naming `rails.kl.<setting>`."""
     import torch
 
-    from trl.models.utils import disable_gradient_checkpointing
+    from ..models import activation_checkpointing_off
 
     _require_text_only(batch, setting)
     completion_ids = batch["completion_ids"]
     input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+    with torch.no_grad(), activation_checkpointing_off(trainer.model, trainer.args.gradient_checkpointing_kwargs):
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, input_ids, attention_mask, completion_ids.shape[1],
             batch_size=trainer.args.per_device_train_batch_size,
@@ -434,7 +434,7 @@ def exact_kl(trainer, batch: dict):
     for a PEFT policy, the policy with its adapter switched off as GRPO does (TRL's `use_adapter`). Text-only."""
     import torch
 
-    from trl.models.utils import disable_gradient_checkpointing
+    from ..models import activation_checkpointing_off
     from trl.trainer.utils import use_adapter
 
     from ..rails.kl import kl_exact
@@ -451,7 +451,7 @@ def exact_kl(trainer, batch: dict):
 
     chunk = trainer.args.per_device_train_batch_size
     parts = []
-    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+    with torch.no_grad(), activation_checkpointing_off(trainer.model, trainer.args.gradient_checkpointing_kwargs):
         for start in range(0, len(input_ids), chunk):
             rows = slice(start, start + chunk)
             policy = logits(trainer.model, rows)

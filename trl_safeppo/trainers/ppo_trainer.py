@@ -32,9 +32,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-
-from ..models import resolve_model_path
+from ..models import activation_checkpointing_off, load_value_model, resolve_model_path
 from ..rails.kl import kl_per_token, sequence_kl
 from ._wiring import RailsWiring, SafeRailsMixin
 from .tripwires import add_tripwires
@@ -297,7 +295,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         n_local, t_local = completion_ids.shape
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
 
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with activation_checkpointing_off(self.model, self.args.gradient_checkpointing_kwargs):
             old_logps = output.get("old_per_token_logps")
             if old_logps is None:  # GRPO skips it when the batch is used for exactly one optimizer step
                 old_logps, _, _ = self._get_per_token_logps_and_entropies(
@@ -656,7 +654,7 @@ def _load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrai
 
 def _from_pretrained(path: str, args: SafePPOConfig, what: str) -> PreTrainedModel:
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_model_init_kwargs(args))
+        return load_value_model(path, what=what, **_model_init_kwargs(args))
     except (OSError, RuntimeError, ValueError) as err:
         raise ValueError(
             f"{what}: cannot load {path!r} as a critic (AutoModelForSequenceClassification, num_labels=1): {err}. "
