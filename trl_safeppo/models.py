@@ -117,6 +117,18 @@ def _from_pretrained(loader, name_or_path: str, field: str, kwargs: dict):
         raise ValueError(f"{field}={name_or_path!r}: {why}; {ACCEPTED}") from err
 
 
+def quiet_trl_checkpointing_aliases() -> None:
+    """TRL 1.16's own GRPOTrainer and DPOTrainer switch activation checkpointing around generation with
+    ``trl.models.utils.disable_gradient_checkpointing``, which calls transformers' deprecated ``gradient_checkpointing*``
+    aliases: a FutureWarning at every rollout since transformers 5.23, even with checkpointing off. This package
+    uses the current names (:func:`activation_checkpointing_off`); the trainers and the runner hide exactly those
+    three alias warnings (any other warning, and these from code that is not TRL's, keep their default)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers.modeling_utils",
+                            message=r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated")
+
+
 @contextlib.contextmanager
 def activation_checkpointing_off(model, checkpointing_kwargs: dict | None = None):
     """Turn a model's activation checkpointing off for a forward without gradient, and back on afterwards: TRL's

@@ -141,7 +141,7 @@ def tiny_path(identifier: str) -> Path:
 
 # Weight init draws from torch's global RNG, so builds inside one process take turns (processes are kept apart by
 # building into a private temporary directory and renaming it into place).
-_BUILD_LOCK = threading.Lock()
+_BUILD_LOCK = threading.RLock()  # re-entrant: a warm start builds its base model while holding it
 
 
 def build_tiny(identifier: str, *, force: bool = False) -> Path:
@@ -151,7 +151,7 @@ def build_tiny(identifier: str, *, force: bool = False) -> Path:
     """
     name = tiny_name(identifier)
     if name not in TINY_MODELS:
-        return warm_start(name.removesuffix(WARM_SUFFIX), force=force)
+        return Path(warm_start(name.removesuffix(WARM_SUFFIX), force=force))
     target = tiny_path(name)
     if target.is_dir() and (target / "config.json").exists() and not force:
         return target
@@ -270,19 +270,20 @@ def warm_start_path(name: str = "arithmetic") -> Path:
     return cache_root() / "tiny" / f"{name}{WARM_SUFFIX}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def warm_start(name: str = "arithmetic", *, force: bool = False) -> Path:
+def warm_start(name: str = "arithmetic", *, force: bool = False) -> str:
     """``tiny://<name>`` after a short SFT on the embedded arithmetic task (``tiny://<name>-sft``): a policy that
     already uses the answer format some of the time and gets some sums right, so PPO or GRPO visibly raise its
     reward in minutes. Built once (94 steps: about a minute on 2 CPU cores) and cached beside the tiny models,
-    written whole or not at all (:func:`trl_safeppo.fileio.atomic_dir`); returns the model directory.
+    written whole or not at all (:func:`trl_safeppo.fileio.atomic_dir`); returns the model directory (a string, as
+    every loader takes it).
 
     Call it before ``accelerate launch`` starts other processes (each process would otherwise build its own copy)."""
     target = warm_start_path(name)
     if (target / "config.json").exists() and not force:
-        return target
+        return str(target)
     with _BUILD_LOCK:
         if (target / "config.json").exists() and not force:
-            return target
+            return str(target)
         import sys
 
         settings = WARM_STARTS[name]
@@ -290,10 +291,11 @@ def warm_start(name: str = "arithmetic", *, force: bool = False) -> Path:
               f"({settings['n']} examples, {settings['num_train_epochs']} epoch), cached in {target}",
               file=sys.stderr, flush=True)
         _train_warm_start(name, settings, target)
-    return target
+    return str(target)
 
 
 def _train_warm_start(name: str, settings: dict, target: Path) -> None:
+    import datasets
     import torch
     from trl import SFTConfig, SFTTrainer
 
@@ -301,22 +303,28 @@ def _train_warm_start(name: str, settings: dict, target: Path) -> None:
     from .tasks.arithmetic import load_arithmetic
 
     base = build_tiny(name)
-    with tempfile.TemporaryDirectory(prefix=".warm-start-", dir=target.parent) as scratch, atomic_dir(target) as out:
-        args = SFTConfig(
-            output_dir=scratch, per_device_train_batch_size=settings["per_device_train_batch_size"],
-            learning_rate=settings["learning_rate"], num_train_epochs=settings["num_train_epochs"],
-            seed=settings["seed"], save_strategy="no", report_to=[], disable_tqdm=True, logging_strategy="no",
-            activation_checkpointing=False, bf16=False, dataloader_pin_memory=torch.cuda.is_available(),
-        )
-        trainer = SFTTrainer(model=str(base), args=args,
-                             train_dataset=load_arithmetic("sft", n=settings["n"], seed=settings["seed"]))
-        trainer.train()
-        trainer.save_model(out)
-        trainer.processing_class.save_pretrained(out)
-        (Path(out) / "README.md").write_text(
-            f"# {PREFIX}{name}{WARM_SUFFIX}\n\n{PREFIX}{name} after SFT on the embedded arithmetic task "
-            f"({json.dumps(settings)}), built by `trl_safeppo.tiny.warm_start`.\n"
-        )
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # the one line above says what is happening
+    try:
+        with tempfile.TemporaryDirectory(prefix=".warm-start-", dir=target.parent) as scratch, atomic_dir(target) as out:
+            args = SFTConfig(
+                output_dir=scratch, per_device_train_batch_size=settings["per_device_train_batch_size"],
+                learning_rate=settings["learning_rate"], num_train_epochs=settings["num_train_epochs"],
+                seed=settings["seed"], save_strategy="no", report_to=[], disable_tqdm=True, logging_strategy="no",
+                activation_checkpointing=False, bf16=False, dataloader_pin_memory=torch.cuda.is_available(),
+            )
+            trainer = SFTTrainer(model=str(base), args=args,
+                                 train_dataset=load_arithmetic("sft", n=settings["n"], seed=settings["seed"]))
+            trainer.train()
+            trainer.save_model(out)
+            trainer.processing_class.save_pretrained(out)
+            (Path(out) / "README.md").write_text(
+                f"# {PREFIX}{name}{WARM_SUFFIX}\n\n{PREFIX}{name} after SFT on the embedded arithmetic task "
+                f"({json.dumps(settings)}), built by `trl_safeppo.tiny.warm_start`.\n"
+            )
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -170,22 +170,13 @@ def _cpu_processes_use_gloo() -> None:
             os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
 
 
-def _quiet_trl_checkpointing_aliases() -> None:
-    """TRL 1.16's own GRPOTrainer and DPOTrainer turn activation checkpointing off around generation with
-    ``trl.models.utils.disable_gradient_checkpointing``, which calls transformers' deprecated ``gradient_checkpointing*``
-    aliases (a FutureWarning at every rollout since transformers 5.23). This package uses the current names
-    (``models.activation_checkpointing_off``); the runner hides exactly those three warnings of TRL's."""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated")
-
-
 def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: bool = False,
                num_processes: int | None = None) -> int:
     started = time.time()
     _cpu_processes_use_gloo()
-    _quiet_trl_checkpointing_aliases()
+    from ..models import quiet_trl_checkpointing_aliases
+
+    quiet_trl_checkpointing_aliases()  # TRL's own calls of transformers' deprecated names (models.py)
     if os.environ.get("RANK", "0") == "0":
         from ..cli import hub_mode_line
 

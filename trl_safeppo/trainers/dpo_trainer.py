@@ -14,7 +14,7 @@ import os
 
 from trl import DPOTrainer
 
-from ..models import resolve_model_path
+from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
 from .dpo_config import SafeDPOConfig
 from .tripwires import add_tripwires
 
@@ -52,6 +52,7 @@ class SafeDPOTrainer(DPOTrainer):
 
     def __init__(self, model, ref_model=None, args: SafeDPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  **kwargs):
+        quiet_trl_checkpointing_aliases()
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = SafeDPOConfig(f"{name.split('/')[-1]}-SafeDPO")

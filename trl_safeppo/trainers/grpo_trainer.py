@@ -11,7 +11,7 @@ import functools
 
 from trl import GRPOTrainer
 
-from ..models import resolve_model_path
+from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
 from ._wiring import RailsWiring, SafeRailsMixin
 from .grpo_config import SafeGRPOConfig
 from .tripwires import add_tripwires
@@ -32,6 +32,7 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: SafeGRPOConfig | None = None, *, reward_processing_classes=None,
                  **kwargs):
+        quiet_trl_checkpointing_aliases()
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = SafeGRPOConfig(f"{name.split('/')[-1]}-SafeGRPO")

@@ -32,7 +32,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from trl import GRPOTrainer
-from ..models import activation_checkpointing_off, load_value_model, resolve_model_path
+from ..models import (
+    activation_checkpointing_off,
+    load_value_model,
+    quiet_trl_checkpointing_aliases,
+    resolve_model_path,
+)
 from ..rails.kl import kl_per_token, sequence_kl
 from ._wiring import RailsWiring, SafeRailsMixin
 from .tripwires import add_tripwires
@@ -123,6 +128,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         value_model: PreTrainedModel | None = None,
         **kwargs,
     ):
+        quiet_trl_checkpointing_aliases()
         if args is None:
             raise ValueError("SafePPOTrainer needs args=SafePPOConfig(output_dir=...)")
         if not isinstance(args, SafePPOConfig):
