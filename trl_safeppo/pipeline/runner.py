@@ -269,7 +269,7 @@ class _Runner:
                     end["status"] = f"gate re-checked: {entry['status']}"
                 else:
                     ok = self.run_stage(sp, entry, stage_dir, policy, data, previous_eval)
-                    # the stage's one end line (progress): status, the stage's own time and the held-out scores
+                    # the stage's one end line (progress): its status and held-out scores, after its wall time
                     summary = _eval_line(entry.get("eval"))
                     end["status"] = entry["status"]
                     end["detail"] = f"held-out {summary}" if summary else ""
