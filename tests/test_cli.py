@@ -92,3 +92,9 @@ def test_the_cli_defaults_to_offline_and_says_so(tmp_path):
 def test_a_users_setting_is_kept_and_named(tmp_path):
     assert "online (HF_HUB_OFFLINE is not 1)" in _cli({"HF_HUB_OFFLINE": "0"}, tmp_path)
     assert "offline (HF_HUB_OFFLINE=1 is set)" in _cli({"HF_HUB_OFFLINE": "1"}, tmp_path)
+
+
+def test_num_processes_below_one_is_one_clear_error(tmp_path, capsys):
+    assert main(["run", str(small_recipe(tmp_path)), "--check", "--num-processes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-processes 0 is not a number of processes. Fix: pass 1 or more" in err and "Traceback" not in err
