@@ -195,7 +195,8 @@ def test_warm_start_of_an_unknown_base_is_one_clear_error():
 
     with pytest.raises(ValueError, match=r"^no warm start for 'debug': warm starts exist for arithmetic$"):
         warm_start("debug")
-    with pytest.raises(ValueError, match=r"accepted tiny models are tiny://arithmetic, tiny://debug, tiny://arithmetic-sft"):
+    accepted = r"accepted tiny models are tiny://arithmetic, tiny://debug, tiny://arithmetic-sft"
+    with pytest.raises(ValueError, match=accepted):
         tiny_name("tiny://debug-sft")
 
 

@@ -95,8 +95,8 @@ def require_local_model(name_or_path: str, *, field: str = "model") -> str:
     from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
 
     if is_offline_mode():
-        raise ValueError(f"{field}={resolved!r} is a Hub id that is not in the local Hugging Face cache ({HF_HUB_CACHE}) "
-                         f"and offline mode is on (HF_HUB_OFFLINE=1); {fetch_hint(resolved)}")
+        raise ValueError(f"{field}={resolved!r} is a Hub id that is not in the local Hugging Face cache "
+                         f"({HF_HUB_CACHE}) and offline mode is on (HF_HUB_OFFLINE=1); {fetch_hint(resolved)}")
     return resolved
 
 
@@ -111,7 +111,8 @@ def _from_pretrained(loader, name_or_path: str, field: str, kwargs: dict):
         from huggingface_hub.constants import is_offline_mode
 
         if is_offline_mode():
-            why = f"it is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1); {fetch_hint(resolved)}"
+            why = ("it is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1); "
+                   + fetch_hint(resolved))
         else:
             why = f"it could not be loaded from the Hugging Face Hub ({str(err).splitlines()[0]})"
         raise ValueError(f"{field}={name_or_path!r}: {why}; {ACCEPTED}") from err
@@ -119,14 +120,15 @@ def _from_pretrained(loader, name_or_path: str, field: str, kwargs: dict):
 
 def quiet_trl_checkpointing_aliases() -> None:
     """TRL 1.16's own GRPOTrainer and DPOTrainer switch activation checkpointing around generation with
-    ``trl.models.utils.disable_gradient_checkpointing``, which calls transformers' deprecated ``gradient_checkpointing*``
-    aliases: a FutureWarning at every rollout since transformers 5.23, even with checkpointing off. This package
-    uses the current names (:func:`activation_checkpointing_off`); the trainers and the runner hide exactly those
-    three alias warnings (any other warning, and these from code that is not TRL's, keep their default)."""
+    ``trl.models.utils.disable_gradient_checkpointing``, which calls transformers' deprecated
+    ``gradient_checkpointing*`` aliases: a FutureWarning at every rollout since transformers 5.23, even with
+    checkpointing off, and nothing a user can change. This package itself uses the current names
+    (:func:`activation_checkpointing_off`); the trainers and the runner hide exactly those three alias warnings
+    (whoever calls the aliases); every other warning keeps its default."""
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers.modeling_utils",
-                            message=r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated")
+    aliases = r"`(is_gradient_checkpointing|gradient_checkpointing_(enable|disable))` is deprecated"
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers.modeling_utils", message=aliases)
 
 
 @contextlib.contextmanager

@@ -3,8 +3,8 @@ chat template, built locally and deterministically from a seed, and cached on di
 
 Nothing is downloaded. ``tiny://arithmetic`` is the default policy of the demo recipe; ``tiny://debug`` is an even
 smaller model for fast unit tests. ``tiny://arithmetic-sft`` (:func:`warm_start`) is ``tiny://arithmetic`` after a
-short SFT on the embedded task, built once and cached: a policy that RL can improve in minutes. A tiny model directory is an ordinary ``save_pretrained`` folder, so every
-transformers / TRL loader takes it.
+short SFT on the embedded task, built once and cached: a policy that RL can improve in minutes. A tiny model
+directory is an ordinary ``save_pretrained`` folder, so every transformers / TRL loader takes it.
 
 The cache lives in ``$TRL_SAFEPPO_CACHE`` (default ``~/.cache/trl_safeppo``) under ``tiny/<name>-<fingerprint>``;
 the fingerprint hashes the spec and the builder version, so a changed spec never reuses a stale build. Builds are
@@ -306,7 +306,8 @@ def _train_warm_start(name: str, settings: dict, target: Path) -> None:
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # the one line above says what is happening
     try:
-        with tempfile.TemporaryDirectory(prefix=".warm-start-", dir=target.parent) as scratch, atomic_dir(target) as out:
+        scratch_dir = tempfile.TemporaryDirectory(prefix=".warm-start-", dir=target.parent)
+        with scratch_dir as scratch, atomic_dir(target) as out:
             args = SFTConfig(
                 output_dir=scratch, per_device_train_batch_size=settings["per_device_train_batch_size"],
                 learning_rate=settings["learning_rate"], num_train_epochs=settings["num_train_epochs"],

@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/ddp.yaml"),
+DDP = str(REPO / "recipes/accelerate/ddp.yaml")
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP,
           "--main_process_port", "0"]  # the README's multi-process line (2 processes)
 
 

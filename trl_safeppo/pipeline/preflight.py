@@ -346,7 +346,8 @@ def _preflight(recipe: Recipe, check_hardware: bool, world_size: int = 1) -> Pla
             user = check_args(spec.args, config_cls, where=f"{where}.args", what=config_cls.__name__,
                               reserved=reserved)
             args = {**default_args(recipe, config_cls, cuda), **user}
-            if "activation_checkpointing" in fields and not {"activation_checkpointing", "gradient_checkpointing"} & set(user):
+            named = {"activation_checkpointing", "gradient_checkpointing"} & set(user)
+            if "activation_checkpointing" in fields and not named:
                 # TRL's SFTConfig defaults transformers' deprecated `gradient_checkpointing` (True), which warns at
                 # every config: its default goes to the current name instead
                 checkpointing = _field_default(config_cls, "gradient_checkpointing")
