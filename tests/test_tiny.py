@@ -152,3 +152,56 @@ def test_cli_list(capsys):
     assert tiny.run(parser.parse_args(["list"])) == 0
     out = capsys.readouterr().out
     assert "tiny://arithmetic" in out and "tiny://debug" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Warm start: tiny://arithmetic-sft (the real build runs in the slow tier, tests/test_doc_snippets.py)
+def test_warm_start_is_built_once_then_read_from_the_cache(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from trl_safeppo import tiny
+    from trl_safeppo.fileio import atomic_dir
+    from trl_safeppo.models import resolve_model_path
+
+    monkeypatch.setenv("TRL_SAFEPPO_CACHE", str(tmp_path))
+    builds = []
+
+    def fake_train(name, settings, target):  # stands in for the SFT: writes a model folder the same atomic way
+        builds.append((name, settings["n"]))
+        with atomic_dir(target) as out:
+            (Path(out) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(tiny, "_train_warm_start", fake_train)
+    path = tiny.warm_start("arithmetic")
+    assert isinstance(path, str) and path == str(tiny.warm_start_path("arithmetic"))
+    assert Path(path).parent == tmp_path / "tiny" and Path(path).name.startswith("arithmetic-sft-")
+    assert resolve_model_path("tiny://arithmetic-sft") == path  # the tiny:// name of the same folder
+    assert tiny.warm_start("arithmetic") == path
+    assert builds == [("arithmetic", 3000)]  # built once, then cached
+
+
+def test_warm_start_key_follows_the_library_versions(monkeypatch):
+    import transformers
+
+    from trl_safeppo import tiny
+
+    before = tiny.warm_start_path("arithmetic")
+    monkeypatch.setattr(transformers, "__version__", "0.0.1")
+    assert tiny.warm_start_path("arithmetic") != before  # an upgrade rebuilds the warm start
+
+
+def test_warm_start_of_an_unknown_base_is_one_clear_error():
+    from trl_safeppo.tiny import warm_start
+
+    with pytest.raises(ValueError, match=r"^no warm start for 'debug': warm starts exist for arithmetic$"):
+        warm_start("debug")
+    accepted = r"accepted tiny models are tiny://arithmetic, tiny://debug, tiny://arithmetic-sft"
+    with pytest.raises(ValueError, match=accepted):
+        tiny_name("tiny://debug-sft")
+
+
+def test_tiny_list_names_the_warm_start(capsys):
+    from trl_safeppo.cli import main
+
+    assert main(["tiny", "list"]) == 0
+    assert "tiny://arithmetic-sft" in capsys.readouterr().out

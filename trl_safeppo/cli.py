@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> (module, one-line help)
@@ -37,9 +38,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# True when this process's `main` switched the Hub to offline because the user had not set HF_HUB_OFFLINE
+HUB_OFFLINE_DEFAULTED = False
+
+
+def hub_mode_line() -> str:
+    """One line saying whether models and datasets may come from the Hugging Face Hub in this process, and why."""
+    from huggingface_hub.constants import is_offline_mode
+
+    if not is_offline_mode():
+        return "Hugging Face Hub: online (HF_HUB_OFFLINE is not 1): Hub models and datasets are downloaded as needed"
+    why = ("trl-safeppo's default; export HF_HUB_OFFLINE=0 to download" if HUB_OFFLINE_DEFAULTED
+           else "HF_HUB_OFFLINE=1 is set")
+    return f"Hugging Face Hub: offline ({why}): models come from tiny://, local directories and the local cache"
+
+
 def main(argv: list[str] | None = None) -> int:
+    global HUB_OFFLINE_DEFAULTED
+    # Offline unless the user says otherwise (as the Makefile does): a run never waits on network retries by surprise.
+    # Set before anything imports huggingface_hub, which reads it once.
+    if "HF_HUB_OFFLINE" not in os.environ and "TRANSFORMERS_OFFLINE" not in os.environ:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        HUB_OFFLINE_DEFAULTED = True
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `run own.yaml --check output_dir=x`: argparse ends the positional list at the first option, so overrides
+    # written after an option arrive here; they are overrides all the same (anything else is still an error)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

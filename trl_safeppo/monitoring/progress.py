@@ -64,8 +64,10 @@ class PipelineProgress:
             print(f"[{_now()}] {text}", file=self.stream, flush=True)
 
     @contextlib.contextmanager
-    def stage(self, index: int, name: str, kind: str = "") -> Iterator[None]:
-        """Context for one stage; logs its start and end (with status and wall time)."""
+    def stage(self, index: int, name: str, kind: str = "") -> Iterator[dict]:
+        """Context for one stage; logs its start and end (with status and wall time). It yields a dict in which the
+        caller may set ``status`` (default ``completed``) and ``detail`` (appended to the end line), so that the
+        stage's end is one line."""
         label = f"stage {index}/{self.n_stages}: {name}" + (f" ({kind})" if kind else "")
         if self.enabled and self.interactive and self._bar is None:
             from tqdm.auto import tqdm
@@ -78,19 +80,17 @@ class PipelineProgress:
         else:
             self._line(f"{label}: started")
         start = time.monotonic()
-        status = "completed"
+        end: dict = {"status": "completed", "detail": ""}
         try:
-            yield
+            yield end
         except BaseException as err:
-            status = f"failed ({type(err).__name__})"
+            end.update(status=f"failed ({type(err).__name__})", detail="")
             raise
         finally:
             elapsed = time.monotonic() - start
             if self._bar is not None:
                 self._bar.update(1)
-                self._line(f"{label}: {status} in {elapsed:.1f}s")
-            else:
-                self._line(f"{label}: {status} in {elapsed:.1f}s")
+            self._line(f"{label}: {end['status']} in {elapsed:.1f}s" + (f"; {end['detail']}" if end["detail"] else ""))
 
     def message(self, text: str) -> None:
         """A log line that does not break the bars (e.g. a gate outcome, a tripwire)."""

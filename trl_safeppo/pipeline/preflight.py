@@ -25,6 +25,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ class StagePlan:
     rails: dict[str, Any]
     init: str                       # "previous" or a resolved model
     where: str
+    batch: dict[str, Any] | None = None  # global batch and steps at this world size (training stages; _batch_plan)
 
 
 @dataclass
@@ -76,10 +79,11 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def default_args(recipe: Recipe, config_cls: Any, cuda: bool) -> dict[str, Any]:
-    """Runner defaults for a stage's config: the recipe's seed, no experiment trackers, bf16 only on a GPU, and
-    (rejection sampling) the recipe's reward self-test switch."""
+    """Runner defaults for a stage's config: the recipe's seed, no experiment trackers, bf16 and pinned loader
+    memory only on a GPU, and (rejection sampling) the recipe's reward self-test switch."""
     known = accepted_fields(config_cls)
-    defaults = {"seed": recipe.seed, "report_to": "none", "bf16": cuda, "self_test": recipe.self_test}
+    defaults = {"seed": recipe.seed, "report_to": "none", "bf16": cuda, "dataloader_pin_memory": cuda,
+                "self_test": recipe.self_test}
     return {k: v for k, v in defaults.items() if k in known}
 
 
@@ -92,12 +96,23 @@ def _cuda() -> bool:
         return False
 
 
-def _resolve_model(value: str, where: str) -> str:
-    from ..models import resolve_model_path
+def _resolve_model(value: str, where: str, *, local: bool = False) -> str:
+    """The model's identifier as the trainers take it. With ``local`` (a real run), a Hub id must also be in the local
+    Hugging Face cache when offline (``models.require_local_model``), so a missing model fails here in one line
+    instead of after the network retries of its stage; ``--check`` checks the id's form only."""
+    from ..models import require_local_model, resolve_model_path
 
     try:
-        return resolve_model_path(value, field=where)
+        resolved = resolve_model_path(value, field=where)
+        if local:
+            require_local_model(resolved, field=where)
+        return resolved
     except ValueError as err:
+        message = str(err)
+        prefix = f"{where}={value!r}"
+        if local and " is a Hub id that is not in the local" in message:
+            problem, _, fix = message.partition("; ")
+            raise RecipeError(where, f"model {value!r}{problem[len(prefix):]}", fix) from None
         message = str(err)
         prefix = f"{where}={value!r}"
         if message.startswith(prefix):
@@ -212,20 +227,106 @@ def _self_test(reward: Any, ds, where: str, done: set, timeout_s: float | None) 
                           f"{'; '.join(report.failures)}", fix)
 
 
-def preflight(recipe: Recipe, *, check_hardware: bool = True) -> Plan:
-    """Validate everything; return the plan. Raises one RecipeError (with the recipe file as source)."""
+def preflight(recipe: Recipe, *, check_hardware: bool = True, world_size: int | None = None) -> Plan:
+    """Validate everything; return the plan. Raises one RecipeError (with the recipe file as source).
+
+    ``world_size`` is the number of processes the stages will train with (default: ``$WORLD_SIZE``, set by
+    ``accelerate launch``, else 1); with ``scale_with_world_size: false`` it divides the per-device batches."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     try:
-        return _preflight(recipe, check_hardware)
+        return _preflight(recipe, check_hardware, max(int(world_size), 1))
     except RecipeError as err:
         raise err.with_source(recipe.source) if recipe.source and not err.source else err
 
 
-def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
+# ---------------------------------------------------------------------------------------------------------------
+# Batch semantics under several processes (docs/recipes.md, "Scaling to several processes")
+def _field_default(config_cls: Any, name: str) -> Any:
+    for f in dataclasses.fields(config_cls):
+        if f.name == name:
+            return f.default if f.default is not dataclasses.MISSING else None
+    return None
+
+
+def _batch_plan(config_cls: Any, args: dict, *, scale: bool, world_size: int, where: str) -> dict[str, Any] | None:
+    """The stage's global batch and optimizer steps at ``world_size`` processes. With ``scale=False`` the args
+    describe one process: ``per_device_train_batch_size`` is divided by the world size here (in ``args``), so that
+    ``per_device x accumulation x processes`` stays the one-process batch; a batch the processes cannot share
+    evenly is refused. Epoch-based steps are filled in by :func:`_epoch_steps` once the data's size is known."""
+    if not dataclasses.is_dataclass(config_cls) or "per_device_train_batch_size" not in accepted_fields(config_cls):
+        return None
+
+    def get(name: str) -> Any:
+        return args[name] if name in args else _field_default(config_cls, name)
+
+    per_device, accumulation = int(get("per_device_train_batch_size")), int(get("gradient_accumulation_steps") or 1)
+    if not scale and world_size > 1:
+        if per_device % world_size:
+            raise RecipeError(
+                f"{where}.args.per_device_train_batch_size",
+                f"per_device_train_batch_size={per_device} is this stage's batch at one process "
+                f"(scale_with_world_size: false), and {world_size} processes cannot share it evenly",
+                f"make it a multiple of {world_size}, launch with a --num_processes that divides {per_device}, or set "
+                "`scale_with_world_size: true` on the stage (the global batch then grows with the processes)",
+            )
+        per_device //= world_size
+        args["per_device_train_batch_size"] = per_device
+    global_batch = per_device * accumulation * world_size
+    max_steps = get("max_steps")
+    steps = int(max_steps) if max_steps is not None and max_steps > 0 else None
+    generations = get("num_generations") if "num_generations" in accepted_fields(config_cls) else None
+    return {"world_size": world_size, "scale_with_world_size": scale, "per_device": per_device,
+            "accumulation": accumulation, "global_batch": global_batch, "steps": steps,
+            "num_generations": generations, "one_process_batch": global_batch // world_size if scale else global_batch}
+
+
+def _epoch_steps(config_cls: Any, args: dict, batch: dict[str, Any], rows: int) -> int | None:
+    """Optimizer steps of an epoch-based (no ``max_steps``) SFT / DPO stage over ``rows`` training rows, counted as
+    accelerate and transformers count them: the batches are sharded over the processes, and a partial gradient
+    accumulation at the end of an epoch is one more step. None for RL stages (their steps follow generation)."""
+    if batch["steps"] is not None or batch["num_generations"] is not None:
+        return batch["steps"]
+    epochs = float(args.get("num_train_epochs", _field_default(config_cls, "num_train_epochs")))
+    batches = math.ceil(math.ceil(rows / batch["per_device"]) / batch["world_size"])
+    return math.ceil(epochs * max(math.ceil(batches / batch["accumulation"]), 1))
+
+
+def batch_lines(plan: Plan) -> list[str]:
+    """One line per training stage: its global batch and optimizer steps at this world size, with a warning where
+    the world size changes them (stages with ``scale_with_world_size: true`` under several processes)."""
+    lines = []
+    for sp in plan.stages:
+        b = sp.batch
+        if not b:
+            continue
+        n = b["world_size"]
+        what = f"{b['global_batch']} completions" if b["num_generations"] else f"{b['global_batch']} rows"
+        line = (f"{sp.spec.name}: global batch {what} = {b['per_device']} per device x {b['accumulation']} "
+                f"accumulation x {n} process{'es' if n > 1 else ''}")
+        if b["num_generations"]:
+            line += f" ({b['global_batch'] // b['num_generations']} prompts x {b['num_generations']})"
+        line += f"; {b['steps']} optimizer steps" if b["steps"] is not None else "; steps set by the data at run time"
+        if n > 1 and b["scale_with_world_size"]:
+            line += (f". warning: {n} processes make the global batch {n}x the one-process {b['one_process_batch']}"
+                     + (" and the epochs' steps fewer" if b["steps"] is not None and not b["num_generations"]
+                        and "max_steps" not in (sp.spec.args or {}) else "")
+                     + "; set `scale_with_world_size: false` to keep the one-process optimisation")
+        lines.append(line)
+    return lines
+
+
+# args naming a model the stage loads (besides its policy): checked like `model`
+MODEL_ARGS = {"ppo": ("critic_model_path",), "rejection_sampling": ("reward_model",)}
+MODEL_ARG_WORDS = ("reward_model",)  # values of those args that are not models (critic_model_path: reward_model)
+
+
+def _preflight(recipe: Recipe, check_hardware: bool, world_size: int = 1) -> Plan:
     check_output_dir(recipe.output_dir)
     check_numbers({"seed": recipe.seed}, "")
     import_recipe_modules(recipe)  # the only code a recipe runs at check time (docs/recipes.md)
     cuda = _cuda()
-    model = _resolve_model(recipe.model, "model")
+    model = _resolve_model(recipe.model, "model", local=check_hardware)
     if recipe.reward is not None:
         _check_reward(recipe.reward, "reward", recipe.imports)
     if recipe.rails:
@@ -242,9 +343,10 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
         if spec.init is None or spec.init == "previous":
             init = "previous"
         else:
-            init = _resolve_model(spec.init, f"{where}.init")
+            init = _resolve_model(spec.init, f"{where}.init", local=check_hardware)
 
         # args (the stage's rails and tripwires go into its config's `rails` / `tripwires` fields)
+        batch = None
         fields = accepted_fields(config_cls)
         rails = deep_merge(recipe.rails, spec.rails) if "rails" in fields else {}  # (so SFT's fingerprint ignores them)
         if spec.type == "eval":
@@ -256,6 +358,13 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
             user = check_args(spec.args, config_cls, where=f"{where}.args", what=config_cls.__name__,
                               reserved=reserved)
             args = {**default_args(recipe, config_cls, cuda), **user}
+            named = {"activation_checkpointing", "gradient_checkpointing"} & set(user)
+            if "activation_checkpointing" in fields and not named:
+                # TRL's SFTConfig defaults transformers' deprecated `gradient_checkpointing` (True), which warns at
+                # every config: its default goes to the current name instead
+                checkpointing = _field_default(config_cls, "gradient_checkpointing")
+                if checkpointing is not None:
+                    args["activation_checkpointing"] = checkpointing
             for key, value in (("rails", spec.rails), ("tripwires", spec.tripwires)):
                 if value and key not in fields:
                     raise RecipeError(f"{where}.{key}", f"a {spec.type} stage ({config_cls.__name__}) takes no {key}",
@@ -268,8 +377,14 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
                 args["rails"] = rails
             if "tripwires" in fields and spec.tripwires:
                 args["tripwires"] = list(spec.tripwires)
+            scale = recipe.scale_with_world_size if spec.scale_with_world_size is None else spec.scale_with_world_size
+            if stype.trains and spec.type != "rejection_sampling":
+                batch = _batch_plan(config_cls, args, scale=scale, world_size=world_size, where=where)
             config = _instantiate(config_cls, args, f"{where}.args", check_hardware)
             check_numbers({f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, f"{where}.args")
+            for key in MODEL_ARGS.get(spec.type, ()):
+                if isinstance(args.get(key), str) and args[key] not in MODEL_ARG_WORDS:
+                    _resolve_model(args[key], f"{where}.args.{key}", local=check_hardware)
 
         # PEFT and hand-off
         if spec.peft is not None:
@@ -299,6 +414,8 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
         if dataset is not None:
             _check_map(dataset, f"{where}.dataset", recipe.imports)
             loaded = _check_columns(dataset, stype, spec.type, f"{where}.dataset", recipe.seed)
+        if batch is not None and loaded is not None:
+            batch["steps"] = _epoch_steps(config_cls, args, batch, len(loaded))
 
         # reward
         reward = spec.reward if spec.reward is not None else recipe.reward
@@ -324,7 +441,7 @@ def _preflight(recipe: Recipe, check_hardware: bool) -> Plan:
 
         uses_reward = stype.needs_reward or spec.type == "eval"  # SFT / DPO ignore it (and so do their fingerprints)
         stages.append(StagePlan(i, spec, stype, config_cls, args, dataset, reward if uses_reward else None, rails,
-                                init, where))
+                                init, where, batch))
 
     plan = Plan(recipe=recipe, model=model, stages=stages)
     _check_eval_block(recipe, plan)

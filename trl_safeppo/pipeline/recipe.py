@@ -94,6 +94,10 @@ class StageSpec:
         callbacks (`list[str]`, defaults to `[]`):
             Dotted paths to `transformers.TrainerCallback` subclasses (in a module of the recipe's `imports:`, or
             from transformers / TRL), instantiated without arguments and added to the stage's trainer.
+            Dotted paths to `transformers.TrainerCallback` classes (or factories), instantiated without arguments
+            and added to the stage's trainer.
+        scale_with_world_size (`bool` or `None`, defaults to `None`):
+            Overrides the recipe's `scale_with_world_size` for this stage (`None`: the recipe's value).
     """
 
     type: str = field(metadata={"help": "What the stage does: sft, ppo, grpo, rejection_sampling, dpo or eval."})
@@ -118,6 +122,9 @@ class StageSpec:
     )
     callbacks: list = field(
         default_factory=list, metadata={"help": "Dotted paths to TrainerCallback classes added to the trainer."}
+    )
+    scale_with_world_size: bool | None = field(
+        default=None, metadata={"help": "Overrides the recipe's scale_with_world_size for this stage (null: inherit)."}
     )
 
     @property
@@ -169,6 +176,12 @@ class Recipe:
             directory), imported by the pre-flight. Every dotted path in the recipe (custom rewards, `map:`
             functions, callbacks) must name something in one of them; importing them is the only code a recipe runs
             of its own accord.
+        scale_with_world_size (`bool`, defaults to `True`):
+            `true`: `per_device_train_batch_size` is per process, so the global batch grows with the number of
+            processes (accelerate's convention). `false`: each stage's args describe the run at one process; under
+            N processes the runner divides `per_device_train_batch_size` by N, so the global batch, the number of
+            optimizer steps and the completions per RL step stay those of one process. A stage's
+            `scale_with_world_size` overrides it.
         source (`str` or `None`):
             Set by the loader: the file the recipe came from (not a YAML key).
     """
@@ -199,6 +212,11 @@ class Recipe:
     imports: list = field(
         default_factory=list,
         metadata={"help": "Your modules (beside the recipe or installed) that dotted paths may name, e.g. [my_rules]."},
+    )
+    scale_with_world_size: bool = field(
+        default=True,
+        metadata={"help": "true: per-device batches (the global batch grows with the processes); false: the args "
+                          "describe one process and the runner divides per_device_train_batch_size by their number."},
     )
     source: str | None = field(
         default=None, repr=False, compare=False, metadata={"help": "Where the recipe was loaded from (not a key)."}
@@ -541,6 +559,8 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
             check_module_name(module, where=f"imports[{j}]")
         except DottedPathError as err:
             raise RecipeError(err.where, err.problem, err.fix) from None
+    scale = _expect(tree.get("scale_with_world_size", True), bool, "scale_with_world_size", "scale_with_world_size",
+                    "write true (per-device batches) or false (the args describe one process)")
     stages_raw = _expect(tree["stages"], list, "stages", "stages", "write a list of stages, each with a `type`")
 
     stages: list[StageSpec] = []
@@ -583,6 +603,10 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
                             "write a list of dotted paths to TrainerCallback classes")
         for j, cb in enumerate(callbacks):
             _expect(cb, str, f"{where}.callbacks[{j}]", "a callback", "write a dotted path, e.g. my_pkg.MyCallback")
+        stage_scale = raw.get("scale_with_world_size")
+        if stage_scale is not None:
+            _expect(stage_scale, bool, f"{where}.scale_with_world_size", "scale_with_world_size",
+                    "write true, false, or remove it (the recipe's value)")
         peft = raw.get("peft")
         if peft is not None:
             _expect(peft, dict, f"{where}.peft", "peft", "write a mapping of peft.LoraConfig fields plus handoff")
@@ -603,12 +627,13 @@ def _build_recipe(tree: Any, source: str | None) -> Recipe:
                 gate=dict(raw.get("gate") or {}),
                 peft=dict(peft) if peft is not None else None,
                 callbacks=list(callbacks),
+                scale_with_world_size=stage_scale,
             )
         )
     return Recipe(
         name=tree["name"], model=tree["model"], output_dir=tree["output_dir"], stages=stages, seed=seed, data=data,
         reward=tree.get("reward"), rails=rails, eval=eval_cfg, probes=probes, description=description, self_test=self_test,
-        imports=list(imports), source=source,
+        imports=list(imports), scale_with_world_size=scale, source=source,
     )
 
 

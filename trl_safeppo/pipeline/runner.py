@@ -33,7 +33,7 @@ from ..fileio import write_json, write_text
 from . import data as data_mod
 from .manifest import (FINISHED, Manifest, final_metrics, hash_json, hash_path, library_versions, new_stage_entry, now,
                        output_record, verify_output)
-from .preflight import Plan, StagePlan, preflight
+from .preflight import Plan, StagePlan, batch_lines, preflight
 from .recipe import RecipeError, dump_recipe, load_recipe
 from .schema import accepted_fields
 from .stages import StageContext, StageOutcome, stage_run_function
@@ -42,17 +42,37 @@ from .stages import StageContext, StageOutcome, stage_run_function
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 def add_arguments(parser) -> None:
-    parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/demo.yaml")
+    import argparse
+
+    from .recipe import builtin_recipe_folder
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "shipped recipes run by name, with or without the repository:\n"
+        "  trl-safeppo run demo            # the whole chain on the embedded tiny model (2 CPU cores, minutes)\n"
+        "  trl-safeppo run demo --check    # pre-flight only: validate, print the plan and batch sizes\n"
+        "  trl-safeppo run gsm8k           # Qwen2.5-0.5B-Instruct on GSM8K (GPU; the model must be in the HF cache)\n"
+        "  accelerate launch --multi_gpu --num_processes 2 -m trl_safeppo run demo   # 2 processes\n"
+        f"their files, commented, and the accelerate launch configs: {builtin_recipe_folder()}\n\n"
+        "documentation: docs/recipes.md in the source repository (docs/ is not installed by pip); installed, the\n"
+        "recipe keys are documented in `python -m pydoc trl_safeppo.pipeline.recipe` (Recipe, StageSpec)"
+    )
+    parser.add_argument("recipe", help="recipe YAML file (e.g. recipes/demo.yaml), or a shipped recipe by name "
+                        "(`trl-safeppo run demo`, `trl-safeppo run gsm8k`)")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override recipe values, e.g. stages.grpo.args.max_steps=5 output_dir=runs/x")
     parser.add_argument("--check", action="store_true",
                         help="validate the recipe (pre-flight) and print the plan; train nothing")
     parser.add_argument("--restart", action="store_true",
                         help="ignore an existing manifest in output_dir and run every stage again")
+    parser.add_argument("--num-processes", type=int, default=None, metavar="N",
+                        help="with --check: plan the batches for N processes (default: $WORLD_SIZE, set by "
+                        "accelerate launch, else 1)")
 
 
 def run(args) -> int:
-    return run_recipe(args.recipe, args.overrides, check=args.check, restart=args.restart)
+    return run_recipe(args.recipe, args.overrides, check=args.check, restart=args.restart,
+                      num_processes=getattr(args, "num_processes", None))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,7 +90,8 @@ def fingerprints(plan: Plan) -> list[str]:
     without retraining)."""
     out, previous = [], hash_json({"model": plan.model, "seed": plan.recipe.seed})
     for sp in plan.stages:
-        spec = {k: v for k, v in dataclasses.asdict(sp.spec).items() if k != "gate"}
+        # (scale_with_world_size acts through the per-device batch in args, hashed there)
+        spec = {k: v for k, v in dataclasses.asdict(sp.spec).items() if k not in ("gate", "scale_with_world_size")}
         blob = {"previous": previous, "spec": spec, "args": sp.args, "reward": sp.reward, "rails": sp.rails,
                 "dataset": dataclasses.asdict(sp.dataset) if sp.dataset else None, "init": sp.init}
         previous = hash_json(blob)
@@ -137,19 +158,39 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------------------
 def _cpu_processes_use_gloo() -> None:
     """Under ``accelerate launch`` on a machine without a GPU, accelerate only goes multi-process (gloo) with
-    ``ACCELERATE_USE_CPU``; set it before any accelerate state exists, so every process joins one group."""
+    ``ACCELERATE_USE_CPU``; set it before any accelerate state exists, so every process joins one group. A launch
+    config's ``mixed_precision: bf16`` (recipes/accelerate/ddp.yaml) is a GPU setting: without a GPU it is turned
+    off, as a plain ``trl-safeppo run`` would train (a recipe's ``bf16: true`` still asks for it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
         import torch
 
         if not torch.cuda.is_available():
             os.environ["ACCELERATE_USE_CPU"] = "1"
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "no"
 
 
-def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: bool = False) -> int:
+def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: bool = False,
+               num_processes: int | None = None) -> int:
     started = time.time()
     _cpu_processes_use_gloo()
+    from ..models import quiet_trl_checkpointing_aliases
+
+    quiet_trl_checkpointing_aliases()  # TRL's own calls of transformers' deprecated names (models.py)
+    if os.environ.get("RANK", "0") == "0":
+        from ..cli import hub_mode_line
+
+        print(f"[trl-safeppo] {hub_mode_line()}", flush=True)
     recipe = load_recipe(recipe_path, overrides)
-    plan = preflight(recipe, check_hardware=not check)
+    if num_processes is not None and not check:
+        raise RecipeError("", "--num-processes only plans a --check",
+                          "launch the processes with `accelerate launch --num_processes N -m trl_safeppo run ...`")
+    if num_processes is not None and num_processes < 1:
+        raise RecipeError("", f"--num-processes {num_processes} is not a number of processes", "pass 1 or more")
+    plan = preflight(recipe, check_hardware=not check, world_size=num_processes)
     if check:
         print(describe_plan(plan))
         return 0
@@ -159,6 +200,8 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
     is_main = state.is_main_process
     _say(is_main, f"pre-flight passed: {len(plan.stages)} stages in {time.time() - started:.1f}s "
          f"({state.num_processes} process{'es' if state.num_processes > 1 else ''})")
+    for line in batch_lines(plan):
+        _say(is_main, line)
     run_dir = Path(recipe.output_dir)
     lock = lock_run_dir(run_dir, state, is_main)  # before anything reads or removes what another run writes
     if is_main:  # temporaries of writers killed mid-write (only safe to remove while holding the lock)
@@ -252,19 +295,24 @@ class _Runner:
             stage_dir = self.run_dir / entry["dir"]
             policy, policy_hash = handed.input_for(sp)
             self._previous = (policy, policy_hash)  # what `on_fail: carry_previous` hands on instead
-            with self.progress.stage(sp.index + 1, sp.spec.name, sp.spec.type):
+            with self.progress.stage(sp.index + 1, sp.spec.name, sp.spec.type) as end:
                 if handed.changed(sp, entry):
                     self.say(f"stage {entry['index']} ({sp.spec.name}): it now starts from another model "
                              f"({policy}), so it runs again")
                     entry["status"] = "pending"
                 if entry["status"] in FINISHED and _outputs_exist(entry):
-                    self.say(f"stage {entry['index']} ({sp.spec.name}): already {entry['status']}, skipped")
+                    end["status"] = f"skipped (already {entry['status']})"
                     ok = True
                 elif entry["status"] in ("gated", "carried") and _outputs_exist(entry):
                     ok = self._recheck_gate(sp, entry, stage_dir, previous_eval)
+                    end["status"] = f"gate re-checked: {entry['status']}"
                 else:
                     self._verify_inputs(sp, produced)
                     ok = self.run_stage(sp, entry, stage_dir, policy, data, previous_eval)
+                    # the stage's one end line (progress): its status and held-out scores, after its wall time
+                    summary = _eval_line(entry.get("eval"))
+                    end["status"] = entry["status"]
+                    end["detail"] = f"held-out {summary}" if summary else ""
                     if self.is_main:
                         _write_report(self.run_dir, quiet=True)  # a live report, rebuilt after every stage
             if not ok:
@@ -367,9 +415,6 @@ class _Runner:
                 },
             )
             self._save()
-            summary = _eval_line(eval_result)
-            self.say(f"stage {entry['index']} ({sp.spec.name}): {status} in {entry['timings']['duration_s']}s"
-                 + (f"; held-out {summary}" if summary else ""))
             for o in gate_failed:
                 self.say(f"stage {entry['index']} ({sp.spec.name}): gate {o['gate']} failed: {o['reason']}; "
                          + (f"carried over: the next stage starts from the previous model ({entry['handoff']['model']})"
@@ -390,7 +435,6 @@ class _Runner:
             entry["gates"] = outcomes
             entry["status"] = self._gate_status(sp, entry, outcomes, "completed")
             self._save()
-            self.say(f"stage {entry['index']} ({sp.spec.name}): gate re-checked: {entry['status']}")
         self.barrier()
         shared = _broadcast(entry, self.state)
         if shared is not entry:
@@ -760,6 +804,7 @@ def describe_plan(plan: Plan) -> str:
         lines.append(f"  held-out eval after each training stage: {plan.eval_dataset.describe()}")
     if r.final != "last":
         lines.append(f"  final model: {r.final} (an eval stage after the last training stage evaluates it)")
+    lines.extend(f"  {line}" for line in batch_lines(plan))
     lines.append("pre-flight passed")
     return "\n".join(lines)
 

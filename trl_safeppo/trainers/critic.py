@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from ..models import resolve_model_path
+from ..models import load_value_model, resolve_model_path
 from .ppo_config import SafePPOConfig
 
 
@@ -118,7 +118,7 @@ def load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrain
 
 def _from_pretrained(path: str, args: SafePPOConfig, what: str) -> PreTrainedModel:
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **_model_init_kwargs(args))
+        return load_value_model(path, what=what, **_model_init_kwargs(args))
     except (OSError, RuntimeError, ValueError) as err:
         raise ValueError(
             f"{what}: cannot load {path!r} as a critic (AutoModelForSequenceClassification, num_labels=1): {err}. "

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from trl import DPOTrainer
 
 from ..fileio import write_json
-from ..models import resolve_model_path
+from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
 from .dpo_config import SafeDPOConfig
 from .rails_mixin import checkpoint_folder, resume_folder
 from .tripwires import add_tripwires
@@ -55,6 +55,7 @@ class SafeDPOTrainer(DPOTrainer):
 
     def __init__(self, model, ref_model=None, args: SafeDPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  **kwargs):
+        quiet_trl_checkpointing_aliases()
         if args is None:
             name = model if isinstance(model, str) else model.config.name_or_path
             args = SafeDPOConfig(f"{name.split('/')[-1]}-SafeDPO")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from trl import GRPOTrainer
 
-from ..models import resolve_model_path
+from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
 from ..rewards.timeout import DEFAULT_TIMEOUT_S, with_timeouts
 from .grpo_config import SafeGRPOConfig
 from .rails_mixin import SafeRailsMixin, TrainerRails
@@ -32,6 +32,7 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: SafeGRPOConfig | None = None, *, reward_processing_classes=None,
                  **kwargs):
+        quiet_trl_checkpointing_aliases()
         if args is None:
             name = model if isinstance(model, str) else model.config.name_or_path
             args = SafeGRPOConfig(f"{name.split('/')[-1]}-SafeGRPO")

@@ -54,11 +54,11 @@ def policy_logps(trainer, batch: dict, setting: str):
     Text-only: a batch with image inputs raises a ValueError naming `rails.kl.<setting>`."""
     import torch
 
-    from trl.models.utils import disable_gradient_checkpointing
+    from ..models import activation_checkpointing_off
 
     _require_text_only(batch, setting)
     input_ids, attention_mask, n = _sequences(batch)
-    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+    with torch.no_grad(), activation_checkpointing_off(trainer.model, trainer.args.gradient_checkpointing_kwargs):
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, input_ids, attention_mask, n, batch_size=trainer.args.per_device_train_batch_size,
         )
@@ -73,7 +73,7 @@ def exact_kl(trainer, batch: dict):
     :meth:`KLControl.start`). Text-only."""
     import torch
 
-    from trl.models.utils import disable_gradient_checkpointing
+    from ..models import activation_checkpointing_off
 
     from ..rails.kl import kl_exact
 
@@ -86,7 +86,7 @@ def exact_kl(trainer, batch: dict):
 
     chunk = trainer.args.per_device_train_batch_size
     parts = []
-    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+    with torch.no_grad(), activation_checkpointing_off(trainer.model, trainer.args.gradient_checkpointing_kwargs):
         for start in range(0, len(input_ids), chunk):
             rows = slice(start, start + chunk)
             parts.append(kl_exact(logits(trainer.model, rows), logits(trainer.ref_model, rows)))

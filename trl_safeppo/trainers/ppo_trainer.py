@@ -31,10 +31,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-
 from ..fileio import atomic_dir, atomic_path
-from ..models import resolve_model_path
+from ..models import activation_checkpointing_off, quiet_trl_checkpointing_aliases, resolve_model_path
 from ..rails.kl import kl_per_token, sequence_kl
 from ..rewards.timeout import with_timeouts
 from .critic import check_critic, load_critic, prepare_critic
@@ -80,6 +78,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         value_model: PreTrainedModel | None = None,
         **kwargs,
     ):
+        quiet_trl_checkpointing_aliases()
         if args is None:
             raise ValueError("SafePPOTrainer needs args=SafePPOConfig(output_dir=...)")
         if not isinstance(args, SafePPOConfig):
@@ -162,7 +161,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
 
         # Policy log-probs (GRPO's when it computed them) and the critic's values V(s_t)
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with activation_checkpointing_off(self.model, self.args.gradient_checkpointing_kwargs):
             old_logps = output.get("old_per_token_logps")
             if old_logps is None:  # GRPO skips it when the batch is used for exactly one optimizer step
                 old_logps, _, _ = self._get_per_token_logps_and_entropies(

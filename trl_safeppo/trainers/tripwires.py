@@ -175,6 +175,9 @@ class TripwireFields:
         tripwire_max_beta (`float`, *optional*): see ``TRIPWIRE_HELP["max_beta"]``.
         logging_nan_inf_filter (`bool`, defaults to `False`): keeps NaN/inf losses visible to the `non_finite`
             tripwire.
+        gradient_checkpointing (`bool` or `None`, defaults to `None`): transformers' deprecated alias of
+            `activation_checkpointing`. Left unset, `activation_checkpointing` takes TRL's default (`True`) without
+            transformers' deprecation warning; set `activation_checkpointing` instead.
     """
 
     tripwires: list[dict] | None = field(default=None, metadata={"help": TRIPWIRE_HELP["tripwires"]})
@@ -193,6 +196,20 @@ class TripwireFields:
             "average in the logs and would hide it from the `non_finite` tripwire."
         },
     )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers); unset, that one defaults to "
+                          "TRL's True."},
+    )
+
+    def __post_init__(self):
+        # TRL's configs default the deprecated `gradient_checkpointing` to True, which makes transformers warn at every
+        # config; the same default goes to the current name instead (an explicit value of either name is kept)
+        if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
+            self.activation_checkpointing = True
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
 
 
 @dataclass
