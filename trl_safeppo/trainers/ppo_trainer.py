@@ -40,6 +40,7 @@ from ._wiring import RailsWiring, SafeRailsMixin
 from .tripwires import add_tripwires
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
+from .scaling import critic_optimizer_step
 
 CRITIC_DIR = "critic"
 CRITIC_OPTIMIZER_FILE = "critic_optimizer.pt"
@@ -184,10 +185,9 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         if critic_checkpointing:
             _enable_checkpointing(critic, args.gradient_checkpointing_kwargs)
         critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate
-        value_module = ValueModel(critic)
-        optimizer = self._create_critic_optimizer(value_module, critic_lr)
-        self.critic = self.accelerator.prepare_model(value_module)
-        self.critic_optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.critic = self.accelerator.prepare_model(ValueModel(critic))
+        # a plain optimizer, not registered with accelerate: fp16 unscales it once, in _critic_optimizer_step (scaling.py)
+        self.critic_optimizer = self._create_critic_optimizer(self.accelerator.unwrap_model(self.critic), critic_lr)
         self.critic_lr_scheduler = None
         self._ppo_capture = False
         self._ppo_captured_logps: torch.Tensor | None = None
@@ -238,11 +238,12 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         return loss
 
     def _critic_optimizer_step(self) -> None:
+        norm, stepped = critic_optimizer_step(
+            self.accelerator, list(self.critic.parameters()), self.critic_optimizer, self.args.max_grad_norm
+        )
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(self.critic.parameters(), self.args.max_grad_norm)
             self._metrics["train"]["ppo/val/grad_norm"].append(float(norm))
-        self.critic_optimizer.step()
-        if self.critic_lr_scheduler is not None:
+        if stepped and self.critic_lr_scheduler is not None:
             self.critic_lr_scheduler.step()
         self.critic_optimizer.zero_grad(set_to_none=True)
 
