@@ -217,7 +217,7 @@ def test_reward_model_and_rule_mixed_and_critic_from_reward_model(tmp_path, tiny
     AutoTokenizer.from_pretrained(tiny_debug_path).save_pretrained(rm_dir)
     args = config(tmp_path, critic_model_path="reward_model", max_steps=1)
     trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=[rm_dir, LengthReward()], args=args, train_dataset=prompts())
-    head = trainer.accelerator.unwrap_model(trainer.critic).head
+    head = trainer.accelerator.unwrap_model(trainer.critic).model.score
     torch.testing.assert_close(head.weight, torch.full_like(head.weight, 0.01))  # starts as the reward model
     trainer.train()
     assert "rewards/length_reward/mean" in trainer.state.log_history[0]
