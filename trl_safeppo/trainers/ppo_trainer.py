@@ -41,6 +41,14 @@ from .tripwires import add_tripwires
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
 from .scaling import critic_optimizer_step
+from .sharding import (
+    check_critic_sharding,
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_state,
+    prepare_critic,
+)
 
 CRITIC_DIR = "critic"
 CRITIC_OPTIMIZER_FILE = "critic_optimizer.pt"
@@ -167,11 +175,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 f"processing_class={type(self.processing_class).__name__} is a multimodal processor; SafePPOTrainer's "
                 "critic and rollout forwards are text-only. Use a text-only model (or SafeGRPOTrainer for VLMs)."
             )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "SafePPOTrainer supports single-process and DDP training (accelerate launch --multi_gpu); DeepSpeed and "
-                "FSDP do not yet shard the critic. Launch without a DeepSpeed / FSDP config."
-            )
+        check_critic_sharding(self.accelerator, value_model)  # DeepSpeed, FSDP1, an on-device value_model: refused
 
         _check_critic(critic, self.processing_class, critic_field)
         critic.config.pad_token_id = self._tokenizer.pad_token_id
@@ -185,7 +189,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         if critic_checkpointing:
             _enable_checkpointing(critic, args.gradient_checkpointing_kwargs)
         critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate
-        self.critic = self.accelerator.prepare_model(ValueModel(critic))
+        self.critic = prepare_critic(self.accelerator, ValueModel(critic))  # DDP-wrapped, or FSDP2-sharded
         # a plain optimizer, not registered with accelerate: fp16 unscales it once, in _critic_optimizer_step (scaling.py)
         self.critic_optimizer = self._create_critic_optimizer(self.accelerator.unwrap_model(self.critic), critic_lr)
         self.critic_lr_scheduler = None
@@ -444,11 +448,18 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self.accelerator.wait_for_everyone()
+        # FSDP2: gather full tensors on every rank (collectives), process 0 writes an ordinary checkpoint
+        sharded = is_sharded(self.critic)
+        critic_state = full_model_state(self.critic) if sharded else None
+        critic_optim_state = full_optimizer_state(self.critic, self.critic_optimizer)
         if self.args.should_save:
             critic = self.accelerator.unwrap_model(self.critic).model
             tmp = tempfile.mkdtemp(dir=folder, prefix=".tmp-critic-")
             try:
-                critic.save_pretrained(tmp)
+                if sharded:  # the ValueModel's keys are "model." + the critic's own
+                    critic.save_pretrained(tmp, state_dict={k[6:]: v for k, v in critic_state.items()})
+                else:
+                    critic.save_pretrained(tmp)
                 final = os.path.join(folder, CRITIC_DIR)
                 if os.path.exists(final):
                     shutil.rmtree(final)
@@ -456,7 +467,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             finally:
                 if os.path.exists(tmp):
                     shutil.rmtree(tmp)
-            _atomic_save(self.critic_optimizer.state_dict(), os.path.join(folder, CRITIC_OPTIMIZER_FILE))
+            _atomic_save(critic_optim_state, os.path.join(folder, CRITIC_OPTIMIZER_FILE))
             if self.critic_lr_scheduler is not None:
                 _atomic_save(self.critic_lr_scheduler.state_dict(), os.path.join(folder, CRITIC_SCHEDULER_FILE))
 
@@ -486,11 +497,16 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             )
         critic = self.accelerator.unwrap_model(self.critic).model
         loaded = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=critic.dtype)
-        critic.load_state_dict(loaded.state_dict())
-        del loaded
-        device = self.accelerator.device
+        sharded = is_sharded(self.critic)
+        device = "cpu" if sharded else self.accelerator.device
         state = torch.load(os.path.join(checkpoint, CRITIC_OPTIMIZER_FILE), map_location=device, weights_only=False)
-        self.critic_optimizer.load_state_dict(state)
+        if sharded:  # full tensors into the FSDP2 shards (sharding.load_full_state)
+            load_full_state(self.critic, {"model." + k: v for k, v in loaded.state_dict().items()},
+                            self.critic_optimizer, state)
+        else:
+            critic.load_state_dict(loaded.state_dict())
+            self.critic_optimizer.load_state_dict(state)
+        del loaded
         sched_path = os.path.join(checkpoint, CRITIC_SCHEDULER_FILE)
         if self.critic_lr_scheduler is not None and os.path.exists(sched_path):
             self.critic_lr_scheduler.load_state_dict(torch.load(sched_path, weights_only=False))
