@@ -97,3 +97,17 @@ def test_one_step_update_matches_a_plain_fp32_step(tmp_path, tiny_debug_path, mo
     logged_policy = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert logged_critic[0] == pytest.approx(float(g_critic.norm()), rel=rel_tol)
     assert logged_policy[0] == pytest.approx(float(g_policy.norm()), rel=rel_tol)
+
+
+def test_fp16_with_float16_weights_is_refused_naming_the_field(tmp_path, tiny_debug_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from trl_safeppo.trainers.scaling import check_fp16_master_weights
+
+    critic = AutoModelForSequenceClassification.from_pretrained(tiny_debug_path, num_labels=1)
+    check_fp16_master_weights(True, {"value_model": critic})  # float32: fine
+    check_fp16_master_weights(False, {"value_model": critic.half()})  # not fp16 training: fine
+    with pytest.raises(ValueError, match=r"value_model: fp16=True .* float16 \(model\.embed_tokens\.weight.*bf16=True"):
+        check_fp16_master_weights(True, {"value_model": critic})
+    critic.requires_grad_(False)  # frozen float16 weights (a reference) are fine
+    check_fp16_master_weights(True, {"ref": critic})

@@ -40,7 +40,7 @@ from ._wiring import RailsWiring, SafeRailsMixin
 from .tripwires import add_tripwires
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
-from .scaling import critic_optimizer_step
+from .scaling import check_fp16_master_weights, critic_optimizer_step
 from .sharding import (
     check_critic_sharding,
     full_model_state,
@@ -176,6 +176,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 "critic and rollout forwards are text-only. Use a text-only model (or SafeGRPOTrainer for VLMs)."
             )
         check_critic_sharding(self.accelerator, value_model)  # DeepSpeed, FSDP1, an on-device value_model: refused
+        check_fp16_master_weights(args.fp16, {"model": self.model, critic_field: critic})
 
         _check_critic(critic, self.processing_class, critic_field)
         critic.config.pad_token_id = self._tokenizer.pad_token_id

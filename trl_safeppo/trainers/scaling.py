@@ -68,3 +68,20 @@ def critic_optimizer_step(accelerator, parameters: list, optimizer: torch.optim.
         optimizer.step()
         stepped = True
     return norm, stepped
+
+
+def check_fp16_master_weights(fp16: bool, models: dict[str, torch.nn.Module]) -> None:
+    """fp16 mixed precision keeps float32 master weights: a GradScaler cannot unscale float16 gradients (torch raises
+    "Attempting to unscale FP16 gradients" at the first step). Refuse a trained float16 model at construction.
+
+    `models` maps the field that chose each model (e.g. "model", "critic_model_path") to the model."""
+    if not fp16:
+        return
+    for field, model in models.items():
+        half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if half:
+            raise ValueError(
+                f"{field}: fp16=True trains with a GradScaler, which needs float32 master weights, but this model's "
+                f"trainable weights are float16 ({half[0]}, ...); load it in float32 (model_init_kwargs="
+                "{'dtype': 'float32'}, or .float() on a model object), or train in bf16 (bf16=True)"
+            )
