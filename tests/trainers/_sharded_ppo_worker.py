@@ -37,14 +37,28 @@ def build(path: str):
     return policy, critic
 
 
-def shard(module: torch.nn.Module, block_names: set[str], mesh) -> None:
-    """FSDP2 as accelerate's TRANSFORMER_BASED_WRAP does it: each transformer block, then the root."""
-    from torch.distributed.fsdp import fully_shard
+def fsdp2_accelerator(rank: int):
+    """What accelerate's `fsdp2_prepare_model` reads of an Accelerator, with the plugin recipes/accelerate/fsdp2.yaml
+    makes (FSDP2, TRANSFORMER_BASED_WRAP, reshard after forward, rank 0's weights broadcast at load). accelerate
+    itself refuses FSDP on a machine without GPUs, so the Accelerator is stood in for; the sharding code is its own."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
-    for sub in list(module.modules()):
-        if type(sub).__name__ in block_names:
-            fully_shard(sub, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+        cpu_ram_efficient_loading=True, state_dict_type="FULL_STATE_DICT",
+    )
+    return SimpleNamespace(is_fsdp2=True, state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                           mixed_precision="no", is_main_process=rank == 0, device=torch.device("cpu"))
+
+
+def shard(accelerator, policy, critic):
+    """The policy as the Trainer's `accelerator.prepare` shards it (`fsdp2_prepare_model`), the critic as
+    SafePPOTrainer does (`sharding.prepare_critic`)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    from trl_safeppo.trainers.sharding import prepare_critic
+
+    return fsdp2_prepare_model(accelerator, policy), prepare_critic(accelerator, critic)
 
 
 def logps_of(policy, input_ids, attention_mask):
@@ -87,7 +101,6 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def main(out_path: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     from trl_safeppo.models import resolve_model_path
@@ -97,7 +110,7 @@ def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2
-    mesh = init_device_mesh("cpu", (world,))
+    accelerator = fsdp2_accelerator(rank)
     path = resolve_model_path("tiny://debug")
 
     # The rollout: fixed tokens, rollout-time log-probs and values of the initial models, PPO targets on all rows
@@ -124,10 +137,7 @@ def main(out_path: str) -> None:
     ref_policy, ref_critic = full(policy), full(critic)
 
     # Sharded: fresh models, FSDP2 over 2 processes, each process its 2 rows
-    s_policy, s_critic = build(path)
-    block_names = set(s_policy._no_split_modules or [])
-    shard(s_policy, block_names, mesh)
-    shard(s_critic, block_names, mesh)
+    s_policy, s_critic = shard(accelerator, *build(path))
     s_opt_p = torch.optim.AdamW(s_policy.parameters(), lr=LR)  # built after sharding: states sharded
     s_opt_c = torch.optim.AdamW(s_critic.parameters(), lr=LR)
     norms = [ppo_step(s_policy, s_critic, s_opt_p, s_opt_c, local) for _ in range(STEPS)]
@@ -158,8 +168,7 @@ def main(out_path: str) -> None:
     shared = [full(s_critic), full_optimizer_state(s_critic, s_opt_c)]  # collectives
     dist.broadcast_object_list(shared, src=0)
     critic_state, optim_state = shared
-    resumed = build(path)[1]
-    shard(resumed, block_names, mesh)
+    _, resumed = shard(accelerator, *build(path))
     resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=LR)
     load_full_state(resumed, critic_state, resumed_opt, optim_state)
     figures["resumed_is_sharded"] = is_sharded(resumed) and is_sharded(s_critic)

@@ -1,7 +1,8 @@
-"""The critic and the policy sharded with torch's FSDP2 on 2 CPU processes (gloo), as SafePPOTrainer's sharding path
-shards them (trl_safeppo/trainers/sharding.py; issue 20.5). accelerate refuses FSDP without GPUs, so the worker
-(_sharded_ppo_worker.py, under torchrun) calls `fully_shard` per transformer block and on the root, as accelerate's
-TRANSFORMER_BASED_WRAP does, and runs PPO update steps with the package's maths (`rollout_targets`,
+"""The critic and the policy sharded with FSDP2 on 2 CPU processes (gloo), as SafePPOTrainer shards them
+(trl_safeppo/trainers/sharding.py; issue 20.5). accelerate refuses FSDP without GPUs, so the worker
+(_sharded_ppo_worker.py, under torchrun) stands in for the Accelerator and calls accelerate's own `fsdp2_prepare_model`
+(the policy, as the Trainer's `accelerator.prepare` does) and `sharding.prepare_critic` (the critic) with the plugin of
+recipes/accelerate/fsdp2.yaml, then runs PPO update steps with the package's maths (`rollout_targets`,
 `clipped_value_loss`), clipping (`scaling.grad_norm_`, on DTensor gradients) and critic step
 (`scaling.critic_optimizer_step`), against the same steps unsharded on the whole batch."""
 
