@@ -134,6 +134,13 @@ before = full_model_state(t.critic)
 t.train()
 after = full_model_state(t.critic)  # collective: full tensors on process 0
 rank = t.accelerator.process_index
+# tripwire rollback of a sharded critic: snapshot, disturb, restore (every process its shards)
+snapshot = t.tripwire_state_dict()
+with torch.no_grad():
+    for p in t.critic.parameters():
+        p.add_(1.0)
+t.load_tripwire_state_dict(snapshot)
+restored = full_model_state(t.critic)
 result = {"sharded": is_sharded(t.critic),
           "grad_norms": [h["ppo/val/grad_norm"] for h in t.state.log_history if "ppo/val/grad_norm" in h]}
 resumed = trainer(3)
@@ -141,6 +148,7 @@ resumed.train(resume_from_checkpoint=os.path.join(out, "checkpoint-2"))
 if rank == 0:
     from transformers import AutoModelForSequenceClassification
     moved = max(float((after[k] - before[k]).abs().max()) for k in after)
+    result["rollback_diff"] = max(float((restored[k] - after[k]).abs().max()) for k in after)
     saved = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "checkpoint-2", "critic"), num_labels=1)
     saved_diff = max(float((v - after["model." + k]).abs().max()) for k, v in saved.state_dict().items())
     opt = torch.load(os.path.join(out, "checkpoint-2", "critic_optimizer.pt"), weights_only=False)
@@ -155,7 +163,7 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
 
 
 @pytest.mark.distributed
-def test_safe_ppo_trainer_with_an_fsdp2_critic_trains_checkpoints_and_resumes(two_process_results, tiny_debug_path):
+def test_safe_ppo_trainer_with_an_fsdp2_critic_trains_rolls_back_checkpoints_and_resumes(two_process_results, tiny_debug_path):
     # The trainer's own sharded-critic code (rollout values, DTensor-aware clipping and step, the full-tensor
     # checkpoint gather, the sharded resume) on 2 CPU processes; the policy stays DDP here (accelerate's FSDP needs a
     # GPU, see the module docstring).
@@ -163,6 +171,7 @@ def test_safe_ppo_trainer_with_an_fsdp2_critic_trains_checkpoints_and_resumes(tw
     assert r0["sharded"] and r1["sharded"] and r0["resumed_sharded"]
     assert len(r0["grad_norms"]) == 2 and r0["grad_norms"] == r1["grad_norms"]  # one global norm, both processes
     assert r0["moved"] > 0
+    assert r0["rollback_diff"] == 0.0  # a tripwire rollback restores the sharded critic exactly
     # critic/ is an ordinary checkpoint holding the full critic as trained; critic_optimizer.pt holds full tensors
     assert r0["saved_diff"] == 0.0
     assert r0["optim_full"] and r0["optim_numel"] == r0["critic_numel"]  # every weight has its full Adam moment
