@@ -119,7 +119,7 @@ ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 
 def trainer(max_steps):
     args = SafePPOConfig(
         output_dir=out, per_device_train_batch_size=2, max_completion_length=6, max_steps=max_steps, num_iterations=1,
-        steps_per_generation=1, logging_steps=1, report_to=[], bf16=False, use_cpu=True, learning_rate=1e-3,
+        steps_per_generation=2, gradient_accumulation_steps=2, logging_steps=1, report_to=[], bf16=False, use_cpu=True, learning_rate=1e-3,
         save_strategy="steps", save_steps=2, gradient_checkpointing=False, disable_tqdm=True, seed=0,
     )
     t = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=ds)
