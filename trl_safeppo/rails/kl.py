@@ -378,7 +378,8 @@ def kl_sums_after_update(
 
     Args:
         logp, old_logp, ref_logp: `(B, T)` log-probabilities of the sampled tokens under pi, pi_old, pi_ref.
-        mask: `(B, T)` 1 on completion tokens (a prefix of each row).
+        mask: `(B, T)` 1 on the tokens the policy wrote: 0 on padding and on tool / environment tokens of a
+            multi-turn rollout, which add nothing to the prefix ratio (holes are allowed).
 
     Returns:
         `(kl_sum, tokens)`, scalar tensors in the inputs' dtype, at least float32 (not float64 by force: Apple's MPS
