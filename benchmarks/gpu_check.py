@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated cases, from {', '.join(CASES)} (default: {','.join(GPU_DEFAULT)} on a GPU, "
                    f"{','.join(CPU_DEFAULT)} on the CPU)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per case, the first one untimed (>= 2)")
-    p.add_argument("--model-size", default="0.5b", choices=MODEL_SIZES, help="0.5b: Qwen2.5-0.5B's config; tiny: tiny://debug")
+    p.add_argument("--model-size", default="0.5b", choices=MODEL_SIZES,
+                   help="0.5b: Qwen2.5-0.5B's config, random weights; tiny: tiny://debug")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda when available")
     p.add_argument("--batch", type=int, default=16, help="completions (PPO/GRPO) or pairs (DPO) per optimizer step")
     p.add_argument("--max-completion-length", type=int, default=128, help="generated tokens per completion at most")

@@ -93,7 +93,8 @@ def _wheel(folder: Path) -> Path:
     path = folder / "gpucheckprobe-0.1-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("gpucheckprobe/__init__.py", "VALUE = 1\n")
-        zf.writestr("gpucheckprobe-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: gpucheckprobe\nVersion: 0.1\n")
+        zf.writestr("gpucheckprobe-0.1.dist-info/METADATA",
+                    "Metadata-Version: 2.1\nName: gpucheckprobe\nVersion: 0.1\n")
         zf.writestr("gpucheckprobe-0.1.dist-info/WHEEL",
                     "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         zf.writestr("gpucheckprobe-0.1.dist-info/RECORD", "")

@@ -124,7 +124,9 @@ def main(out_path: str) -> None:
         old_logps = logps_of(policy, ids, attn)
         values = critic(input_ids=ids, attention_mask=attn)[:, P - 1 : -1]
     ref_logps = old_logps + 0.1 * torch.randn(old_logps.shape, generator=g)
-    targets = rollout_targets(torch.tensor(SCORES), old_logps, ref_logps, values, mask, kl_coef=0.05, gamma=1.0, lam=0.95)
+    targets = rollout_targets(
+        torch.tensor(SCORES), old_logps, ref_logps, values, mask, kl_coef=0.05, gamma=1.0, lam=0.95
+    )
     batch = {"input_ids": ids, "attention_mask": attn, "mask": targets.mask, "old_logps": old_logps,
              "advantages": targets.advantages, "values": values, "returns": targets.returns}
     rows = slice(2 * rank, 2 * rank + 2)

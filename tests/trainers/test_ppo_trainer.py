@@ -401,7 +401,7 @@ def test_critic_optimizer_follows_the_policy_optimizer_settings(tmp_path, tiny_d
     args = config(tmp_path, optim="adamw_torch", weight_decay=0.1, critic_learning_rate=2e-3)
     trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
     trainer.create_optimizer()
-    critic_opt = trainer.critic_optimizer  # a plain torch optimizer (trainers/scaling.py: not registered with accelerate)
+    critic_opt = trainer.critic_optimizer  # a plain torch optimizer, not registered with accelerate (scaling.py)
     assert type(critic_opt) is type(trainer.optimizer) is torch.optim.AdamW
     decayed, plain = critic_opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0

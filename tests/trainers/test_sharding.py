@@ -119,7 +119,8 @@ ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 
 def trainer(max_steps):
     args = SafePPOConfig(
         output_dir=out, per_device_train_batch_size=2, max_completion_length=6, max_steps=max_steps, num_iterations=1,
-        steps_per_generation=2, gradient_accumulation_steps=2, logging_steps=1, report_to=[], bf16=False, use_cpu=True, learning_rate=1e-3,
+        steps_per_generation=2, gradient_accumulation_steps=2, logging_steps=1, report_to=[], bf16=False,
+        use_cpu=True, learning_rate=1e-3,
         save_strategy="steps", save_steps=2, gradient_checkpointing=False, disable_tqdm=True, seed=0,
     )
     t = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=ds)
@@ -149,12 +150,14 @@ if rank == 0:
     from transformers import AutoModelForSequenceClassification
     moved = max(float((after[k] - before[k]).abs().max()) for k in after)
     result["rollback_diff"] = max(float((restored[k] - after[k]).abs().max()) for k in after)
-    saved = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "checkpoint-2", "critic"), num_labels=1)
+    ckpt = os.path.join(out, "checkpoint-2")
+    saved = AutoModelForSequenceClassification.from_pretrained(os.path.join(ckpt, "critic"), num_labels=1)
     saved_diff = max(float((v - after["model." + k]).abs().max()) for k, v in saved.state_dict().items())
-    opt = torch.load(os.path.join(out, "checkpoint-2", "critic_optimizer.pt"), weights_only=False)
+    opt = torch.load(os.path.join(ckpt, "critic_optimizer.pt"), weights_only=False)
     exp_avg = [s["exp_avg"] for s in opt["state"].values()]
     result.update(moved=moved, saved_diff=saved_diff, optim_full=all(type(e) is torch.Tensor for e in exp_avg),
-                  optim_numel=sum(e.numel() for e in exp_avg), critic_numel=sum(v.numel() for v in saved.state_dict().values()))
+                  optim_numel=sum(e.numel() for e in exp_avg),
+                  critic_numel=sum(v.numel() for v in saved.state_dict().values()))
 result["resumed_steps"] = resumed.state.global_step
 result["resumed_sharded"] = is_sharded(resumed.critic)
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -163,7 +166,9 @@ with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
 
 
 @pytest.mark.distributed
-def test_safe_ppo_trainer_with_an_fsdp2_critic_trains_rolls_back_checkpoints_and_resumes(two_process_results, tiny_debug_path):
+def test_safe_ppo_trainer_with_an_fsdp2_critic_trains_rolls_back_checkpoints_and_resumes(
+    two_process_results, tiny_debug_path
+):
     # The trainer's own sharded-critic code (rollout values, DTensor-aware clipping and step, the full-tensor
     # checkpoint gather, the sharded resume) on 2 CPU processes; the policy stays DDP here (accelerate's FSDP needs a
     # GPU, see the module docstring).

@@ -191,7 +191,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             _enable_checkpointing(critic, args.gradient_checkpointing_kwargs)
         critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate
         self.critic = prepare_critic(self.accelerator, ValueModel(critic))  # DDP-wrapped, or FSDP2-sharded
-        # a plain optimizer, not registered with accelerate: fp16 unscales it once, in _critic_optimizer_step (scaling.py)
+        # a plain optimizer, not registered with accelerate: fp16 unscales it once, in _critic_optimizer_step
         self.critic_optimizer = self._create_critic_optimizer(self.accelerator.unwrap_model(self.critic), critic_lr)
         self.critic_lr_scheduler = None
         self._ppo_capture = False
