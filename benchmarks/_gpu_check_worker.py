@@ -70,7 +70,7 @@ def main(cfg: dict) -> None:
         trainer = SafeGRPOTrainer(model=model, reward_funcs=LengthReward(max_len), args=args,
                                   train_dataset=_prompts(batch * steps))
     else:
-        args = SafeDPOConfig(**common, max_length=2 * max_len)
+        args = SafeDPOConfig(**common, max_length=max_len + 64)  # prompt (~10 tokens) + a response of ~max_len
         trainer = SafeDPOTrainer(model=model, args=args, train_dataset=_pairs(batch * steps, max_len // 2))
 
     timer = ModelTimer()

@@ -28,4 +28,12 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 \
   TOKENIZERS_PARALLELISM=false TRL_EXPERIMENTAL_SILENCE=1 WANDB_DISABLED=true PYTHONUNBUFFERED=1
+if [ "$install" = 1 ]; then  # the stack as this run sees it, and a clear stop if a package is missing
+  "$PY" - <<'PYEOF' || { echo "gpu_check.sh: a package is missing; bash benchmarks/gpu_wheels.sh, then carry .whl" >&2; exit 3; }
+import importlib
+for name in ("torch", "transformers", "accelerate", "trl", "datasets", "pyarrow", "peft", "math_verify"):
+    module = importlib.import_module(name)
+    print(f"  {name} {getattr(module, '__version__', '?')}")
+PYEOF
+fi
 exec "$PY" -m benchmarks.gpu_check "$@"
