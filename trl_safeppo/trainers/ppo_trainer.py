@@ -449,7 +449,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self.accelerator.wait_for_everyone()
-        # FSDP2: gather full tensors on every rank (collectives), process 0 writes an ordinary checkpoint
+        # FSDP2: every rank joins the gather of full tensors to process 0, which writes an ordinary checkpoint
         sharded = is_sharded(self.critic)
         critic_state = full_model_state(self.critic) if sharded else None
         critic_optim_state = full_optimizer_state(self.critic, self.critic_optimizer)

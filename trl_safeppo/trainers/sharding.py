@@ -8,8 +8,8 @@ model with its own optimizer; under FSDP2 it is sharded the same way as the poli
 settings), and its optimizer is built after sharding, over the DTensor parameters, so its Adam states are sharded
 too. The critic's optimizer is stepped by `scaling.critic_optimizer_step`, whose clipping is DTensor-aware.
 
-Checkpoints stay ordinary: `full_model_state` / `full_optimizer_state` gather full tensors on every rank (a
-collective: call them on all ranks), and process 0 writes them; `load_full_state` puts them back into a sharded or a
+Checkpoints stay ordinary: `full_model_state` / `full_optimizer_state` gather full tensors to process 0 (a
+collective: call them on every rank), which writes them; `load_full_state` puts them back into a sharded or a
 plain module. Without sharding they are the module's and optimizer's own `state_dict()`.
 
 Not supported (refused at construction by `check_critic_sharding`): DeepSpeed (ZeRO-2/3 would need a second engine
