@@ -117,3 +117,40 @@ def test_explained_variance():
     # V = R - [1, -1, 0]: Var[R - V] = Var[1, -1, 0] = 2/3, Var[R] = Var[1, 2, 3] = 2/3 -> 0
     assert explained_variance(returns - t([[1.0, -1.0, 0.0, 0.0]]), returns, mask) == pytest.approx(0.0)
     assert math.isnan(explained_variance(t([[1.0]]), t([[1.0]]), t([[1]])))
+
+
+def test_mask_with_holes_tool_tokens_are_skipped():
+    # A multi-turn rollout: the policy wrote tokens 0, 1, 4, 5; a tool wrote tokens 2, 3 (mask [1,1,0,0,1,1]). Row 1
+    # is the same episode without the tool tokens (a prefix mask), so both rows must agree on the policy's tokens.
+    # gamma = lam = 0.5, no KL, score 8, V = [1, 2, (100, 100 on the tool tokens: must not leak), 3, 4].
+    # The score goes on the last valid token (index 5, not n_tokens - 1 = 3, a tool token):
+    #   r = [0, 0, 0, 0, 0, 8]
+    # GAE over the valid tokens in order, the bootstrap value of a token is V at the NEXT VALID token:
+    #   t5: delta = 8 + 0.5 * 0 - 4 = 4                       A5 = 4
+    #   t4: delta = 0 + 0.5 * 4 - 3 = -1                      A4 = -1 + 0.25 * 4 = 0
+    #   t1: delta = 0 + 0.5 * V4 - 2 = 0 + 1.5 - 2 = -0.5     A1 = -0.5 + 0.25 * A4 = -0.5
+    #   t0: delta = 0 + 0.5 * 2 - 1 = 0                       A0 = 0 + 0.25 * -0.5 = -0.125
+    #   A = [-0.125, -0.5, 0, 0, 0, 4] (0 on tool tokens); R = A + V = [0.875, 1.5, 0, 0, 3, 8]
+    out = rollout_targets(
+        scores=t([8.0, 8.0]), logps=torch.zeros(2, 6), ref_logps=None,
+        values=t([[1, 2, 100, 100, 3, 4], [1, 2, 3, 4, 100, 100]]),
+        mask=t([[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 0, 0]]), kl_coef=0.0, gamma=0.5, lam=0.5, whiten_advantages=False,
+    )
+    assert_close(out.token_rewards, t([[0, 0, 0, 0, 0, 8], [0, 0, 0, 8, 0, 0]]))
+    assert_close(out.advantages, t([[-0.125, -0.5, 0, 0, 0, 4], [-0.125, -0.5, 0, 4, 0, 0]]))
+    assert_close(out.returns, t([[0.875, 1.5, 0, 0, 3, 8], [0.875, 1.5, 3, 8, 0, 0]]))
+    assert_close(out.mask, t([[1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 0, 0]]))
+
+
+def test_mask_with_holes_kl_penalty_only_on_policy_tokens():
+    # k1 KL = logp - ref = 1 on every token, beta = 0.5: r = -0.5 on the policy's tokens, 0 on the tool's (2, 3),
+    # plus the score 2 on the last valid token (4): r = [-0.5, -0.5, 0, 0, 1.5, 0 (padding)].
+    # gamma = lam = 1, V = 0: A_t = sum of the rewards of the valid tokens from t on:
+    #   A4 = 1.5, A1 = -0.5 + 1.5 = 1, A0 = -0.5 + 1 = 0.5
+    out = rollout_targets(
+        scores=t([2.0]), logps=torch.zeros(1, 6), ref_logps=-torch.ones(1, 6), values=torch.zeros(1, 6),
+        mask=t([[1, 1, 0, 0, 1, 0]]), kl_coef=0.5, gamma=1.0, lam=1.0, whiten_advantages=False,
+    )
+    assert_close(out.kl, t([[1, 1, 0, 0, 1, 0]]))
+    assert_close(out.token_rewards, t([[-0.5, -0.5, 0, 0, 1.5, 0]]))
+    assert_close(out.advantages, t([[0.5, 1.0, 0, 0, 1.5, 0]]))

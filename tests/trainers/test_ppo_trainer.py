@@ -217,7 +217,7 @@ def test_reward_model_and_rule_mixed_and_critic_from_reward_model(tmp_path, tiny
     AutoTokenizer.from_pretrained(tiny_debug_path).save_pretrained(rm_dir)
     args = config(tmp_path, critic_model_path="reward_model", max_steps=1)
     trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=[rm_dir, LengthReward()], args=args, train_dataset=prompts())
-    head = trainer.accelerator.unwrap_model(trainer.critic).head
+    head = trainer.accelerator.unwrap_model(trainer.critic).model.score
     torch.testing.assert_close(head.weight, torch.full_like(head.weight, 0.01))  # starts as the reward model
     trainer.train()
     assert "rewards/length_reward/mean" in trainer.state.log_history[0]
@@ -401,7 +401,7 @@ def test_critic_optimizer_follows_the_policy_optimizer_settings(tmp_path, tiny_d
     args = config(tmp_path, optim="adamw_torch", weight_decay=0.1, critic_learning_rate=2e-3)
     trainer = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
     trainer.create_optimizer()
-    critic_opt = trainer.critic_optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
+    critic_opt = trainer.critic_optimizer  # a plain torch optimizer, not registered with accelerate (scaling.py)
     assert type(critic_opt) is type(trainer.optimizer) is torch.optim.AdamW
     decayed, plain = critic_opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0

@@ -1,15 +1,20 @@
-"""PPO maths on right-padded `(B, T)` batches: generalized advantage estimation and masked statistics.
+"""PPO maths on `(B, T)` response batches: generalized advantage estimation and masked statistics.
 
 GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
-https://arxiv.org/abs/1506.02438), for a row with `L` valid tokens and `V_L = 0` (the episode ends):
+https://arxiv.org/abs/1506.02438), over the valid tokens `t_1 < ... < t_L` of a row, with `V_{t_{L+1}} = 0` (the
+episode ends):
 
-    delta_t = r_t + gamma * V_{t+1} - V_t
-    A_t     = delta_t + gamma * lam * A_{t+1},    A_L = 0
-    R_t     = A_t + V_t                                   (the value target)
+    delta_t = r_t + gamma * V_next(t) - V_t          V_next(t): the value at the NEXT VALID token
+    A_t     = delta_t + gamma * lam * A_next(t),      A_next(t_L) = 0
+    R_t     = A_t + V_t                               (the value target)
 
-The loop is the one of cleanrl's `ppo.py` and of TRL's former PPOTrainer, vectorised over the batch; padded
-positions have reward and value zeroed, so nothing leaks from padding into valid tokens, and outputs are 0 there.
-Computed in float64 and returned in the input dtype.
+A row's valid tokens need not be a prefix: tool-calling and multi-turn rollouts mask the tokens that the environment
+wrote (`completion_mask * tool_mask`, holes in the middle). Masked tokens are skipped: they are not steps of the
+episode, the recursion passes over them, and their advantages and returns are 0. With a prefix mask this is the
+loop of cleanrl's `ppo.py` and of TRL's former PPOTrainer, vectorised over the batch.
+
+Computed in the inputs' floating dtype, at least float32 (never float64 by force: Apple's MPS has no float64), and
+returned in the dtype of `values`.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ def compute_gae(
     Args:
         token_rewards: `(B, T)` per-token rewards (e.g. `-beta * kl_t`, plus the score on the last token).
         values: `(B, T)` value estimates `V(s_t)`.
-        mask: `(B, T)` 1 on valid (response) tokens, 0 on right padding. Valid tokens must be a prefix of each row.
+        mask: `(B, T)` 1 on valid tokens, 0 on right padding and on tokens written by a tool or environment (holes
+            are allowed: they are skipped).
         gamma: discount, in [0, 1].
         lam: GAE lambda, in [0, 1].
 
     Returns:
-        `(advantages, returns)`, both `(B, T)`, 0 on padding.
+        `(advantages, returns)`, both `(B, T)`, 0 where `mask` is 0.
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
@@ -46,20 +52,24 @@ def compute_gae(
             f"{tuple(values.shape)}, {tuple(mask.shape)}"
         )
     out_dtype = values.dtype if values.is_floating_point() else torch.float32
-    maskd = mask.to(torch.float64)
-    rewards = token_rewards.to(torch.float64) * maskd
-    values64 = values.to(torch.float64) * maskd
+    dtype = torch.promote_types(torch.promote_types(values.dtype, token_rewards.dtype), torch.float32)
+    valid = mask.bool()
+    maskf = valid.to(dtype)
+    rewards = token_rewards.to(dtype) * maskf
+    values_ = values.to(dtype) * maskf
     gen_len = values.shape[1]
 
-    lastgaelam = torch.zeros(values.shape[0], dtype=torch.float64, device=values.device)
+    lastgaelam = torch.zeros(values.shape[0], dtype=dtype, device=values.device)  # A at the next valid token
+    nextvalues = torch.zeros_like(lastgaelam)  # V at the next valid token (0 after the last one)
     advantages_reversed = []
     for t in reversed(range(gen_len)):
-        nextvalues = values64[:, t + 1] if t < gen_len - 1 else torch.zeros_like(lastgaelam)
-        delta = rewards[:, t] + gamma * nextvalues - values64[:, t]
-        lastgaelam = delta + gamma * lam * lastgaelam
+        delta = rewards[:, t] + gamma * nextvalues - values_[:, t]
+        step = valid[:, t]  # a masked token is no step: A and V of the next valid token pass over it unchanged
+        lastgaelam = torch.where(step, delta + gamma * lam * lastgaelam, lastgaelam)
+        nextvalues = torch.where(step, values_[:, t], nextvalues)
         advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1) * maskd
-    returns = advantages + values64
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) * maskf
+    returns = advantages + values_
     return advantages.to(out_dtype), returns.to(out_dtype)
 
 

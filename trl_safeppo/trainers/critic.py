@@ -25,12 +25,12 @@ class ValueModel(nn.Module):
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
-        self.head = value_head(model)
+        value_head(model)  # checked here; not registered a second time (one name per parameter, as FSDP2 needs)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         trunk = getattr(self.model, self.model.base_model_prefix)
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        return value_head(self.model)(hidden).squeeze(-1).float()
 
 
 def value_head(model: nn.Module) -> nn.Linear:

@@ -1,7 +1,8 @@
 """The PPO maths of SafePPOTrainer as pure tensor functions (tested on fixed tensors in tests/trainers/test_ppo_maths.py).
 
 Notation (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593; TRL's former PPOTrainer; cleanrl's ppo.py):
-B completions, T response tokens (right-padded), `mask` 1 on response tokens.
+B completions, T response tokens (right-padded), `mask` 1 on the tokens the policy wrote (0 on padding, and on tool
+or environment tokens of a multi-turn rollout: holes are allowed, see rails.gae).
 
     kl_t      = KL estimate of pi vs pi_ref at token t            (rails.kl.kl_per_token)
     r_t       = -beta * kl_t  (+ score on the last response token)  (rails.kl.kl_penalized_token_rewards)

@@ -38,7 +38,9 @@ from ..rewards.timeout import with_timeouts
 from .critic import check_critic, load_critic, prepare_critic
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
+from . import sharding
 from .rails_mixin import SafeRailsMixin, TrainerRails, checkpoint_folder
+from .scaling import check_fp16_master_weights, critic_optimizer_step
 from .tripwires import add_tripwires
 
 CRITIC_DIR = "critic"
@@ -120,17 +122,14 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 f"processing_class={type(self.processing_class).__name__} is a multimodal processor; SafePPOTrainer's "
                 "critic and rollout forwards are text-only. Use a text-only model (or SafeGRPOTrainer for VLMs)."
             )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "SafePPOTrainer supports single-process and DDP training (accelerate launch --multi_gpu); DeepSpeed and "
-                "FSDP do not yet shard the critic. Launch without a DeepSpeed / FSDP config."
-            )
+        sharding.check_critic_sharding(self.accelerator, value_model)  # DeepSpeed, FSDP1, an on-device value_model
+        check_fp16_master_weights(args.fp16, {"model": self.model, critic_field: critic})
 
         value_module = prepare_critic(critic, args, self.processing_class, critic_field)
         critic_lr = args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate
-        optimizer = self._create_critic_optimizer(value_module, critic_lr)
-        self.critic = self.accelerator.prepare_model(value_module)
-        self.critic_optimizer = self.accelerator.prepare_optimizer(optimizer)
+        self.critic = sharding.prepare_critic(self.accelerator, value_module)  # DDP-wrapped, or FSDP2-sharded
+        # a plain optimizer, not registered with accelerate: fp16 unscales it once, in _critic_optimizer_step
+        self.critic_optimizer = self._create_critic_optimizer(self.accelerator.unwrap_model(self.critic), critic_lr)
         self.critic_lr_scheduler = None
         self.critic_resume_folder: str | None = None  # the checkpoint whose critic scheduler create_scheduler loads
         self.add_callback(CriticCheckpointCallback(self))
@@ -351,11 +350,13 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         return values[:, -logits_to_keep - 1 : -1]
 
     def _critic_optimizer_step(self) -> None:
+        # the critic's gradient alone is unscaled (fp16), clipped and stepped; the policy's step updates the scale
+        norm, stepped = critic_optimizer_step(
+            self.accelerator, list(self.critic.parameters()), self.critic_optimizer, self.args.max_grad_norm
+        )
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(self.critic.parameters(), self.args.max_grad_norm)
             self._metrics["train"]["ppo/val/grad_norm"].append(float(norm))
-        self.critic_optimizer.step()
-        if self.critic_lr_scheduler is not None:
+        if stepped and self.critic_lr_scheduler is not None:
             self.critic_lr_scheduler.step()
         self.critic_optimizer.zero_grad(set_to_none=True)
 
@@ -398,12 +399,20 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
     def save_critic(self, folder: str) -> None:
         """Write the critic, its optimizer and scheduler into a checkpoint folder (after the policy's)."""
         self.accelerator.wait_for_everyone()
+        # FSDP2: every rank joins the gather of full tensors to process 0, which writes an ordinary checkpoint
+        sharded = sharding.is_sharded(self.critic)
+        critic_state = sharding.full_model_state(self.critic) if sharded else None
+        optimizer_state = sharding.full_optimizer_state(self.critic, self.critic_optimizer)
         if not self.args.should_save:
             return
+        critic = self.accelerator.unwrap_model(self.critic).model
         with atomic_dir(os.path.join(folder, CRITIC_DIR)) as tmp:
-            self.accelerator.unwrap_model(self.critic).model.save_pretrained(tmp)
+            if sharded:  # the ValueModel's keys are "model." + the critic's own
+                critic.save_pretrained(tmp, state_dict={k[len("model."):]: v for k, v in critic_state.items()})
+            else:
+                critic.save_pretrained(tmp)
         with atomic_path(os.path.join(folder, CRITIC_OPTIMIZER_FILE)) as tmp:
-            torch.save(self.critic_optimizer.state_dict(), tmp)
+            torch.save(optimizer_state, tmp)
         if self.critic_lr_scheduler is not None:
             with atomic_path(os.path.join(folder, CRITIC_SCHEDULER_FILE)) as tmp:
                 torch.save(self.critic_lr_scheduler.state_dict(), tmp)
@@ -418,11 +427,16 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             )
         critic = self.accelerator.unwrap_model(self.critic).model
         loaded = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=critic.dtype)
-        critic.load_state_dict(loaded.state_dict())
-        del loaded
-        device = self.accelerator.device
+        sharded = sharding.is_sharded(self.critic)
+        device = "cpu" if sharded else self.accelerator.device
         state = torch.load(os.path.join(folder, CRITIC_OPTIMIZER_FILE), map_location=device, weights_only=False)
-        self.critic_optimizer.load_state_dict(state)
+        if sharded:  # full tensors into the FSDP2 shards
+            sharding.load_full_state(self.critic, {"model." + k: v for k, v in loaded.state_dict().items()},
+                                     self.critic_optimizer, state)
+        else:
+            critic.load_state_dict(loaded.state_dict())
+            self.critic_optimizer.load_state_dict(state)
+        del loaded
         self.critic_resume_folder = folder  # its scheduler is loaded once create_scheduler has built it
 
     # --- tripwire rollback: the critic is trained state too (hook of trainers.tripwires.save_snapshot)

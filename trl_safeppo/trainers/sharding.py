@@ -1,0 +1,122 @@
+"""SafePPOTrainer's critic under sharding: what can be sharded, how the critic is sharded, and its checkpoint state
+as ordinary full tensors (issue 20.1 / 20.5). Pure functions of the accelerator and modules passed in.
+
+Design (docs/ppo.md, "Scaling"): the policy and the reference are sharded by the Trainer / TRL exactly as in GRPO
+(FSDP2: `accelerator.prepare` of the policy, `trl.models.utils.prepare_fsdp` of the reference). The critic is a second
+model with its own optimizer; under FSDP2 it is sharded the same way as the policy, by accelerate's own
+`fsdp2_prepare_model` (per transformer block, then the root; the plugin's mixed precision, offload and reshard
+settings), and its optimizer is built after sharding, over the DTensor parameters, so its Adam states are sharded
+too. The critic's optimizer is stepped by `scaling.critic_optimizer_step`, whose clipping is DTensor-aware.
+
+Checkpoints stay ordinary: `full_model_state` / `full_optimizer_state` gather full tensors to process 0 (a
+collective: call them on every rank), which writes them; `load_full_state` puts them back into a sharded or a
+plain module. Without sharding they are the module's and optimizer's own `state_dict()`.
+
+Not supported (refused at construction by `check_critic_sharding`): DeepSpeed (ZeRO-2/3 would need a second engine
+for the critic), FSDP1, and under FSDP2 a `value_model` object already on an accelerator.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+
+def check_critic_sharding(accelerator, value_model: Any) -> None:
+    """Refuse, with the fix, what SafePPOTrainer cannot shard. Call after the Accelerator exists."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "SafePPOTrainer under DeepSpeed: the critic is a second model with its own optimizer, which needs a "
+            "DeepSpeed engine of its own; that path is not built yet. Launch with FSDP2 instead (accelerate launch "
+            "--config_file recipes/accelerate/fsdp2.yaml: policy, reference and critic sharded, critic optimizer "
+            "state too), or DDP for models that fit one GPU"
+        )
+    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError(
+            "SafePPOTrainer under FSDP1 (fsdp_version: 1): the critic is sharded with FSDP2 only; set "
+            "fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)"
+        )
+    if kind == DistributedType.FSDP and value_model is not None:
+        devices = {p.device.type for p in value_model.parameters()}
+        if devices - {"cpu", "meta"}:
+            raise ValueError(
+                f"value_model: under FSDP2 the critic is sharded as it is prepared, but the value_model object is "
+                f"already on {sorted(devices - {'cpu', 'meta'})} (a full copy per process, on one device); pass it "
+                "on the CPU (value_model=model.to('cpu')) or give its path as SafePPOConfig.critic_model_path"
+            )
+
+
+def prepare_critic(accelerator, value_module: torch.nn.Module) -> torch.nn.Module:
+    """The critic prepared like the policy: FSDP2-sharded by accelerate's own `fsdp2_prepare_model` under FSDP2
+    (its transformer blocks are found through the wrapped model's `_no_split_modules`), else `prepare_model` (DDP
+    wrapping, device placement). Build the critic's optimizer after this call, over the returned module's
+    parameters."""
+    if not getattr(accelerator, "is_fsdp2", False):
+        return accelerator.prepare_model(value_module)
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    inner = getattr(value_module, "model", value_module)
+    if getattr(value_module, "_no_split_modules", None) is None:
+        value_module._no_split_modules = getattr(inner, "_no_split_modules", None)
+    return fsdp2_prepare_model(accelerator, value_module)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """True when any parameter is a DTensor (FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as full CPU tensors. Sharded, this is a collective (call it on every rank) and only
+    process 0 receives the tensors (the others get an empty dict): process 0 writes checkpoints."""
+    if not is_sharded(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict with full CPU tensors, keyed by parameter name (sharded: a collective, and only
+    process 0 receives the tensors); unsharded it is `optimizer.state_dict()` itself, so checkpoints written without
+    sharding keep their format."""
+    if not is_sharded(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(
+    module: torch.nn.Module,
+    model_state: dict[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> None:
+    """Load full tensors (from `full_model_state` / `full_optimizer_state`, read back from a checkpoint) into a
+    sharded or plain module and its optimizer; every rank passes the same full state."""
+    if not is_sharded(module):
+        if model_state is not None:
+            module.load_state_dict(model_state)
+        if optimizer is not None and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    # torch replaces the dicts' tensors with the sharded ones in place: hand it copies, the caller's stay full
+    if model_state is not None:
+        set_model_state_dict(module, dict(model_state), options=options)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(module, optimizer, copy.deepcopy(optimizer_state), options=options)
