@@ -2,7 +2,7 @@
 out of each model's gradient exactly once (trl_safeppo/trainers/scaling.py; issue 20.2).
 
 Each run takes one PPO step with plain SGD and no clipping (`max_grad_norm` huge), so the update of every parameter is
-exactly `-lr * g`. The reference `g` is a plain PyTorch backward of the same loss (`_compute_loss`) on the same
+exactly `-lr * g`. The reference `g` is a plain PyTorch backward of the same loss (`compute_loss`) on the same
 minibatch (recorded during the step) from the same starting weights, under the run's own autocast (fp32, bf16 or
 fp16) but without a loss scale, so any difference is the optimizer path's (unscaling, clipping, stepping). With the
 fp16 loss scale S = 1024 taken out twice, the update would be `-lr * g / 1024` (the bug of issue 20); taken out zero
@@ -56,13 +56,13 @@ def test_one_step_update_matches_a_plain_fp32_step(tmp_path, tiny_debug_path, mo
     policy0, critic0 = _weights(policy), _weights(critic)
 
     recorded = []
-    compute_loss = trainer._compute_loss
+    compute_loss = trainer.compute_loss
 
-    def record(model, inputs):
+    def record(model, inputs, *args, **kwargs):
         recorded.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
-        return compute_loss(model, inputs)
+        return compute_loss(model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_compute_loss", record)
+    monkeypatch.setattr(trainer, "compute_loss", record)
     trainer.train()
     assert len(recorded) == 1
     if precision == "fp16":
@@ -82,7 +82,7 @@ def test_one_step_update_matches_a_plain_fp32_step(tmp_path, tiny_debug_path, mo
     policy.zero_grad(set_to_none=True)
     critic.zero_grad(set_to_none=True)
     trainer.model.train()
-    loss = trainer._compute_loss(trainer.model, recorded[0])
+    loss = compute_loss(trainer.model, recorded[0])
     loss.backward()
     g_policy, g_critic = _flat(_grads(policy)), _flat(_grads(critic))
     assert g_policy.norm() > 0 and g_critic.norm() > 0

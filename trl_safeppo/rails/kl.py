@@ -384,23 +384,25 @@ def kl_penalized_token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
 ) -> torch.Tensor:
     """PPO token rewards (Ziegler et al. 2019; Ouyang et al. 2022): `r_t = -beta * kl_t`, plus the sequence score
-    on the last response token.
+    on the last valid response token.
 
     Args:
         scores: `(B,)` shaped sequence-level rewards (after the reward rails).
         kl: `(B, T)` per-token KL (from `kl_per_token`, 0 on padding).
-        mask: `(B, T)` right-padded response mask; every row must have at least one token.
+        mask: `(B, T)` response mask: 0 on right padding, and on the tokens a tool or environment wrote in a
+            multi-turn rollout (holes in the middle are allowed). A row without a valid token gets no score.
         kl_coef: beta.
 
     Returns:
-        `(B, T)` token rewards, 0 on padding.
+        `(B, T)` token rewards, 0 where `mask` is 0.
     """
     import torch
 
     maskf = mask.to(kl.dtype)
     rewards = -kl_coef * kl * maskf
-    n_tokens = maskf.sum(dim=1)
-    last = (n_tokens.long() - 1).clamp(min=0)
+    valid = mask.bool()
+    positions = torch.arange(1, valid.shape[1] + 1, device=valid.device)
+    last = ((positions * valid).amax(dim=1) - 1).clamp(min=0)  # index of the last valid token (0 for an empty row)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last] += scores.to(rewards.dtype) * (n_tokens > 0).to(rewards.dtype)
+    rewards[rows, last] += scores.to(rewards.dtype) * valid.any(dim=1).to(rewards.dtype)
     return rewards

@@ -29,6 +29,12 @@ GRPOTrainer / Trainer state:
   occur when resuming from a checkpoint") to make it generate the next batch from the restored policy.
 - ``_tr_loss``: a non-finite accumulated loss is zeroed after a rollback; the Trainer resets it with ``-=`` after
   each log, which keeps a NaN forever.
+
+transformers model attribute:
+
+- ``_no_split_modules``: under FSDP2 the critic is sharded by accelerate's own ``fsdp2_prepare_model``, which finds
+  the transformer blocks to wrap through the module's ``_no_split_modules``; the critic's ``ValueModel`` wrapper
+  carries its inner model's list (``sharding.prepare_critic``).
 """
 
 from __future__ import annotations
@@ -38,5 +44,5 @@ MAX_PRIVATE_MEMBERS = 8
 # the allow-list; the reasons are in the module docstring
 PRIVATE_MEMBERS = (
     "_calculate_rewards", "_generate_and_score_completions", "_prepare_inputs", "_get_per_token_logps_and_entropies",
-    "_metrics", "_buffered_inputs", "_tr_loss",
+    "_metrics", "_buffered_inputs", "_tr_loss", "_no_split_modules",
 )
