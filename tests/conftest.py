@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 # Set before transformers / huggingface_hub / datasets are imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -112,7 +113,10 @@ def two_process_results(tmp_path):
         script.write_text(source)
         out = tmp_path / "out"
         out.mkdir(exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        # the script runs from tmp_path: the repository root on PYTHONPATH lets it import tests.* helpers
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         cmd = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",

@@ -29,7 +29,7 @@ SCORES = [1.0, -1.0, 0.5, 2.0]
 def build(path: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from trl_safeppo.trainers.ppo_trainer import ValueModel
+    from trl_safeppo.trainers.critic import ValueModel
 
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(0)  # the critic's fresh value head

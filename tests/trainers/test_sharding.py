@@ -16,13 +16,15 @@ import sys
 
 import pytest
 
+REPO_PATH = os.pathsep.join(filter(None, [str(__import__("pathlib").Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))
+
 from trl_safeppo.trainers.sharding import check_critic_sharding, full_model_state, is_sharded, load_full_state
 
 
 @pytest.mark.distributed
 def test_fsdp2_shards_policy_critic_and_adam_states_and_matches_unsharded_steps(tmp_path, tiny_debug_path):
     out = tmp_path / "figures.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_PATH}  # the workers import tests.*
     with socket.socket() as sock:  # a free loopback port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

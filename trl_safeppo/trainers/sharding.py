@@ -119,4 +119,10 @@ def load_full_state(
     if model_state is not None:
         set_model_state_dict(module, dict(model_state), options=options)
     if optimizer is not None and optimizer_state is not None:
+        # torch maps the saved groups onto the live ones key by key: a key the live groups lack yet (`initial_lr`,
+        # which a learning-rate scheduler adds once it is built, after a resume loads this state) is taken over
+        for live, saved in zip(optimizer.param_groups, optimizer_state.get("param_groups", [])):
+            for key, value in saved.items():
+                if key != "params":
+                    live.setdefault(key, value)
         set_optimizer_state_dict(module, optimizer, copy.deepcopy(optimizer_state), options=options)
