@@ -165,6 +165,43 @@ def test_imports_name_modules_not_the_standard_library(tmp_path, monkeypatch):
                        "(pip install -e .), or add its folder to PYTHONPATH")
 
 
+def test_unlisted_files_beside_the_recipe_are_never_found(tmp_path, monkeypatch):
+    # Listing `my_rules` lets the pre-flight find my_rules.py beside the recipe, and nothing else there: a file named
+    # like an optional package the libraries probe for (bitsandbytes.py, flash_attn.py) must not become importable.
+    import importlib.util
+
+    marker = tmp_path / "imported"
+    listed = fresh_module(tmp_path, "from trl_safeppo.rewards import reward_function\n")
+    unlisted = fresh_module(tmp_path, f"open({str(marker)!r}, 'w').write('unlisted module ran')\n")
+    monkeypatch.chdir(tmp_path)
+    preflight(recipe_from_dict(micro(imports=[listed]), source=str(tmp_path / "r.yaml")), check_hardware=False)
+    assert listed in sys.modules and str(tmp_path) not in sys.path
+    assert importlib.util.find_spec(unlisted) is None
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(unlisted)
+    assert not marker.exists()
+
+
+def test_a_packages_command_line_module_is_refused(tmp_path):
+    # `pkg.__main__` runs the package's command line when imported (pygments, tqdm, numpy.f2py, ...).
+    marker = tmp_path / "ran"
+    package = tmp_path / f"pkg_{uuid.uuid4().hex[:8]}"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    source = str(tmp_path / "r.yaml")
+    assert refused(micro(imports=[f"{package.name}.__main__"]), source=source) == (
+        f"{source}: imports[0]: imports: '{package.name}.__main__' names a '__main__' module, which runs a program "
+        "when imported (a package's command line). Fix: name the module that defines your code, e.g. my_rules")
+    assert refused(micro(imports=[package.name], reward=f"{package.name}.__main__:main"), source=source) == (
+        f"{source}: reward.name: reward '{package.name}.__main__' names a '__main__' module, which runs a program "
+        "when imported (a package's command line). Fix: name the module that defines your code, e.g. my_rules")
+    tree = micro()
+    tree["stages"][0]["callbacks"] = ["transformers.__main__:Callback"]
+    assert "names a '__main__' module" in refused(tree, source=source)
+    assert not marker.exists()
+
+
 def test_rule_module_beside_the_recipe_plugs_in_through_the_cli(tmp_path, monkeypatch, capsys):
     # issue 24.4: `my_rules.py` next to the recipe, run from another folder
     folder, cwd = tmp_path / "project", tmp_path / "cwd"

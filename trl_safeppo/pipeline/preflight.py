@@ -421,7 +421,7 @@ def import_recipe_modules(recipe: Recipe) -> None:
 
     folders = [Path(recipe.source).resolve().parent] if recipe.source else []
     folders = list(dict.fromkeys([*folders, Path.cwd().resolve()]))
-    add_search_folders(folders)
+    add_search_folders(folders, recipe.imports)
     for j, module in enumerate(recipe.imports):
         try:
             import_listed(module, recipe.imports, folders, where=f"imports[{j}]")

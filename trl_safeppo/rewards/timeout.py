@@ -123,11 +123,29 @@ def _serve(func: Callable, conn) -> None:
             conn.send(("error", type(err).__name__, f"its scores could not be sent back: {err}", "", False))
 
 
+def _serve_spawned(payload: bytes, conn, folders: dict) -> None:
+    """Spawned worker: find the recipe's modules (``imports:``) as the parent does, then unpickle the function."""
+    import pickle
+
+    from ..dotted import install_listed_folders
+
+    install_listed_folders(folders)
+    _serve(pickle.loads(payload), conn)
+
+
 class _Worker:
     def __init__(self, func: Callable, method: str):
         ctx = multiprocessing.get_context(method)
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(func, child), daemon=True, name="reward-worker")
+        if method == "fork":
+            target, args = _serve, (func, child)
+        else:
+            import pickle
+
+            from ..dotted import listed_folders
+
+            target, args = _serve_spawned, (pickle.dumps(func), child, listed_folders())
+        self.process = ctx.Process(target=target, args=args, daemon=True, name="reward-worker")
         try:
             self.process.start()
         finally:
