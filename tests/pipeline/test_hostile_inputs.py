@@ -368,6 +368,26 @@ def test_second_run_on_a_locked_folder_refuses_at_once_then_takes_over_a_dead_ho
     assert RunLock(out).acquire() is None
 
 
+def test_the_lock_is_released_when_the_run_raises_before_its_stages(tmp_path, monkeypatch):
+    # An error after the lock was taken (here: reading the old run's state) must not leave the folder locked for
+    # the rest of this process (a notebook keeps the traceback, and with it the lock, alive).
+    from trl_safeppo.pipeline import runner
+    from trl_safeppo.pipeline.lock import RunLock
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(runner, "reconcile", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="disk went away") as info:
+        runner.run_recipe(str(write(tmp_path, one_stage(out))))
+    assert info.traceback  # the traceback (and the frames in it) still alive here
+    assert (out / ".lock").read_text() == ""  # released cleanly
+    lock = RunLock(out)
+    assert lock.acquire() is None
+    lock.release()
+
+
 def test_lock_left_by_another_host_is_taken_over_with_an_explanation(tmp_path):
     from trl_safeppo.pipeline.lock import RunLock
 

@@ -160,12 +160,18 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
          f"({state.num_processes} process{'es' if state.num_processes > 1 else ''})")
     run_dir = Path(recipe.output_dir)
     lock = lock_run_dir(run_dir, state, is_main)  # before anything reads or removes what another run writes
+    try:  # released however the run ends (a raised error's traceback would otherwise keep it held in this process)
+        return _run_locked(recipe, plan, state, is_main, run_dir, restart, started)
+    finally:
+        lock.release()
+
+
+def _run_locked(recipe, plan: Plan, state, is_main: bool, run_dir: Path, restart: bool, started: float) -> int:
     if is_main:  # temporaries of writers killed mid-write (only safe to remove while holding the lock)
         for folder in [run_dir, *sorted((run_dir / "stages").glob("*"))]:
             fileio.remove_temporaries(folder)
     old = None if restart else Manifest.load(run_dir)
     if old is not None and old.data.get("name") != recipe.name:
-        lock.release()
         raise RecipeError("output_dir", f"{run_dir} holds a run of another recipe ({old.data.get('name')!r})",
                           "choose another output_dir, or pass --restart to replace that run")
     manifest = reconcile(plan, old, run_dir)
@@ -193,7 +199,6 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
         if is_main:
             manifest.data["status"] = "failed"
             manifest.save()
-        lock.release()
         raise
     finally:
         progress.close()
@@ -205,7 +210,6 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
         print(summary_table(manifest), flush=True)
         _say(True, f"run directory: {run_dir} ({time.time() - started:.0f}s)")
     state.wait_for_everyone()
-    lock.release()
     return rc
 
 
