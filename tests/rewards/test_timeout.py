@@ -197,3 +197,38 @@ def test_a_worker_that_dies_is_an_error_and_the_next_call_recovers(tmp_path):
                                               r"\(exit code 9\)"):
         timed(completions=["a"])
     assert timed(completions=["a", "b"]) == [1.0, 1.0]  # a fresh worker
+
+
+def test_a_wrong_number_of_scores_is_an_error_naming_the_function():
+    # 1 score for 2 completions: TRL would broadcast a one-element list over the whole batch
+    def one(prompts=None, completions=None, **kwargs):
+        return [1.0]
+
+    for timeout_s in (30, None):  # in a worker and in-process
+        with pytest.raises(RewardRuleError, match=r"reward function 'one' returned 1 scores for 2 completions"):
+            TimedReward(one, timeout_s)(completions=["a", "b"])
+
+
+def test_a_spawned_worker_finds_the_recipes_rule_module(tmp_path, monkeypatch):
+    # Where workers are spawned (not Linux), the function is unpickled in a fresh interpreter: it must find the
+    # recipe's module (listed under imports:, beside the recipe) as the parent does, without sys.path.
+    import importlib
+    import uuid
+
+    from trl_safeppo.dotted import add_search_folders
+    from trl_safeppo.rewards import timeout as timeout_mod
+
+    name = f"spawn_rules_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("import os\n\ndef pid(prompts=None, completions=None, **kwargs):\n"
+                                         "    return [float(os.getpid())] * len(completions)\n")
+    add_search_folders([tmp_path], [name])
+    func = importlib.import_module(name).pid
+    assert str(tmp_path) not in sys.path
+    monkeypatch.setattr(timeout_mod, "_start_method", lambda: "spawn")
+    timed = TimedReward(func, 60)
+    try:
+        scores = timed(completions=["a", "b"])
+        assert timed._in_process_why is None and scores[0] == scores[1] != float(os.getpid())
+    finally:
+        timed.close()
+        sys.modules.pop(name, None)

@@ -245,6 +245,51 @@ def test_hanging_reward_is_cut_off_and_counted(tmp_path, tiny_debug_path):
     assert [h["tripwire/reward_timeout"] for h in logs] == [0.0, 2.0, 0.0]
 
 
+def _reward_workers() -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name == "reward-worker"]
+
+
+class RaisesAt:
+    """1.0 per completion, but raises on the call made while global_step == at."""
+
+    __name__ = "raises_at"
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def __call__(self, prompts, completions, trainer_state=None, **kwargs):
+        if trainer_state is not None and trainer_state.global_step == self.at:
+            raise ValueError("broken rule")
+        return [1.0] * len(completions)
+
+
+class CountWorkers(TrainerCallback):
+    def __init__(self):
+        self.during: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.during.append(len(_reward_workers()))
+
+
+def test_reward_workers_end_with_training_even_when_it_raises(tmp_path, tiny_debug_path):
+    # One worker process per wrapped reward function while training; none left once train() returns or raises,
+    # while the trainer is still referenced (not left to garbage collection).
+    from trl_safeppo.rewards import RewardRuleError
+
+    assert _reward_workers() == []
+    trainer, _ = _trainer(tmp_path / "a", tiny_debug_path, None, [LengthReward(), RaisesAt(99)], max_steps=1)
+    counter = CountWorkers()
+    trainer.add_callback(counter)
+    trainer.train()
+    assert counter.during == [2] and _reward_workers() == []
+    trainer, _ = _trainer(tmp_path / "b", tiny_debug_path, None, [LengthReward(), RaisesAt(1)], max_steps=3)
+    with pytest.raises(RewardRuleError, match="broken rule"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and _reward_workers() == []
+
+
 def test_silent_reward_stops_after_its_patience(tmp_path, tiny_debug_path):
     # no_score gives None to every completion of every step: log 1 warns (1 < patience 2), log 2 trips and stops.
     tripwires = [{"detector": "silent_reward", "action": "stop", "params": {"patience": 2}}]

@@ -873,6 +873,14 @@ class SafeRailsMixin:
 
     rails_wiring: RailsWiring | None = None
 
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # the reward functions' worker processes end with training, also when it raises
+            from ..rewards.timeout import close_workers
+
+            close_workers(getattr(self, "reward_funcs", None) or [])
+
     def _prepare_inputs(self, generation_batch):
         inputs = super()._prepare_inputs(generation_batch)
         wiring = self.rails_wiring
