@@ -200,7 +200,7 @@ def test_a_worker_that_dies_is_an_error_and_the_next_call_recovers(tmp_path):
 
 
 def test_a_wrong_number_of_scores_is_an_error_naming_the_function():
-    # 1 score for 2 completions: TRL would broadcast a one-element list over the whole batch
+    # 1 score for 2 completions: an error before any metric (none_frac = 1/2 would be logged for a batch of 2)
     def one(prompts=None, completions=None, **kwargs):
         return [1.0]
 
