@@ -104,7 +104,7 @@ def _trainer(tmp_path, tiny_debug_path, tripwires, reward, max_steps=4, blowup_a
         learning_rate=overrides.pop("learning_rate", 1e-3),
         beta=0.1,
         seed=0,
-        save_strategy="no",
+        save_strategy=overrides.pop("save_strategy", "no"),
         report_to="none",
         use_cpu=True,
         tripwires=tripwires,
@@ -225,6 +225,29 @@ def test_raise_kl_exhausted_escalates_to_rollback_then_stop(tmp_path, tiny_debug
     assert d5["escalated_from"] == "raise_kl" and d5["stopped"] is True
     assert "tripwire_max_rollbacks=1" in d5["escalation"]
     assert trainer.state.global_step == 5  # stopped, not "completed" at max_steps=8
+
+
+def test_resume_keeps_the_ladder_position(tmp_path, tiny_debug_path):
+    # The ladder of test_raise_kl_exhausted_escalates_to_rollback_then_stop, cut after step 3 by a checkpoint:
+    #   run A (3 steps): log 2 raise_kl 0.1 -> 0.2 (the max); log 3 rollback (1 of 1 allowed), beta 0.2; checkpoint-3.
+    #   run B resumes it (5 steps): beta is 0.2 again and 1 rollback is used; log 4 KL 0 (rolled-back weights): ok;
+    #   log 5: beta at its max, rollbacks used up -> stop. Starting afresh would instead raise beta 0.1 -> 0.2 at log 5.
+    tripwires = [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 1e-6}}]
+    common = dict(learning_rate=1e-2, lr_scheduler_type="constant", tripwire_max_beta=0.2, tripwire_max_rollbacks=1,
+                  save_strategy="steps", save_steps=3)  # constant: a linear schedule of 3 steps ends at lr 0
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=3, **common)
+    trainer.train()
+    saved = json.loads((tmp_path / "checkpoint-3" / "tripwire_state.json").read_text())
+    assert saved["ladder"] == {"rollbacks": 1} and saved["beta"] == pytest.approx(0.2)
+    assert saved["initial_beta"] == pytest.approx(0.1)
+
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=5, **common)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    events = [e for e in _events(tmp_path) if e["status"] == "trip"]
+    assert [(e["step"], e["action"]) for e in events] == [(2, "raise_kl"), (3, "raise_kl"), (5, "raise_kl")]
+    d5 = events[-1]["details"]
+    assert d5["escalated_from"] == "raise_kl" and d5["stopped"] is True
+    assert "tripwire_max_rollbacks=1" in d5["escalation"]
 
 
 def test_hanging_reward_is_cut_off_and_counted(tmp_path, tiny_debug_path):

@@ -903,13 +903,19 @@ class SafeRailsMixin:
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.rails_wiring is not None and self.rails_wiring.active and self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self.rails_wiring.save(os.path.join(self._get_output_dir(trial=trial), folder))
+        from .tripwires import save_tripwire_state
+
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.rails_wiring is not None and self.rails_wiring.active and self.args.should_save:
+            self.rails_wiring.save(folder)
+        save_tripwire_state(self, folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.rails_wiring is not None and self.rails_wiring.active and checkpoint is not None:
             self.rails_wiring.load(checkpoint)
+        from .tripwires import load_tripwire_state
+
+        load_tripwire_state(self, checkpoint)  # after the rails: the ladder's beta is the one in force

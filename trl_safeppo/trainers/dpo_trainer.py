@@ -94,10 +94,12 @@ class SafeDPOTrainer(DPOTrainer):
 
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), folder)
-            tmp = os.path.join(folder, f".{DPO_STATE_FILE}.tmp")
-            with open(tmp, "w") as f:
-                json.dump({"beta": float(self.beta)}, f)
-            os.replace(tmp, os.path.join(folder, DPO_STATE_FILE))
+            from ..fileio import write_json
+
+            write_json(os.path.join(folder, DPO_STATE_FILE), {"beta": float(self.beta)})
+            from .tripwires import save_tripwire_state
+
+            save_tripwire_state(self, folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -106,3 +108,6 @@ class SafeDPOTrainer(DPOTrainer):
                 beta = json.load(f).get("beta")
             if isinstance(beta, (int, float)) and math.isfinite(beta):
                 self.beta = float(beta)  # a beta raised by a tripwire survives the resume
+        from .tripwires import load_tripwire_state
+
+        load_tripwire_state(self, checkpoint)
