@@ -249,6 +249,33 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     assert [s.args["max_steps"] for s in load_recipe(path).stages] == [1, 1]
 
 
+MERGE_BOMB = "\n".join(["m0: &m0 {k: v}"] + [f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 9)}], k{i}: v}}"
+                                                for i in range(1, 10)])
+
+
+def test_merge_key_bombs_python_tags_and_other_yaml_readers(tmp_path, capsys, monkeypatch):
+    # `<<` merge keys copy every key of each merged mapping: 9 levels of 9 merges is 9^9 pairs, counted like aliases
+    path = tmp_path / "merge.yaml"
+    path.write_text(MERGE_BOMB + "\n" + yaml.safe_dump(micro()))
+    assert "the recipe expands to more than 100000 nodes through its aliases" in cli_check(path, capsys)
+    # tags that build Python objects are not YAML data: nothing runs
+    marker = tmp_path / "pwned"
+    path.write_text(f"x: !!python/object/apply:os.system ['touch {marker}']\n" + yaml.safe_dump(micro()))
+    with pytest.raises(RecipeError, match="could not determine a constructor for the tag .*python/object/apply"):
+        load_recipe(path)
+    assert not marker.exists()
+    # every other YAML the package reads has the same caps: check-rewards' --reward file, a rails YAML file
+    from trl_safeppo.rails.config import RailsConfig
+    from trl_safeppo.rewards.selftest import load_reward_spec
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB + "\nreward: math\n")
+    with pytest.raises(RecipeError, match="expands to more than 100000 nodes"):
+        load_reward_spec(str(bomb))
+    with pytest.raises(RecipeError, match="the rails YAML expands to more than 100000 nodes"):
+        RailsConfig.from_any(str(bomb))
+
+
 STEPS_RANGE = "-1 (train by epochs) or an integer from 1 to 10000000"
 
 

@@ -268,15 +268,17 @@ def load_reward_spec(value: str) -> Any:
     """A spec from the command line: a YAML/JSON file (its ``reward`` key if it is a recipe), inline YAML, or a name."""
     import yaml
 
+    from ..pipeline.recipe import safe_yaml_load  # size and alias expansion capped, as for `run`
+
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_yaml_load(f.read(), what=value)
         if isinstance(data, Mapping) and "reward" in data:
             _import_recipe_modules(value, data.get("imports") or [])
             return data["reward"]
         return data
     try:
-        data = yaml.safe_load(value)
+        data = safe_yaml_load(value, what="--reward")
     except yaml.YAMLError as err:
         raise ValueError(f"--reward {value!r} is neither a file, a rule name nor valid YAML: {err}") from None
     return data
