@@ -250,6 +250,26 @@ def test_resume_keeps_the_ladder_position(tmp_path, tiny_debug_path):
     assert "tripwire_max_rollbacks=1" in d5["escalation"]
 
 
+def test_checkpoint_state_is_written_before_trainer_state_json(tmp_path, tiny_debug_path, monkeypatch):
+    # trainer_state.json marks a checkpoint complete (pipeline/checkpoints.py): a kill right after it must not
+    # leave a "complete" checkpoint without the rails' and the ladder's state, so those are on disk before it.
+    from transformers import TrainerState
+
+    present: list[set] = []
+    original = TrainerState.save_to_json
+
+    def spy(self, json_path):
+        present.append(set(os.listdir(os.path.dirname(json_path))))
+        return original(self, json_path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", spy)
+    tripwires = [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 1e3}}]
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=1, save_strategy="steps",
+                          save_steps=1, rails={"normalize": {"enabled": True}})
+    trainer.train()
+    assert len(present) == 1 and {"tripwire_state.json", "safe_rails_state.pt"} <= present[0], present
+
+
 def test_hanging_reward_is_cut_off_and_counted(tmp_path, tiny_debug_path):
     # The second reward hangs (60 s) on the batch of step 2; with reward_timeout_s=2 its 4 scores are None, the
     # step is scored by the first reward alone, and both detectors see it. Step 3 gets a fresh worker.

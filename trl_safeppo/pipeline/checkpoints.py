@@ -6,6 +6,8 @@ checkpoint is complete when its ``trainer_state.json`` parses (with a ``global_s
 whole: a ``*.safetensors`` file whose header parses and whose size matches the header, a sharded index whose shards
 exist, a ``*.bin``, or the folders FSDP (``pytorch_model_fsdp*``) and DeepSpeed (``global_step*``) write. Incomplete
 ones are moved aside into ``<stage>/incomplete/`` (never deleted: they may be all that is left of a long run).
+``trainer_state.json`` is the last file the trainer writes; the package's trainers write their own state (rails,
+tripwire ladder, DPO beta) before it, so a checkpoint that has it has theirs too.
 """
 
 from __future__ import annotations

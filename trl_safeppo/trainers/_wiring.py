@@ -902,15 +902,18 @@ class SafeRailsMixin:
         return loss
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # Our state goes in first: trainer_state.json, written last by super(), marks the checkpoint complete
+        # (pipeline/checkpoints.py), so a kill in between never leaves a "complete" checkpoint without it.
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         from .tripwires import save_tripwire_state
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.rails_wiring is not None and self.rails_wiring.active and self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
             self.rails_wiring.save(folder)
         save_tripwire_state(self, folder)
+        super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -88,7 +88,7 @@ class SafeDPOTrainer(DPOTrainer):
         return out
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # before super(): its trainer_state.json, written last, marks the checkpoint complete
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -100,6 +100,7 @@ class SafeDPOTrainer(DPOTrainer):
             from .tripwires import save_tripwire_state
 
             save_tripwire_state(self, folder)
+        super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

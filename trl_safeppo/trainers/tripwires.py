@@ -476,7 +476,7 @@ def save_tripwire_state(trainer, checkpoint: str) -> None:
     if callback is not None and trainer.args.should_save:
         from ..fileio import write_json
 
-        write_json(os.path.join(checkpoint, STATE_FILE), callback.state_dict())
+        write_json(os.path.join(checkpoint, STATE_FILE), callback.state_dict())  # creates the folder if need be
 
 
 def load_tripwire_state(trainer, checkpoint: str | None) -> None:
