@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from trl_safeppo.dotted import HOW_TO_REGISTER
-from trl_safeppo.pipeline.preflight import preflight
+from trl_safeppo.pipeline.preflight import check_output_dir, preflight
 from trl_safeppo.pipeline.recipe import RecipeError, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -334,7 +334,14 @@ def test_output_dir_outside_the_working_directory_or_in_system_folders(tmp_path,
     cases = {"/etc/trl": "/etc/trl, inside the system folder /etc", "/": "/, the root folder",
              "/usr/lib/x": "/usr/lib/x, inside the system folder /usr",
              "/proc/self": f"{Path('/proc/self').resolve()}, inside the system folder /proc",
-             "/root/.ssh/run": "/root/.ssh/run, inside a hidden folder of a home"}
+             "/root/.ssh/run": "/root/.ssh/run, inside a hidden folder of a home",
+             # another user's home and its dotfiles (the run may be root); shared top-level folders themselves
+             "/home/alice": "/home/alice, a home folder itself",
+             "/home/alice/.ssh": "/home/alice/.ssh, inside a hidden folder of a home",
+             "/tmp": "/tmp, a shared top-level folder itself (the run would write its manifest and stages among "
+                     "everything else there)",
+             "/opt": "/opt, a shared top-level folder itself (the run would write its manifest and stages among "
+                     "everything else there)"}
     for value, what in cases.items():
         assert refused(micro(output_dir=value)) == f"r.yaml: output_dir: output_dir {value!r} is {what}. Fix: {OUTSIDE_FIX}"
     (work / "runs").symlink_to("/etc")  # a symlink below the working directory that points into /etc
@@ -344,6 +351,8 @@ def test_output_dir_outside_the_working_directory_or_in_system_folders(tmp_path,
     (work / "runs").unlink()
     preflight(recipe_from_dict(micro(output_dir="runs/ok")), check_hardware=False)  # below the working directory
     preflight(recipe_from_dict(micro(output_dir=str(tmp_path / "abs"))), check_hardware=False)  # explicit absolute
+    for value in ("/home/alice/runs/x", "/opt/runs/x"):  # below them is fine
+        assert str(check_output_dir(value)) == value
 
 
 # ---------------------------------------------------------------------------------------------------------------
