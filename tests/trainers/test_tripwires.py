@@ -270,6 +270,21 @@ def test_checkpoint_state_is_written_before_trainer_state_json(tmp_path, tiny_de
     assert len(present) == 1 and {"tripwire_state.json", "safe_rails_state.pt"} <= present[0], present
 
 
+def test_an_event_line_torn_by_a_kill_does_not_swallow_the_next(tmp_path):
+    # kill -9 (or a full disk) in the middle of an append leaves half a line; the resumed stage appends after it.
+    # The stop event must still be read, and the stage's gates must not die on the torn line.
+    from types import SimpleNamespace
+
+    from trl_safeppo.pipeline.runner import read_jsonl
+    from trl_safeppo.trainers.tripwires import TripwireCallback
+
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(is_main_process=True))
+    callback = TripwireCallback(trainer, [], TripwireActions(), str(tmp_path))
+    (tmp_path / TRIPWIRES_FILE).write_text('{"step": 1, "action": "warn"}\n{"step": 2, "act')
+    callback._write_event({"step": 3, "action": "stop"})
+    assert read_jsonl(tmp_path / TRIPWIRES_FILE) == [{"step": 1, "action": "warn"}, {"step": 3, "action": "stop"}]
+
+
 def test_hanging_reward_is_cut_off_and_counted(tmp_path, tiny_debug_path):
     # The second reward hangs (60 s) on the batch of step 2; with reward_timeout_s=2 its 4 scores are None, the
     # step is scored by the first reward alone, and both detectors see it. Step 3 gets a fresh worker.

@@ -313,8 +313,13 @@ class TripwireCallback(TrainerCallback):
             return
         os.makedirs(self.output_dir, exist_ok=True)
         line = json.dumps(event, allow_nan=False, default=str) + "\n"
-        with open(self.events_path, "a", encoding="utf-8") as f:
-            f.write(line)
+        with open(self.events_path, "ab") as f:  # an append-only log (each event is one line, the readers skip a
+            if f.tell() > 0:                     # torn last line); a line left without its newline by a kill is
+                with open(self.events_path, "rb") as r:  # closed first, so the next event is not glued to it
+                    r.seek(-1, os.SEEK_END)
+                    if r.read(1) != b"\n":
+                        f.write(b"\n")
+            f.write(line.encode("utf-8"))
             f.flush()
 
     def _snapshot(self, step: int, *, good: bool = False) -> None:
