@@ -140,6 +140,13 @@ def import_listed(module: str, imports: Sequence[str], folders: Sequence[str | P
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
         if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
+            top = (err.name or "").split(".", 1)[0]
+            beside = [Path(f) for f in folders if top and ((Path(f) / f"{top}.py").is_file()
+                                                           or (Path(f) / top / "__init__.py").is_file())]
+            if beside:  # a helper module of the user's: found only when listed, like the module itself
+                raise DottedPathError(where, f"module {module!r} imports {top!r}, which is beside the recipe "
+                                      f"({beside[0]}) but not listed under `imports:`",
+                                      f"add it: `imports: [{', '.join(dict.fromkeys([*imports, top]))}]`") from None
             raise DottedPathError(where, f"module {module!r} imports something that is missing: {err}",
                                   f"install {err.name!r} (pip install ...) or fix the import in {module!r}") from None
         places = " or ".join(str(Path(f).resolve()) for f in folders) or "the working directory"

@@ -182,6 +182,19 @@ def test_unlisted_files_beside_the_recipe_are_never_found(tmp_path, monkeypatch)
     assert not marker.exists()
 
 
+def test_a_helper_module_beside_the_recipe_is_listed_too(tmp_path, monkeypatch):
+    # my_rules.py imports helpers.py beside it: helpers must be listed as well, and the message says so
+    helper = fresh_module(tmp_path, "LIMIT = 3\n")
+    rules = fresh_module(tmp_path, f"import {helper}\n")
+    monkeypatch.chdir(tmp_path)
+    source = str(tmp_path / "r.yaml")
+    assert refused(micro(imports=[rules]), source=source) == (
+        f"{source}: imports[0]: module {rules!r} imports {helper!r}, which is beside the recipe ({tmp_path}) but not "
+        f"listed under `imports:`. Fix: add it: `imports: [{rules}, {helper}]`")
+    preflight(recipe_from_dict(micro(imports=[rules, helper]), source=source), check_hardware=False)
+    assert sys.modules[rules].__dict__[helper].LIMIT == 3
+
+
 def test_a_packages_command_line_module_is_refused(tmp_path):
     # `pkg.__main__` runs the package's command line when imported (pygments, tqdm, numpy.f2py, ...).
     marker = tmp_path / "ran"
