@@ -13,12 +13,18 @@ A recipe is data, but three of its fields name code: reward rules, dataset ``map
   module, a callback is a ``transformers.TrainerCallback`` subclass.
 
 Modules listed under ``imports:`` are searched in the installed packages, then the recipe's folder, then the working
-directory (:func:`add_search_folders` appends them to ``sys.path``, so they never shadow an installed module).
+directory. Those folders are never put on ``sys.path``: a finder at the end of ``sys.meta_path``
+(:func:`add_search_folders`) finds there the listed names only, so a file beside the recipe never shadows an
+installed module, and one named like a *missing* optional package (``bitsandbytes.py``, ``flash_attn.py``) is never
+imported when a library probes for that package. Module names with a dunder part (``pkg.__main__``: a package's
+command line, which runs at import) are refused.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import re
 import sys
 from collections.abc import Sequence
@@ -50,6 +56,18 @@ def split(path: str) -> tuple[str, str]:
     return module, attr
 
 
+def _dunder_part(module: str) -> str | None:
+    """The first ``__x__`` part of a module name (``pip.__main__`` -> ``"__main__"``), or None."""
+    return next((p for p in module.split(".") if p.startswith("__") and p.endswith("__")), None)
+
+
+def _refuse_dunder(module: str, where: str, what: str) -> None:
+    part = _dunder_part(module)
+    if part:
+        raise DottedPathError(where, f"{what} {module!r} names a {part!r} module, which runs a program when imported "
+                              f"(a package's command line)", "name the module that defines your code, e.g. my_rules")
+
+
 def is_stdlib(module: str) -> bool:
     """Whether ``module`` is part of Python's standard library (``os``, ``os.path``, ``subprocess``, ``builtins``)."""
     top = module.split(".", 1)[0]
@@ -68,14 +86,52 @@ def check_module_name(module: str, *, where: str) -> None:
     if is_stdlib(module):
         raise DottedPathError(where, f"{module!r} is a standard-library module; `imports:` is for your own modules",
                               "remove it: a recipe never needs the standard library")
+    _refuse_dunder(module, where, "imports:")
 
 
-def add_search_folders(folders: Sequence[str | Path]) -> None:
-    """Append folders to ``sys.path`` (after the installed packages, so that they never shadow one)."""
-    for folder in folders:
-        text = str(Path(folder).resolve())
-        if text not in sys.path:
-            sys.path.append(text)
+class _ListedModuleFinder(importlib.abc.MetaPathFinder):
+    """Finds the top-level modules a recipe lists under ``imports:`` in that recipe's folders, and nothing else.
+
+    It sits at the end of ``sys.meta_path``, after the finder of ``sys.path``: an installed module of the same name
+    always wins, and a file beside the recipe that is not listed is never found (a library that probes for an
+    optional package it lacks, such as ``bitsandbytes``, does not import the recipe folder's ``bitsandbytes.py``).
+    Submodules of a listed package are found through the package itself."""
+
+    def __init__(self):
+        self.folders: dict[str, list[str]] = {}  # top-level module name -> folders to search, in order
+
+    def find_spec(self, fullname, path=None, target=None):
+        if path is not None or fullname not in self.folders:
+            return None
+        return importlib.machinery.PathFinder.find_spec(fullname, self.folders[fullname])
+
+
+_FINDER = _ListedModuleFinder()
+
+
+def add_search_folders(folders: Sequence[str | Path], modules: Sequence[str]) -> None:
+    """Let the top-level packages of ``modules`` (a recipe's ``imports:``) be found in ``folders``, after the
+    installed packages, without putting the folders on ``sys.path`` (:class:`_ListedModuleFinder`)."""
+    resolved = [str(Path(folder).resolve()) for folder in folders]
+    for module in modules:
+        if isinstance(module, str) and MODULE_NAME.match(module):
+            top = module.split(".", 1)[0]  # the latest recipe's folders first (one process may load several)
+            old = _FINDER.folders.get(top, [])
+            _FINDER.folders[top] = resolved + [f for f in old if f not in resolved]
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.append(_FINDER)
+
+
+def listed_folders() -> dict[str, list[str]]:
+    """What :func:`add_search_folders` registered in this process (to hand to a spawned one)."""
+    return {name: list(folders) for name, folders in _FINDER.folders.items()}
+
+
+def install_listed_folders(folders: dict[str, list[str]]) -> None:
+    """In a spawned process (``initializer=`` of a pool): find the recipe's modules as the parent does, so that a
+    pickled reward function of ``my_rules`` unpickles there."""
+    for name, places in folders.items():
+        add_search_folders(places, [name])
 
 
 def import_listed(module: str, imports: Sequence[str], folders: Sequence[str | Path], *, where: str):
@@ -84,6 +140,13 @@ def import_listed(module: str, imports: Sequence[str], folders: Sequence[str | P
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
         if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
+            top = (err.name or "").split(".", 1)[0]
+            beside = [Path(f) for f in folders if top and ((Path(f) / f"{top}.py").is_file()
+                                                           or (Path(f) / top / "__init__.py").is_file())]
+            if beside:  # a helper module of the user's: found only when listed, like the module itself
+                raise DottedPathError(where, f"module {module!r} imports {top!r}, which is beside the recipe "
+                                      f"({beside[0]}) but not listed under `imports:`",
+                                      f"add it: `imports: [{', '.join(dict.fromkeys([*imports, top]))}]`") from None
             raise DottedPathError(where, f"module {module!r} imports something that is missing: {err}",
                                   f"install {err.name!r} (pip install ...) or fix the import in {module!r}") from None
         places = " or ".join(str(Path(f).resolve()) for f in folders) or "the working directory"
@@ -112,6 +175,7 @@ def find(path: str, *, where: str, what: str, imports: Sequence[str] | None, fix
     if is_stdlib(module):
         raise DottedPathError(where, f"{what} {path!r} is in the standard library ({module!r}), which a recipe may "
                               "not call", fix)
+    _refuse_dunder(module, where, what)
     if imports is not None and not _listed(module, imports, trusted):
         listed = f" (it lists {list(imports)})" if imports else ""
         raise DottedPathError(where, f"{what} {path!r}: module {module!r} is not listed under the recipe's "

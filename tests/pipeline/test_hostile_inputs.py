@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from trl_safeppo.dotted import HOW_TO_REGISTER
-from trl_safeppo.pipeline.preflight import preflight
+from trl_safeppo.pipeline.preflight import check_output_dir, preflight
 from trl_safeppo.pipeline.recipe import RecipeError, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,6 +165,56 @@ def test_imports_name_modules_not_the_standard_library(tmp_path, monkeypatch):
                        "(pip install -e .), or add its folder to PYTHONPATH")
 
 
+def test_unlisted_files_beside_the_recipe_are_never_found(tmp_path, monkeypatch):
+    # Listing `my_rules` lets the pre-flight find my_rules.py beside the recipe, and nothing else there: a file named
+    # like an optional package the libraries probe for (bitsandbytes.py, flash_attn.py) must not become importable.
+    import importlib.util
+
+    marker = tmp_path / "imported"
+    listed = fresh_module(tmp_path, "from trl_safeppo.rewards import reward_function\n")
+    unlisted = fresh_module(tmp_path, f"open({str(marker)!r}, 'w').write('unlisted module ran')\n")
+    monkeypatch.chdir(tmp_path)
+    preflight(recipe_from_dict(micro(imports=[listed]), source=str(tmp_path / "r.yaml")), check_hardware=False)
+    assert listed in sys.modules and str(tmp_path) not in sys.path
+    assert importlib.util.find_spec(unlisted) is None
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(unlisted)
+    assert not marker.exists()
+
+
+def test_a_helper_module_beside_the_recipe_is_listed_too(tmp_path, monkeypatch):
+    # my_rules.py imports helpers.py beside it: helpers must be listed as well, and the message says so
+    helper = fresh_module(tmp_path, "LIMIT = 3\n")
+    rules = fresh_module(tmp_path, f"import {helper}\n")
+    monkeypatch.chdir(tmp_path)
+    source = str(tmp_path / "r.yaml")
+    assert refused(micro(imports=[rules]), source=source) == (
+        f"{source}: imports[0]: module {rules!r} imports {helper!r}, which is beside the recipe ({tmp_path}) but not "
+        f"listed under `imports:`. Fix: add it: `imports: [{rules}, {helper}]`")
+    preflight(recipe_from_dict(micro(imports=[rules, helper]), source=source), check_hardware=False)
+    assert sys.modules[rules].__dict__[helper].LIMIT == 3
+
+
+def test_a_packages_command_line_module_is_refused(tmp_path):
+    # `pkg.__main__` runs the package's command line when imported (pygments, tqdm, numpy.f2py, ...).
+    marker = tmp_path / "ran"
+    package = tmp_path / f"pkg_{uuid.uuid4().hex[:8]}"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    source = str(tmp_path / "r.yaml")
+    assert refused(micro(imports=[f"{package.name}.__main__"]), source=source) == (
+        f"{source}: imports[0]: imports: '{package.name}.__main__' names a '__main__' module, which runs a program "
+        "when imported (a package's command line). Fix: name the module that defines your code, e.g. my_rules")
+    assert refused(micro(imports=[package.name], reward=f"{package.name}.__main__:main"), source=source) == (
+        f"{source}: reward.name: reward '{package.name}.__main__' names a '__main__' module, which runs a program "
+        "when imported (a package's command line). Fix: name the module that defines your code, e.g. my_rules")
+    tree = micro()
+    tree["stages"][0]["callbacks"] = ["transformers.__main__:Callback"]
+    assert "names a '__main__' module" in refused(tree, source=source)
+    assert not marker.exists()
+
+
 def test_rule_module_beside_the_recipe_plugs_in_through_the_cli(tmp_path, monkeypatch, capsys):
     # issue 24.4: `my_rules.py` next to the recipe, run from another folder
     folder, cwd = tmp_path / "project", tmp_path / "cwd"
@@ -210,6 +260,33 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     path.write_text(text.replace("args:\n      max_steps: 1\n      per_device", "args:\n      <<: *one\n"
                                                                                 "      per_device", 1))
     assert [s.args["max_steps"] for s in load_recipe(path).stages] == [1, 1]
+
+
+MERGE_BOMB = "\n".join(["m0: &m0 {k: v}"] + [f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 9)}], k{i}: v}}"
+                                                for i in range(1, 10)])
+
+
+def test_merge_key_bombs_python_tags_and_other_yaml_readers(tmp_path, capsys, monkeypatch):
+    # `<<` merge keys copy every key of each merged mapping: 9 levels of 9 merges is 9^9 pairs, counted like aliases
+    path = tmp_path / "merge.yaml"
+    path.write_text(MERGE_BOMB + "\n" + yaml.safe_dump(micro()))
+    assert "the recipe expands to more than 100000 nodes through its aliases" in cli_check(path, capsys)
+    # tags that build Python objects are not YAML data: nothing runs
+    marker = tmp_path / "pwned"
+    path.write_text(f"x: !!python/object/apply:os.system ['touch {marker}']\n" + yaml.safe_dump(micro()))
+    with pytest.raises(RecipeError, match="could not determine a constructor for the tag .*python/object/apply"):
+        load_recipe(path)
+    assert not marker.exists()
+    # every other YAML the package reads has the same caps: check-rewards' --reward file, a rails YAML file
+    from trl_safeppo.rails.config import RailsConfig
+    from trl_safeppo.rewards.selftest import load_reward_spec
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB + "\nreward: math\n")
+    with pytest.raises(RecipeError, match="expands to more than 100000 nodes"):
+        load_reward_spec(str(bomb))
+    with pytest.raises(RecipeError, match="the rails YAML expands to more than 100000 nodes"):
+        RailsConfig.from_any(str(bomb))
 
 
 STEPS_RANGE = "-1 (train by epochs) or an integer from 1 to 10000000"
@@ -270,7 +347,14 @@ def test_output_dir_outside_the_working_directory_or_in_system_folders(tmp_path,
     cases = {"/etc/trl": "/etc/trl, inside the system folder /etc", "/": "/, the root folder",
              "/usr/lib/x": "/usr/lib/x, inside the system folder /usr",
              "/proc/self": f"{Path('/proc/self').resolve()}, inside the system folder /proc",
-             "/root/.ssh/run": "/root/.ssh/run, inside a hidden folder of a home"}
+             "/root/.ssh/run": "/root/.ssh/run, inside a hidden folder of a home",
+             # another user's home and its dotfiles (the run may be root); shared top-level folders themselves
+             "/home/alice": "/home/alice, a home folder itself",
+             "/home/alice/.ssh": "/home/alice/.ssh, inside a hidden folder of a home",
+             "/tmp": "/tmp, a shared top-level folder itself (the run would write its manifest and stages among "
+                     "everything else there)",
+             "/opt": "/opt, a shared top-level folder itself (the run would write its manifest and stages among "
+                     "everything else there)"}
     for value, what in cases.items():
         assert refused(micro(output_dir=value)) == f"r.yaml: output_dir: output_dir {value!r} is {what}. Fix: {OUTSIDE_FIX}"
     (work / "runs").symlink_to("/etc")  # a symlink below the working directory that points into /etc
@@ -280,6 +364,8 @@ def test_output_dir_outside_the_working_directory_or_in_system_folders(tmp_path,
     (work / "runs").unlink()
     preflight(recipe_from_dict(micro(output_dir="runs/ok")), check_hardware=False)  # below the working directory
     preflight(recipe_from_dict(micro(output_dir=str(tmp_path / "abs"))), check_hardware=False)  # explicit absolute
+    for value in ("/home/alice/runs/x", "/opt/runs/x"):  # below them is fine
+        assert str(check_output_dir(value)) == value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,6 +415,26 @@ def test_second_run_on_a_locked_folder_refuses_at_once_then_takes_over_a_dead_ho
     lock.release()
     assert (out / ".lock").read_text() == ""  # released cleanly: the next run has nothing to take over
     assert RunLock(out).acquire() is None
+
+
+def test_the_lock_is_released_when_the_run_raises_before_its_stages(tmp_path, monkeypatch):
+    # An error after the lock was taken (here: reading the old run's state) must not leave the folder locked for
+    # the rest of this process (a notebook keeps the traceback, and with it the lock, alive).
+    from trl_safeppo.pipeline import runner
+    from trl_safeppo.pipeline.lock import RunLock
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(runner, "reconcile", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="disk went away") as info:
+        runner.run_recipe(str(write(tmp_path, one_stage(out))))
+    assert info.traceback  # the traceback (and the frames in it) still alive here
+    assert (out / ".lock").read_text() == ""  # released cleanly
+    lock = RunLock(out)
+    assert lock.acquire() is None
+    lock.release()
 
 
 def test_lock_left_by_another_host_is_taken_over_with_an_explanation(tmp_path):

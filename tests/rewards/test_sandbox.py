@@ -259,6 +259,21 @@ ESCAPES = {
         "            except Exception:\n                pass\n    f = f.f_back\nimport time\ntime.sleep(0.3)",
         "assert False",
     ),
+    # review of issue 21: more routes out
+    "open_host_devices": ("import os\nopened = []\nfor p in ('/dev/mem', '/dev/kmem', '/dev/port', '/dev/kmsg', "
+                          "'/dev/tty', '/dev/console', '/dev/sda', '/dev/vda', '/dev/nvme0n1', '/dev/kvm', "
+                          "'/dev/fuse', '/dev/net/tun', '/dev/shm', '/dev/loop0', '/dev/nvidia0'):\n"
+                          "    try:\n        os.close(os.open(p, os.O_RDONLY))\n        opened.append(p)\n"
+                          "    except OSError:\n        pass", "assert opened"),
+    "mknod_dev_mem": ("import os, stat\nos.mknod('/tmp/mem-{tag}', stat.S_IFCHR | 0o600, os.makedev(1, 1))\n"
+                      "data = open('/tmp/mem-{tag}', 'rb').read(16)", "assert data"),
+    "symlink_to_host_path": ("import os\nos.symlink('{host_tmp}/escape-{tag}', '/tmp/link-{tag}')\n"
+                             "open('/tmp/link-{tag}', 'w').write('x')", ""),
+    "abstract_unix_socket_to_host": ("import socket\ns = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+                                     "s.settimeout(1)\ns.connect('\\0{abstract}')\ns.sendall(b'escaped')", ""),
+    "sethostname": ("import socket\nsocket.sethostname('pwned-{tag}')", ""),
+    "daemon_outlives_the_run": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n"
+                                "    if os.fork() == 0:\n        time.sleep(20)\n    os._exit(0)", "assert False"),
 }
 
 # Forgeries of the verdict through the interpreter's whole object graph. The result pipe and the output are out of
@@ -289,15 +304,29 @@ def listener():
     srv.close()
 
 
+@pytest.fixture(scope="module")
+def abstract_listener():
+    # a unix socket in the abstract namespace, which belongs to the network namespace (no file to hide it)
+    name = f"trl-safeppo-test-{uuid.uuid4().hex}"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind("\0" + name)
+    srv.listen(8)
+    srv.settimeout(0.2)
+    yield name, srv
+    srv.close()
+
+
 CASES = [(name, guard) for name in sorted(ESCAPES) for guard in (True, False)] + [(n, True) for n in sorted(FORGERIES)]
 
 
 @pytest.mark.parametrize(("name", "guard"), CASES, ids=[f"{n}-{'hooked' if g else 'kernel_only'}" for n, g in CASES])
-def test_escape_scores_zero_and_leaves_nothing(name, guard, tmp_path, listener):
+def test_escape_scores_zero_and_leaves_nothing(name, guard, tmp_path, listener, abstract_listener):
     tag = uuid.uuid4().hex
     os.chmod(tmp_path, 0o777)  # even a world-writable host folder is out of reach
+    hostname = socket.gethostname()
     solution, tests = {**ESCAPES, **FORGERIES}[name]
-    solution = solution.format(tag=tag, host_tmp=tmp_path, port=listener.getsockname()[1])
+    solution = solution.format(tag=tag, host_tmp=tmp_path, port=listener.getsockname()[1],
+                               abstract=abstract_listener[0])
     sentinel = subprocess.Popen(["sleep", "30"])  # a host process the code must not be able to signal
     try:
         result = run_python(solution, tests, LIMITS, _guard=guard)
@@ -315,9 +344,78 @@ def test_escape_scores_zero_and_leaves_nothing(name, guard, tmp_path, listener):
             assert not _sandbox_processes(), "processes of the sandbox outlived the run"
         with pytest.raises(socket.timeout):
             listener.accept()[0].close()
+        with pytest.raises(socket.timeout):
+            abstract_listener[1].accept()[0].close()
+        assert socket.gethostname() == hostname
     finally:
         sentinel.kill()
         sentinel.wait()
+
+
+def test_the_parent_environment_does_not_reach_the_code(monkeypatch):
+    # Secrets in the trainer's environment (HF_TOKEN, cloud keys) are not the code's: the runner starts with a fixed
+    # environment. The tests pass only if the code saw one of them (through os.environ or its own /proc).
+    secret = f"hf_{uuid.uuid4().hex}"
+    for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY", "LD_PRELOAD_TEST_SECRET"):
+        monkeypatch.setenv(name, secret)
+    code = ("import os\nseen = repr(dict(os.environ))\ntry:\n    seen += open('/proc/self/environ').read()\n"
+            "except OSError:\n    pass")
+    for guard in (True, False):
+        result = run_python(code, f"assert {secret!r} in seen", LIMITS, _guard=guard)
+        assert result.isolation == "kernel" and not result.passed, result
+        assert secret not in result.stdout + result.stderr
+    probe = run_python("import os\nkeys = sorted(os.environ)", "print(keys)", LIMITS)
+    assert probe.passed and not {"HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "WANDB_API_KEY"} & set(eval(probe.stdout))
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_killed_run_leaves_no_files_fds_or_processes():
+    # A run cut off by the wall clock (and one cut off by the CPU limit) leaves nothing on the host: no temporary
+    # file or folder in the host's temp folders, no fd open in this process, no process of the sandbox.
+    import tempfile
+
+    folders = [tempfile.gettempdir(), "/dev/shm", "/var/tmp"]
+
+    def snapshot() -> dict[str, set[str]]:
+        return {d: set(os.listdir(d)) for d in folders if os.path.isdir(d)}
+
+    before_files, before_fds = snapshot(), _open_fds()
+    wall = run_python("import time\nopen('/tmp/big', 'wb').write(b'x' * 4096)\ntime.sleep(60)", "",
+                      SandboxLimits(timeout=1.0, cpu_seconds=1, memory_mb=256, max_processes=8))
+    cpu = run_python("while True:\n    pass", "", LIMITS)
+    assert wall.timed_out and not wall.passed, wall
+    assert not cpu.passed, cpu
+    after_files, after_fds = snapshot(), _open_fds()
+    for d in before_files:  # only names created by this run would matter; other processes' files are ignored
+        new = {n for n in after_files[d] - before_files[d] if "sandbox" in n or n.startswith(("tmp", ".tmp"))}
+        assert not new, (d, new)
+    assert after_fds <= before_fds, after_fds - before_fds
+    if os.geteuid() == 0:
+        deadline = time.monotonic() + 5
+        while _sandbox_processes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _sandbox_processes()
+
+
+def test_host_sysv_shared_memory_is_out_of_reach():
+    # The IPC namespace: a System V segment of the host (key known to the code) cannot be attached from inside.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    key = 0x7E57_0000 + os.getpid() % 0xFFFF
+    shmid = libc.shmget(key, 4096, 0o1000 | 0o666)  # IPC_CREAT, world-readable and -writable
+    if shmid < 0:
+        pytest.skip(f"System V shared memory unavailable here (errno {ctypes.get_errno()})")
+    try:
+        code = (f"import ctypes\nlibc = ctypes.CDLL(None)\nshmid = libc.shmget({key}, 0, 0)")
+        result = run_python(code, "assert shmid >= 0", LIMITS, _guard=False)
+        assert result.isolation == "kernel" and not result.passed, result
+    finally:
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
 
 
 def test_exec_is_refused_by_seccomp_not_by_a_missing_file():

@@ -197,3 +197,106 @@ def test_a_worker_that_dies_is_an_error_and_the_next_call_recovers(tmp_path):
                                               r"\(exit code 9\)"):
         timed(completions=["a"])
     assert timed(completions=["a", "b"]) == [1.0, 1.0]  # a fresh worker
+
+
+def test_a_wrong_number_of_scores_is_an_error_naming_the_function():
+    # 1 score for 2 completions: an error before any metric (none_frac = 1/2 would be logged for a batch of 2)
+    def one(prompts=None, completions=None, **kwargs):
+        return [1.0]
+
+    for timeout_s in (30, None):  # in a worker and in-process
+        with pytest.raises(RewardRuleError, match=r"reward function 'one' returned 1 scores for 2 completions"):
+            TimedReward(one, timeout_s)(completions=["a", "b"])
+
+
+def test_a_spawned_worker_finds_the_recipes_rule_module(tmp_path, monkeypatch):
+    # Where workers are spawned (not Linux), the function is unpickled in a fresh interpreter: it must find the
+    # recipe's module (listed under imports:, beside the recipe) as the parent does, without sys.path.
+    import importlib
+    import uuid
+
+    from trl_safeppo.dotted import add_search_folders
+    from trl_safeppo.rewards import timeout as timeout_mod
+
+    name = f"spawn_rules_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("import os\n\ndef pid(prompts=None, completions=None, **kwargs):\n"
+                                         "    return [float(os.getpid())] * len(completions)\n")
+    add_search_folders([tmp_path], [name])
+    func = importlib.import_module(name).pid
+    assert str(tmp_path) not in sys.path
+    monkeypatch.setattr(timeout_mod, "_start_method", lambda: "spawn")
+    timed = TimedReward(func, 60)
+    try:
+        scores = timed(completions=["a", "b"])
+        assert timed._in_process_why is None and scores[0] == scores[1] != float(os.getpid())
+    finally:
+        timed.close()
+        sys.modules.pop(name, None)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live (not zombie) processes below ``pid``, from /proc."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children[int(fields[1])].append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_a_timed_out_sandboxed_rule_leaves_no_process_behind():
+    # code_tests runs each program in the sandbox (its own session, its own PID namespace), so the worker's process
+    # group is not all there is to kill: the sandbox dies with the worker (PR_SET_PDEATHSIG down the chain).
+    from trl_safeppo.rewards.rules.code import code_tests_reward
+    from trl_safeppo.rewards.sandbox import sandbox_available
+
+    if not sandbox_available():
+        pytest.skip("sandbox unavailable here")
+    import threading
+
+    before = set(_descendants(os.getpid()))
+    seen: set[int] = set()  # every process below this one while the call runs (once orphaned, they are not)
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.update(_descendants(os.getpid()))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    rule = code_tests_reward(timeout=60, cpu_seconds=60)
+    timed = TimedReward(rule, 3.0)
+    hangs = "```python\nimport time\ntime.sleep(50)\n```"
+    try:
+        assert timed(completions=[hangs], tests=["assert True"]) == [None]
+    finally:
+        done.set()
+        watcher.join()
+    started = seen - before
+    assert len(started) >= 3  # the worker, the sandbox's runner, its init (and the code's process)
+
+    def alive() -> list[int]:
+        out = []
+        for pid in started:
+            try:
+                out += [pid] if _alive(pid) else []
+            except OSError:  # gone between the two looks
+                pass
+        return out
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive()
+    timed.close()

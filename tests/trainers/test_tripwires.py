@@ -104,7 +104,7 @@ def _trainer(tmp_path, tiny_debug_path, tripwires, reward, max_steps=4, blowup_a
         learning_rate=overrides.pop("learning_rate", 1e-3),
         beta=0.1,
         seed=0,
-        save_strategy="no",
+        save_strategy=overrides.pop("save_strategy", "no"),
         report_to="none",
         use_cpu=True,
         tripwires=tripwires,
@@ -227,6 +227,64 @@ def test_raise_kl_exhausted_escalates_to_rollback_then_stop(tmp_path, tiny_debug
     assert trainer.state.global_step == 5  # stopped, not "completed" at max_steps=8
 
 
+def test_resume_keeps_the_ladder_position(tmp_path, tiny_debug_path):
+    # The ladder of test_raise_kl_exhausted_escalates_to_rollback_then_stop, cut after step 3 by a checkpoint:
+    #   run A (3 steps): log 2 raise_kl 0.1 -> 0.2 (the max); log 3 rollback (1 of 1 allowed), beta 0.2; checkpoint-3.
+    #   run B resumes it (5 steps): beta is 0.2 again and 1 rollback is used; log 4 KL 0 (rolled-back weights): ok;
+    #   log 5: beta at its max, rollbacks used up -> stop. Starting afresh would instead raise beta 0.1 -> 0.2 at log 5.
+    tripwires = [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 1e-6}}]
+    common = dict(learning_rate=1e-2, lr_scheduler_type="constant", tripwire_max_beta=0.2, tripwire_max_rollbacks=1,
+                  save_strategy="steps", save_steps=3)  # constant: a linear schedule of 3 steps ends at lr 0
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=3, **common)
+    trainer.train()
+    saved = json.loads((tmp_path / "checkpoint-3" / "tripwire_state.json").read_text())
+    assert saved["ladder"] == {"rollbacks": 1} and saved["beta"] == pytest.approx(0.2)
+    assert saved["initial_beta"] == pytest.approx(0.1)
+
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=5, **common)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    events = [e for e in _events(tmp_path) if e["status"] == "trip"]
+    assert [(e["step"], e["action"]) for e in events] == [(2, "raise_kl"), (3, "raise_kl"), (5, "raise_kl")]
+    d5 = events[-1]["details"]
+    assert d5["escalated_from"] == "raise_kl" and d5["stopped"] is True
+    assert "tripwire_max_rollbacks=1" in d5["escalation"]
+
+
+def test_checkpoint_state_is_written_before_trainer_state_json(tmp_path, tiny_debug_path, monkeypatch):
+    # trainer_state.json marks a checkpoint complete (pipeline/checkpoints.py): a kill right after it must not
+    # leave a "complete" checkpoint without the rails' and the ladder's state, so those are on disk before it.
+    from transformers import TrainerState
+
+    present: list[set] = []
+    original = TrainerState.save_to_json
+
+    def spy(self, json_path):
+        present.append(set(os.listdir(os.path.dirname(json_path))))
+        return original(self, json_path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", spy)
+    tripwires = [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 1e3}}]
+    trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=1, save_strategy="steps",
+                          save_steps=1, rails={"normalize": {"enabled": True}})
+    trainer.train()
+    assert len(present) == 1 and {"tripwire_state.json", "safe_rails_state.pt"} <= present[0], present
+
+
+def test_an_event_line_torn_by_a_kill_does_not_swallow_the_next(tmp_path):
+    # kill -9 (or a full disk) in the middle of an append leaves half a line; the resumed stage appends after it.
+    # The stop event must still be read, and the stage's gates must not die on the torn line.
+    from types import SimpleNamespace
+
+    from trl_safeppo.pipeline.runner import read_jsonl
+    from trl_safeppo.trainers.tripwires import TripwireCallback
+
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(is_main_process=True))
+    callback = TripwireCallback(trainer, [], TripwireActions(), str(tmp_path))
+    (tmp_path / TRIPWIRES_FILE).write_text('{"step": 1, "action": "warn"}\n{"step": 2, "act')
+    callback._write_event({"step": 3, "action": "stop"})
+    assert read_jsonl(tmp_path / TRIPWIRES_FILE) == [{"step": 1, "action": "warn"}, {"step": 3, "action": "stop"}]
+
+
 def test_hanging_reward_is_cut_off_and_counted(tmp_path, tiny_debug_path):
     # The second reward hangs (60 s) on the batch of step 2; with reward_timeout_s=2 its 4 scores are None, the
     # step is scored by the first reward alone, and both detectors see it. Step 3 gets a fresh worker.
@@ -243,6 +301,51 @@ def test_hanging_reward_is_cut_off_and_counted(tmp_path, tiny_debug_path):
     events = [(e["step"], e["detector"], e["status"]) for e in _events(tmp_path)]
     assert events == [(2, "reward_timeout", "trip"), (2, "silent_reward", "trip")]
     assert [h["tripwire/reward_timeout"] for h in logs] == [0.0, 2.0, 0.0]
+
+
+def _reward_workers() -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name == "reward-worker"]
+
+
+class RaisesAt:
+    """1.0 per completion, but raises on the call made while global_step == at."""
+
+    __name__ = "raises_at"
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def __call__(self, prompts, completions, trainer_state=None, **kwargs):
+        if trainer_state is not None and trainer_state.global_step == self.at:
+            raise ValueError("broken rule")
+        return [1.0] * len(completions)
+
+
+class CountWorkers(TrainerCallback):
+    def __init__(self):
+        self.during: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.during.append(len(_reward_workers()))
+
+
+def test_reward_workers_end_with_training_even_when_it_raises(tmp_path, tiny_debug_path):
+    # One worker process per wrapped reward function while training; none left once train() returns or raises,
+    # while the trainer is still referenced (not left to garbage collection).
+    from trl_safeppo.rewards import RewardRuleError
+
+    assert _reward_workers() == []
+    trainer, _ = _trainer(tmp_path / "a", tiny_debug_path, None, [LengthReward(), RaisesAt(99)], max_steps=1)
+    counter = CountWorkers()
+    trainer.add_callback(counter)
+    trainer.train()
+    assert counter.during == [2] and _reward_workers() == []
+    trainer, _ = _trainer(tmp_path / "b", tiny_debug_path, None, [LengthReward(), RaisesAt(1)], max_steps=3)
+    with pytest.raises(RewardRuleError, match="broken rule"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and _reward_workers() == []
 
 
 def test_silent_reward_stops_after_its_patience(tmp_path, tiny_debug_path):

@@ -6,6 +6,10 @@ checkpoint is complete when its ``trainer_state.json`` parses (with a ``global_s
 whole: a ``*.safetensors`` file whose header parses and whose size matches the header, a sharded index whose shards
 exist, a ``*.bin``, or the folders FSDP (``pytorch_model_fsdp*``) and DeepSpeed (``global_step*``) write. Incomplete
 ones are moved aside into ``<stage>/incomplete/`` (never deleted: they may be all that is left of a long run).
+``trainer_state.json`` is written before the ``on_save`` callbacks in which the package's trainers add their own
+state (rails, KL controller, critic, tripwire ladder, DPO beta); the last of them writes
+:data:`STATE_MARKER`, so a checkpoint of a SafePPO / SafeGRPO / SafeDPO stage is complete only with it
+(``require=(STATE_MARKER,)``): a kill between the two is an incomplete checkpoint, never a resume with fresh rails.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 INCOMPLETE_DIR = "incomplete"
+STATE_MARKER = "trl_safeppo_state.json"  # trainers/rails_mixin.CheckpointStateCallback writes it last
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -41,8 +46,8 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def checkpoint_problem(folder: str | os.PathLike) -> str | None:
-    """Why ``folder`` is not a complete checkpoint, or None when it is."""
+def checkpoint_problem(folder: str | os.PathLike, require: tuple[str, ...] = ()) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, or None when it is; ``require``: files it must also hold."""
     folder = Path(folder)
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
@@ -53,6 +58,9 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
         return "trainer_state.json has no global_step"
     names = {p.name for p in folder.iterdir()}
+    missing = [name for name in require if name not in names]
+    if missing:
+        return f"no {missing[0]} (killed while the trainer added its own state)"
     for index in [n for n in names if n.endswith(".index.json")]:
         try:
             shards = set(json.loads((folder / index).read_text())["weight_map"].values())
@@ -81,11 +89,11 @@ def checkpoints(stage_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def set_aside_incomplete(stage_dir: str | os.PathLike) -> list[str]:
+def set_aside_incomplete(stage_dir: str | os.PathLike, require: tuple[str, ...] = ()) -> list[str]:
     """Move every incomplete checkpoint of a stage into ``<stage>/incomplete/<name>-<time>``; one line each."""
     notes = []
     for folder in checkpoints(stage_dir):
-        problem = checkpoint_problem(folder)
+        problem = checkpoint_problem(folder, require)
         if problem is None:
             continue
         target = Path(stage_dir) / INCOMPLETE_DIR / f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
@@ -95,9 +103,9 @@ def set_aside_incomplete(stage_dir: str | os.PathLike) -> list[str]:
     return notes
 
 
-def last_complete_checkpoint(stage_dir: str | os.PathLike) -> str | None:
+def last_complete_checkpoint(stage_dir: str | os.PathLike, require: tuple[str, ...] = ()) -> str | None:
     """The newest complete checkpoint of a stage (its path), or None."""
     for folder in checkpoints(stage_dir):
-        if checkpoint_problem(folder) is None:
+        if checkpoint_problem(folder, require) is None:
             return str(folder)
     return None

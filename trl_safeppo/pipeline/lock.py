@@ -67,9 +67,14 @@ class RunLock:
         previous = self._body()
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, (json.dumps(me) + "\n").encode(), 0)
-        os.fsync(self.fd)
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, (json.dumps(me) + "\n").encode(), 0)
+            os.fsync(self.fd)
+        except OSError:  # a full disk: not held, and not left held by this object either
+            os.close(self.fd)
+            self.fd = None
+            raise
         return self._stale_note(previous) if previous.get("pid") else None
 
     def release(self) -> None:

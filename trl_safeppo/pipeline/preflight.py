@@ -538,7 +538,7 @@ def import_recipe_modules(recipe: Recipe) -> None:
 
     folders = [Path(recipe.source).resolve().parent] if recipe.source else []
     folders = list(dict.fromkeys([*folders, Path.cwd().resolve()]))
-    add_search_folders(folders)
+    add_search_folders(folders, recipe.imports)
     for j, module in enumerate(recipe.imports):
         try:
             import_listed(module, recipe.imports, folders, where=f"imports[{j}]")
@@ -624,9 +624,14 @@ SYSTEM_FOLDERS = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "
                   "/dev", "/run", "/var/lib", "/var/run", "/var/log", "/var/spool", "/var/cache", "/snap")
 
 
+# Folders a run may write below, but never be: shared top-level folders.
+SHARED_FOLDERS = ("/home", "/opt", "/var", "/srv", "/mnt", "/media", "/tmp", "/var/tmp")
+
+
 def check_output_dir(value: str, where: str = "output_dir") -> Path:
     """The run directory, refused when it is outside the working directory without being written as an absolute
-    path (``../../etc``), or when it is (inside) a system folder, ``/``, a home folder itself or a home dotfile
+    path (``../../etc``), or when it is (inside) a system folder, ``/``, a shared top-level folder itself (``/tmp``,
+    ``/home``, ``/opt``, ...), a home folder itself (``/home/<anyone>``, ``/root``, ``~``) or a home dotfile
     (``~/.ssh``), wherever it is written. Symlinks are followed for the system-folder test."""
     import os
 
@@ -647,7 +652,13 @@ def check_output_dir(value: str, where: str = "output_dir") -> Path:
         if target == base or (folder != "/" and base in target.parents):
             raise RecipeError(where, f"output_dir {value!r} is {target}, "
                               + ("the root folder" if folder == "/" else f"inside the system folder {folder}"), fix)
-    for home in {Path.home().resolve(), Path("/root")}:
+    if str(target) in SHARED_FOLDERS:
+        raise RecipeError(where, f"output_dir {value!r} is {target}, a shared top-level folder itself (the run would "
+                          "write its manifest and stages among everything else there)", fix)
+    homes = {Path.home().resolve(), Path("/root")}
+    if target.parent == Path("/home") or (len(target.parts) > 2 and target.parts[1] == "home"):
+        homes.add(Path("/home", target.parts[2]))  # another user's home (the run may be root)
+    for home in homes:
         if target == home or (home in target.parents and target.relative_to(home).parts[0].startswith(".")):
             raise RecipeError(where, f"output_dir {value!r} is {target}, "
                               + ("a home folder itself" if target == home else "inside a hidden folder of a home"),

@@ -150,9 +150,18 @@ def write_log_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file; a line cut short by a kill or a full disk (never a whole record) is skipped."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            obj = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,12 +213,18 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
         _say(is_main, line)
     run_dir = Path(recipe.output_dir)
     lock = lock_run_dir(run_dir, state, is_main)  # before anything reads or removes what another run writes
+    try:  # released however the run ends (a raised error's traceback would otherwise keep it held in this process)
+        return _run_locked(recipe, plan, state, is_main, run_dir, restart, started)
+    finally:
+        lock.release()
+
+
+def _run_locked(recipe, plan: Plan, state, is_main: bool, run_dir: Path, restart: bool, started: float) -> int:
     if is_main:  # temporaries of writers killed mid-write (only safe to remove while holding the lock)
         for folder in [run_dir, *sorted((run_dir / "stages").glob("*"))]:
             fileio.remove_temporaries(folder)
     old = None if restart else Manifest.load(run_dir)
     if old is not None and old.data.get("name") != recipe.name:
-        lock.release()
         raise RecipeError("output_dir", f"{run_dir} holds a run of another recipe ({old.data.get('name')!r})",
                           "choose another output_dir, or pass --restart to replace that run")
     manifest = reconcile(plan, old, run_dir)
@@ -237,7 +252,6 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
         if is_main:
             manifest.data["status"] = "failed"
             manifest.save()
-        lock.release()
         raise
     finally:
         progress.close()
@@ -249,7 +263,6 @@ def run_recipe(recipe_path: str, overrides=(), *, check: bool = False, restart: 
         print(summary_table(manifest), flush=True)
         _say(True, f"run directory: {run_dir} ({time.time() - started:.0f}s)")
     state.wait_for_everyone()
-    lock.release()
     return rc
 
 
@@ -508,13 +521,15 @@ class _Runner:
     # -- pieces -----------------------------------------------------------------------------------------------------
     def _resume_point(self, sp: StagePlan, entry: dict, stage_dir: Path) -> str | None:
         """The newest complete checkpoint; incomplete ones (a kill or a full disk while saving) are moved aside."""
-        from .checkpoints import last_complete_checkpoint, set_aside_incomplete
+        from .checkpoints import STATE_MARKER, last_complete_checkpoint, set_aside_incomplete
 
+        # the package's own trainers add their state after trainer_state.json and mark it complete last
+        require = (STATE_MARKER,) if sp.spec.type in ("ppo", "grpo", "dpo") else ()
         if self.is_main:
-            for note in set_aside_incomplete(stage_dir):
+            for note in set_aside_incomplete(stage_dir, require):
                 self.say(f"stage {entry['index']} ({sp.spec.name}): {note}")
         self.barrier()
-        return last_complete_checkpoint(stage_dir)
+        return last_complete_checkpoint(stage_dir, require)
 
     def _save(self) -> None:
         if self.is_main:

@@ -458,9 +458,9 @@ class RailsConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> RailsConfig:
-        import yaml
+        from ..pipeline.recipe import safe_yaml_load
 
-        data = yaml.safe_load(text)
+        data = safe_yaml_load(text, what="the rails YAML")  # size and alias expansion capped, as for a recipe
         if data is not None and not isinstance(data, dict):
             raise ValueError(f"rails YAML must be a mapping, got {type(data).__name__}")
         return cls.from_dict(data)

@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RejectionSamplingConfig:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        import yaml
+        from ..pipeline.recipe import safe_yaml_load  # size and alias expansion capped, as for a recipe
 
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        loaded = safe_yaml_load(Path(args.config).read_text(), what=f"--config={args.config!r}") or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"--config={args.config!r} must hold a mapping of RejectionSamplingConfig fields")
         names = {f.name for f in dataclasses.fields(RejectionSamplingConfig)}
@@ -53,8 +53,10 @@ def config_from_args(args: argparse.Namespace) -> RejectionSamplingConfig:
     if isinstance(reward, str) and reward.strip().startswith(("[", "{")):  # --reward '[{name: format}, math]'
         import yaml
 
+        from ..pipeline.recipe import safe_yaml_load
+
         try:
-            values["reward"] = yaml.safe_load(reward)
+            values["reward"] = safe_yaml_load(reward, what="--reward")
         except yaml.YAMLError as err:
             raise ValueError(f"--reward={reward!r} is not valid YAML/JSON: {err}") from None
     return RejectionSamplingConfig(**values)

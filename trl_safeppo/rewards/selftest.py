@@ -214,8 +214,11 @@ def check_rewards(
     if processes > 0:
         import multiprocessing
 
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        from ..dotted import install_listed_folders, listed_folders
+
+        ctx = multiprocessing.get_context("spawn")  # the workers find the recipe's modules as this process does
+        with ProcessPoolExecutor(processes, mp_context=ctx, initializer=install_listed_folders,
+                                 initargs=(listed_folders(),)) as pool:
             futures = [pool.submit(_score_chunk, checker, rows[lo:hi], gold[lo:hi]) for lo, hi in _chunks(n, processes)]
             deterministic_processes = _same(reference, _merge([f.result() for f in futures]))
 
@@ -266,15 +269,17 @@ def load_reward_spec(value: str) -> Any:
     """A spec from the command line: a YAML/JSON file (its ``reward`` key if it is a recipe), inline YAML, or a name."""
     import yaml
 
+    from ..pipeline.recipe import safe_yaml_load  # size and alias expansion capped, as for `run`
+
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_yaml_load(f.read(), what=value)
         if isinstance(data, Mapping) and "reward" in data:
             _import_recipe_modules(value, data.get("imports") or [])
             return data["reward"]
         return data
     try:
-        data = yaml.safe_load(value)
+        data = safe_yaml_load(value, what="--reward")
     except yaml.YAMLError as err:
         raise ValueError(f"--reward {value!r} is neither a file, a rule name nor valid YAML: {err}") from None
     return data
@@ -288,7 +293,7 @@ def _import_recipe_modules(recipe_path: str, modules: list) -> None:
     from ..dotted import add_search_folders, check_module_name, import_listed
 
     folders = list(dict.fromkeys([Path(recipe_path).resolve().parent, Path.cwd().resolve()]))
-    add_search_folders(folders)
+    add_search_folders(folders, modules)
     for j, module in enumerate(modules):
         check_module_name(module, where=f"{recipe_path}: imports[{j}]")
         import_listed(module, modules, folders, where=f"{recipe_path}: imports[{j}]")

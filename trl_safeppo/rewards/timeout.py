@@ -105,6 +105,9 @@ def _serve(func: Callable, conn) -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):  # pragma: no cover
             pass
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:  # the parent died before the prctl: nobody to serve
+            os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if "torch" in sys.modules:  # as DataLoader workers do: a forked OpenMP pool must not be reused
         sys.modules["torch"].set_num_threads(1)
@@ -123,11 +126,29 @@ def _serve(func: Callable, conn) -> None:
             conn.send(("error", type(err).__name__, f"its scores could not be sent back: {err}", "", False))
 
 
+def _serve_spawned(payload: bytes, conn, folders: dict) -> None:
+    """Spawned worker: find the recipe's modules (``imports:``) as the parent does, then unpickle the function."""
+    import pickle
+
+    from ..dotted import install_listed_folders
+
+    install_listed_folders(folders)
+    _serve(pickle.loads(payload), conn)
+
+
 class _Worker:
     def __init__(self, func: Callable, method: str):
         ctx = multiprocessing.get_context(method)
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(func, child), daemon=True, name="reward-worker")
+        if method == "fork":
+            target, args = _serve, (func, child)
+        else:
+            import pickle
+
+            from ..dotted import listed_folders
+
+            target, args = _serve_spawned, (pickle.dumps(func), child, listed_folders())
+        self.process = ctx.Process(target=target, args=args, daemon=True, name="reward-worker")
         try:
             self.process.start()
         finally:
@@ -210,6 +231,9 @@ class TimedReward:
         log_metric, log_extra = kwargs.get("log_metric"), kwargs.get("log_extra")
         with self._lock:
             scores, calls, timed_out = self._run(prompts, completions, completion_ids, kwargs)
+        if not timed_out and completions is not None and len(scores) != n:
+            raise RewardRuleError(f"reward function {self.__name__!r} returned {len(scores)} scores for {n} "
+                                  "completions; return one score (or None) per completion, in order")
         for kind, key, value in calls:  # replay what the function logged, in order
             hook = log_metric if kind == "metric" else log_extra
             if callable(hook):
@@ -305,6 +329,14 @@ class TimedReward:
             self._silent_run += 1
         else:
             self._silent_run = 0
+
+
+def close_workers(reward_funcs: Any) -> None:
+    """Stop the worker process of every `TimedReward` in ``reward_funcs`` (one or a list): training ended, and a
+    forked worker keeps a copy of the trainer's memory as it was at the fork. A later call starts a new one."""
+    for func in reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]:
+        if isinstance(func, TimedReward):
+            func.close()
 
 
 def _missing(score: Any) -> bool:

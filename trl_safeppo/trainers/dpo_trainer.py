@@ -18,7 +18,7 @@ from trl import DPOTrainer
 from ..fileio import write_json
 from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
 from .dpo_config import SafeDPOConfig
-from .rails_mixin import checkpoint_folder, resume_folder
+from .rails_mixin import checkpoint_folder, mark_checkpoints_complete, resume_folder
 from .tripwires import add_tripwires
 
 DPO_STATE_FILE = "safe_dpo_state.json"
@@ -77,6 +77,7 @@ class SafeDPOTrainer(DPOTrainer):
         )
         add_tripwires(self, args)
         self.add_callback(DPOStateCallback(self))
+        mark_checkpoints_complete(self)  # last of our on_save callbacks
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -100,6 +101,10 @@ class SafeDPOTrainer(DPOTrainer):
                 beta = json.load(f).get("beta")
             if isinstance(beta, (int, float)) and math.isfinite(beta):
                 self.beta = float(beta)  # a beta raised by a tripwire survives the resume
+        if folder is not None:
+            from .tripwires import load_tripwire_state
+
+            load_tripwire_state(self, folder)  # back on the tripwire ladder where the checkpoint left it
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 

@@ -12,7 +12,7 @@ from trl import GRPOTrainer
 from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
 from ..rewards.timeout import DEFAULT_TIMEOUT_S, with_timeouts
 from .grpo_config import SafeGRPOConfig
-from .rails_mixin import SafeRailsMixin, TrainerRails
+from .rails_mixin import SafeRailsMixin, TrainerRails, mark_checkpoints_complete
 from .tripwires import add_tripwires
 
 
@@ -51,3 +51,4 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
         )
         rails.start(self)
         add_tripwires(self, args, rails)
+        mark_checkpoints_complete(self)  # last of our on_save callbacks

@@ -39,7 +39,7 @@ from .critic import check_critic, load_critic, prepare_critic
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
 from . import sharding
-from .rails_mixin import SafeRailsMixin, TrainerRails, checkpoint_folder
+from .rails_mixin import SafeRailsMixin, TrainerRails, checkpoint_folder, mark_checkpoints_complete
 from .scaling import check_fp16_master_weights, critic_optimizer_step
 from .tripwires import add_tripwires
 
@@ -133,6 +133,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         self.critic_lr_scheduler = None
         self.critic_resume_folder: str | None = None  # the checkpoint whose critic scheduler create_scheduler loads
         self.add_callback(CriticCheckpointCallback(self))
+        mark_checkpoints_complete(self)  # last of our on_save callbacks
         # minibatches of the current rollout, and the micro-steps served from it (_prepare_inputs)
         self._ppo_minibatches: list[dict] = []
         self._ppo_steps = 0

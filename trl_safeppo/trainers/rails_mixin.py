@@ -172,6 +172,36 @@ class RailsCheckpointCallback(TrainerCallback):
         return control
 
 
+class CheckpointStateCallback(TrainerCallback):
+    """The last of a trainer's own ``on_save`` callbacks: writes the tripwire ladder's state, then
+    ``trl_safeppo_state.json``, which says that every file of this package's state is in the checkpoint.
+
+    ``trainer_state.json`` is written before any ``on_save`` callback runs, so it cannot tell a checkpoint killed
+    before the rails, the critic or the ladder were written from a whole one; the recipe runner resumes only from a
+    checkpoint with this marker (``pipeline/checkpoints.py``). Add it with :func:`mark_checkpoints_complete`, after
+    the trainer's other callbacks.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        from ..fileio import write_json
+        from ..pipeline.checkpoints import STATE_MARKER
+        from .tripwires import save_tripwire_state
+
+        folder = checkpoint_folder(args, state)
+        save_tripwire_state(self.trainer, folder)
+        if args.should_save:
+            write_json(os.path.join(folder, STATE_MARKER), {"global_step": state.global_step, "complete": True})
+        return control
+
+
+def mark_checkpoints_complete(trainer) -> None:
+    """Add :class:`CheckpointStateCallback` (call at the end of a trainer's ``__init__``)."""
+    trainer.add_callback(CheckpointStateCallback(trainer))
+
+
 class SafeRailsMixin:
     """GRPOTrainer overrides that route through ``self.rails_wiring`` (a :class:`TrainerRails`).
 
@@ -204,10 +234,17 @@ class SafeRailsMixin:
         return loss
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        from ..rewards.timeout import close_workers
+        from .tripwires import load_tripwire_state
+
         folder = resume_folder(self.args, resume_from_checkpoint)
         if folder is not None:
             self.load_checkpoint_state(folder)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+            load_tripwire_state(self, folder)  # after the rails: the ladder's beta is the one in force
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:  # the reward functions' worker processes end with training, also when it raises
+            close_workers(getattr(self, "reward_funcs", None) or [])
 
     def load_checkpoint_state(self, folder: str) -> None:
         """What this package adds to a checkpoint folder, read back before the Trainer resumes from it."""

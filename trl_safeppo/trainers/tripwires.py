@@ -48,6 +48,7 @@ TRIPWIRES_FILE = "tripwires.jsonl"
 SNAPSHOT_FILE = "snapshot.pt"
 LAST_GOOD_DIR = "tripwire-last-good"
 CANDIDATE_DIR = "tripwire-candidate"
+STATE_FILE = "tripwire_state.json"  # in each checkpoint: the ladder's position, beta and the beta the stage began with
 
 TRIPWIRE_HELP = {
     "tripwires": "Tripwires of this stage: a list of `{detector, action, params}`. `detector` is one of the rails' "
@@ -332,8 +333,13 @@ class TripwireCallback(TrainerCallback):
             return
         os.makedirs(self.output_dir, exist_ok=True)
         line = json.dumps(event, allow_nan=False, default=str) + "\n"
-        with open(self.events_path, "a", encoding="utf-8") as f:
-            f.write(line)
+        with open(self.events_path, "ab") as f:  # an append-only log (each event is one line, the readers skip a
+            if f.tell() > 0:                     # torn last line); a line left without its newline by a kill is
+                with open(self.events_path, "rb") as r:  # closed first, so the next event is not glued to it
+                    r.seek(-1, os.SEEK_END)
+                    if r.read(1) != b"\n":
+                        f.write(b"\n")
+            f.write(line.encode("utf-8"))
             f.flush()
 
     def _snapshot(self, step: int, *, good: bool = False) -> None:
@@ -362,6 +368,24 @@ class TripwireCallback(TrainerCallback):
         # The records logged after the snapshot belong to the abandoned trajectory.
         self.history = [h for h in self.history if h.get("step", -1) <= step]
         return step
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs to stay on the ladder: rollbacks taken, beta now and the beta the stage began with
+        (``max_beta``'s default is 16 x that one, not 16 x a raised beta)."""
+        return {"ladder": dict(self.ladder), "beta": float(getattr(self.trainer, "beta", 0.0) or 0.0),
+                "initial_beta": self.initial_beta, "n_clean": self.n_clean}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ladder, beta, initial = state.get("ladder"), state.get("beta"), state.get("initial_beta")
+        if isinstance(ladder, Mapping) and isinstance(ladder.get("rollbacks"), int):
+            self.ladder = {**self.ladder, "rollbacks": int(ladder["rollbacks"])}
+        if isinstance(initial, (int, float)) and math.isfinite(initial):
+            self.initial_beta = float(initial)
+        if isinstance(beta, (int, float)) and math.isfinite(beta) and hasattr(self.trainer, "beta"):
+            _set_beta(self.trainer, float(beta))
+        if isinstance(state.get("n_clean"), int):
+            self.n_clean = int(state["n_clean"])
 
     # ------------------------------------------------------------------ callback
     def on_train_begin(self, args, state, control, **kwargs):
@@ -461,6 +485,31 @@ def effective_tripwires(args, wiring=None) -> list:
         return parse_tripwires(args.tripwires)
     rails = getattr(wiring, "rails", None)
     return list(getattr(rails, "tripwires", None) or [])
+
+
+def save_tripwire_state(trainer, checkpoint: str) -> None:
+    """Write the tripwire callback's state into a checkpoint folder (main process; nothing without tripwires)."""
+    callback = getattr(trainer, "tripwire_callback", None)
+    if callback is not None and trainer.args.should_save:
+        from ..fileio import write_json
+
+        write_json(os.path.join(checkpoint, STATE_FILE), callback.state_dict())  # creates the folder if need be
+
+
+def load_tripwire_state(trainer, checkpoint: str | None) -> None:
+    """On resume: back on the ladder where the checkpoint left it (a raised beta, rollbacks already taken)."""
+    callback = getattr(trainer, "tripwire_callback", None)
+    path = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
+    if callback is None or path is None or not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); the checkpoint is damaged: resume from an earlier one or "
+                         "delete this one") from None
+    if isinstance(state, Mapping):
+        callback.load_state_dict(state)
 
 
 def add_tripwires(trainer, args, wiring=None) -> TripwireCallback | None:
