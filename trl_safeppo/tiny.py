@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
