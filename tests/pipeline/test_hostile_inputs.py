@@ -490,6 +490,22 @@ def test_incomplete_checkpoints_are_set_aside_and_the_newest_complete_one_is_cho
     assert [p.name for p in stage.glob("checkpoint-*")] == ["checkpoint-2"]
 
 
+def test_an_rl_checkpoint_without_the_packages_state_marker_is_incomplete(tmp_path):
+    # trainer_state.json comes before the on_save callbacks that add the rails, critic and ladder state; a kill in
+    # between leaves no trl_safeppo_state.json, and a PPO / GRPO / DPO stage must not resume from it
+    from trl_safeppo.pipeline.checkpoints import STATE_MARKER, last_complete_checkpoint, set_aside_incomplete
+
+    stage = tmp_path / "stages" / "02-grpo"
+    _checkpoint(stage / "checkpoint-2", 2)
+    (stage / "checkpoint-2" / STATE_MARKER).write_text('{"complete": true}')
+    _checkpoint(stage / "checkpoint-4", 4)  # killed after trainer_state.json, before the package's state
+    assert last_complete_checkpoint(stage) == str(stage / "checkpoint-4")  # an SFT stage needs no marker
+    assert last_complete_checkpoint(stage, (STATE_MARKER,)) == str(stage / "checkpoint-2")
+    notes = set_aside_incomplete(stage, (STATE_MARKER,))
+    assert [n.split(": moved to")[0] for n in notes] == [
+        f"checkpoint-4 is incomplete (no {STATE_MARKER} (killed while the trainer added its own state))"]
+
+
 def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path, capsys):
     from trl_safeppo.pipeline.runner import run_recipe
 

@@ -250,24 +250,29 @@ def test_resume_keeps_the_ladder_position(tmp_path, tiny_debug_path):
     assert "tripwire_max_rollbacks=1" in d5["escalation"]
 
 
-def test_checkpoint_state_is_written_before_trainer_state_json(tmp_path, tiny_debug_path, monkeypatch):
-    # trainer_state.json marks a checkpoint complete (pipeline/checkpoints.py): a kill right after it must not
-    # leave a "complete" checkpoint without the rails' and the ladder's state, so those are on disk before it.
-    from transformers import TrainerState
+def test_checkpoint_state_marker_is_written_after_all_of_the_packages_state(tmp_path, tiny_debug_path, monkeypatch):
+    # trainer_state.json is written before the on_save callbacks that add the rails' and the ladder's state, so it
+    # cannot mark a checkpoint complete; trl_safeppo_state.json does (pipeline/checkpoints.py): when it is written,
+    # everything else is on disk already.
+    from trl_safeppo import fileio
+    from trl_safeppo.pipeline.checkpoints import STATE_MARKER
 
     present: list[set] = []
-    original = TrainerState.save_to_json
+    original = fileio.write_json
 
-    def spy(self, json_path):
-        present.append(set(os.listdir(os.path.dirname(json_path))))
-        return original(self, json_path)
+    def spy(path, obj, **kwargs):
+        if os.path.basename(path) == STATE_MARKER:
+            present.append(set(os.listdir(os.path.dirname(path))))
+        return original(path, obj, **kwargs)
 
-    monkeypatch.setattr(TrainerState, "save_to_json", spy)
+    monkeypatch.setattr(fileio, "write_json", spy)
     tripwires = [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 1e3}}]
     trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=1, save_strategy="steps",
                           save_steps=1, rails={"normalize": {"enabled": True}})
     trainer.train()
-    assert len(present) == 1 and {"tripwire_state.json", "safe_rails_state.pt"} <= present[0], present
+    assert len(present) == 1, present
+    assert {"trainer_state.json", "tripwire_state.json", "safe_rails_state.pt"} <= present[0], present
+    assert STATE_MARKER in os.listdir(tmp_path / "checkpoint-1")
 
 
 def test_an_event_line_torn_by_a_kill_does_not_swallow_the_next(tmp_path):

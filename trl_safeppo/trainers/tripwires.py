@@ -382,7 +382,11 @@ class TripwireCallback(TrainerCallback):
             self.ladder = {**self.ladder, "rollbacks": int(ladder["rollbacks"])}
         if isinstance(initial, (int, float)) and math.isfinite(initial):
             self.initial_beta = float(initial)
-        if isinstance(beta, (int, float)) and math.isfinite(beta) and hasattr(self.trainer, "beta"):
+        # beta's owner is the KL controller when there is one (its state is in the rails' checkpoint file); the
+        # ladder's copy restores a raised beta only where nothing else keeps it (GRPO / PPO without a controller)
+        controller = getattr(getattr(self.trainer, "rails_wiring", None), "kl_controller", None)
+        finite = isinstance(beta, (int, float)) and math.isfinite(beta)
+        if controller is None and finite and hasattr(self.trainer, "beta"):
             _set_beta(self.trainer, float(beta))
         if isinstance(state.get("n_clean"), int):
             self.n_clean = int(state["n_clean"])
