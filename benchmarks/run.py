@@ -15,6 +15,7 @@ BENCHMARKS = {
     "reward_hacking": "length-exploitable reward: plain GRPO vs rails (goal: rails hold length within 1.2x)",
     "kl_control": "fixed vs adaptive KL coefficient (goal: KL within 0.5x-1.5x of target after warm-up)",
     "scaling": "seconds per step as batch size and completion length double",
+    "stage_ablation": "the demo chain with each stage removed in turn, 3 seeds: final accuracy, format, length, KL",
 }
 
 
