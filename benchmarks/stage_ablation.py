@@ -123,30 +123,41 @@ def cap_steps(stages: list[dict], steps: int | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 def run_cli(recipe: str, overrides: list[str], threads: int) -> float:
-    """``python -m trl_safeppo run`` in a fresh process; returns its wall seconds."""
+    """``python -m trl_safeppo run`` in a fresh process; returns its wall seconds. A run that a gate stopped (exit 1
+    with a manifest) is a result, not an error: :func:`last_policy` reads where it stopped."""
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": str(threads)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "trl_safeppo", "run", recipe, *overrides]
     print("  $ " + " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and "gate " not in proc.stdout:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
         raise RuntimeError(f"run failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
     return time.perf_counter() - t0
 
 
 def finals(run_dir: Path) -> dict[str, dict]:
-    """Stage name -> manifest entry of a finished run (each with ``outputs.final.path``)."""
+    """Stage name -> manifest entry of a run (each finished one with ``outputs.final.path``)."""
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    if manifest.get("status") != "completed":
-        raise RuntimeError(f"{run_dir}: the run did not complete (status {manifest.get('status')!r})")
     return {s["name"]: s for s in manifest["stages"]}
 
 
-def last_policy(entries: dict[str, dict], stages: list[dict]) -> str:
-    trained = [stage_name(s) for s in stages if s["type"] in TRAINING]
-    return entries[trained[-1]]["outputs"]["final"]["path"]
+def finished(entry: dict | None) -> bool:
+    return bool(entry) and entry.get("status") in ("completed", "stopped")
+
+
+def last_policy(entries: dict[str, dict], stages: list[dict]) -> tuple[str | None, str | None]:
+    """``(policy, gated)``: the last training stage's model, or, when a gate stopped the run, the model before the
+    gated stage (what the runner keeps) and that stage's name."""
+    policy = None
+    for stage in stages:
+        entry = entries.get(stage_name(stage))
+        if not finished(entry):
+            return policy, stage_name(stage)
+        if stage["type"] in TRAINING:
+            policy = entry["outputs"]["final"]["path"]
+    return policy, None
 
 
 def kl_to_reference(policy: str, reference: str, prompts: list, *, samples: int, max_new_tokens: int,
@@ -222,26 +233,31 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     out: dict = {"full_run": str(full_dir), "sft_model": sft_model, "variants": {}}
     import yaml
 
+    from trl_safeppo.fileio import write_text
+
     for variant in args.variants:
         prefix, rest = plan_variant(stages, VARIANTS[variant])
         if variant == "full":
-            policy = last_policy(entries, stages)
+            policy, gated = last_policy(entries, stages)
+        elif not finished(entries.get(prefix)):
+            print(f"seed {seed}: {variant} not run: the full chain stopped before {prefix}", flush=True)
+            out["variants"][variant] = {"start": prefix, "stages": [], "not_run": f"full chain stopped before {prefix}"}
+            continue
         elif not rest:
-            policy = entries[prefix]["outputs"]["final"]["path"]
+            policy, gated = entries[prefix]["outputs"]["final"]["path"], None
         else:
             vdir = base / variant.replace(" ", "_").lower()
             vtree = {**tree, "model": entries[prefix]["outputs"]["final"]["path"], "stages": rest,
                      "output_dir": str(vdir)}
             vdir.mkdir(parents=True, exist_ok=True)
             recipe = vdir / "recipe.yaml"
-            from trl_safeppo.fileio import write_text
-
             write_text(recipe, yaml.safe_dump(vtree, sort_keys=False))
             print(f"seed {seed}: {variant} from {prefix}, stages {[stage_name(s) for s in rest]}", flush=True)
             walls[variant] = run_cli(str(recipe), [], args.threads)
-            policy = last_policy(finals(vdir), rest)
+            policy, gated = last_policy(finals(vdir), rest)
+            policy = policy or entries[prefix]["outputs"]["final"]["path"]  # gated at its first stage
         out["variants"][variant] = {"start": prefix or "-", "stages": [stage_name(s) for s in rest],
-                                    **score(policy, sft_model, tree, args, seed)}
+                                    "gated": gated, **score(policy, sft_model, tree, args, seed)}
     out["sft"] = score(sft_model, sft_model, tree, args, seed)
     out["wall_seconds"] = walls
     return out
@@ -253,9 +269,15 @@ def table(results: dict[int, dict], variants: list[str]) -> list[tuple[str, ...]
     seeds = sorted(results)
 
     def cell(key: str, variant: str | None, fmt: str) -> str:
-        vals = [(results[s]["sft"] if variant is None else results[s]["variants"][variant])[key] for s in seeds]
-        mean = sum(vals) / len(vals)
-        return f"{mean:{fmt}} ({' / '.join(f'{v:{fmt}}' for v in vals)})"
+        runs = [results[s]["sft"] if variant is None else results[s]["variants"].get(variant, {}) for s in seeds]
+        vals = [r.get(key) for r in runs]
+        known = [v for v in vals if v is not None]
+        if not known:
+            return "not run"
+        mean = sum(known) / len(known)
+        each = " / ".join("-" if v is None else f"{v:{fmt}}" + (" (gated)" if r.get("gated") else "")
+                          for v, r in zip(vals, runs))
+        return f"{mean:{fmt}} ({each})"
 
     rows = [("SFT warm start", cell("accuracy", None, ".3f"), cell("format_pass_rate", None, ".2f"),
              cell("mean_length", None, ".1f"), "0")]
@@ -288,8 +310,11 @@ def plot(results: dict[int, dict], variants: list[str], args: argparse.Namespace
     colors = ["tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red"]
     for ax, (key, label) in zip(axes, panels):
         for i, name in enumerate(names):
-            vals = [(results[s]["sft"] if name == "SFT" else results[s]["variants"][name])[key] for s in seeds]
-            vals = [0.0 if (key == "kl_to_sft" and name == "SFT") else v for v in vals]
+            vals = [(results[s]["sft"] if name == "SFT" else results[s]["variants"].get(name, {})).get(key)
+                    for s in seeds]
+            vals = [0.0 if (key == "kl_to_sft" and name == "SFT") else v for v in vals if v is not None]
+            if not vals:
+                continue
             ax.bar(i, sum(vals) / len(vals), color=colors[i % len(colors)], alpha=0.75)
             ax.plot([i] * len(vals), vals, "k.", ms=6)
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)

@@ -341,3 +341,27 @@ def test_stage_ablation_defaults_and_seed_shorthand(tmp_path):
     assert parse_args(["--seed", "4"]).seeds == [4]
     # one seed may name its full run without a template
     assert parse_args(["--seed", "1", "--full-run-dir", str(tmp_path)]).full_run_dir == str(tmp_path)
+
+
+def test_stage_ablation_table_means_over_seeds_and_marks_gated_runs(tmp_path):
+    import argparse
+
+    from benchmarks.stage_ablation import markdown, plot, table
+
+    def scored(acc, gated=None):
+        return {"accuracy": acc, "format_pass_rate": 1.0, "mean_length": 19.0, "kl_to_sft": 2.0, "gated": gated}
+
+    results = {
+        0: {"sft": scored(0.8), "variants": {"full": scored(0.9), "no PPO": scored(0.7, gated="grpo")}},
+        1: {"sft": scored(0.6), "variants": {"full": scored(0.8), "no PPO": {"not_run": "stopped"}}},
+    }
+    rows = table(results, ["full", "no PPO"])
+    # SFT: (0.8 + 0.6) / 2 = 0.7; full: (0.9 + 0.8) / 2 = 0.85; no PPO: seed 1 not run, so the mean of seed 0 alone
+    assert rows[0][:2] == ("SFT warm start", "0.700 (0.800 / 0.600)")
+    assert rows[1][:2] == ("full", "0.850 (0.900 / 0.800)")
+    assert rows[2][1] == "0.700 (0.700 (gated) / -)"
+    md = markdown(rows, [0, 1])
+    assert md.count("\n|") == 4 and "seeds 0, 1" in md  # header, rule, three rows
+    fig = plot(results, ["full", "no PPO"], argparse.Namespace(recipe="recipes/demo.yaml"))
+    fig.savefig(tmp_path / "ablation.png")
+    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
