@@ -309,6 +309,7 @@ def plot(results: dict[int, dict], variants: list[str], args: argparse.Namespace
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
     colors = ["tab:grey", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red"]
     for ax, (key, label) in zip(axes, panels):
+        shown = []
         for i, name in enumerate(names):
             vals = [(results[s]["sft"] if name == "SFT" else results[s]["variants"].get(name, {})).get(key)
                     for s in seeds]
@@ -317,6 +318,9 @@ def plot(results: dict[int, dict], variants: list[str], args: argparse.Namespace
                 continue
             ax.bar(i, sum(vals) / len(vals), color=colors[i % len(colors)], alpha=0.75)
             ax.plot([i] * len(vals), vals, "k.", ms=6)
+            shown += vals
+        if key == "accuracy" and shown:  # the differences are a few points: zoom in
+            ax.set_ylim(max(0.0, min(shown) - 0.1), min(1.0, max(shown) + 0.05))
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
