@@ -23,10 +23,12 @@ def test_demo_recipe_end_to_end(tmp_path, capsys):
     by_name = {s["name"]: s for s in m["stages"]}
     acc = {name: by_name[name]["eval"]["accuracy"] for name in ("sft", "ppo", "grpo", "sft-rs", "dpo", "final-eval")}
     fmt = {name: by_name[name]["eval"]["format_pass_rate"] for name in ("sft", "ppo")}
-    # The lines of issue 22 this recipe meets on seeds 0-2 (docs/embedded_default.md, "The demo chain, three
-    # seeds"): SFT answers the `Add` phrasing in plain text (format-pass ~0.58); PPO moves it to the tagged format
-    # (measured 0.99-1.0); no later stage ends more than 0.02 below the one before (2 of 100 prompts); DPO stays
-    # close to its reference; the final eval on all 300 held-out prompts is at least 0.80.
+    # The lines of issue 22 this recipe meets on the default seed 0 (docs/embedded_default.md, "The demo chain,
+    # three seeds": 0.89 / 0.86 / 0.87 / 0.86 / 0.85, final 0.853, DPO kl 0.020): SFT answers the `Add` phrasing
+    # in plain text (format-pass 0.58); PPO moves it to the tagged format (1.00); no later stage ends more than 0.02
+    # below the one before (2 of 100 prompts); DPO stays close to its reference; the final eval on all 300
+    # held-out prompts is at least 0.80. (PPO's +0.10 over SFT is met on seed 1 only, and seed 1's GRPO ends 0.10
+    # below its PPO: the measured gaps, explained there.)
     assert fmt["sft"] <= 0.7 and fmt["ppo"] >= 0.95, fmt
     for before, after in (("ppo", "grpo"), ("grpo", "sft-rs"), ("sft-rs", "dpo")):
         assert acc[after] >= acc[before] - 0.02 - 1e-9, (before, after, acc)
