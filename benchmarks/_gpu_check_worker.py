@@ -56,7 +56,7 @@ def main(cfg: dict) -> None:
         output_dir=tempfile.mkdtemp(prefix=f"gpu_check-{cfg['case']}-"), max_steps=steps, logging_steps=1,
         report_to=[], save_strategy="no", seed=cfg["seed"], disable_tqdm=True, use_cpu=not cuda,
         bf16=cfg["precision"] == "bf16", fp16=cfg["precision"] == "fp16", learning_rate=1e-6,
-        gradient_checkpointing=False, per_device_train_batch_size=batch,
+        activation_checkpointing=False, per_device_train_batch_size=batch,
     )
     model = cfg["model"]
     if cfg["trainer"] == "ppo":

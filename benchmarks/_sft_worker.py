@@ -33,6 +33,8 @@ def main(config: dict) -> None:
                     output_dir=tmp,
                     learning_rate=settings["learning_rate"],
                     lr_scheduler_type=settings["lr_scheduler_type"],
+                    lr_scheduler_kwargs=settings["lr_scheduler_kwargs"],
+                    activation_checkpointing=False,  # as the demo recipe: a tiny model needs no recomputation
                     warmup_steps=settings["warmup_steps"],
                     num_train_epochs=settings["num_train_epochs"],
                     per_device_train_batch_size=settings["per_device_train_batch_size"],
@@ -67,6 +69,7 @@ def sft_settings(config: dict | None = None) -> dict:
         "bf16": cuda,
         "learning_rate": float(D["sft_learning_rate"]),
         "lr_scheduler_type": str(D.get("sft_lr_scheduler_type", "linear")),
+        "lr_scheduler_kwargs": dict(D.get("sft_lr_scheduler_kwargs", {})),
         "warmup_steps": D.get("sft_warmup_steps", 0),
         "num_train_epochs": float((config or {}).get("epochs", D["sft_num_train_epochs"])),
         "per_device_train_batch_size": int(D["sft_per_device_train_batch_size"]),

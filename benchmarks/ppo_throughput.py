@@ -76,7 +76,7 @@ def _run(kind: str, opts: dict) -> dict:
         output_dir=os.path.join(opts["out"], kind), per_device_train_batch_size=opts["batch"],
         num_generations=opts["num_generations"], max_completion_length=opts["max_completion_length"],
         max_steps=opts["steps"], num_iterations=opts["num_iterations"], steps_per_generation=1, learning_rate=1e-5, beta=opts["beta"],
-        logging_steps=1, report_to=[], save_strategy="no", gradient_checkpointing=False, disable_tqdm=True, seed=0,
+        logging_steps=1, report_to=[], save_strategy="no", activation_checkpointing=False, disable_tqdm=True, seed=0,
         bf16=cuda, use_cpu=not cuda, disable_dropout=True, loss_type="bnpo",
     )
     model = resolve_model_path(opts["model"])

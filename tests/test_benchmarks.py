@@ -261,3 +261,105 @@ def test_probe_kl_reads_what_grpo_samples(tmp_path, tiny_debug_path):
     grpo = trainer._metrics["train"]["kl/exact"][-1]
     probe, _ = probe_kl(trainer, [row["prompt"] for row in batch], seed=5)
     assert grpo > 1e-4 and probe == pytest.approx(grpo, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage_ablation: argument handling and the plan of each variant (no training)
+_CHAIN = [{"type": "sft"}, {"type": "ppo"}, {"type": "grpo"}, {"type": "rejection_sampling"},
+          {"type": "sft", "name": "sft-rs"}, {"type": "dpo"}, {"type": "eval", "name": "final-eval"}]
+
+
+def _names(stages):
+    from benchmarks.stage_ablation import stage_name
+
+    return [stage_name(s) for s in stages]
+
+
+@pytest.mark.parametrize(
+    "removed, start, rerun",
+    [
+        # a variant starts after the last training stage before the removed one and reruns the rest without it
+        ("ppo", "sft", ["grpo", "rejection_sampling", "sft-rs", "dpo"]),
+        ("grpo", "ppo", ["rejection_sampling", "sft-rs", "dpo"]),
+        # rejection sampling is not training: no RS-SFT starts from GRPO and reruns it, for DPO's pairs
+        ("sft-rs", "grpo", ["rejection_sampling", "dpo"]),
+        # the last training stage: the full chain's model before it, nothing to rerun
+        ("dpo", "sft-rs", []),
+    ],
+)
+def test_stage_ablation_plans_each_variant_from_the_shared_prefix(removed, start, rerun):
+    from benchmarks.stage_ablation import plan_variant
+
+    prefix, rest = plan_variant(_CHAIN, removed)
+    assert prefix == start and _names(rest) == rerun  # eval stages are dropped: the benchmark scores the policy
+
+
+def test_stage_ablation_full_chain_reruns_nothing_and_first_stage_cannot_go():
+    from benchmarks.stage_ablation import plan_variant
+
+    assert plan_variant(_CHAIN, None) == (None, [])
+    with pytest.raises(SystemExit, match="first training stage"):
+        plan_variant(_CHAIN, "sft")
+    with pytest.raises(SystemExit, match="no stage named 'kto'"):
+        plan_variant(_CHAIN, "kto")
+
+
+def test_stage_ablation_caps_every_training_stage():
+    from benchmarks.stage_ablation import cap_steps
+
+    # 5 training stages of 7 (rejection sampling and eval do not train)
+    assert cap_steps(_CHAIN, 2) == [f"stages.{n}.args.max_steps=2" for n in ("sft", "ppo", "grpo", "sft-rs", "dpo")]
+    assert cap_steps(_CHAIN, None) == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variants", "full", "no KTO"], "--variants: unknown 'no KTO'"),
+        (["--seeds", "0", "0"], "--seeds=[0, 0]: a seed is repeated"),
+        (["--steps", "0"], "--steps=0: must be >= 1"),
+        (["--kl-samples", "0"], "--kl-samples=0: must be >= 1"),
+        (["--seeds", "0", "1", "--full-run-dir", "runs/demo"], "several seeds need a template with {seed}"),
+        (["--recipe", "no/such.yaml"], "--recipe='no/such.yaml': no such file"),
+    ],
+)
+def test_stage_ablation_refuses_bad_arguments_before_running(argv, message):
+    from benchmarks.stage_ablation import parse_args
+
+    with pytest.raises(SystemExit) as err:
+        parse_args(argv)
+    assert message in str(err.value)
+
+
+def test_stage_ablation_defaults_and_seed_shorthand(tmp_path):
+    from benchmarks.stage_ablation import VARIANTS, parse_args
+
+    args = parse_args([])
+    assert args.seeds == [0, 1, 2] and args.variants == list(VARIANTS) and args.steps is None
+    assert parse_args(["--seed", "4"]).seeds == [4]
+    # one seed may name its full run without a template
+    assert parse_args(["--seed", "1", "--full-run-dir", str(tmp_path)]).full_run_dir == str(tmp_path)
+
+
+def test_stage_ablation_table_means_over_seeds_and_marks_gated_runs(tmp_path):
+    import argparse
+
+    from benchmarks.stage_ablation import markdown, plot, table
+
+    def scored(acc, gated=None):
+        return {"accuracy": acc, "format_pass_rate": 1.0, "mean_length": 19.0, "kl_to_sft": 2.0, "gated": gated}
+
+    results = {
+        0: {"sft": scored(0.8), "variants": {"full": scored(0.9), "no PPO": scored(0.7, gated="grpo")}},
+        1: {"sft": scored(0.6), "variants": {"full": scored(0.8), "no PPO": {"not_run": "stopped"}}},
+    }
+    rows = table(results, ["full", "no PPO"])
+    # SFT: (0.8 + 0.6) / 2 = 0.7; full: (0.9 + 0.8) / 2 = 0.85; no PPO: seed 1 not run, so the mean of seed 0 alone
+    assert rows[0][:2] == ("SFT warm start", "0.700 (0.800 / 0.600)")
+    assert rows[1][:2] == ("full", "0.850 (0.900 / 0.800)")
+    assert rows[2][1] == "0.700 (0.700 (gated) / -)"
+    md = markdown(rows, [0, 1])
+    assert md.count("\n|") == 4 and "seeds 0, 1" in md  # header, rule, three rows
+    fig = plot(results, ["full", "no PPO"], argparse.Namespace(recipe="recipes/demo.yaml"))
+    fig.savefig(tmp_path / "ablation.png")
+    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
