@@ -53,7 +53,9 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
     short = {k: demo[k] for k in ("name", "model", "seed", "scale_with_world_size")}
     short["output_dir"] = "unused"
     short["stages"] = [{**sft, "dataset": {"path": "task://arithmetic/sft", "n": 1920},
-                        "args": {**sft["args"], "num_train_epochs": 1, "logging_steps": 10, "save_steps": 1000}}]
+                        "args": {**sft["args"], "num_train_epochs": 1, "logging_steps": 10, "save_steps": 1000,
+                                 # the demo decays over its last 150 of 723 steps; 60 steps here: a constant rate
+                                 "lr_scheduler_type": "constant_with_warmup", "lr_scheduler_kwargs": {}}}]
     path = tmp_path / "short.yaml"
     path.write_text(yaml.safe_dump(short))
     run(str(path), tmp_path / "one", processes=1)
