@@ -21,9 +21,10 @@ import struct
 import time
 from pathlib import Path
 
+from ..trainers.rails_mixin import STATE_MARKER  # noqa: F401  (re-exported; the trainers write it and own the name)
+
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 INCOMPLETE_DIR = "incomplete"
-STATE_MARKER = "trl_safeppo_state.json"  # trainers/rails_mixin.CheckpointStateCallback writes it last
 
 
 def _safetensors_problem(path: Path) -> str | None:

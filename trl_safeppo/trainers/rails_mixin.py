@@ -25,6 +25,7 @@ from .reward_rails import RewardStage
 from .trust_region import KLTrustRegion
 
 RAILS_STATE_FILE = "safe_rails_state.pt"
+STATE_MARKER = "trl_safeppo_state.json"  # written last into a checkpoint: all of this package's state is there
 STATE_VERSION = 2
 
 
@@ -187,7 +188,6 @@ class CheckpointStateCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         from ..fileio import write_json
-        from ..pipeline.checkpoints import STATE_MARKER
         from .tripwires import save_tripwire_state
 
         folder = checkpoint_folder(args, state)
