@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..safe_yaml import safe_yaml_load  # size and alias expansion capped, as for a recipe
 from .tripwires import TripwireSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -458,8 +459,6 @@ class RailsConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> RailsConfig:
-        from ..pipeline.recipe import safe_yaml_load
-
         data = safe_yaml_load(text, what="the rails YAML")  # size and alias expansion capped, as for a recipe
         if data is not None and not isinstance(data, dict):
             raise ValueError(f"rails YAML must be a mapping, got {type(data).__name__}")

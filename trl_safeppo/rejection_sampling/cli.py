@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..safe_yaml import safe_yaml_load  # size and alias expansion capped, as for a recipe
 from .config import RejectionSamplingConfig
 from .run import run_rejection_sampling
 
@@ -35,8 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> RejectionSamplingConfig:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        from ..pipeline.recipe import safe_yaml_load  # size and alias expansion capped, as for a recipe
-
         loaded = safe_yaml_load(Path(args.config).read_text(), what=f"--config={args.config!r}") or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"--config={args.config!r} must hold a mapping of RejectionSamplingConfig fields")
@@ -52,8 +51,6 @@ def config_from_args(args: argparse.Namespace) -> RejectionSamplingConfig:
     reward = values.get("reward")
     if isinstance(reward, str) and reward.strip().startswith(("[", "{")):  # --reward '[{name: format}, math]'
         import yaml
-
-        from ..pipeline.recipe import safe_yaml_load
 
         try:
             values["reward"] = safe_yaml_load(reward, what="--reward")
