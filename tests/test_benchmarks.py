@@ -108,13 +108,9 @@ def test_length_exploit_reward_by_hand():
         ("kl_control", ["--target", "0"], "--target=0"),
         ("kl_control", ["--deadband", "-0.5"], "--deadband=-0.5"),
         ("kl_control", ["--adam-beta1", "1"], "--adam-beta1=1.0"),
-        ("kl_control", ["--max-kl", "0.4"], "--max-kl=0.4: must be >= --target=0.5"),
         ("kl_control", ["--probe", "1"], "--probe=1: use 0 (off) or at least 2 prompts"),
-        ("kl_control", ["--measure-exact"], "--measure-exact: needs --measure-before-update"),
-        ("kl_control", ["--max-kl", "0.65", "--max-kl-backtracks", "-1"], "--max-kl-backtracks=-1"),
-        ("kl_control", ["--pull-back-above", "0"], "--pull-back-above=0.0: must be > 0"),
-        ("kl_control", ["--pull-back-to", "0.5"], "--pull-back-to=0.5: needs --pull-back-above"),
-        ("kl_control", ["--pull-back-above", "0.6", "--pull-back-to", "0.7"], "must be in (0, --pull-back-above]"),
+        # the trust region's flag went with rails.kl.max_kl (docs/benchmarks.md section 5)
+        ("kl_control", ["--max-kl", "0.65"], "unrecognized arguments: --max-kl 0.65"),
         # argparse: "argument --lr-scheduler: invalid choice: 'cosine' (choose from linear, constant)"; the quoting
         # of the choices differs between Python versions
         ("kl_control", ["--lr-scheduler", "cosine"], "argument --lr-scheduler: invalid choice"),
