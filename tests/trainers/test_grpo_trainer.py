@@ -193,6 +193,15 @@ def test_kl_before_the_update_costs_one_forward_per_batch_and_none_with_a_fixed_
     assert calls["fixed", True] == calls["fixed", False]
 
 
+def test_kl_before_the_update_refuses_an_image_batch_naming_the_setting():
+    # the extra forward of measure_before_update feeds text only; a vision-language batch is refused before it runs
+    from trl_safeppo.trainers.kl_control import policy_logps
+
+    batch = {"pixel_values": torch.zeros(1, 3, 2, 2), "prompt_ids": torch.ones(1, 2, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"rails\.kl\.measure_before_update .* this batch has \['pixel_values'\]"):
+        policy_logps(None, batch)
+
+
 @pytest.mark.parametrize("config", ["grpo", "ppo"])
 @pytest.mark.parametrize(
     ("kl", "named"),

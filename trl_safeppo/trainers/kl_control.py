@@ -30,37 +30,27 @@ def kl_mask(batch: dict):
     return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
 
 
-def _require_text_only(batch: dict, setting: str) -> None:
-    extra = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
-                   if batch.get(k) is not None)
-    if extra:
-        raise ValueError(
-            f"rails.kl.{setting} measures the KL of text-only batches, but this batch has {extra}; switch "
-            f"rails.kl.{setting} off for a vision-language model"
-        )
-
-
-def _sequences(batch: dict):
-    import torch
-
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    return input_ids, attention_mask, batch["completion_ids"].shape[1]
-
-
-def policy_logps(trainer, batch: dict, setting: str):
+def policy_logps(trainer, batch: dict):
     """`(B, T)` log-probabilities of a GRPO batch's completion tokens under the current policy: one forward without
     gradient through GRPO's own `_get_per_token_logps_and_entropies` (chunked by `per_device_train_batch_size`).
-    Text-only: a batch with image inputs raises a ValueError naming `rails.kl.<setting>`."""
+    Text-only: a batch with image inputs raises a ValueError naming `rails.kl.measure_before_update`."""
     import torch
 
     from ..models import activation_checkpointing_off
 
-    _require_text_only(batch, setting)
-    input_ids, attention_mask, n = _sequences(batch)
+    images = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+                    if batch.get(k) is not None)
+    if images:
+        raise ValueError(
+            f"rails.kl.measure_before_update measures the KL of text-only batches, but this batch has {images}; "
+            "switch rails.kl.measure_before_update off for a vision-language model"
+        )
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     with torch.no_grad(), activation_checkpointing_off(trainer.model, trainer.args.gradient_checkpointing_kwargs):
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, input_ids, attention_mask, n, batch_size=trainer.args.per_device_train_batch_size,
+            trainer.model, input_ids, attention_mask, batch["completion_ids"].shape[1],
+            batch_size=trainer.args.per_device_train_batch_size,
         )
     return logps
 
@@ -164,7 +154,7 @@ class KLControl:
         mask = kl_mask(output)
         logps = output.get("old_per_token_logps")
         if logps is None:
-            logps = policy_logps(trainer, output, "measure_before_update")
+            logps = policy_logps(trainer, output)
         kl = kl_per_token(logps.float(), output["ref_per_token_logps"].float(), "k3", mask)
         totals = torch.stack([kl.sum(), mask.sum().to(kl.dtype), torch.tensor(float(len(mask)), device=kl.device)])
         kl_sum, n_tokens, n_samples = trainer.accelerator.reduce(totals, reduction="sum").tolist()
