@@ -145,6 +145,30 @@ def test_rails_settings_of_the_benchmarks_are_valid_configs():
     assert len(everything.tripwires) == len(ALL_RAILS["tripwires"]) == 7
 
 
+def test_kl_control_runs_pass_valid_rails_configs(monkeypatch):
+    # kl_control builds its rails dicts from the flags; a removed or renamed rails.kl field must fail here, not after
+    # minutes of SFT: stop the benchmark where it would start the runs and parse what it would pass
+    import benchmarks.kl_control as kl_control
+    from trl_safeppo.rails import RailsConfig
+
+    seen = {}
+
+    def stop(configs, repeats):
+        seen.update(configs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(kl_control, "sft_warm_start", lambda cli: cli.model)
+    monkeypatch.setattr(kl_control, "interleaved", stop)
+    with pytest.raises(SystemExit):
+        kl_control.main(["--steps", "8", "--hold-until-target", "--deadband", "0.5", "--proportional", "2",
+                         "--measure-before-update", "--min-coef", "0.04"])
+    assert sorted(seen) == ["adaptive", "fixed"]
+    adaptive = RailsConfig.from_dict(seen["adaptive"][1]["rails"]).kl
+    assert (adaptive.controller, adaptive.target, adaptive.proportional, adaptive.measure_before_update) == (
+        "adaptive", 0.5, 2.0, True)
+    assert RailsConfig.from_dict(seen["fixed"][1]["rails"]).kl.controller == "fixed"
+
+
 def test_sft_warm_start_keeps_a_real_model_id():
     import argparse
 
