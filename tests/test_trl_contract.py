@@ -48,7 +48,7 @@ def require(condition: bool, surface: str, used_by: str) -> None:
         (GRPOTrainer, "_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"],
          MIXIN),
         (GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"], MIXIN + " and " + PPO),
-        (GRPOTrainer, "_prepare_inputs", ["self", "generation_batch"], MIXIN + " and " + PPO),
+        (GRPOTrainer, "_prepare_inputs", ["self", "generation_batch"], PPO),
         (GRPOTrainer, "compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"], PPO),
         (GRPOTrainer, "training_step", ["self", "model", "inputs", "num_items_in_batch"], MIXIN + " and " + PPO),
         (Trainer, "train", ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"], MIXIN + " and " + DPO),
