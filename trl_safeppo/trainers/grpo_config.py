@@ -91,20 +91,6 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
                     f"rails.kl.estimator={kl.estimator!r}: GRPO's KL term is its own k3 estimator; set "
                     "rails.kl.estimator to null or 'k3' for a GRPO stage"
                 )
-            beta = kl.init_kl_coef if kl.init_kl_coef is not None else self.beta
-            for name in ("max_kl", "pull_back_above"):
-                if getattr(kl, name) is not None and not beta > 0:
-                    raise ValueError(
-                        f"rails.kl.{name}={getattr(kl, name)!r} bounds the KL to the reference model, but the KL "
-                        f"coefficient is {beta!r}, so GRPO loads no reference model; set rails.kl.init_kl_coef (or "
-                        f"beta) > 0, or rails.kl.{name} to null"
-                    )
-            if kl.pull_back_above is not None and self.sync_ref_model:
-                raise ValueError(
-                    f"rails.kl.pull_back_above={kl.pull_back_above!r} pulls the policy back towards the reference "
-                    "while sync_ref_model=True moves the reference towards the policy; set sync_ref_model to False, "
-                    "or rails.kl.pull_back_above to null"
-                )
         validate_tripwire_fields(self)
         validate_reward_timeout(self)
 

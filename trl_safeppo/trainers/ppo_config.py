@@ -313,25 +313,6 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
             # JSON-serializable (TrainingArguments.to_json_string, loggers, checkpoints).
             self.rails_config = RailsConfig.from_any(self.rails)
             self.rails = self.rails_config.to_dict()
-            kl = self.rails_config.kl
-            if kl.measure_exact:
-                raise bad(
-                    "rails.kl.measure_exact", True,
-                    "the exact-KL measurement runs in GRPO stages only (PPO's controller reads the rollout's KL per "
-                    "sequence from its own log-probabilities); set it to false",
-                )
-            if kl.max_kl is not None:
-                raise bad(
-                    "rails.kl.max_kl", kl.max_kl,
-                    "the KL trust region runs in GRPO stages only (PPO's KL is a per-token reward, its updates are "
-                    "clipped by the PPO ratio); set it to null here and bound PPO's KL with a `kl_limit` tripwire",
-                )
-            if kl.pull_back_above is not None:
-                raise bad(
-                    "rails.kl.pull_back_above", kl.pull_back_above,
-                    "the KL pull-back runs in GRPO stages only; set it to null here and bound PPO's KL with a "
-                    "`kl_limit` tripwire (action raise_kl or rollback)",
-                )
 
 
 # The tripwire fields share their help text with SafeGRPOConfig; the docstring is a literal (so it is __doc__) and

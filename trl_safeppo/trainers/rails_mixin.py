@@ -1,10 +1,10 @@
 """The rails of one GRPO-based trainer (SafeGRPOTrainer, SafePPOTrainer): what they hold, and the hooks that run them.
 
 - :class:`TrainerRails` (``trainer.rails_wiring``) is built once from the parsed ``rails`` config
-  (``args.rails_config``) and holds the three pieces, each the one owner of its state:
-  ``rewards`` (:class:`~.reward_rails.RewardStage`: the reward rails on GRPO's rewards), ``kl``
-  (:class:`~.kl_control.KLControl`: the KL controller and ``beta``) and ``trust_region``
-  (:class:`~.trust_region.KLTrustRegion` or ``None``). It checkpoints them in one file, ``safe_rails_state.pt``.
+  (``args.rails_config``) and holds the two pieces, each the one owner of its state:
+  ``rewards`` (:class:`~.reward_rails.RewardStage`: the reward rails on GRPO's rewards) and ``kl``
+  (:class:`~.kl_control.KLControl`: the KL controller and ``beta``). It checkpoints them in one file,
+  ``safe_rails_state.pt``.
 - :class:`SafeRailsMixin` holds the GRPOTrainer overrides that call them (``class X(SafeRailsMixin,
   GRPOTrainer)``). With no rails configured every override is a pass-through: training is exactly GRPOTrainer's.
 
@@ -22,7 +22,6 @@ from transformers import TrainerCallback
 from ..fileio import atomic_path
 from .kl_control import KLControl
 from .reward_rails import RewardStage
-from .trust_region import KLTrustRegion
 
 RAILS_STATE_FILE = "safe_rails_state.pt"
 STATE_MARKER = "trl_safeppo_state.json"  # written last into a checkpoint: all of this package's state is there
@@ -64,13 +63,11 @@ def upgrade_state(state: dict) -> dict:
 
 
 class TrainerRails:
-    """Reward rails, KL control and trust region of one trainer (see the module docstring)."""
+    """Reward rails and KL control of one trainer (see the module docstring)."""
 
-    def __init__(self, rewards: RewardStage | None = None, kl: KLControl | None = None,
-                 trust_region: KLTrustRegion | None = None):
+    def __init__(self, rewards: RewardStage | None = None, kl: KLControl | None = None):
         self.rewards = rewards or RewardStage()
         self.kl = kl or KLControl()
-        self.trust_region = trust_region
         self.trainer = None
 
     @classmethod
@@ -85,8 +82,7 @@ class TrainerRails:
             controller = FixedKLController(args.beta) if ppo and args.beta > 0 else None
             return cls(kl=KLControl.build(None, controller, ppo=ppo))
         rails = RewardRails(config, default_kl_coef=args.beta)
-        return cls(RewardStage(rails), KLControl.build(config, rails.kl_controller, ppo=ppo),
-                   KLTrustRegion.from_config(config.kl))
+        return cls(RewardStage(rails), KLControl.build(config, rails.kl_controller, ppo=ppo))
 
     # the pieces tests and users look at
     @property
@@ -126,8 +122,6 @@ class TrainerRails:
         self.trainer = trainer
         self.rewards.start(trainer)
         self.kl.start(trainer)
-        if self.trust_region is not None:
-            self.trust_region.start(trainer)
         if self.active:
             trainer.add_callback(RailsCheckpointCallback(self))
 
@@ -210,13 +204,6 @@ class SafeRailsMixin:
     """
 
     rails_wiring: TrainerRails | None = None
-
-    def _prepare_inputs(self, generation_batch):
-        inputs = super()._prepare_inputs(generation_batch)
-        region = self.rails_wiring.trust_region
-        if region is not None and self.model.training:
-            region.batches.append(inputs)  # the micro-batches of the coming optimizer step
-        return inputs
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
