@@ -60,8 +60,7 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
         critic_gradient_checkpointing (`bool` or `None`, *optional*, defaults to `None`):
             Recompute the critic's activations in its backward pass; `None` follows `gradient_checkpointing`. Off
             suits a critic much smaller than the policy: one critic forward less per update.
-        vf_coef (`float`, *optional*, defaults to `0.1`):
-            Weight of the value loss in the total loss (TRL PPOTrainer).
+        vf_coef (`float`, *optional*, defaults to `0.1`): weight of the value loss in the total loss (TRL PPOTrainer).
         cliprange_value (`float`, *optional*, defaults to `0.2`):
             Clip range of the clipped value loss around the rollout-time values (TRL PPOTrainer; Huang et al. 2024).
         critic_warmup_steps (`int`, *optional*, defaults to `0`):
@@ -73,8 +72,7 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
         lam (`float`, *optional*, defaults to `0.95`): GAE lambda (Schulman et al. 2016; TRL PPOTrainer).
         whiten_advantages (`bool`, *optional*, defaults to `True`):
             Whiten advantages over the response tokens of the whole rollout batch (all processes).
-        whiten_rewards (`bool`, *optional*, defaults to `False`):
-            Whiten the per-token rewards before GAE (TRL PPOTrainer option, off by default).
+        whiten_rewards (`bool`, *optional*, defaults to `False`): whiten the per-token rewards before GAE (TRL option).
 
         > Tripwires (as in SafeGRPOConfig; `raise_kl` and `rollback` act on the PPO KL controller)
 {tripwire_params}
@@ -95,56 +93,38 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
 
     # --- GRPO fields with PPO defaults
     learning_rate: float = field(default=3e-6, metadata={"help": "Policy learning rate (TRL PPOTrainer: 3e-6)."})
-    beta: float = field(
-        default=0.05,
-        metadata={"help": "Initial KL coefficient of the per-token KL penalty in the reward (TRL PPOTrainer: 0.05); "
-                          "0.0 disables the penalty and loads no reference model."},
-    )
+    beta: float = field(default=0.05, metadata={"help": "Initial KL coefficient in the reward; 0: no penalty."})
     num_generations: int | None = field(default=1, metadata={"help": "Completions per prompt; 1 is classic PPO."})
     num_iterations: int = field(default=4, metadata={"help": "PPO epochs per rollout batch (TRL PPOTrainer: 4)."})
     loss_type: str = field(
-        default="bnpo",
-        metadata={"help": "Token aggregation of the PPO clipped surrogate: 'bnpo' (mean over the minibatch's tokens, "
-                          "as TRL's PPOTrainer), 'dapo', 'grpo' or 'dr_grpo'."},
+        default="bnpo", metadata={"help": "Token aggregation of the PPO loss: 'bnpo', 'dapo', 'grpo' or 'dr_grpo'."}
     )
-    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout, so the KL and the ratio are exact."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Dropout off, so the KL and the ratio are exact."})
 
     # --- KL penalty in the reward
     kl_estimator: str = field(
-        default="k1",
-        metadata={"help": "Per-token KL estimator in the reward and the logged `kl`: 'k1', 'k2' or 'k3'; "
-                          "rails.kl.estimator, when set, wins."},
+        default="k1", metadata={"help": "Per-token KL estimator: 'k1', 'k2' or 'k3' (rails.kl.estimator wins)."}
     )
     rails: Any = field(
-        default=None,
-        metadata={"help": "Reward rails and KL controller (a RailsConfig or its to_dict() form; adaptive KL: "
-                          "{'kl': {'controller': 'adaptive', 'target': 6.0}}); None: no reward rail, fixed beta."},
+        default=None, metadata={"help": "Reward rails and KL controller: a RailsConfig or its dict (docs/rails.md)."}
     )
 
     # --- Critic
     critic_model_path: str | None = field(
-        default=None,
-        metadata={"help": "Critic start: None (the policy's trunk + a fresh head), 'reward_model' (the first "
-                          "sequence-classification reward model), or a path / tiny:// id / Hub id."},
+        default=None, metadata={"help": "Critic start: None (policy's trunk), 'reward_model', or a model path / id."}
     )
-    critic_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the critic's own optimizer; None uses learning_rate."}
-    )
+    critic_learning_rate: float | None = field(default=None, metadata={"help": "Critic learning rate; None: policy's."})
     critic_gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Recompute the critic's activations; None follows gradient_checkpointing."}
     )
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss (TRL PPOTrainer: 0.1)."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value loss (TRL PPOTrainer: 0.2)."})
-    critic_warmup_steps: int = field(
-        default=0, metadata={"help": "Optimizer steps at the start during which only the critic learns."}
-    )
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value loss (TRL PPOTrainer)."})
+    critic_warmup_steps: int = field(default=0, metadata={"help": "First optimizer steps that train only the critic."})
 
     # --- Advantages
     gamma: float = field(default=1.0, metadata={"help": "GAE discount (Ziegler et al. 2019; TRL PPOTrainer: 1.0)."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda (Schulman et al. 2016; TRL PPOTrainer: 0.95)."})
-    whiten_advantages: bool = field(
-        default=True, metadata={"help": "Whiten advantages over the response tokens of the whole rollout batch."}
-    )
+    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over the rollout's tokens."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE (TRL option)."})
 
     def __post_init__(self) -> None:
