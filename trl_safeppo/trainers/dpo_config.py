@@ -37,12 +37,7 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
 
     # Chosen-likelihood guard
     chosen_nll_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of an NLL term on the chosen completion added to the DPO loss (TRL's `sft` loss type "
-            "appended to `loss_type`), which keeps the chosen log-probability from collapsing while the margin grows "
-            "(RPO, Pang et al. 2024, https://huggingface.co/papers/2404.19733, use 1.0). 0 disables it."
-        },
+        default=0.0, metadata={"help": "Weight of an NLL term on the chosen completion (RPO uses 1.0); 0: off."}
     )
 
     def __post_init__(self):

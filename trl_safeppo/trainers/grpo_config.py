@@ -69,13 +69,7 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
 
     # Rails
     rails: dict | Any | None = field(
-        default=None,
-        metadata={
-            "help": "The rails of this stage, in the format of `trl_safeppo.RailsConfig.from_dict` (the YAML `rails:` "
-            "block): reward rails in declared order and the KL controller. With an adaptive KL controller, its "
-            "`init_kl_coef` replaces `beta` and its `min_coef` must be > 0 (GRPO loads no reference model when "
-            "`beta == 0`). `None` disables all rails."
-        },
+        default=None, metadata={"help": "Reward rails and KL controller: a RailsConfig or its dict (docs/rails.md)."}
     )
 
     def __post_init__(self):
