@@ -8,11 +8,7 @@ from typing import Any
 from trl import GRPOConfig
 
 from .tripwires import (
-    TRIPWIRE_HELP,
-    RewardTimeoutFields,
-    TripwireFields,
-    validate_reward_timeout,
-    validate_tripwire_fields,
+    TRIPWIRE_HELP, RewardTimeoutFields, TripwireFields, validate_reward_timeout, validate_tripwire_fields,
 )
 
 

@@ -11,11 +11,7 @@ from trl import GRPOConfig
 from ..rails.kl import KL_ESTIMATORS
 from .grpo_config import TRIPWIRE_PARAMS
 from .tripwires import (
-    TRIPWIRE_HELP,
-    RewardTimeoutFields,
-    TripwireFields,
-    validate_reward_timeout,
-    validate_tripwire_fields,
+    TRIPWIRE_HELP, RewardTimeoutFields, TripwireFields, validate_reward_timeout, validate_tripwire_fields,
 )
 
 # GRPO loss formulations that are the PPO clipped surrogate with a different token aggregation.

@@ -271,14 +271,13 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         logps, self._ppo_captured_logps = self._ppo_captured_logps, None
 
         # Value loss, clipped around the rollout-time values (TRL PPOTrainer; Huang et al. 2024, detail 9)
-        mask = inputs["ppo_mask"]
-        maskf = mask.float()
+        maskf = inputs["ppo_mask"]  # float32, 0 outside the tokens that train (_ppo_rollout)
         completion_ids = inputs["completion_ids"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         vpred = self._critic_values(input_ids, attention_mask, completion_ids.size(1))
         vf_loss, vf_clipfrac = clipped_value_loss(
-            vpred, inputs["ppo_values"].float(), inputs["ppo_returns"].float(), mask, self.args.cliprange_value
+            vpred, inputs["ppo_values"].float(), inputs["ppo_returns"].float(), maskf, self.args.cliprange_value
         )
 
         # Every ppo/* figure of this micro-batch as a token-weighted mean over all processes: sums over response
