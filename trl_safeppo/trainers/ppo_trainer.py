@@ -186,10 +186,11 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         ref_g = gather_bt(ref_logps) if ref_logps is not None else None
         targets = self._rollout_targets(mode, gather_bt(mask), gather_bt(old_logps), ref_g, values_g)
         rows = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
-        # in float32: advantages, values and returns stay in full precision under bf16 autocast
-        for key, x in [("advantages", targets.advantages), ("ppo_values", values_g), ("ppo_returns", targets.returns),
-                       ("ppo_mask", targets.mask)]:
-            output[key] = x[rows, :t_local].float()
+        # float32: advantages, values and returns stay in full precision under bf16 autocast
+        output["advantages"] = targets.advantages[rows, :t_local].float()
+        output["ppo_values"] = values_g[rows, :t_local].float()
+        output["ppo_returns"] = targets.returns[rows, :t_local].float()
+        output["ppo_mask"] = targets.mask[rows, :t_local].float()
         return output
 
     # ================================================================== 2. Targets: score, KL, GAE, whitening
@@ -203,7 +204,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         score = self.rails_wiring.rewards.last_rewards.to(mask_g.device)
         unscorable, filled = ~torch.isfinite(score), mask_g.sum(dim=1) > 0
         scored = ~unscorable & filled
-        feed_kl = mode == "train" and ref_g is not None and bool(filled.any())  # the controller learns from training
+        feed_kl = mode == "train" and ref_g is not None and bool(filled.any())  # training rollouts move beta
 
         # KL coefficient: rails.kl.measure_before_update lets this rollout's KL set the beta of its own penalty
         if feed_kl and kl.before_update:
