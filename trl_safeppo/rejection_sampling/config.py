@@ -75,8 +75,8 @@ class RejectionSamplingConfig:
         max_new_tokens (`int`, *optional*, defaults to `256`):
             Longest completion, in tokens; longer ones are cut and marked `truncated`.
         seed (`int`, *optional*, defaults to `0`):
-            Base seed. Each chunk of prompts draws from its own seed derived from `seed` and the chunk index, so a
-            resumed run reproduces an uninterrupted one.
+            Base seed; chunk `i` of prompts draws from a seed derived from `seed` and `i`, so a resumed run
+            reproduces an uninterrupted one.
         batch_size (`int`, *optional*, defaults to `8`):
             Prompts per generation batch; also the unit of resume (one file in `parts/` per batch).
         use_vllm (`bool`, *optional*, defaults to `False`):
@@ -113,8 +113,8 @@ class RejectionSamplingConfig:
         pass_rate_band (`tuple[float, float]`, *optional*, defaults to `(0.0, 1.0)`):
             Open interval (low, high) of per-prompt pass rates kept by `selection="pass_rate_band"`.
         dedup (`str`, *optional*, defaults to `"normalized"`):
-            Drop repeated completions of the same prompt: `exact` text matches, `normalized` also catches case and
-            whitespace variants, `none` keeps them.
+            Drop repeated completions of a prompt: `exact` text, `normalized` (also case, width and whitespace
+            variants), or `none`.
         max_per_prompt (`int` or `None`, *optional*, defaults to `None`):
             Keep at most this many completions per prompt (the highest scores); `None` for no cap.
         decontaminate (`str`, `list` or `None`, *optional*, defaults to `None`):

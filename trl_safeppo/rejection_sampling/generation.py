@@ -192,17 +192,10 @@ def _prompt_text(tokenizer, prompt: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring
-def score_completions(
-    scorer: Scorer, prompts: list, completions: list, completion_ids: list, columns: dict[str, list]
-) -> list[dict]:
-    """Score flat lists of completions. Returns per completion ``{"score", "passed", "rewards"}``.
-
-    The checker is called with TRL's signature (``prompts=, completions=, completion_ids=, **columns``).
-    ``rewards`` is its per-rule breakdown (plus ``reward_model``). ``score`` is the checker's total plus
-    ``reward_model_weight`` times the reward model's first logit, leaving out a missing (None) part like GRPO's
-    nansum; None when every part is missing. ``passed`` is the checker's pass criterion (total >= its
-    pass_threshold), or, with a reward model only, "the score exists".
-    """
+def score_completions(scorer: Scorer, prompts: list, completions: list, completion_ids: list,
+                      columns: dict[str, list]) -> list[dict]:
+    """Per completion ``{"score", "passed", "rewards"}``: the checker called with TRL's reward signature, plus the
+    weighted reward model, a missing (None) part left out like GRPO's nansum (docs/rejection_sampling.md, Scores)."""
     n = len(completions)
     totals, passed, breakdown = [None] * n, [None] * n, [{} for _ in range(n)]
     if scorer.checker is not None:
