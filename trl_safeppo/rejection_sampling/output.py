@@ -167,10 +167,8 @@ train_dataset = load_from_disk("{{this directory}}/sft")   # or sft.jsonl; score
 # The run
 def hash_rows(rows: list[dict]) -> str:
     """Content hash of the prompt rows a run samples (prompts and every other column, in order)."""
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
-    return digest.hexdigest()[:16]
+    blob = "".join(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False) for row in rows)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def check_output_dir(config: RejectionSamplingConfig, prompts_hash: str) -> tuple[Path, str]:
@@ -207,12 +205,11 @@ def check_output_dir(config: RejectionSamplingConfig, prompts_hash: str) -> tupl
 def init_output_dir(out: Path, status: str, config: RejectionSamplingConfig, prompts_hash: str) -> None:
     """Main process only: remove the replaced run's files (only ours), then write run.json and parts/."""
     if status == "replace":
-        for name in OUTPUT_LAYOUT:  # only our own files
-            target = out / name
+        for target in (out / name for name in OUTPUT_LAYOUT):  # only our own files
             if target.is_dir():
                 shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+            else:
+                target.unlink(missing_ok=True)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     if status != "resume":
         payload = {"fingerprint": config.fingerprint(prompts_hash), "prompts_hash": prompts_hash,
