@@ -132,9 +132,7 @@ class TripwireFields:
 
     tripwires: list[dict] | None = field(default=None, metadata={"help": TRIPWIRE_HELP["tripwires"]})
     tripwire_raise_kl_factor: float = field(default=2.0, metadata={"help": TRIPWIRE_HELP["raise_kl_factor"]})
-    tripwire_rollback_beta_factor: float = field(
-        default=2.0, metadata={"help": TRIPWIRE_HELP["rollback_beta_factor"]}
-    )
+    tripwire_rollback_beta_factor: float = field(default=2.0, metadata={"help": TRIPWIRE_HELP["rollback_beta_factor"]})
     tripwire_rollback_lr_factor: float = field(default=0.5, metadata={"help": TRIPWIRE_HELP["rollback_lr_factor"]})
     tripwire_max_rollbacks: int = field(default=2, metadata={"help": TRIPWIRE_HELP["max_rollbacks"]})
     tripwire_snapshot_every: int = field(default=1, metadata={"help": TRIPWIRE_HELP["snapshot_every"]})
