@@ -30,11 +30,10 @@ STATE_FILE = "tripwire_state.json"  # in each checkpoint: the ladder's position,
 
 TRIPWIRE_HELP = {
     "tripwires": "Tripwires of this stage: a list of `{detector, action, params}`. `detector` is one of the rails' "
-    "detectors (`kl_limit`, `kl_acceleration`, `non_finite`, `length_hacking`, `format_gaming`, "
-    "`entropy_collapse`, `length_collapse`, `length_explosion`, `silent_reward`, `reward_timeout`), `action` one of "
-    "`warn`, `raise_kl`, `rollback`, `stop`, `params` the detector's thresholds. Events go to "
-    "`<output_dir>/tripwires.jsonl`. `None`: the `tripwires` of the `rails` block when rails are set (default there: "
-    "`non_finite` -> `stop`, `reward_timeout` and `silent_reward` -> `warn`), else none; `[]`: none.",
+    f"detectors ({', '.join(f'`{d}`' for d in DETECTORS)}), `action` one of {', '.join(f'`{a}`' for a in ACTIONS)}, "
+    "`params` the detector's thresholds. Events go to `<output_dir>/tripwires.jsonl`. `None`: the `tripwires` of the "
+    "`rails` block when rails are set (default there: `non_finite` -> `stop`, `reward_timeout` and `silent_reward` -> "
+    "`warn`), else none; `[]`: none.",
     "raise_kl_factor": "`raise_kl` multiplies beta by this factor (> 1).",
     "rollback_beta_factor": "After a `rollback`, beta is multiplied by this factor (>= 1; 1 keeps beta).",
     "rollback_lr_factor": "After a `rollback`, the learning rate is multiplied by this factor (in (0, 1]).",
