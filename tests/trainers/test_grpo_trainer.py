@@ -63,10 +63,10 @@ def test_length_rail_shapes_the_reward_grpo_normalizes(tmp_path, tiny_debug_path
     rails = {"length": {"budget": 2, "penalty_per_token": 5.0}}
     trainer, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path, max_steps=1, rails=rails)
     wiring = trainer.rails_wiring
-    batch = wiring.last_batch
+    batch = wiring.rewards.last_batch
     # length_linear: r' = r - 5 * max(0, len - 2)
     expected = batch.rewards - 5.0 * (batch.lengths - 2).clamp(min=0).float()
-    torch.testing.assert_close(wiring.last_rewards.cpu(), expected)
+    torch.testing.assert_close(wiring.rewards.last_rewards.cpu(), expected)
     assert trainer.reward_func_names == ["char_length", "rails_adjustment"]
     log = logs[0]
     # GRPO's `reward` is the railed reward; the per-function metric keeps the raw score; the adjustment column
@@ -89,8 +89,8 @@ def test_length_rail_shapes_the_reward_grpo_normalizes(tmp_path, tiny_debug_path
 )
 def test_other_reward_rails_act_before_normalization(tmp_path, tiny_debug_path, rails, expected):
     trainer, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path, max_steps=1, rails=rails)
-    batch = trainer.rails_wiring.last_batch
-    torch.testing.assert_close(trainer.rails_wiring.last_rewards.cpu(), expected(batch))
+    batch = trainer.rails_wiring.rewards.last_batch
+    torch.testing.assert_close(trainer.rails_wiring.rewards.last_rewards.cpu(), expected(batch))
     assert not torch.equal(expected(batch), batch.rewards)  # the rail changed something on this batch
     assert logs[0]["reward"] == pytest.approx(expected(batch).mean().item(), rel=1e-5)
 
@@ -108,7 +108,7 @@ def test_non_finite_reward_is_guarded(tmp_path, tiny_debug_path):
     log = trainer.state.log_history[0]
     # 4 completions per process batch, row 0 of each is NaN -> 1 replaced by 0.0 (guard policy "value")
     assert log["rails/non_finite/count"] == 1.0
-    torch.testing.assert_close(trainer.rails_wiring.last_rewards.cpu(), torch.tensor([0.0, 2.0, 3.0, 4.0]))
+    torch.testing.assert_close(trainer.rails_wiring.rewards.last_rewards.cpu(), torch.tensor([0.0, 2.0, 3.0, 4.0]))
     assert log["loss"] == log["loss"]  # finite, not NaN
 
 
