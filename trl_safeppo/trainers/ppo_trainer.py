@@ -394,6 +394,10 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             path = os.path.join(self.critic_resume_folder or "", CRITIC_SCHEDULER_FILE)
             if self.critic_resume_folder is not None and os.path.exists(path):
                 self.critic_lr_scheduler.load_state_dict(torch.load(path, weights_only=False))
+                # building the scheduler reset the optimizer's rates to the schedule's start, and loading its
+                # state does not set them back: the critic continues at the checkpoint's rate
+                for group, lr in zip(self.critic_optimizer.param_groups, self.critic_lr_scheduler.get_last_lr()):
+                    group["lr"] = lr
         return scheduler
 
     # ------------------------------------------------------------------ checkpoints
