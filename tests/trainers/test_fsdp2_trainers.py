@@ -1,0 +1,94 @@
+"""The real SafePPOTrainer, SafeGRPOTrainer and SafeDPOTrainer under accelerate's FSDP2 path, 2 CPU processes (gloo),
+launched with the shipped recipes/accelerate/fsdp2.yaml (issue 20.1 / 20.5).
+
+accelerate refuses FSDP without a GPU (it keeps the MULTI_CPU distributed type and ignores ACCELERATE_USE_FSDP), so
+the worker applies the test harness `tests/trainers/_fsdp2_cpu.py`, which patches that one choice and nothing else:
+from there on it is accelerate's own FSDP2 preparation, clipping and checkpointing, transformers' Trainer and TRL.
+What the harness cannot show: NCCL, CUDA memory, mixed precision under FSDP2 (the CPU run is fp32)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.trainers._fsdp2_cpu import REPO, launch
+
+WORKER = REPO / "tests" / "trainers" / "_fsdp2_trainer_worker.py"
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())[:5]
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _ranks(out) -> list[dict]:
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@pytest.mark.distributed
+def test_safe_ppo_trainer_sharded_by_fsdp2_matches_one_process_resumes_and_saves(tmp_path, tiny_debug_path):
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    _check(subprocess.run([sys.executable, str(WORKER), "ppo", str(one)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=str(REPO)))
+    _check(launch([WORKER, "ppo", two]))
+    r0, r1 = _ranks(two)
+    (u,) = [json.loads((one / "rank0.json").read_text())]
+    assert u["world"] == 1 and u["distributed_type"] == "DistributedType.NO"
+    assert r0["world"] == 2 and r0["distributed_type"] == r1["distributed_type"] == "DistributedType.FSDP"
+
+    # (a) policy, critic and reference: every parameter a DTensor sharded on dim 0; each process holds its half (an
+    # odd first dimension leaves one row more on process 0, e.g. 35264 critic numbers -> 17648 + 17616). The Adam
+    # moments of the policy (the Trainer's optimizer) and of the critic (its own) are sharded the same way.
+    for name in ("policy", "critic"):
+        s0, s1 = r0[name], r1[name]
+        assert s0["all_dtensor"] and s1["all_dtensor"] and s0["placements"] == ["(Shard(dim=0),)"]
+        assert s0["full_numel"] == u[name]["full_numel"] and not u[name]["all_dtensor"]
+        assert s0["local_numel"] + s1["local_numel"] == s0["full_numel"]
+        assert 0.45 * s0["full_numel"] < s0["local_numel"] < 0.55 * s0["full_numel"]
+        assert s0["adam_all_dtensor"] and s0["adam_local_numel"] == s0["local_numel"]
+        assert s1["adam_all_dtensor"] and s1["adam_local_numel"] == s1["local_numel"]
+    assert r0["reference_all_dtensor"] and r1["reference_all_dtensor"]
+
+    # (b) 3 PPO steps (greedy rollouts of 4 prompts, 6 tokens each: the same rollouts in both runs) give the
+    # unsharded weights. Sharded, each process back-propagates 2 rows and FSDP averages the gradients in a
+    # reduce-scatter: the fp32 sums run in another order (~1e-7 relative), and Adam, dividing by sqrt(v), carries
+    # that into the step of weights whose gradient is tiny. Bound: 1e-4, against steps that move weights by ~lr x 3
+    # = 3e-3 (measured: 1.9e-6 policy, 6e-8 critic).
+    policy_1, critic_1 = torch.load(one / "policy.pt"), torch.load(one / "critic.pt")
+    policy_2, critic_2 = torch.load(two / "policy.pt"), torch.load(two / "critic.pt")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_debug_path).state_dict()
+    assert _max_diff(policy_1, {k: initial[k] for k in policy_1}) > 1e-3  # the policy moved
+    assert _max_diff(policy_2, policy_1) < 1e-4
+    assert _max_diff(critic_2, critic_1) < 1e-4
+    for h2, h1 in zip(r0["logs"], u["logs"], strict=True):  # the global gradient norms of both models agree
+        assert h2["grad_norm"] == pytest.approx(h1["grad_norm"], rel=1e-4)
+        assert h2["ppo/val/grad_norm"] == pytest.approx(h1["ppo/val/grad_norm"], rel=1e-4)
+
+    # (c) resume: a fresh trainer (sharded anew) resumed from checkpoint-2 takes step 3 exactly as the uninterrupted
+    # run did: policy, critic, both optimizers' sharded moments and both learning-rate schedules came back
+    assert r0["resumed_steps"] == 3 and r0["resumed_policy_sharded"] and r0["resumed_critic_sharded"]
+    assert _max_diff(torch.load(two / "resumed_policy.pt"), policy_2) == 0.0
+    assert _max_diff(torch.load(two / "resumed_critic.pt"), critic_2) == 0.0
+
+    # (d) ordinary checkpoints: final/ (save_model) and checkpoint-2/critic load with transformers alone and hold
+    # the full trained weights
+    final = AutoModelForCausalLM.from_pretrained(two / "final").state_dict()
+    assert _max_diff({k: final[k] for k in policy_2}, policy_2) == 0.0
+    critic_ckpt = AutoModelForSequenceClassification.from_pretrained(two / "run" / "checkpoint-2" / "critic",
+                                                                      num_labels=1).state_dict()
+    critic_at_2 = torch.load(two / "critic_step2.pt")
+    assert _max_diff({"model." + k: v for k, v in critic_ckpt.items()}, critic_at_2) == 0.0
