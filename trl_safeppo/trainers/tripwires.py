@@ -555,24 +555,34 @@ def save_snapshot(trainer, directory: str) -> str:
     """Save policy weights (those training can change, :func:`snapshot_state_dict`), optimizer state and rail state
     of ``trainer`` to ``directory/snapshot.pt``.
 
-    Works for single-process and DDP training (every rank holds the full weights); the main process writes and the
-    others wait. A trainer with more trained state than the policy (PPO's critic) adds it by defining
-    ``tripwire_state_dict()`` and ``load_tripwire_state_dict(state)``. Returns the file path.
+    Works for single-process and DDP training (every rank holds the full weights) and FSDP2 (every process joins the
+    gather of full tensors, :mod:`.sharding`); the main process writes and the others wait. A trainer with more
+    trained state than the policy (PPO's critic) adds it by defining ``tripwire_state_dict()`` (called on every
+    process: a collective when sharded; the main process's result is written) and
+    ``load_tripwire_state_dict(state)``. Returns the file path.
     """
     import torch
 
+    from . import sharding
+
     path = os.path.join(directory, SNAPSHOT_FILE)
     accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper holds it
+    sharded = sharding.is_sharded(model)
+    if sharded:  # FSDP2: collectives, the full tensors land on the main process
+        model_state = sharding.full_model_state(model)
+        optimizer_state = sharding.full_optimizer_state(model, optimizer) if optimizer is not None else None
+    # hook for trainers with more trained state than the policy (e.g. PPO's critic)
+    extra = trainer.tripwire_state_dict() if hasattr(trainer, "tripwire_state_dict") else None
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(trainer.model)
         state = {
             "step": int(trainer.state.global_step),
-            "model": snapshot_state_dict(model),
-            "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else None,
+            "model": model_state if sharded else snapshot_state_dict(model),
+            "optimizer": optimizer_state if sharded else (optimizer.state_dict() if optimizer is not None else None),
             "beta": float(getattr(trainer, "beta", math.nan)),
             "wiring": trainer.rails_wiring.state_dict() if getattr(trainer, "rails_wiring", None) else None,
-            # hook for trainers with more trained state than the policy (e.g. PPO's critic)
-            "extra": trainer.tripwire_state_dict() if hasattr(trainer, "tripwire_state_dict") else None,
+            "extra": extra,
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
@@ -588,12 +598,21 @@ def restore_snapshot(trainer, directory: str) -> int:
     """
     import torch
 
+    from . import sharding
+
     state = torch.load(os.path.join(directory, SNAPSHOT_FILE), map_location="cpu", weights_only=False)
-    load_snapshot_state_dict(trainer.accelerator.unwrap_model(trainer.model), state["model"])
-    if trainer.optimizer is not None and state["optimizer"] is not None:
-        current_lrs = [group["lr"] for group in trainer.optimizer.param_groups]
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        for group, lr in zip(trainer.optimizer.param_groups, current_lrs, strict=True):
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    optimizer_state = state["optimizer"] if optimizer is not None else None
+    current_lrs = [group["lr"] for group in optimizer.param_groups] if optimizer is not None else []
+    if sharding.is_sharded(model):  # FSDP2: every process puts the full tensors into its shards
+        sharding.load_full_state(model, state["model"], optimizer, optimizer_state)
+    else:
+        load_snapshot_state_dict(model, state["model"])
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+    if optimizer_state is not None:
+        for group, lr in zip(optimizer.param_groups, current_lrs, strict=True):
             group["lr"] = lr
     wiring = getattr(trainer, "rails_wiring", None)
     if wiring is not None and state.get("wiring") is not None:
