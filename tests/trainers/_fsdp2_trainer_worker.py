@@ -128,7 +128,105 @@ def ppo(out: str) -> None:
     write(out, rank, result, tensors)
 
 
+
+# ---------------------------------------------------------------------- GRPO and DPO: rails, tripwires, resume
+RAILS = {"kl": {"controller": "adaptive", "init_kl_coef": 0.05, "target": 0.01, "horizon": 8, "min_coef": 0.001},
+         "normalize": {"enabled": True}}
+# trips at every step whose KL is above 0 (all but the first): raise_kl doubles beta through the KL controller
+RAISE_KL = [{"detector": "kl_limit", "action": "raise_kl", "params": {"limit": 1e-9, "warn_fraction": 1.0}}]
+ROLLBACK = [{"detector": "kl_limit", "action": "rollback", "params": {"limit": 1e-9, "warn_fraction": 1.0}}]
+
+
+def rails_state(trainer) -> str:
+    """The rails' (GRPO: reward rails, KL controller), beta's and the tripwire ladder's state as one string."""
+    wiring = trainer.rails_wiring.state_dict() if getattr(trainer, "rails_wiring", None) is not None else None
+    ladder = trainer.tripwire_callback.state_dict()
+    return json.dumps({"wiring": wiring, "ladder": ladder, "beta": float(trainer.beta)}, sort_keys=True,
+                      default=repr)
+
+
+def train_resume_and_save(make, out: str, name: str, result: dict, tensors: dict) -> None:
+    """Train 3 steps (checkpoint at 2), then resume a fresh trainer from checkpoint-2 and save final/."""
+    from transformers import TrainerCallback
+
+    t = make(os.path.join(out, name), 3, RAISE_KL)
+    at_2 = {}
+
+    class AtSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                at_2["rails"] = rails_state(t)
+
+    t.add_callback(AtSave())
+    t.train()
+    result[name] = {"policy": shard_figures(t.model, t.optimizer), "rails_at_2": at_2["rails"],
+                    "betas": [h["beta"] for h in t.state.log_history if "beta" in h and "loss" in h],
+                    "reference_all_dtensor": getattr(t, "ref_model", None) is not None
+                    and shard_figures(t.ref_model)["all_dtensor"]}
+    tensors[f"{name}_policy"] = full_policy(t)
+    resumed = make(os.path.join(out, name), 3, RAISE_KL)
+
+    class AtBegin(TrainerCallback):  # the checkpoint's rails and ladder are loaded before training starts
+        def on_train_begin(self, args, state, control, **kwargs):
+            result[name]["rails_resumed"] = rails_state(resumed)
+
+    resumed.add_callback(AtBegin())
+    resumed.train(resume_from_checkpoint=os.path.join(out, name, "checkpoint-2"))
+    result[name]["resumed_steps"] = resumed.state.global_step
+    result[name]["resumed_sharded"] = shard_figures(resumed.model)["all_dtensor"]
+    tensors[f"{name}_resumed_policy"] = full_policy(resumed)
+    resumed.save_model(os.path.join(out, name, "final"))
+
+
+def grpo(out: str) -> None:
+    from trl_safeppo.trainers.grpo_config import SafeGRPOConfig
+    from trl_safeppo.trainers.grpo_trainer import SafeGRPOTrainer
+
+    def make(output_dir, max_steps, tripwires):
+        args = SafeGRPOConfig(
+            output_dir=output_dir, per_device_train_batch_size=2, num_generations=2, max_completion_length=T,
+            max_steps=max_steps, steps_per_generation=1, gradient_accumulation_steps=1, logging_steps=1,
+            report_to=[], use_cpu=True, learning_rate=1e-2, save_strategy="steps", save_steps=2, disable_tqdm=True,
+            seed=0, beta=0.05, tripwires=tripwires, tripwire_snapshot_every=1, rails=RAILS,
+        )
+        return SafeGRPOTrainer(model="tiny://debug", reward_funcs=TokenReward(), args=args, train_dataset=prompts())
+
+    result, tensors = {}, {}
+    train_resume_and_save(make, out, "grpo", result, tensors)
+
+    # Rollback: the KL of step 2 trips; the last good snapshot is the initial one (step 1's candidate is only
+    # promoted by a clean step 2), so the policy goes back to the initial weights
+    t = make(os.path.join(out, "rollback"), 2, ROLLBACK)
+    tensors["rollback_initial"] = full_policy(t)
+    t.train()
+    result["rollback_sharded"] = shard_figures(t.model)["all_dtensor"]
+    tensors["rollback_after"] = full_policy(t)
+    write(out, t.accelerator.process_index, result, tensors)
+
+
+def dpo(out: str) -> None:
+    from trl_safeppo import SafeDPOConfig, SafeDPOTrainer
+
+    n = 16
+    pairs = Dataset.from_dict({
+        "prompt": [f"What is {i} + 1? " for i in range(n)],
+        "chosen": [f"The answer is {i + 1}." for i in range(n)],
+        "rejected": [f"Maybe {i + 7} or so, I am not sure at all." for i in range(n)],
+    })
+
+    def make(output_dir, max_steps, tripwires):
+        args = SafeDPOConfig(
+            output_dir=output_dir, per_device_train_batch_size=2, max_steps=max_steps, logging_steps=1,
+            learning_rate=5e-3, beta=0.1, seed=0, report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+            disable_tqdm=True, tripwires=tripwires,
+        )
+        return SafeDPOTrainer(model="tiny://debug", args=args, train_dataset=pairs)
+
+    result, tensors = {}, {}
+    train_resume_and_save(make, out, "dpo", result, tensors)
+    write(out, int(os.environ.get("RANK", "0")), result, tensors)
+
 if __name__ == "__main__":
     kind, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
-    {"ppo": ppo}[kind](out)
+    {"ppo": ppo, "grpo": grpo, "dpo": dpo}[kind](out)

@@ -92,3 +92,58 @@ def test_safe_ppo_trainer_sharded_by_fsdp2_matches_one_process_resumes_and_saves
                                                                       num_labels=1).state_dict()
     critic_at_2 = torch.load(two / "critic_step2.pt")
     assert _max_diff({"model." + k: v for k, v in critic_ckpt.items()}, critic_at_2) == 0.0
+
+
+def _sharded_halves(figures: list[dict]) -> None:
+    """Every parameter and Adam moment a dim-0 DTensor shard; the 2 processes' shards add up to the model."""
+    s0, s1 = figures
+    for s in (s0, s1):
+        assert s["all_dtensor"] and s["placements"] == ["(Shard(dim=0),)"]
+        assert s["adam_all_dtensor"] and s["adam_local_numel"] == s["local_numel"]
+        assert 0.45 * s["full_numel"] < s["local_numel"] < 0.55 * s["full_numel"]
+    assert s0["local_numel"] + s1["local_numel"] == s0["full_numel"]
+
+
+def _check_resume_and_final(out, name: str, r0: dict, r1: dict, rails_file: str | None) -> None:
+    from transformers import AutoModelForCausalLM
+
+    x = r0[name]
+    _sharded_halves([x["policy"], r1[name]["policy"]])
+    assert x["reference_all_dtensor"] and r1[name]["reference_all_dtensor"]
+    # raise_kl acted (the KL of steps 2 and 3 is above the 1e-9 limit), so the checkpoint of step 2 holds a raised
+    # beta; the resumed trainer starts from exactly the rails / KL-controller / ladder state of step 2
+    at_2 = json.loads(x["rails_at_2"])
+    assert at_2["ladder"]["beta"] > at_2["ladder"]["initial_beta"]
+    assert x["rails_resumed"] == x["rails_at_2"] and r1[name]["rails_resumed"] == r1[name]["rails_at_2"]
+    checkpoint = out / name / "checkpoint-2"
+    assert (checkpoint / "tripwire_state.json").is_file() and (checkpoint / "trl_safeppo_state.json").is_file()
+    if rails_file:
+        assert (checkpoint / rails_file).is_file()
+    # step 3 after the resume (RNG states restored per process) is the uninterrupted run's step 3
+    assert x["resumed_steps"] == 3 and x["resumed_sharded"]
+    policy = torch.load(out / f"{name}_policy.pt")
+    assert _max_diff(torch.load(out / f"{name}_resumed_policy.pt"), policy) == 0.0
+    final = AutoModelForCausalLM.from_pretrained(out / name / "final").state_dict()  # an ordinary checkpoint
+    assert _max_diff({k: final[k] for k in policy}, policy) == 0.0
+
+
+@pytest.mark.distributed
+def test_safe_grpo_trainer_sharded_by_fsdp2_checkpoints_rails_and_rolls_back(tmp_path, tiny_debug_path):
+    _check(launch([WORKER, "grpo", tmp_path]))
+    r0, r1 = _ranks(tmp_path)
+    _check_resume_and_final(tmp_path, "grpo", r0, r1, "safe_rails_state.pt")
+    # rollback under FSDP2: step 2's KL trips; the last good snapshot is the initial one (step 1's candidate needs a
+    # clean step 2), gathered in full when taken and put back into each process's shards: the initial weights
+    events = [json.loads(line) for line in (tmp_path / "rollback" / "tripwires.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["action"], e["details"]["restored_step"]) for e in events] == [(2, "rollback", 0)]
+    assert r0["rollback_sharded"]
+    assert _max_diff(torch.load(tmp_path / "rollback_after.pt"), torch.load(tmp_path / "rollback_initial.pt")) == 0.0
+
+
+@pytest.mark.distributed
+def test_safe_dpo_trainer_sharded_by_fsdp2_checkpoints_its_tripwire_state(tmp_path, tiny_debug_path):
+    _check(launch([WORKER, "dpo", tmp_path]))
+    r0, r1 = _ranks(tmp_path)
+    _check_resume_and_final(tmp_path, "dpo", r0, r1, "safe_dpo_state.json")
+    # DPO's beta: 0.1 at step 1 (KL 0: clean), doubled by raise_kl at step 2, logged with step 3
+    assert r0["dpo"]["betas"] == [0.1, 0.1, 0.2]
