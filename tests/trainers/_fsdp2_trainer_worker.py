@@ -71,7 +71,7 @@ def write(out: str, rank: int, result: dict, tensors: dict | None = None) -> Non
 
 
 # ---------------------------------------------------------------------- PPO
-def ppo(out: str) -> None:
+def ppo(out: str, accumulation: int = 1) -> None:
     from trl_safeppo.trainers.ppo_config import SafePPOConfig
     from trl_safeppo.trainers.ppo_trainer import SafePPOTrainer
     from trl_safeppo.trainers.sharding import full_model_state
@@ -79,11 +79,13 @@ def ppo(out: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
     def trainer(output_dir: str, max_steps: int) -> SafePPOTrainer:
-        # the same 4 prompts per step in both runs: 4 per device unsharded, 2 per device on 2 processes (accelerate
-        # hands process i the i-th consecutive batch of the sampler); one optimizer step per rollout
+        # the same 4 x `accumulation` prompts per step in both runs: 4 per device and micro-batch unsharded, 2 on
+        # each of 2 processes (accelerate hands process i the i-th consecutive batch of the sampler); one optimizer
+        # step per rollout, of `accumulation` micro-batches (the critic's gradient sync deferred as the policy's)
         args = SafePPOConfig(
             output_dir=output_dir, per_device_train_batch_size=4 // world, max_completion_length=T,
-            max_steps=max_steps, num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1,
+            max_steps=max_steps, num_iterations=1, steps_per_generation=accumulation,
+            gradient_accumulation_steps=accumulation,
             logging_steps=1, report_to=[], bf16=False, use_cpu=True, learning_rate=1e-3, beta=0.05,
             save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0,
             # greedy and exactly T tokens: the rollouts do not depend on the processes' sampling streams
@@ -229,4 +231,4 @@ def dpo(out: str) -> None:
 if __name__ == "__main__":
     kind, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
-    {"ppo": ppo, "grpo": grpo, "dpo": dpo}[kind](out)
+    {"ppo": ppo, "grpo": grpo, "dpo": dpo}[kind](out, *map(int, sys.argv[3:]))

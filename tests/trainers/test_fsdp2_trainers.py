@@ -42,9 +42,11 @@ def test_safe_ppo_trainer_sharded_by_fsdp2_matches_one_process_resumes_and_saves
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    _check(subprocess.run([sys.executable, str(WORKER), "ppo", str(one)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=str(REPO)))
-    _check(launch([WORKER, "ppo", two]))
+    # 2 micro-batches per optimizer step: the critic's gradient sync is deferred (accelerator.no_sync, FSDP2's
+    # set_requires_gradient_sync) as the Trainer defers the policy's
+    _check(subprocess.run([sys.executable, str(WORKER), "ppo", str(one), "2"], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=str(REPO)))
+    _check(launch([WORKER, "ppo", two, "2"]))
     r0, r1 = _ranks(two)
     (u,) = [json.loads((one / "rank0.json").read_text())]
     assert u["world"] == 1 and u["distributed_type"] == "DistributedType.NO"
@@ -63,11 +65,11 @@ def test_safe_ppo_trainer_sharded_by_fsdp2_matches_one_process_resumes_and_saves
         assert s1["adam_all_dtensor"] and s1["adam_local_numel"] == s1["local_numel"]
     assert r0["reference_all_dtensor"] and r1["reference_all_dtensor"]
 
-    # (b) 3 PPO steps (greedy rollouts of 4 prompts, 6 tokens each: the same rollouts in both runs) give the
-    # unsharded weights. Sharded, each process back-propagates 2 rows and FSDP averages the gradients in a
-    # reduce-scatter: the fp32 sums run in another order (~1e-7 relative), and Adam, dividing by sqrt(v), carries
-    # that into the step of weights whose gradient is tiny. Bound: 1e-4, against steps that move weights by ~lr x 3
-    # = 3e-3 (measured: 1.9e-6 policy, 6e-8 critic).
+    # (b) 3 PPO steps (each: greedy rollouts of 8 prompts, 6 tokens each, the same rollouts in both runs; 2
+    # micro-batches of 4) give the unsharded weights. Sharded, each process back-propagates 2 rows per micro-batch
+    # and FSDP averages the gradients in a reduce-scatter: the fp32 sums run in another order (~1e-7 relative), and
+    # Adam, dividing by sqrt(v), carries that into the step of weights whose gradient is tiny. Bound: 1e-4, against
+    # steps that move weights by up to lr x 3 = 3e-3 (measured: 8.0e-7 policy, 2.1e-8 critic).
     policy_1, critic_1 = torch.load(one / "policy.pt"), torch.load(one / "critic.pt")
     policy_2, critic_2 = torch.load(two / "policy.pt"), torch.load(two / "critic.pt")
     initial = AutoModelForCausalLM.from_pretrained(tiny_debug_path).state_dict()
