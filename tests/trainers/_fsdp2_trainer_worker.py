@@ -78,7 +78,7 @@ def ppo(out: str, accumulation: int = 1) -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
-    def trainer(output_dir: str, max_steps: int) -> SafePPOTrainer:
+    def trainer(output_dir: str, max_steps: int, tripwires=None) -> SafePPOTrainer:
         # the same 4 x `accumulation` prompts per step in both runs: 4 per device and micro-batch unsharded, 2 on
         # each of 2 processes (accelerate hands process i the i-th consecutive batch of the sampler); one optimizer
         # step per rollout, of `accumulation` micro-batches (the critic's gradient sync deferred as the policy's)
@@ -89,7 +89,7 @@ def ppo(out: str, accumulation: int = 1) -> None:
             logging_steps=1, report_to=[], bf16=False, use_cpu=True, learning_rate=1e-3, beta=0.05,
             save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0,
             # greedy and exactly T tokens: the rollouts do not depend on the processes' sampling streams
-            generation_kwargs={"do_sample": False, "min_new_tokens": T},
+            generation_kwargs={"do_sample": False, "min_new_tokens": T}, tripwires=tripwires,
         )
         torch.manual_seed(0)  # the critic's fresh value head (FSDP: process 0's is broadcast at sharding)
         return SafePPOTrainer(model="tiny://debug", reward_funcs=TokenReward(), args=args, train_dataset=prompts())
@@ -127,6 +127,17 @@ def ppo(out: str, accumulation: int = 1) -> None:
         tensors["resumed_policy"], tensors["resumed_critic"] = full_policy(resumed), full_model_state(resumed.critic)
         # final/: what a pipeline stage saves (every process calls save_model; FSDP gathers, process 0 writes)
         resumed.save_model(os.path.join(out, "final"))
+
+        # Rollback: the value loss (> 0 at every step) trips a rollback at steps 1 and 2, each back to the
+        # initial snapshot: policy, critic and both optimizers gathered in full when taken, put back into the shards
+        value_loss = [{"detector": "kl_limit", "action": "rollback",
+                       "params": {"limit": 1e-9, "warn_fraction": 1.0, "key": "ppo/val/loss"}}]
+        rolled = trainer(os.path.join(out, "rollback"), 2, value_loss)
+        tensors["rollback_policy_initial"] = full_policy(rolled)
+        tensors["rollback_critic_initial"] = {k: v.clone() for k, v in full_model_state(rolled.critic).items()}
+        rolled.train()
+        tensors["rollback_policy_after"] = full_policy(rolled)
+        tensors["rollback_critic_after"] = {k: v.clone() for k, v in full_model_state(rolled.critic).items()}
     write(out, rank, result, tensors)
 
 

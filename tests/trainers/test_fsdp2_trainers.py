@@ -95,6 +95,15 @@ def test_safe_ppo_trainer_sharded_by_fsdp2_matches_one_process_resumes_and_saves
     critic_at_2 = torch.load(two / "critic_step2.pt")
     assert _max_diff({"model." + k: v for k, v in critic_ckpt.items()}, critic_at_2) == 0.0
 
+    # (e) tripwire rollback under FSDP2: the value loss trips at steps 1 and 2, each restoring the initial snapshot
+    # (gathered in full, loaded into each process's shards): policy and critic end exactly where they started
+    events = [json.loads(line) for line in (two / "rollback" / "tripwires.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["action"], e["details"]["restored_step"]) for e in events] == [(1, "rollback", 0),
+                                                                                          (2, "rollback", 0)]
+    for name in ("policy", "critic"):
+        after, before = torch.load(two / f"rollback_{name}_after.pt"), torch.load(two / f"rollback_{name}_initial.pt")
+        assert _max_diff(after, before) == 0.0
+
 
 def _sharded_halves(figures: list[dict]) -> None:
     """Every parameter and Adam moment a dim-0 DTensor shard; the 2 processes' shards add up to the model."""

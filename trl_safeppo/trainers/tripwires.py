@@ -269,9 +269,10 @@ def _set_beta(trainer, value: float) -> None:
 
 
 def _shards_weights(trainer) -> bool:
-    """FSDP or DeepSpeed ZeRO-3: no process holds the full weights, so no snapshot can be taken."""
+    """FSDP1 or DeepSpeed ZeRO-3: no process holds the full weights, so no snapshot can be taken (FSDP2 snapshots
+    gather full tensors: :func:`save_snapshot`)."""
     if getattr(trainer, "is_fsdp_enabled", False):
-        return True
+        return not getattr(getattr(trainer, "accelerator", None), "is_fsdp2", False)
     plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
     return bool(getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3)
 
@@ -305,7 +306,7 @@ class TripwireCallback(TrainerCallback):
         self.snapshot_step: int | None = None
         self.stopped_reason: str | None = None
         # raise_kl too, since an exhausted raise escalates to rollback; but not where snapshots cannot be taken
-        # (FSDP, ZeRO-3 shard the weights): there an exhausted raise_kl stops without a restore, as before
+        # (FSDP1, ZeRO-3 shard the weights): there an exhausted raise_kl stops without a restore, as before
         self.needs_snapshots = any(spec.action in ("rollback", "stop") for spec in self.specs) or (
             any(spec.action == "raise_kl" for spec in self.specs) and not _shards_weights(trainer))
 
