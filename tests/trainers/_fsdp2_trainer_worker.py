@@ -71,7 +71,7 @@ def write(out: str, rank: int, result: dict, tensors: dict | None = None) -> Non
 
 
 # ---------------------------------------------------------------------- PPO
-def ppo(out: str, accumulation: int = 1) -> None:
+def ppo(out: str, accumulation: int = 1, bf16: int = 0) -> None:
     from trl_safeppo.trainers.ppo_config import SafePPOConfig
     from trl_safeppo.trainers.ppo_trainer import SafePPOTrainer
     from trl_safeppo.trainers.sharding import full_model_state
@@ -86,7 +86,7 @@ def ppo(out: str, accumulation: int = 1) -> None:
             output_dir=output_dir, per_device_train_batch_size=4 // world, max_completion_length=T,
             max_steps=max_steps, num_iterations=1, steps_per_generation=accumulation,
             gradient_accumulation_steps=accumulation,
-            logging_steps=1, report_to=[], bf16=False, use_cpu=True, learning_rate=1e-3, beta=0.05,
+            logging_steps=1, report_to=[], bf16=bool(bf16), use_cpu=True, learning_rate=1e-3, beta=0.05,
             save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0,
             # greedy and exactly T tokens: the rollouts do not depend on the processes' sampling streams
             generation_kwargs={"do_sample": False, "min_new_tokens": T}, tripwires=tripwires,
@@ -97,6 +97,10 @@ def ppo(out: str, accumulation: int = 1) -> None:
     t = trainer(os.path.join(out, "run"), 3)
     rank = t.accelerator.process_index
     result = {"world": t.accelerator.num_processes, "distributed_type": str(t.accelerator.distributed_type)}
+    plugin = getattr(t.accelerator.state, "fsdp_plugin", None)
+    policy_mp = getattr(plugin, "mixed_precision_policy", None)
+    result["fsdp_param_dtype"] = str(getattr(policy_mp, "param_dtype", None))
+    result["fsdp_reduce_dtype"] = str(getattr(policy_mp, "reduce_dtype", None))
     at_2 = {}
 
     class Capture:  # the weights at step 2, where the checkpoint is written (for the resume comparison)
@@ -111,6 +115,7 @@ def ppo(out: str, accumulation: int = 1) -> None:
     t.train()
     result["policy"] = shard_figures(t.model, t.optimizer)
     result["critic"] = shard_figures(t.critic, t.critic_optimizer)
+    result["master_dtypes"] = sorted({str(p.dtype) for m in (t.model, t.critic) for p in m.parameters()})
     result["reference_all_dtensor"] = t.ref_model is not None and shard_figures(t.ref_model)["all_dtensor"]
     result["logs"] = [{k: h[k] for k in ("loss", "grad_norm", "ppo/val/grad_norm", "ppo/val/loss", "reward")
                        if k in h} for h in t.state.log_history if "loss" in h]
