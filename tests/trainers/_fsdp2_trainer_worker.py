@@ -71,7 +71,8 @@ def write(out: str, rank: int, result: dict, tensors: dict | None = None) -> Non
 
 
 # ---------------------------------------------------------------------- PPO
-def ppo(out: str, accumulation: int = 1, bf16: int = 0) -> None:
+def ppo(out: str, accumulation: int = 1, precision: int = 0) -> None:
+    """precision: 0 fp32, 1 bf16, 2 fp16 (accelerate's mixed precision)."""
     from trl_safeppo.trainers.ppo_config import SafePPOConfig
     from trl_safeppo.trainers.ppo_trainer import SafePPOTrainer
     from trl_safeppo.trainers.sharding import full_model_state
@@ -86,7 +87,8 @@ def ppo(out: str, accumulation: int = 1, bf16: int = 0) -> None:
             output_dir=output_dir, per_device_train_batch_size=4 // world, max_completion_length=T,
             max_steps=max_steps, num_iterations=1, steps_per_generation=accumulation,
             gradient_accumulation_steps=accumulation,
-            logging_steps=1, report_to=[], bf16=bool(bf16), use_cpu=True, learning_rate=1e-3, beta=0.05,
+            logging_steps=1, report_to=[], bf16=precision == 1, fp16=precision == 2, use_cpu=True, learning_rate=1e-3,
+            beta=0.05,
             save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0,
             # greedy and exactly T tokens: the rollouts do not depend on the processes' sampling streams
             generation_kwargs={"do_sample": False, "min_new_tokens": T}, tripwires=tripwires,
@@ -116,6 +118,8 @@ def ppo(out: str, accumulation: int = 1, bf16: int = 0) -> None:
     result["policy"] = shard_figures(t.model, t.optimizer)
     result["critic"] = shard_figures(t.critic, t.critic_optimizer)
     result["master_dtypes"] = sorted({str(p.dtype) for m in (t.model, t.critic) for p in m.parameters()})
+    scaler = t.accelerator.scaler  # fp16: the GradScaler whose scale multiplies both losses
+    result["loss_scale"] = float(scaler.get_scale()) if scaler is not None else None
     result["reference_all_dtensor"] = t.ref_model is not None and shard_figures(t.ref_model)["all_dtensor"]
     result["logs"] = [{k: h[k] for k in ("loss", "grad_norm", "ppo/val/grad_norm", "ppo/val/loss", "reward")
                        if k in h} for h in t.state.log_history if "loss" in h]
