@@ -88,8 +88,8 @@ def ppo(out: str, accumulation: int = 1, precision: int = 0) -> None:
             max_steps=max_steps, num_iterations=1, steps_per_generation=accumulation,
             gradient_accumulation_steps=accumulation,
             logging_steps=1, report_to=[], bf16=precision == 1, fp16=precision == 2, use_cpu=True, learning_rate=1e-3,
-            beta=0.05,
-            save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0,
+            beta=0.05, save_strategy="steps", save_steps=2, disable_tqdm=True, seed=0,
+            gradient_checkpointing=True,  # policy and critic recompute their blocks (the critic follows the policy)
             # greedy and exactly T tokens: the rollouts do not depend on the processes' sampling streams
             generation_kwargs={"do_sample": False, "min_new_tokens": T}, tripwires=tripwires,
         )
@@ -118,6 +118,8 @@ def ppo(out: str, accumulation: int = 1, precision: int = 0) -> None:
     result["policy"] = shard_figures(t.model, t.optimizer)
     result["critic"] = shard_figures(t.critic, t.critic_optimizer)
     result["master_dtypes"] = sorted({str(p.dtype) for m in (t.model, t.critic) for p in m.parameters()})
+    result["recomputes"] = [bool(getattr(m, "is_gradient_checkpointing", False))
+                            for m in (t.accelerator.unwrap_model(t.model), t.accelerator.unwrap_model(t.critic).model)]
     scaler = t.accelerator.scaler  # fp16: the GradScaler whose scale multiplies both losses
     result["loss_scale"] = float(scaler.get_scale()) if scaler is not None else None
     result["reference_all_dtensor"] = t.ref_model is not None and shard_figures(t.ref_model)["all_dtensor"]

@@ -62,6 +62,7 @@ def test_safe_ppo_trainer_sharded_by_fsdp2_matches_one_process_resumes_and_saves
     expected_dtype = {"fp32": "None", "bf16": "torch.bfloat16", "fp16": "torch.float16"}[precision]
     assert r0["fsdp_param_dtype"] == r0["fsdp_reduce_dtype"] == expected_dtype
     assert r0["master_dtypes"] == u["master_dtypes"] == ["torch.float32"]
+    assert r0["recomputes"] == u["recomputes"] == [True, True]  # activation checkpointing in policy and critic
     # accelerate builds no GradScaler on the CPU (its fp16 loss scaling is GPU-only): fp16 here is FSDP2's fp16
     # gathers, compute and reduce-scatters without loss scaling, and the GradScaler under FSDP2 is not exercised
     assert r0["loss_scale"] is None and u["loss_scale"] is None
