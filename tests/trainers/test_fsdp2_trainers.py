@@ -67,8 +67,8 @@ def test_safe_ppo_trainer_sharded_by_fsdp2_matches_one_process_resumes_and_saves
     # gathers, compute and reduce-scatters without loss scaling, and the GradScaler under FSDP2 is not exercised
     assert r0["loss_scale"] is None and u["loss_scale"] is None
 
-    # (a) policy, critic and reference: every parameter a DTensor sharded on dim 0; each process holds its half (an
-    # odd first dimension leaves one row more on process 0, e.g. 35264 critic numbers -> 17648 + 17616). The Adam
+    # (a) policy, critic and reference: every parameter a DTensor sharded on dim 0; each process holds its half (the
+    # value head's (1, 32) weight has one row, kept on process 0: the critic's 35264 numbers are 17648 + 17616). The Adam
     # moments of the policy (the Trainer's optimizer) and of the critic (its own) are sharded the same way.
     for name in ("policy", "critic"):
         s0, s1 = r0[name], r1[name]
