@@ -379,6 +379,10 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             path = os.path.join(self.critic_resume_folder or "", CRITIC_SCHEDULER_FILE)
             if self.critic_resume_folder is not None and os.path.exists(path):
                 self.critic_lr_scheduler.load_state_dict(torch.load(path, weights_only=False))
+                # building the scheduler reset the optimizer's rates to the schedule's start, and loading its
+                # state does not set them back: the critic continues at the checkpoint's rate
+                for group, lr in zip(self.critic_optimizer.param_groups, self.critic_lr_scheduler.get_last_lr()):
+                    group["lr"] = lr
         return scheduler
 
     # ------------------------------------------------------------------ checkpoints
@@ -428,7 +432,14 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
     # --- tripwire rollback: the critic is trained state too (hook of trainers.tripwires.save_snapshot)
     def tripwire_state_dict(self) -> dict[str, Any]:
         """The critic's weights and optimizer state, saved with every tripwire snapshot, so a rollback restores the
-        critic together with the policy instead of pairing old policy weights with a critic trained past them."""
+        critic together with the policy instead of pairing old policy weights with a critic trained past them.
+        Called on every process (save_snapshot): sharded, a collective whose full tensors land on the main process;
+        unsharded, only the main process (the writer) copies."""
+        if sharding.is_sharded(self.critic):
+            return {"critic": sharding.full_model_state(self.critic),
+                    "critic_optimizer": sharding.full_optimizer_state(self.critic, self.critic_optimizer)}
+        if not self.accelerator.is_main_process:
+            return None
         critic = self.accelerator.unwrap_model(self.critic)
         return {
             "critic": {k: v.detach().cpu().clone() for k, v in critic.state_dict().items()},
@@ -436,6 +447,10 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         }
 
     def load_tripwire_state_dict(self, state: dict[str, Any]) -> None:
+        """Every process loads the main process's snapshot (sharded: the full tensors into its shards)."""
+        if sharding.is_sharded(self.critic):
+            sharding.load_full_state(self.critic, state["critic"], self.critic_optimizer, state["critic_optimizer"])
+            return
         self.accelerator.unwrap_model(self.critic).load_state_dict(state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 

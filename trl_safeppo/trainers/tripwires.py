@@ -217,9 +217,10 @@ def _set_beta(trainer, value: float) -> None:
 
 
 def _shards_weights(trainer) -> bool:
-    """FSDP or DeepSpeed ZeRO-3: no process holds the full weights, so no snapshot can be taken."""
+    """FSDP1 or DeepSpeed ZeRO-3: no process holds the full weights, so no snapshot can be taken (FSDP2 snapshots
+    gather full tensors: :func:`save_snapshot`)."""
     if getattr(trainer, "is_fsdp_enabled", False):
-        return True
+        return not getattr(getattr(trainer, "accelerator", None), "is_fsdp2", False)
     plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
     return bool(getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3)
 
@@ -240,8 +241,8 @@ class TripwireCallback(TrainerCallback):
         self.snapshot_step: int | None = None  # the step of the last good snapshot, and of the candidate
         self.candidate_step: int | None = None
         self.stopped_reason: str | None = None
-        # raise_kl too, since an exhausted raise escalates to rollback; but not where the weights are sharded (FSDP,
-        # ZeRO-3: no snapshot), where an exhausted raise_kl stops without a restore
+        # raise_kl too, since an exhausted raise escalates to rollback; but not where the weights are sharded with
+        # no snapshot (FSDP1, ZeRO-3), where an exhausted raise_kl stops without a restore
         actions = {spec.action for spec in self.specs}
         self.needs_snapshots = bool(actions & {"rollback", "stop"}) or (
             "raise_kl" in actions and not _shards_weights(trainer))
@@ -426,24 +427,35 @@ def load_tripwire_state(trainer, checkpoint: str | None) -> None:
 def save_snapshot(trainer, directory: str) -> str:
     """Save ``trainer``'s trained state to ``directory/snapshot.pt`` (returned): the policy's trainable parameters
     and buffers (frozen ones cannot change: with LoRA only the adapters), the optimizer, the rails' state, beta, and
-    ``trainer.tripwire_state_dict()`` where defined (PPO's critic). Whole weights only (one process or DDP): the
+    ``trainer.tripwire_state_dict()`` where defined (PPO's critic; called on every process, a collective when
+    sharded). One process, DDP, or FSDP2 (every process joins the gather of full tensors, :mod:`.sharding`): the
     main process writes, the others wait."""
     import torch
 
+    from . import sharding
+
     path = os.path.join(directory, SNAPSHOT_FILE)
     accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper holds it
+    sharded = sharding.is_sharded(model)
+    if sharded:  # FSDP2: collectives, the full tensors land on the main process
+        model_state = sharding.full_model_state(model)
+        optimizer_state = sharding.full_optimizer_state(model, optimizer) if optimizer is not None else None
+    # hook for trainers with more trained state than the policy (e.g. PPO's critic)
+    extra = trainer.tripwire_state_dict() if hasattr(trainer, "tripwire_state_dict") else None
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(trainer.model)
         changing = {id(p) for p in model.parameters() if p.requires_grad} | {id(b) for b in model.buffers()}
         wiring = getattr(trainer, "rails_wiring", None)
         state = {
             "step": int(trainer.state.global_step),
-            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict(keep_vars=True).items()
-                      if id(v) in changing},
-            "optimizer": trainer.optimizer.state_dict() if trainer.optimizer is not None else None,
+            "model": model_state if sharded else {k: v.detach().cpu().clone()
+                                                  for k, v in model.state_dict(keep_vars=True).items()
+                                                  if id(v) in changing},
+            "optimizer": optimizer_state if sharded else (optimizer.state_dict() if optimizer is not None else None),
             "beta": float(getattr(trainer, "beta", math.nan)),
             "wiring": wiring.state_dict() if wiring is not None else None,
-            "extra": trainer.tripwire_state_dict() if hasattr(trainer, "tripwire_state_dict") else None,
+            "extra": extra,
         }
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
@@ -457,22 +469,29 @@ def restore_snapshot(trainer, directory: str) -> int:
     batch is sampled from the restored policy."""
     import torch
 
+    from . import sharding
+
     state = torch.load(os.path.join(directory, SNAPSHOT_FILE), map_location="cpu", weights_only=False)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    result = model.load_state_dict(state["model"], strict=False)
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    own = model.state_dict(keep_vars=True)
-    missing = [k for k in result.missing_keys if id(own[k]) in trainable]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"the tripwire snapshot does not match the model: trainable parameters missing {missing[:5]}, unexpected "
-            f"keys {list(result.unexpected_keys)[:5]}; it was written for another model or adapter setup -- delete "
-            "the tripwire-last-good/ directory of this output_dir and restart"
-        )
-    if trainer.optimizer is not None and state["optimizer"] is not None:
-        lrs = [group["lr"] for group in trainer.optimizer.param_groups]
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        for group, lr in zip(trainer.optimizer.param_groups, lrs, strict=True):
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper holds it
+    optimizer_state = state["optimizer"] if optimizer is not None else None
+    lrs = [group["lr"] for group in optimizer.param_groups] if optimizer is not None else []
+    if sharding.is_sharded(model):  # FSDP2: every process puts the full tensors into its shards
+        sharding.load_full_state(model, state["model"], optimizer, optimizer_state)
+    else:
+        result = model.load_state_dict(state["model"], strict=False)
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        own = model.state_dict(keep_vars=True)
+        missing = [k for k in result.missing_keys if id(own[k]) in trainable]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"the tripwire snapshot does not match the model: trainable parameters missing {missing[:5]}, "
+                f"unexpected keys {list(result.unexpected_keys)[:5]}; it was written for another model or adapter "
+                "setup -- delete the tripwire-last-good/ directory of this output_dir and restart")
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+    if optimizer_state is not None:
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
     wiring = getattr(trainer, "rails_wiring", None)
     if wiring is not None and state.get("wiring") is not None:
