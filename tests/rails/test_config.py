@@ -114,11 +114,11 @@ REPLACEMENT = "hold KL with the adaptive controller (rails.kl.controller: adapti
     ("key", "value", "option"),
     [
         ("max_kl", 0.65, "the KL trust region"),
-        ("max_kl_backtracks", 4, "the KL trust region"),
+        ("max_kl_backtracks", 8, "the KL trust region"),
         ("pull_back_above", 0.6, "the KL pull-back"),
         ("pull_back_to", 0.5, "the KL pull-back"),
-        ("pull_back_iterations", 6, "the KL pull-back"),
-        ("pull_back_on", "trained_batch", "the KL pull-back"),
+        ("pull_back_iterations", 10, "the KL pull-back"),
+        ("pull_back_on", "new_batch", "the KL pull-back"),
         ("pull_back_redraws", 2, "the KL pull-back"),
         ("measure_exact", True, "the exact KL fed to the controller"),
     ],
@@ -133,6 +133,20 @@ def test_removed_kl_options_fail_naming_the_field_the_release_and_the_replacemen
     assert message.startswith(f"rails.kl.{key}={value!r}: {option} was removed in trl_safeppo 0.1.0 (no consistent "
                               "gain in benchmark 5, docs/benchmarks.md); delete it and " + REPLACEMENT)
     assert "unknown keys" not in message
+
+
+def test_a_rails_dump_written_before_the_removal_still_loads():
+    # `RailsConfig.to_dict()` of 0.0.x held every kl field; at their old defaults the removed ones did nothing
+    # (max_kl None, backtracks 4, pull_back_above/to None, iterations 6, on trained_batch, measure_exact False)
+    old_kl = {"controller": "adaptive", "init_kl_coef": 0.04, "target": 0.5, "max_kl": None, "max_kl_backtracks": 4,
+              "pull_back_above": None, "pull_back_to": None, "pull_back_iterations": 6, "pull_back_on": "trained_batch",
+              "measure_exact": False}
+    loaded = RailsConfig.from_dict({"kl": old_kl})
+    assert loaded.kl == RailsConfig.from_dict({"kl": {"controller": "adaptive", "init_kl_coef": 0.04,
+                                                      "target": 0.5}}).kl
+    # one of them switched on is still refused
+    with pytest.raises(ValueError, match=r"rails\.kl\.max_kl=0\.65: the KL trust region was removed"):
+        RailsConfig.from_dict({"kl": {**old_kl, "max_kl": 0.65}})
 
 
 def test_removed_kl_options_of_two_features_fail_in_one_error():

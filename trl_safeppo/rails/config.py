@@ -458,7 +458,15 @@ REMOVED_KL_FIELDS = {
 }
 
 
-def _refuse_removed_kl_fields(data: dict[str, Any], where: str) -> None:
+# their defaults before 0.1.0: a `to_dict()` written then holds every one of them, and at these values they did nothing
+REMOVED_KL_DEFAULTS = {"max_kl": None, "max_kl_backtracks": 4, "pull_back_above": None, "pull_back_to": None,
+                       "pull_back_iterations": 6, "pull_back_on": "trained_batch", "measure_exact": False}
+
+
+def _refuse_removed_kl_fields(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` without the removed fields left at their old defaults; any other removed field is refused."""
+    inert = [k for k in data if k in REMOVED_KL_DEFAULTS and data[k] == REMOVED_KL_DEFAULTS[k]]
+    data = {k: v for k, v in data.items() if k not in inert}
     removed = [k for k in data if k in REMOVED_KL_FIELDS]
     if removed:
         options = list(dict.fromkeys(REMOVED_KL_FIELDS[k] for k in removed))
@@ -469,12 +477,13 @@ def _refuse_removed_kl_fields(data: dict[str, Any], where: str) -> None:
             "controller (rails.kl.controller: adaptive, with target, proportional and measure_before_update; "
             "docs/rails.md), and a kl_limit tripwire as the hard stop"
         )
+    return data
 
 
 def _section_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     accepted = [f.name for f in dataclasses.fields(cls)]
     if cls is KLConfig:
-        _refuse_removed_kl_fields(data, where)
+        data = _refuse_removed_kl_fields(data, where)
     unknown = sorted(set(data) - set(accepted))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; accepted: {accepted}")
