@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from .grpo_config import TRIPWIRE_PARAMS
-from .tripwires import TRIPWIRE_HELP, TripwireFields, validate_tripwire_fields
+from .tripwires import TripwireFields, check_tripwire_fields, field_docs
 
 
 @dataclass
@@ -52,8 +51,8 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
                 f"chosen_nll_coef={coef!r} together with loss_type={self.loss_type!r}: both add the NLL term on the "
                 "chosen completion; keep one of them"
             )
-        validate_tripwire_fields(self)
+        check_tripwire_fields(self)
 
 
-# The docstring is a literal (so it is __doc__); the tripwire fields share their help text with the other configs.
-SafeDPOConfig.__doc__ = SafeDPOConfig.__doc__.format(tripwire_params=TRIPWIRE_PARAMS, **TRIPWIRE_HELP)
+# The docstring is a literal (so it is __doc__); the tripwire fields' entries come from their help text.
+SafeDPOConfig.__doc__ = SafeDPOConfig.__doc__.format(tripwire_params=field_docs(TripwireFields))

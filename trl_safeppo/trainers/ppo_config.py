@@ -9,10 +9,8 @@ from typing import Any
 from trl import GRPOConfig
 
 from ..rails.kl import KL_ESTIMATORS
-from .grpo_config import TRIPWIRE_PARAMS
-from .tripwires import (
-    TRIPWIRE_HELP, RewardTimeoutFields, TripwireFields, validate_reward_timeout, validate_tripwire_fields,
-)
+from .grpo_config import parse_rails
+from .tripwires import RewardTimeoutFields, TripwireFields, check_tripwire_fields, field_docs
 
 # GRPO loss formulations that are the PPO clipped surrogate with a different token aggregation.
 PPO_LOSS_TYPES = ("bnpo", "dapo", "grpo", "dr_grpo")
@@ -40,7 +38,7 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
         kl_estimator (`str`, *optional*, defaults to `"k1"`):
             Per-token KL estimator in the reward and the logged `kl`: `"k1"` (log-ratio, Ziegler et al. 2019), `"k2"`
             or `"k3"` (Schulman 2020, http://joschu.net/blog/kl-approx.html). `rails.kl.estimator`, when set, wins.
-        rails (`dict`, `RailsConfig` or `None`, *optional*, defaults to `None`):
+        rails (`dict`, `RailsConfig`, a YAML path or `None`, *optional*, defaults to `None`):
             Reward rails and the KL controller, a `trl_safeppo.rails.RailsConfig` or its `to_dict()` form
             (docs/rails.md). Ziegler's adaptive controller: `{{"kl": {{"controller": "adaptive", "target": 6.0}}}}`,
             target in nats per sequence. `None`: no reward rail and a fixed `beta`.
@@ -72,10 +70,9 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
 
         > Tripwires (as in SafeGRPOConfig; `raise_kl` and `rollback` act on the PPO KL controller)
 {tripwire_params}
-        > Reward functions
 
-        reward_timeout_s (`float`, *optional*, defaults to `60.0`):
-            {reward_timeout_s}
+        > Reward functions
+{reward_timeout_params}
 
         > GRPO fields with a PPO default
 
@@ -125,8 +122,8 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
 
     def __post_init__(self) -> None:
         self._check_ppo_fields()
-        validate_tripwire_fields(self)
-        validate_reward_timeout(self)
+        parse_rails(self)
+        check_tripwire_fields(self)
         if self.bf16 is None and not self.fp16 and not self.use_cpu:
             # TRL turns bf16 on whenever fp16 is off, which TrainingArguments rejects on a machine without a bf16
             # accelerator; there, default to fp32 instead so that SafePPOConfig(output_dir=...) works everywhere.
@@ -202,18 +199,8 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
         for name, valid, fix in checks:
             if not valid(getattr(self, name)):
                 raise bad(name, getattr(self, name), fix)
-        self.rails_config = None
-        if self.rails is not None:
-            from ..rails.config import RailsConfig
-
-            if not isinstance(self.rails, (dict, RailsConfig)):
-                raise bad("rails", type(self.rails).__name__, "pass a trl_safeppo.RailsConfig, a dict, or None")
-            # Parsed here, once, at configuration time; `rails` keeps the plain dict form so that the config stays
-            # JSON-serializable (TrainingArguments.to_json_string, loggers, checkpoints).
-            self.rails_config = RailsConfig.from_any(self.rails)
-            self.rails = self.rails_config.to_dict()
 
 
-# The tripwire fields share their help text with SafeGRPOConfig; the docstring is a literal (so it is __doc__) and
-# the shared text is filled in here.
-SafePPOConfig.__doc__ = SafePPOConfig.__doc__.format(tripwire_params=TRIPWIRE_PARAMS, **TRIPWIRE_HELP)
+# The docstring is a literal (so it is __doc__); the shared fields' entries come from their help text.
+SafePPOConfig.__doc__ = SafePPOConfig.__doc__.format(
+    tripwire_params=field_docs(TripwireFields), reward_timeout_params=field_docs(RewardTimeoutFields))
