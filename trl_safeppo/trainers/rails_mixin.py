@@ -3,7 +3,7 @@
 - :class:`TrainerRails` (``trainer.rails_wiring``), built once from ``args.rails_config``, holds two pieces, each
   the one owner of its state: ``rewards`` (:class:`~.reward_rails.RewardStage`) and ``kl``
   (:class:`~.kl_control.KLControl`: the controller and ``beta``). They are checkpointed in one file,
-  ``safe_rails_state.pt``, written in ``on_save`` and read back by :meth:`SafeRailsMixin.train` on resume.
+  ``safe_rails_state.pt``, written in ``on_save`` and read back by ``train`` on resume (:class:`SafeCheckpointMixin`).
 - :class:`SafeRailsMixin` holds the GRPOTrainer overrides that call them; with no rails every one is a pass-through.
 """
 
@@ -102,8 +102,6 @@ class TrainerRails:
         self.trainer = trainer
         self.rewards.start(trainer)
         self.kl.start(trainer)
-        if self.active:
-            trainer.add_callback(RailsCheckpointCallback(self))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -119,33 +117,19 @@ class TrainerRails:
             self.kl.load_state_dict(state["kl"])
 
 
-class RailsCheckpointCallback(TrainerCallback):
-    """Writes the rails state into every checkpoint folder, right after the Trainer wrote it."""
-
-    def __init__(self, rails: TrainerRails):
-        self.rails = rails
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            import torch
-
-            with fileio.atomic_path(os.path.join(checkpoint_folder(args, state), RAILS_STATE_FILE)) as tmp:
-                torch.save(self.rails.state_dict(), tmp)
-        return control
-
-
 class CheckpointStateCallback(TrainerCallback):
-    """The last of a trainer's ``on_save`` callbacks: writes the tripwire ladder's state, then the marker
-    ``trl_safeppo_state.json`` (all of this package's state is in the checkpoint; ``trainer_state.json`` is written
-    before the callbacks, so it cannot say so). The recipe runner resumes only from a marked checkpoint."""
+    """The last of a trainer's ``on_save`` callbacks: the trainer's ``save_checkpoint_state`` (rails, tripwire ladder,
+    DPO's beta), then the marker ``trl_safeppo_state.json`` (all of this package's state is in the checkpoint;
+    ``trainer_state.json`` is written before the callbacks, so it cannot say so). The recipe runner resumes only from
+    a marked checkpoint."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
-        folder = checkpoint_folder(args, state)
-        save_tripwire_state(self.trainer, folder)
         if args.should_save:
+            folder = checkpoint_folder(args, state)
+            self.trainer.save_checkpoint_state(folder)
             fileio.write_json(os.path.join(folder, STATE_MARKER), {"global_step": state.global_step, "complete": True})
         return control
 
@@ -155,7 +139,29 @@ def mark_checkpoints_complete(trainer) -> None:
     trainer.add_callback(CheckpointStateCallback(trainer))
 
 
-class SafeRailsMixin:
+class SafeCheckpointMixin:
+    """What this package adds to a trainer's checkpoints, written by :class:`CheckpointStateCallback` (main process)
+    and read back in ``train(resume_from_checkpoint=...)``; subclasses add their own files through ``super()``."""
+
+    def save_checkpoint_state(self, folder: str) -> None:
+        save_tripwire_state(self, folder)
+
+    def load_checkpoint_state(self, folder: str) -> None:
+        load_tripwire_state(self, folder)  # last: the ladder's beta is the one in force
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        from ..rewards.timeout import close_workers
+
+        folder = resume_folder(self.args, resume_from_checkpoint)
+        if folder is not None:
+            self.load_checkpoint_state(folder)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:  # the reward functions' worker processes end with training, also when it raises
+            close_workers(getattr(self, "reward_funcs", None) or [])
+
+
+class SafeRailsMixin(SafeCheckpointMixin):
     """GRPOTrainer overrides that route through ``self.rails_wiring``: ``class X(SafeRailsMixin, GRPOTrainer)``,
     calling ``TrainerRails.prepare_init`` before and ``start(self)`` after ``super().__init__``."""
 
@@ -176,22 +182,18 @@ class SafeRailsMixin:
         self.rails_wiring.kl.observe_step(self)
         return loss
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        from ..rewards.timeout import close_workers
+    def save_checkpoint_state(self, folder: str) -> None:
+        if self.rails_wiring.active:
+            import torch
 
-        folder = resume_folder(self.args, resume_from_checkpoint)
-        if folder is not None:
-            self.load_checkpoint_state(folder)
-            load_tripwire_state(self, folder)  # after the rails: the ladder's beta is the one in force
-        try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:  # the reward functions' worker processes end with training, also when it raises
-            close_workers(getattr(self, "reward_funcs", None) or [])
+            with fileio.atomic_path(os.path.join(folder, RAILS_STATE_FILE)) as tmp:
+                torch.save(self.rails_wiring.state_dict(), tmp)
+        super().save_checkpoint_state(folder)
 
     def load_checkpoint_state(self, folder: str) -> None:
-        """What this package adds to a checkpoint folder, read back before the Trainer resumes from it."""
         path = os.path.join(folder, RAILS_STATE_FILE)
         if self.rails_wiring.active and os.path.exists(path):
             import torch
 
             self.rails_wiring.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        super().load_checkpoint_state(folder)

@@ -363,9 +363,9 @@ def add_tripwires(trainer, args, wiring=None) -> TripwireCallback | None:
 
 
 def save_tripwire_state(trainer, checkpoint: str) -> None:
-    """Write the ladder's state into a checkpoint folder (main process; nothing without tripwires)."""
+    """Write the ladder's state into a checkpoint folder (nothing without tripwires)."""
     callback = getattr(trainer, "tripwire_callback", None)
-    if callback is not None and trainer.args.should_save:
+    if callback is not None:
         write_json(os.path.join(checkpoint, STATE_FILE), callback.state_dict())  # creates the folder if need be
 
 
