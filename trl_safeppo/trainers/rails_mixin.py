@@ -69,9 +69,9 @@ class TrainerRails:
         config = getattr(args, "rails_config", None)
         if config is None:
             controller = FixedKLController(args.beta) if ppo and args.beta > 0 else None
-            return cls(kl=KLControl.build(None, controller, ppo=ppo))
+            return cls(kl=KLControl(controller, ppo=ppo))
         rails = RewardRails(config, default_kl_coef=args.beta)
-        return cls(RewardStage(rails), KLControl.build(config, rails.kl_controller, ppo=ppo))
+        return cls(RewardStage(rails), KLControl(rails.kl_controller, config, ppo=ppo))
 
     @property
     def rails(self):
