@@ -124,8 +124,8 @@ class KLControl(TrainerCallback):
 
         from ..rails.kl import FixedKLController, kl_per_token
 
-        if (self.feed != "per_batch" or output.get("ref_per_token_logps") is None
-                or self.controller is None or isinstance(self.controller, FixedKLController)):  # fixed: spare the forward
+        if (self.feed != "per_batch" or output.get("ref_per_token_logps") is None or self.controller is None
+                or isinstance(self.controller, FixedKLController)):  # a fixed beta does not move: spare the forward
             return
         mask = output["completion_mask"] * (1 if output.get("tool_mask") is None else output["tool_mask"])
         logps = output.get("old_per_token_logps")

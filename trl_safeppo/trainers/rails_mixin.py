@@ -30,27 +30,6 @@ def checkpoint_folder(args, state) -> str:
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
-def resume_folder(args, resume_from_checkpoint) -> str | None:
-    """``train(resume_from_checkpoint=...)``'s folder (``True``: the last of ``output_dir``, None if none)."""
-    if resume_from_checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        return get_last_checkpoint(args.output_dir)
-    return resume_from_checkpoint or None
-
-
-def upgrade_state(state: dict) -> dict:
-    """A rails state file of either format, as version 2. Version 1 stored the KL controller twice (inside ``rails``
-    and as ``kl``) and ``beta`` apart; version 2 stores it once (in ``rails`` with reward rails, else as ``kl``)."""
-    version = state.get("version", 1)
-    if version == STATE_VERSION:
-        return state
-    if version != 1:
-        raise ValueError(f"{RAILS_STATE_FILE} has version {version!r}; this trl_safeppo reads versions 1 and 2")
-    rails = state.get("rails")
-    return {"version": STATE_VERSION, "rails": rails, "kl": state.get("kl") if rails is None else None}
-
-
 class TrainerRails:
     """Reward rails and KL control of one trainer (see the module docstring)."""
 
@@ -109,10 +88,15 @@ class TrainerRails:
         return {"version": STATE_VERSION, "rails": rails, "kl": self.kl.state_dict() if rails is None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        state = upgrade_state(state)
-        if self.rails is not None and state.get("rails") is not None:
-            self.rails.load_state_dict(state["rails"])  # the controller is the rails' own: loaded with them
-            self.kl.sync()
+        """Either format: version 1 also stored the controller inside ``rails`` when reward rails were on (its ``kl``
+        entry then repeated it) and ``beta`` apart; version 2 stores the controller once."""
+        if state.get("version", 1) not in (1, STATE_VERSION):
+            raise ValueError(f"{RAILS_STATE_FILE} has version {state['version']!r}; this trl_safeppo reads versions 1 "
+                             "and 2")
+        if state.get("rails") is not None:
+            if self.rails is not None:
+                self.rails.load_state_dict(state["rails"])  # the controller is the rails' own: loaded with them
+                self.kl.sync()
         elif state.get("kl") is not None:
             self.kl.load_state_dict(state["kl"])
 
@@ -152,7 +136,11 @@ class SafeCheckpointMixin:
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         from ..rewards.timeout import close_workers
 
-        folder = resume_folder(self.args, resume_from_checkpoint)
+        folder = resume_from_checkpoint or None
+        if folder is True:  # the last checkpoint of output_dir, if any
+            from transformers.trainer_utils import get_last_checkpoint
+
+            folder = get_last_checkpoint(self.args.output_dir)
         if folder is not None:
             self.load_checkpoint_state(folder)
         try:

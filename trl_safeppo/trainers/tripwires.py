@@ -64,11 +64,14 @@ class TripwireActions:
         return cls(**{f.name: getattr(args, f"tripwire_{f.name}", f.default) for f in fields(cls)})
 
 
-def field_docs(cls) -> str:
-    """The class-docstring entries of a dataclass's fields, from their ``help`` (one text for both)."""
+def field_docs(cls, names: str | None = None) -> str:
+    """Class-docstring entries of a dataclass's fields (all, or the space-separated ``names``), from their ``help``
+    (one text for both)."""
+    chosen = fields(cls) if names is None else [{f.name: f for f in fields(cls)}[n] for n in names.split()]
     return "".join(f"\n        {f.name} (`{f.type}`, defaults to `{f.default!r}`):\n"
-                   + textwrap.fill(f.metadata["help"], 120, initial_indent=" " * 12, subsequent_indent=" " * 12)
-                   for f in fields(cls))
+                   + textwrap.fill(f.metadata["help"], 120, initial_indent=" " * 12, subsequent_indent=" " * 12,
+                                   break_on_hyphens=False)
+                   for f in chosen)
 
 
 @dataclass
@@ -104,8 +107,8 @@ class TripwireFields:
     logging_nan_inf_filter: bool = field(default=False, metadata={"help": (
         "Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in "
         "the logs and would hide it from the `non_finite` tripwire.")})
-    gradient_checkpointing: bool | None = field(default=None, metadata={
-        "help": "Deprecated alias of `activation_checkpointing` (transformers); unset, that one defaults to TRL's True."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
+        "Deprecated alias of `activation_checkpointing` (transformers); unset, that one defaults to TRL's True.")})
 
     def __post_init__(self):
         # TRL's configs default the deprecated `gradient_checkpointing` to True, which makes transformers warn at every
