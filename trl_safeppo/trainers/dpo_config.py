@@ -24,20 +24,16 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
 
     Parameters:
         > Chosen-likelihood guard
-
-        chosen_nll_coef (`float`, *optional*, defaults to `0.0`):
-            Weight of an NLL term on the chosen completion added to the DPO loss (TRL's `"sft"` loss type appended
-            to `loss_type`), which keeps the chosen log-probability from collapsing while the margin grows
-            (RPO, Pang et al. 2024, https://huggingface.co/papers/2404.19733, use 1.0). 0 disables it.
+{chosen_nll_coef}
 
         > Tripwires
 {tripwire_params}
     """
 
-    # Chosen-likelihood guard
-    chosen_nll_coef: float = field(
-        default=0.0, metadata={"help": "Weight of an NLL term on the chosen completion (RPO uses 1.0); 0: off."}
-    )
+    chosen_nll_coef: float = field(default=0.0, metadata={"help": (
+        "Weight of an NLL term on the chosen completion added to the DPO loss (TRL's `'sft'` loss type appended to "
+        "`loss_type`), which keeps the chosen log-probability from collapsing while the margin grows (RPO, Pang et "
+        "al. 2024, https://huggingface.co/papers/2404.19733, use 1.0). 0 disables it.")})
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,5 +50,6 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
         check_tripwire_fields(self)
 
 
-# The docstring is a literal (so it is __doc__); the tripwire fields' entries come from their help text.
-SafeDPOConfig.__doc__ = SafeDPOConfig.__doc__.format(tripwire_params=field_docs(TripwireFields))
+# The docstring is a literal (so it is __doc__); its entries come from the fields' help text.
+SafeDPOConfig.__doc__ = SafeDPOConfig.__doc__.format(
+    chosen_nll_coef=field_docs(SafeDPOConfig, "chosen_nll_coef"), tripwire_params=field_docs(TripwireFields))

@@ -34,12 +34,7 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
 
     Parameters:
         > Rails
-
-        rails (`dict`, `RailsConfig` or a YAML path, *optional*):
-            The rails of this stage, in the format of `trl_safeppo.RailsConfig.from_dict` (the YAML `rails:` block):
-            reward rails in declared order and the KL controller. With an adaptive KL controller, its `init_kl_coef`
-            replaces `beta` and its `min_coef` must be > 0 (GRPO loads no reference model when `beta == 0`).
-            `None` disables all rails.
+{rails}
 
         > Tripwires
 {tripwire_params}
@@ -48,10 +43,11 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
 {reward_timeout_params}
     """
 
-    # Rails
-    rails: dict | Any | None = field(
-        default=None, metadata={"help": "Reward rails and KL controller: a RailsConfig or its dict (docs/rails.md)."}
-    )
+    rails: dict | Any | None = field(default=None, metadata={"help": (
+        "The rails of this stage: a `trl_safeppo.RailsConfig`, its dict (the YAML `rails:` block, docs/rails.md) or a "
+        "YAML path: reward rails in declared order and the KL controller. With an adaptive KL controller, its "
+        "`init_kl_coef` replaces `beta` and its `min_coef` must be > 0 (GRPO loads no reference model at `beta=0`). "
+        "`None` disables all rails.")})
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +60,6 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
         check_tripwire_fields(self)
 
 
-# The docstring is a literal (so it is __doc__); the shared fields' entries come from their help text.
-SafeGRPOConfig.__doc__ = SafeGRPOConfig.__doc__.format(
+# The docstring is a literal (so it is __doc__); its entries come from the fields' help text.
+SafeGRPOConfig.__doc__ = SafeGRPOConfig.__doc__.format(rails=field_docs(SafeGRPOConfig, "rails"),
     tripwire_params=field_docs(TripwireFields), reward_timeout_params=field_docs(RewardTimeoutFields))

@@ -115,9 +115,7 @@ class TripwireFields:
         # config; the same default goes to the current name instead (an explicit value of either name is kept)
         if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
             self.activation_checkpointing = True
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
+        super().__post_init__()  # the TRL config's
 
 
 @dataclass
