@@ -64,7 +64,6 @@ class SafeDPOTrainer(SafeCheckpointMixin, DPOTrainer):
             args = copy.copy(args)
             weights = list(args.loss_weights or [1.0] * len(args.loss_type))
             args.loss_type, args.loss_weights = [*args.loss_type, "sft"], [*weights, float(coef)]
-        self.tripwire_callback = None
         super().__init__(
             model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             **kwargs,

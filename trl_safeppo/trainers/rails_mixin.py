@@ -1,10 +1,12 @@
-"""The rails of one GRPO-based trainer (SafeGRPOTrainer, SafePPOTrainer): what they hold, and the hooks that run them.
+"""The rails of one GRPO-based trainer (SafeGRPOTrainer, SafePPOTrainer), and the checkpoint state of every Safe*
+trainer.
 
-- :class:`TrainerRails` (``trainer.rails_wiring``), built once from ``args.rails_config``, holds two pieces, each
-  the one owner of its state: ``rewards`` (:class:`~.reward_rails.RewardStage`) and ``kl``
-  (:class:`~.kl_control.KLControl`: the controller and ``beta``). They are checkpointed in one file,
-  ``safe_rails_state.pt``, written in ``on_save`` and read back by ``train`` on resume (:class:`SafeCheckpointMixin`).
-- :class:`SafeRailsMixin` holds the GRPOTrainer overrides that call them; with no rails every one is a pass-through.
+- :class:`TrainerRails` (``trainer.rails_wiring``), built once from ``args.rails_config``: ``rewards``
+  (:class:`~.reward_rails.RewardStage`) and ``kl`` (:class:`~.kl_control.KLControl`), each the one owner of its
+  state; :class:`SafeRailsMixin`: the GRPOTrainer overrides that call them (with no rails, pass-throughs).
+- :class:`SafeCheckpointMixin`: this package's files in a checkpoint (``safe_rails_state.pt``, the tripwire ladder,
+  DPO's beta), written by one ``on_save`` (:class:`CheckpointStateCallback`, last the marker) and read back in
+  ``train(resume_from_checkpoint=...)``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from transformers import TrainerCallback
 from .. import fileio
 from .kl_control import KLControl
 from .reward_rails import RewardStage
-from .tripwires import load_tripwire_state, save_tripwire_state
 
 RAILS_STATE_FILE = "safe_rails_state.pt"
 STATE_MARKER = "trl_safeppo_state.json"  # written last into a checkpoint: all of this package's state is there
@@ -36,7 +37,6 @@ class TrainerRails:
     def __init__(self, rewards: RewardStage | None = None, kl: KLControl | None = None):
         self.rewards = rewards or RewardStage()
         self.kl = kl or KLControl()
-        self.trainer = None
 
     @classmethod
     def from_args(cls, args, *, ppo: bool = False) -> TrainerRails:
@@ -78,7 +78,6 @@ class TrainerRails:
 
     def start(self, trainer) -> None:
         """Bind to the constructed trainer."""
-        self.trainer = trainer
         self.rewards.start(trainer)
         self.kl.start(trainer)
 
@@ -127,11 +126,15 @@ class SafeCheckpointMixin:
     """What this package adds to a trainer's checkpoints, written by :class:`CheckpointStateCallback` (main process)
     and read back in ``train(resume_from_checkpoint=...)``; subclasses add their own files through ``super()``."""
 
+    tripwire_callback = None  # set by tripwires.add_tripwires
+
     def save_checkpoint_state(self, folder: str) -> None:
-        save_tripwire_state(self, folder)
+        if self.tripwire_callback is not None:
+            self.tripwire_callback.save(folder)
 
     def load_checkpoint_state(self, folder: str) -> None:
-        load_tripwire_state(self, folder)  # last: the ladder's beta is the one in force
+        if self.tripwire_callback is not None:
+            self.tripwire_callback.load(folder)  # last: the ladder's beta is the one in force
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         from ..rewards.timeout import close_workers

@@ -173,7 +173,7 @@ def _controller(trainer):
 
 def _set_beta(trainer, value: float) -> None:
     wiring = getattr(trainer, "rails_wiring", None)
-    if wiring is not None and wiring.trainer is trainer:
+    if wiring is not None and wiring.kl.trainer is trainer:
         wiring.kl.set_beta(value)
     else:
         trainer.beta = float(value)
@@ -249,7 +249,24 @@ class TripwireCallback(TrainerCallback):
         self.history = [h for h in self.history if h.get("step", -1) <= step]
         return step
 
-    # ------------------------------------------------------------------ checkpoint
+    # ------------------------------------------------------------------ checkpoint (tripwire_state.json)
+    def save(self, checkpoint: str) -> None:
+        write_json(os.path.join(checkpoint, STATE_FILE), self.state_dict())
+
+    def load(self, checkpoint: str) -> None:
+        """On resume: back on the ladder where the checkpoint left it (a raised beta, rollbacks already taken)."""
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.exists(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} is unreadable ({err}); the checkpoint is damaged: resume from an earlier one or "
+                             "delete this one") from None
+        if isinstance(state, Mapping):
+            self.load_state_dict(state)
+
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs to stay on the ladder: rollbacks taken, beta now and the beta the stage began with
         (``max_beta``'s default is 16 x that one, not 16 x a raised beta)."""
@@ -361,29 +378,6 @@ def add_tripwires(trainer, args, wiring=None) -> TripwireCallback | None:
         trainer.tripwire_callback = TripwireCallback(trainer, specs, TripwireActions.from_args(args), args.output_dir)
         trainer.add_callback(trainer.tripwire_callback)
     return trainer.tripwire_callback
-
-
-def save_tripwire_state(trainer, checkpoint: str) -> None:
-    """Write the ladder's state into a checkpoint folder (nothing without tripwires)."""
-    callback = getattr(trainer, "tripwire_callback", None)
-    if callback is not None:
-        write_json(os.path.join(checkpoint, STATE_FILE), callback.state_dict())  # creates the folder if need be
-
-
-def load_tripwire_state(trainer, checkpoint: str | None) -> None:
-    """On resume: back on the ladder where the checkpoint left it (a raised beta, rollbacks already taken)."""
-    callback = getattr(trainer, "tripwire_callback", None)
-    path = os.path.join(checkpoint or "", STATE_FILE)
-    if callback is None or not checkpoint or not os.path.exists(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is unreadable ({err}); the checkpoint is damaged: resume from an earlier one or "
-                         "delete this one") from None
-    if isinstance(state, Mapping):
-        callback.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------- snapshots (rollback, stop)
