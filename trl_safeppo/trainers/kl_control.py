@@ -48,14 +48,9 @@ def policy_logps(trainer, batch: dict):
 
 # ---------------------------------------------------------------------- the controller's owner
 class KLControl(TrainerCallback):
-    """The KL controller of one trainer and the code that moves ``trainer.beta`` with it. As a GRPO callback it logs
-    ``beta`` at the end of every optimizer step and, with ``"per_step"``, feeds the step's mean KL.
-
-    Args:
-        controller: the one controller (the reward rails' when rails are on). ``None``, or a fixed controller at 0
-            (no KL term, no reference model): beta stays as configured and nothing here acts.
-        config: the parsed ``RailsConfig`` (``None``: no rails); ``ppo``: fed ``"per_rollout"`` by PPO.
-    """
+    """The KL controller of one trainer (the reward rails' when rails are on; ``None`` or a fixed one at 0, i.e. no KL
+    term: beta stays as configured and nothing here acts) and the code that moves ``trainer.beta`` with it. ``config``
+    is the parsed ``RailsConfig`` or ``None``. As a GRPO callback it logs ``beta`` after every optimizer step."""
 
     def __init__(self, controller=None, config=None, *, ppo: bool = False):
         from ..rails.kl import FixedKLController
@@ -66,7 +61,7 @@ class KLControl(TrainerCallback):
         self.before_update = config is not None and config.kl.measure_before_update
         self.feed = "per_rollout" if ppo else "per_batch" if self.before_update else "per_step"
         self.trainer = None
-        self._step_kls: list[float] = []  # "per_step": GRPO's `kl` values of the current optimizer step
+        self._kl_seen = 0  # GRPO's `kl` values logged before the current optimizer step
 
     @property
     def value(self) -> float | None:
@@ -96,18 +91,15 @@ class KLControl(TrainerCallback):
             self.controller.set_value(float(value))
         self.trainer.beta = float(value)
 
-    # --- "per_step": GRPO's logged `kl`, averaged over an optimizer step
-    def observe_step(self, trainer) -> None:
-        """After each ``training_step``: keep GRPO's newest ``kl`` value."""
-        values = trainer._metrics["train"].get("kl")
-        if self.feed == "per_step" and self.controller is not None and values:
-            self._step_kls.append(float(values[-1]))
+    # --- GRPO, every optimizer step: log `beta`; "per_step": feed the mean of the `kl` values GRPO logged in the step
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._kl_seen = len(self.trainer._metrics["train"].get("kl", ()))
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        """GRPO, at the end of every optimizer step (before logging): log ``beta``; ``"per_step"``: feed the mean KL."""
-        self.trainer._metrics["train"]["beta"].append(float(self.trainer.beta))
-        finite = [v for v in self._step_kls if math.isfinite(v)]
-        self._step_kls.clear()
+        store = self.trainer._metrics["train"]  # GRPO's log clears it, after on_step_end only
+        store["beta"].append(float(self.trainer.beta))
+        finite = [float(v) for v in store.get("kl", [])[self._kl_seen:] if math.isfinite(v)]
         if finite and self.feed == "per_step":
             self.update(sum(finite) / len(finite),
                         args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)

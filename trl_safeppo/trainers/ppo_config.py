@@ -115,13 +115,9 @@ class SafePPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
             )
 
     def _grpo_post_init_with_one_generation(self) -> None:
-        """GRPOConfig's own checks and batch sizes for one completion per prompt (classic PPO).
-
-        GRPOConfig needs >= 2 completions per prompt and otherwise uses `num_generations` only in divisibility checks,
-        so it checks the same batch with every size doubled and 2 completions per prompt: each check then holds
-        exactly when it holds with 1 (tests/test_trl_contract.py checks this on the installed TRL). The sizes are
-        halved back afterwards; `steps_per_generation` is a ratio and comes out the same.
-        """
+        """GRPOConfig's checks and batch sizes for one completion per prompt: GRPOConfig needs >= 2 and otherwise uses
+        `num_generations` only in divisibility checks, so it checks the batch with every size doubled and 2 per prompt
+        (each check holds exactly when it holds with 1; tests/test_trl_contract.py), then the sizes are halved back."""
         sizes = ["per_device_train_batch_size", "generation_batch_size"]
         if self.num_generations_eval is None:
             sizes.append("per_device_eval_batch_size")

@@ -101,10 +101,9 @@ class TrainerRails:
 
 
 class CheckpointStateCallback(TrainerCallback):
-    """The last of a trainer's ``on_save`` callbacks: the trainer's ``save_checkpoint_state`` (rails, tripwire ladder,
-    DPO's beta), then the marker ``trl_safeppo_state.json`` (all of this package's state is in the checkpoint;
-    ``trainer_state.json`` is written before the callbacks, so it cannot say so). The recipe runner resumes only from
-    a marked checkpoint."""
+    """The last of a trainer's ``on_save`` callbacks: ``save_checkpoint_state``, then the marker (``trainer_state.json``
+    is written before the callbacks, so it cannot say that all is there). The recipe runner resumes only from a marked
+    checkpoint."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -167,11 +166,6 @@ class SafeRailsMixin(SafeCheckpointMixin):
         if self.model.training:
             self.rails_wiring.kl.update_from_batch(self, output)  # rails.kl.measure_before_update (GRPO)
         return output
-
-    def training_step(self, model, inputs, num_items_in_batch):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.rails_wiring.kl.observe_step(self)
-        return loss
 
     def save_checkpoint_state(self, folder: str) -> None:
         if self.rails_wiring.active:

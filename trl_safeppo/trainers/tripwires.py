@@ -77,9 +77,7 @@ def field_docs(cls, names: str | None = None) -> str:
 @dataclass
 class TripwireFields:
     """The tripwire fields of SafePPOConfig, SafeGRPOConfig and SafeDPOConfig (each lists it before its TRL base,
-    and its docstring lists these entries). ``logging_nan_inf_filter`` keeps NaN/inf losses visible to the
-    ``non_finite`` tripwire; ``gradient_checkpointing`` left unset gives ``activation_checkpointing`` TRL's default
-    (``True``) without transformers' deprecation warning.
+    and its docstring these entries), with two TrainingArguments fixes.
 
     Parameters:"""
 
