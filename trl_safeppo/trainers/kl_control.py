@@ -1,14 +1,12 @@
-"""Where the KL coefficient changes: the one owner of the KL controller, and the KL measurements that feed it.
+"""Where the KL coefficient changes: :class:`KLControl`, the one owner of the KL controller (``rails.kl``) and the
+only code that writes ``trainer.beta`` (read by GRPO's loss and PPO's reward), and the KL measurements that feed it,
+one way chosen once from the config:
 
-:class:`KLControl` holds the controller (``rails.kl``: fixed or adaptive, :mod:`trl_safeppo.rails.kl`) and is the
-only code that writes ``trainer.beta``, which GRPO reads in its loss (and PPO in its reward). It is fed in one of
-three ways, chosen once from the config:
-
-- ``"per_step"`` (GRPO, default): after every optimizer step, the mean of the ``kl`` values GRPO logged during it
+- ``"per_step"`` (GRPO, default): after each optimizer step, the mean ``kl`` GRPO logged in it
   (:meth:`KLControl.on_step_end`), so an update's beta comes from the previous update's KL;
-- ``"per_batch"`` (GRPO, ``rails.kl.measure_before_update``): the k3 KL of every new rollout batch before any
-  update on it (:meth:`KLControl.update_from_batch`);
-- ``"per_rollout"`` (PPO): once per rollout, the mean per-sequence KL of the rollout (:meth:`KLControl.update`).
+- ``"per_batch"`` (GRPO, ``rails.kl.measure_before_update``): the k3 KL of each new rollout batch, before any update
+  on it (:meth:`KLControl.update_from_batch`);
+- ``"per_rollout"`` (PPO): once per rollout, its mean per-sequence KL (:meth:`KLControl.update`).
 
 Its state is checkpointed once (:meth:`KLControl.state_dict`); ``beta`` is derived from it, never stored apart.
 """
