@@ -99,7 +99,8 @@ def test_from_any_reads_a_yaml_file(tmp_path):
         ({"clipp": {}}, r"unknown keys \['clipp'\]; accepted: \['non_finite'"),
         ({"kl": {"beta": 0.1}}, r"rails\.kl: unknown keys \['beta'\]; accepted: \['controller'"),
         ({"tripwires": [{"detector": "kl_limit"}]}, r"missing required params \['limit'\]"),
-        ({"tripwires": [{"detector": "nope", "action": "stop"}]}, r"detector must be one of"),
+        ({"tripwires": [{"detector": "nope", "action": "stop"}]},
+         r"rails\.tripwires\[0\]\.detector='nope' is not a detector"),
     ],
 )
 def test_bad_settings_fail_at_config_time(data, message):

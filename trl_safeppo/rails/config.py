@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..safe_yaml import safe_yaml_load  # size and alias expansion capped, as for a recipe
-from .tripwires import TripwireSpec
+from .tripwires import TripwireSpec, parse_tripwires
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -328,11 +328,7 @@ class RailsConfig:
                 setattr(self, name, cls())
             elif not isinstance(value, cls):
                 raise ValueError(f"rails.{name} must be a mapping or {cls.__name__}, got {value!r}")
-        if self.tripwires is None:
-            self.tripwires = []
-        if not isinstance(self.tripwires, list):
-            raise ValueError(f"rails.tripwires must be a list of {{detector, action, params}}, got {self.tripwires!r}")
-        self.tripwires = [_tripwire_from_any(t, i) for i, t in enumerate(self.tripwires)]
+        self.tripwires = parse_tripwires(self.tripwires, "rails.tripwires")
         _check(isinstance(self.diagnostics, bool), "diagnostics", "true or false", self.diagnostics)
 
     # --- serialization -----------------------------------------------------------------------------------------
@@ -488,20 +484,6 @@ def _section_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; accepted: {accepted}")
     return cls(**data)
-
-
-def _tripwire_from_any(value: Any, index: int) -> TripwireSpec:
-    if isinstance(value, TripwireSpec):
-        return value
-    if isinstance(value, dict):
-        accepted = ["detector", "action", "params"]
-        unknown = sorted(set(value) - set(accepted))
-        if unknown or "detector" not in value:
-            raise ValueError(
-                f"rails.tripwires[{index}]: keys must be {accepted} with 'detector' required, got {sorted(value)}"
-            )
-        return TripwireSpec(**value)
-    raise ValueError(f"rails.tripwires[{index}] must be a mapping {{detector, action, params}}, got {value!r}")
 
 
 class RewardRails:

@@ -501,6 +501,36 @@ class TripwireSpec:
         return {"detector": self.detector, "action": self.action, "params": dict(self.params)}
 
 
+def parse_tripwires(specs: Any, field: str = "tripwires") -> list[TripwireSpec]:
+    """`{detector, action, params}` mappings (or `TripwireSpec`s) -> `TripwireSpec`s; `None` -> `[]`. Bad input
+    raises one ValueError naming `<field>[i].<key>`, the value and what is accepted."""
+    if specs is None:
+        return []
+    if isinstance(specs, (str, bytes, Mapping)) or not isinstance(specs, Sequence):
+        raise ValueError(f"{field}={specs!r} must be a list of {{detector, action, params}} entries")
+    parsed = []
+    for i, spec in enumerate(specs):
+        where = f"{field}[{i}]"
+        if isinstance(spec, TripwireSpec):
+            parsed.append(spec)
+            continue
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}={spec!r} must be a mapping with keys detector, action, params")
+        unknown = sorted(set(spec) - {"detector", "action", "params"})
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {unknown}; accepted: detector, action, params")
+        detector, action = spec.get("detector"), spec.get("action", "warn")
+        if detector not in DETECTORS:
+            raise ValueError(f"{where}.detector={detector!r} is not a detector; accepted: {sorted(DETECTORS)}")
+        if action not in ACTIONS:
+            raise ValueError(f"{where}.action={action!r} is not a tripwire action; accepted: {list(ACTIONS)}")
+        try:
+            parsed.append(TripwireSpec(detector, action, spec.get("params") or {}))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{where}.params: {err}") from None
+    return parsed
+
+
 def evaluate(specs: Sequence[TripwireSpec], history: History) -> list[tuple[TripwireSpec, Verdict]]:
     """Run every spec on `history`; returns `(spec, verdict)` pairs in the specs' order."""
     return [(spec, spec.check(history)) for spec in specs]

@@ -16,11 +16,9 @@ from .ppo_config import SafePPOConfig
 
 
 class ValueModel(nn.Module):
-    """Per-token values from a sequence-classification model: its trunk, then its scalar head on every position.
-
-    `forward(input_ids, attention_mask) -> (B, L)` float values (the head of TRL's former PPOTrainer, `get_reward`).
-    Wrapping the two calls in one module lets accelerate prepare (DDP-wrap) the critic as a whole.
-    """
+    """Per-token values from a sequence-classification model: its trunk, then its scalar head on every position
+    (`forward(input_ids, attention_mask) -> (B, L)` float; TRL's former PPOTrainer `get_reward`). One module, so that
+    accelerate prepares (DDP-wraps) the critic as a whole."""
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from .grpo_config import TRIPWIRE_PARAMS
-from .tripwires import TRIPWIRE_HELP, TripwireFields, validate_tripwire_fields
+from .tripwires import TripwireFields, check_tripwire_fields, field_docs
 
 
 @dataclass
@@ -25,20 +24,16 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
 
     Parameters:
         > Chosen-likelihood guard
-
-        chosen_nll_coef (`float`, *optional*, defaults to `0.0`):
-            Weight of an NLL term on the chosen completion added to the DPO loss (TRL's `"sft"` loss type appended
-            to `loss_type`), which keeps the chosen log-probability from collapsing while the margin grows
-            (RPO, Pang et al. 2024, https://huggingface.co/papers/2404.19733, use 1.0). 0 disables it.
+{chosen_nll_coef}
 
         > Tripwires
 {tripwire_params}
     """
 
-    # Chosen-likelihood guard
-    chosen_nll_coef: float = field(
-        default=0.0, metadata={"help": "Weight of an NLL term on the chosen completion (RPO uses 1.0); 0: off."}
-    )
+    chosen_nll_coef: float = field(default=0.0, metadata={"help": (
+        "Weight of an NLL term on the chosen completion added to the DPO loss (TRL's `'sft'` loss type appended to "
+        "`loss_type`), which keeps the chosen log-probability from collapsing while the margin grows (RPO, Pang et "
+        "al. 2024, https://huggingface.co/papers/2404.19733, use 1.0). 0 disables it.")})
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,8 +47,9 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
                 f"chosen_nll_coef={coef!r} together with loss_type={self.loss_type!r}: both add the NLL term on the "
                 "chosen completion; keep one of them"
             )
-        validate_tripwire_fields(self)
+        check_tripwire_fields(self)
 
 
-# The docstring is a literal (so it is __doc__); the tripwire fields share their help text with the other configs.
-SafeDPOConfig.__doc__ = SafeDPOConfig.__doc__.format(tripwire_params=TRIPWIRE_PARAMS, **TRIPWIRE_HELP)
+# The docstring is a literal (so it is __doc__); its entries come from the fields' help text.
+SafeDPOConfig.__doc__ = SafeDPOConfig.__doc__.format(
+    chosen_nll_coef=field_docs(SafeDPOConfig, "chosen_nll_coef"), tripwire_params=field_docs(TripwireFields))

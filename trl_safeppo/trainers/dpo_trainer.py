@@ -12,14 +12,13 @@ import json
 import math
 import os
 
-from transformers import TrainerCallback
 from trl import DPOTrainer
 
 from ..fileio import write_json
 from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
 from .dpo_config import SafeDPOConfig
-from .rails_mixin import checkpoint_folder, mark_checkpoints_complete, resume_folder
-from .tripwires import add_tripwires, load_tripwire_state
+from .rails_mixin import SafeCheckpointMixin, mark_checkpoints_complete
+from .tripwires import add_tripwires
 
 DPO_STATE_FILE = "safe_dpo_state.json"
 
@@ -37,7 +36,7 @@ def check_preference_dataset(dataset, field: str = "train_dataset") -> None:
             )
 
 
-class SafeDPOTrainer(DPOTrainer):
+class SafeDPOTrainer(SafeCheckpointMixin, DPOTrainer):
     """DPOTrainer plus the chosen-likelihood guard, drift monitoring and tripwires; ``args`` is a
     :class:`SafeDPOConfig`. ``model`` (and a string ``ref_model``) may be a ``tiny://`` identifier, a local path or
     a Hub id.
@@ -65,13 +64,11 @@ class SafeDPOTrainer(DPOTrainer):
             args = copy.copy(args)
             weights = list(args.loss_weights or [1.0] * len(args.loss_type))
             args.loss_type, args.loss_weights = [*args.loss_type, "sft"], [*weights, float(coef)]
-        self.tripwire_callback = None
         super().__init__(
             model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             **kwargs,
         )
         add_tripwires(self, args)
-        self.add_callback(DPOStateCallback(self))
         mark_checkpoints_complete(self)  # last of our on_save callbacks
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -88,25 +85,14 @@ class SafeDPOTrainer(DPOTrainer):
             store["beta"].append(float(self.beta))
         return out
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        folder = resume_folder(self.args, resume_from_checkpoint)
-        if folder is not None:
-            if os.path.exists(path := os.path.join(folder, DPO_STATE_FILE)):
-                with open(path) as f:
-                    beta = json.load(f).get("beta")
-                if isinstance(beta, (int, float)) and math.isfinite(beta):
-                    self.beta = float(beta)  # a beta raised by a tripwire survives the resume
-            load_tripwire_state(self, folder)  # back on the tripwire ladder where the checkpoint left it
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+    def save_checkpoint_state(self, folder: str) -> None:
+        write_json(os.path.join(folder, DPO_STATE_FILE), {"beta": float(self.beta)})  # a tripwire may have raised it
+        super().save_checkpoint_state(folder)
 
-
-class DPOStateCallback(TrainerCallback):
-    """Writes the DPO trainer's beta (which a tripwire may have raised) into every checkpoint folder."""
-
-    def __init__(self, trainer: SafeDPOTrainer):
-        self.trainer = trainer
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            write_json(os.path.join(checkpoint_folder(args, state), DPO_STATE_FILE), {"beta": float(self.trainer.beta)})
-        return control
+    def load_checkpoint_state(self, folder: str) -> None:
+        if os.path.exists(path := os.path.join(folder, DPO_STATE_FILE)):
+            with open(path) as f:
+                beta = json.load(f).get("beta")
+            if isinstance(beta, (int, float)) and math.isfinite(beta):
+                self.beta = float(beta)  # a beta raised by a tripwire survives the resume
+        super().load_checkpoint_state(folder)  # back on the tripwire ladder where the checkpoint left it

@@ -43,7 +43,6 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
             args, reward_funcs, reward_processing_classes
         )
         self.rails_wiring = rails
-        self.tripwire_callback = None
         super().__init__(
             model=model, reward_funcs=reward_funcs, args=args, reward_processing_classes=reward_processing_classes,
             **kwargs,

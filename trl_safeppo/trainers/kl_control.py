@@ -1,14 +1,12 @@
-"""Where the KL coefficient changes: the one owner of the KL controller, and the KL measurements that feed it.
+"""Where the KL coefficient changes: :class:`KLControl`, the one owner of the KL controller (``rails.kl``) and the
+only code that writes ``trainer.beta`` (read by GRPO's loss and PPO's reward), and the KL measurements that feed it,
+one way chosen once from the config:
 
-:class:`KLControl` holds the controller (``rails.kl``: fixed or adaptive, :mod:`trl_safeppo.rails.kl`) and is the
-only code that writes ``trainer.beta``, which GRPO reads in its loss (and PPO in its reward). It is fed in one of
-three ways, chosen once from the config:
-
-- ``"per_step"`` (GRPO, default): after every optimizer step, the mean of the ``kl`` values GRPO logged during it
-  (:class:`KLStepCallback`), so an update's beta comes from the previous update's KL;
-- ``"per_batch"`` (GRPO, ``rails.kl.measure_before_update``): the k3 KL of every new rollout batch before any
-  update on it (:meth:`KLControl.update_from_batch`);
-- ``"per_rollout"`` (PPO): once per rollout, the mean per-sequence KL of the rollout (:meth:`KLControl.update`).
+- ``"per_step"`` (GRPO, default): after each optimizer step, the mean ``kl`` GRPO logged in it
+  (:meth:`KLControl.on_step_end`), so an update's beta comes from the previous update's KL;
+- ``"per_batch"`` (GRPO, ``rails.kl.measure_before_update``): the k3 KL of each new rollout batch, before any update
+  on it (:meth:`KLControl.update_from_batch`);
+- ``"per_rollout"`` (PPO): once per rollout, its mean per-sequence KL (:meth:`KLControl.update`).
 
 Its state is checkpointed once (:meth:`KLControl.state_dict`); ``beta`` is derived from it, never stored apart.
 """
@@ -19,17 +17,8 @@ import math
 
 from transformers import TrainerCallback
 
-FEEDS = ("per_step", "per_batch", "per_rollout")
-
 
 # ---------------------------------------------------------------------- KL of GRPO batches
-def kl_mask(batch: dict):
-    """`(B, T)` the completion tokens of a GRPO batch that count towards its KL (tool-call output tokens excluded,
-    as in GRPO's own loss)."""
-    mask = batch["completion_mask"]
-    return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
-
-
 def policy_logps(trainer, batch: dict):
     """`(B, T)` log-probabilities of a GRPO batch's completion tokens under the current policy: one forward without
     gradient through GRPO's own `_get_per_token_logps_and_entropies` (chunked by `per_device_train_batch_size`).
@@ -56,38 +45,21 @@ def policy_logps(trainer, batch: dict):
 
 
 # ---------------------------------------------------------------------- the controller's owner
-class KLControl:
-    """The KL controller of one trainer and the code that moves ``trainer.beta`` with it.
+class KLControl(TrainerCallback):
+    """The KL controller of one trainer (the reward rails' when rails are on; ``None`` or a fixed one at 0, i.e. no KL
+    term: beta stays as configured and nothing here acts) and the code that moves ``trainer.beta`` with it. ``config``
+    is the parsed ``RailsConfig`` or ``None``. As a GRPO callback it logs ``beta`` after every optimizer step."""
 
-    Args:
-        controller: an ``AdaptiveKLController`` / ``FixedKLController`` (``None``: beta stays as configured and
-            nothing here acts).
-        feed: how the controller is fed (module docstring): ``"per_step"``, ``"per_batch"`` or ``"per_rollout"``.
-    """
-
-    def __init__(self, controller=None, *, feed: str = "per_step", before_update: bool = False):
-        if feed not in FEEDS:
-            raise ValueError(f"feed={feed!r}; use one of {FEEDS}")
-        self.controller = controller
-        self.feed = feed
-        # rails.kl.measure_before_update: an update's beta comes from the KL of the batch it trains on ("per_batch"
-        # for GRPO; for PPO, the rollout's KL sets the beta of its own penalty)
-        self.before_update = bool(before_update) or feed == "per_batch"
-        self.trainer = None
-        self._step_kls: list[float] = []  # "per_step": GRPO's `kl` values of the current optimizer step
-
-    @classmethod
-    def build(cls, config, controller, *, ppo: bool = False) -> KLControl:
-        """For a trainer: ``config`` the parsed ``RailsConfig`` (or ``None``), ``controller`` the one controller (the
-        reward rails' when rails are on). A fixed controller at 0 means no KL term (and no reference model), so none
-        is kept."""
+    def __init__(self, controller=None, config=None, *, ppo: bool = False):
         from ..rails.kl import FixedKLController
 
-        if isinstance(controller, FixedKLController) and controller.value == 0:
-            controller = None
-        before = config is not None and config.kl.measure_before_update
-        feed = "per_rollout" if ppo else ("per_batch" if before else "per_step")
-        return cls(controller, feed=feed, before_update=before)
+        self.controller = None if isinstance(controller, FixedKLController) and controller.value == 0 else controller
+        # rails.kl.measure_before_update: an update's beta comes from the KL of the batch it trains on ("per_batch"
+        # for GRPO; for PPO, the rollout's KL sets the beta of its own penalty)
+        self.before_update = config is not None and config.kl.measure_before_update
+        self.feed = "per_rollout" if ppo else "per_batch" if self.before_update else "per_step"
+        self.trainer = None
+        self._kl_seen = 0  # GRPO's `kl` values logged before the current optimizer step
 
     @property
     def value(self) -> float | None:
@@ -96,18 +68,20 @@ class KLControl:
     def start(self, trainer) -> None:
         """Bind to a constructed trainer: ``trainer.beta`` starts at the controller's value."""
         self.trainer = trainer
-        if self.controller is None:
-            return
-        trainer.beta = self.value
-        if self.feed != "per_rollout":  # GRPO logs beta once per optimizer step (PPO once per rollout)
-            trainer.add_callback(KLStepCallback(self))
+        self.sync()
+        if self.controller is not None and self.feed != "per_rollout":  # PPO logs beta once per rollout
+            trainer.add_callback(self)
+
+    def sync(self) -> None:
+        """``trainer.beta`` <- the controller's value."""
+        if self.controller is not None and self.trainer is not None:
+            self.trainer.beta = self.value
 
     def update(self, kl: float, n_samples: int) -> None:
         """Feed one KL measurement over ``n_samples`` samples; beta follows the controller."""
-        if self.controller is None or self.trainer is None:
-            return
-        self.controller.update(kl, n_samples)
-        self.trainer.beta = self.value
+        if self.controller is not None and self.trainer is not None:
+            self.controller.update(kl, n_samples)
+            self.sync()
 
     def set_beta(self, value: float) -> None:
         """Set the KL coefficient from outside (the ``raise_kl`` and ``rollback`` tripwire actions)."""
@@ -115,43 +89,35 @@ class KLControl:
             self.controller.set_value(float(value))
         self.trainer.beta = float(value)
 
-    # --- "per_step": GRPO's logged `kl`, averaged over an optimizer step
-    def observe_step(self, trainer) -> None:
-        """After each ``training_step``: keep GRPO's newest ``kl`` value."""
-        values = trainer._metrics["train"].get("kl")
-        if self.feed == "per_step" and self.controller is not None and values:
-            self._step_kls.append(float(values[-1]))
+    # --- GRPO, every optimizer step: log `beta`; "per_step": feed the mean of the `kl` values GRPO logged in the step
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._kl_seen = len(self.trainer._metrics["train"].get("kl", ()))
+        return control
 
-    def end_step(self) -> None:
-        """At the end of every optimizer step (GRPO): log ``beta``; with ``"per_step"``, feed the step's mean KL."""
-        trainer = self.trainer
-        trainer._metrics["train"]["beta"].append(float(trainer.beta))
-        finite = [v for v in self._step_kls if math.isfinite(v)]
-        self._step_kls.clear()
+    def on_step_end(self, args, state, control, **kwargs):
+        store = self.trainer._metrics["train"]  # GRPO's log clears it, after on_step_end only
+        store["beta"].append(float(self.trainer.beta))
+        finite = [float(v) for v in store.get("kl", [])[self._kl_seen:] if math.isfinite(v)]
         if finite and self.feed == "per_step":
-            args = trainer.args
             self.update(sum(finite) / len(finite),
                         args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+        return control
 
     # --- "per_batch": the KL of each new GRPO batch, before any update on it
     def update_from_batch(self, trainer, output: dict) -> None:
         """Feed the controller the KL of a new GRPO batch (the output of ``_generate_and_score_completions``) before
-        any update on it, and set ``trainer.beta`` for those updates.
-
-        The KL is GRPO's own: k3 of the current policy against the reference, averaged over the completion tokens of
-        all processes, i.e. what the first update on this batch will log as ``kl``.
-        The policy's log-probabilities are GRPO's ``old_per_token_logps`` when it computed them, else one forward
-        without gradient.
-        """
+        any update on it: GRPO's own k3 of the current policy against the reference, averaged over the completion
+        tokens of all processes (tool-call output excluded, as in GRPO's loss), i.e. what the first update on it will
+        log as ``kl``. The policy's log-probabilities are GRPO's ``old_per_token_logps`` when it computed them, else
+        one forward without gradient."""
         import torch
 
         from ..rails.kl import FixedKLController, kl_per_token
 
-        if self.feed != "per_batch" or self.controller is None or output.get("ref_per_token_logps") is None:
+        if (self.feed != "per_batch" or output.get("ref_per_token_logps") is None or self.controller is None
+                or isinstance(self.controller, FixedKLController)):  # a fixed beta does not move: spare the forward
             return
-        if isinstance(self.controller, FixedKLController):  # nothing to move: spare the forward
-            return
-        mask = kl_mask(output)
+        mask = output["completion_mask"] * (1 if output.get("tool_mask") is None else output["tool_mask"])
         logps = output.get("old_per_token_logps")
         if logps is None:
             logps = policy_logps(trainer, output)
@@ -169,19 +135,3 @@ class KLControl:
         if self.controller is not None and state is not None:
             self.controller.load_state_dict(state)
             self.sync()
-
-    def sync(self) -> None:
-        """``trainer.beta`` <- the controller's value (after its state was loaded)."""
-        if self.controller is not None and self.trainer is not None:
-            self.trainer.beta = self.value
-
-
-class KLStepCallback(TrainerCallback):
-    """GRPO: runs :meth:`KLControl.end_step` at the end of every optimizer step (before logging)."""
-
-    def __init__(self, kl: KLControl):
-        self.kl = kl
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.kl.end_step()
-        return control

@@ -1,10 +1,12 @@
-"""The rails of one GRPO-based trainer (SafeGRPOTrainer, SafePPOTrainer): what they hold, and the hooks that run them.
+"""The rails of one GRPO-based trainer (SafeGRPOTrainer, SafePPOTrainer), and the checkpoint state of every Safe*
+trainer.
 
-- :class:`TrainerRails` (``trainer.rails_wiring``), built once from ``args.rails_config``, holds two pieces, each
-  the one owner of its state: ``rewards`` (:class:`~.reward_rails.RewardStage`) and ``kl``
-  (:class:`~.kl_control.KLControl`: the controller and ``beta``). They are checkpointed in one file,
-  ``safe_rails_state.pt``, written in ``on_save`` and read back by :meth:`SafeRailsMixin.train` on resume.
-- :class:`SafeRailsMixin` holds the GRPOTrainer overrides that call them; with no rails every one is a pass-through.
+- :class:`TrainerRails` (``trainer.rails_wiring``), built once from ``args.rails_config``: ``rewards``
+  (:class:`~.reward_rails.RewardStage`) and ``kl`` (:class:`~.kl_control.KLControl`), each the one owner of its
+  state; :class:`SafeRailsMixin`: the GRPOTrainer overrides that call them (with no rails, pass-throughs).
+- :class:`SafeCheckpointMixin`: this package's files in a checkpoint (``safe_rails_state.pt``, the tripwire ladder,
+  DPO's beta), written by one ``on_save`` (:class:`CheckpointStateCallback`, last the marker) and read back in
+  ``train(resume_from_checkpoint=...)``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from transformers import TrainerCallback
 from .. import fileio
 from .kl_control import KLControl
 from .reward_rails import RewardStage
-from .tripwires import load_tripwire_state, save_tripwire_state
 
 RAILS_STATE_FILE = "safe_rails_state.pt"
 STATE_MARKER = "trl_safeppo_state.json"  # written last into a checkpoint: all of this package's state is there
@@ -30,34 +31,12 @@ def checkpoint_folder(args, state) -> str:
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
-def resume_folder(args, resume_from_checkpoint) -> str | None:
-    """``train(resume_from_checkpoint=...)``'s folder (``True``: the last of ``output_dir``, None if none)."""
-    if resume_from_checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        return get_last_checkpoint(args.output_dir)
-    return resume_from_checkpoint or None
-
-
-def upgrade_state(state: dict) -> dict:
-    """A rails state file of either format, as version 2. Version 1 stored the KL controller twice (inside ``rails``
-    and as ``kl``) and ``beta`` apart; version 2 stores it once (in ``rails`` with reward rails, else as ``kl``)."""
-    version = state.get("version", 1)
-    if version == STATE_VERSION:
-        return state
-    if version != 1:
-        raise ValueError(f"{RAILS_STATE_FILE} has version {version!r}; this trl_safeppo reads versions 1 and 2")
-    rails = state.get("rails")
-    return {"version": STATE_VERSION, "rails": rails, "kl": state.get("kl") if rails is None else None}
-
-
 class TrainerRails:
     """Reward rails and KL control of one trainer (see the module docstring)."""
 
     def __init__(self, rewards: RewardStage | None = None, kl: KLControl | None = None):
         self.rewards = rewards or RewardStage()
         self.kl = kl or KLControl()
-        self.trainer = None
 
     @classmethod
     def from_args(cls, args, *, ppo: bool = False) -> TrainerRails:
@@ -69,9 +48,9 @@ class TrainerRails:
         config = getattr(args, "rails_config", None)
         if config is None:
             controller = FixedKLController(args.beta) if ppo and args.beta > 0 else None
-            return cls(kl=KLControl.build(None, controller, ppo=ppo))
+            return cls(kl=KLControl(controller, ppo=ppo))
         rails = RewardRails(config, default_kl_coef=args.beta)
-        return cls(RewardStage(rails), KLControl.build(config, rails.kl_controller, ppo=ppo))
+        return cls(RewardStage(rails), KLControl(rails.kl_controller, config, ppo=ppo))
 
     @property
     def rails(self):
@@ -99,11 +78,8 @@ class TrainerRails:
 
     def start(self, trainer) -> None:
         """Bind to the constructed trainer."""
-        self.trainer = trainer
         self.rewards.start(trainer)
         self.kl.start(trainer)
-        if self.active:
-            trainer.add_callback(RailsCheckpointCallback(self))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -111,41 +87,31 @@ class TrainerRails:
         return {"version": STATE_VERSION, "rails": rails, "kl": self.kl.state_dict() if rails is None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        state = upgrade_state(state)
-        if self.rails is not None and state.get("rails") is not None:
-            self.rails.load_state_dict(state["rails"])  # the controller is the rails' own: loaded with them
-            self.kl.sync()
+        """Either format: version 1 also stored the controller inside ``rails`` when reward rails were on (its ``kl``
+        entry then repeated it) and ``beta`` apart; version 2 stores the controller once."""
+        if state.get("version", 1) not in (1, STATE_VERSION):
+            raise ValueError(f"{RAILS_STATE_FILE} has version {state['version']!r}; this trl_safeppo reads versions 1 "
+                             "and 2")
+        if state.get("rails") is not None:
+            if self.rails is not None:
+                self.rails.load_state_dict(state["rails"])  # the controller is the rails' own: loaded with them
+                self.kl.sync()
         elif state.get("kl") is not None:
             self.kl.load_state_dict(state["kl"])
 
 
-class RailsCheckpointCallback(TrainerCallback):
-    """Writes the rails state into every checkpoint folder, right after the Trainer wrote it."""
-
-    def __init__(self, rails: TrainerRails):
-        self.rails = rails
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            import torch
-
-            with fileio.atomic_path(os.path.join(checkpoint_folder(args, state), RAILS_STATE_FILE)) as tmp:
-                torch.save(self.rails.state_dict(), tmp)
-        return control
-
-
 class CheckpointStateCallback(TrainerCallback):
-    """The last of a trainer's ``on_save`` callbacks: writes the tripwire ladder's state, then the marker
-    ``trl_safeppo_state.json`` (all of this package's state is in the checkpoint; ``trainer_state.json`` is written
-    before the callbacks, so it cannot say so). The recipe runner resumes only from a marked checkpoint."""
+    """The last of a trainer's ``on_save`` callbacks: ``save_checkpoint_state``, then the marker (``trainer_state.json``
+    is written before the callbacks, so it cannot say that all is there). The recipe runner resumes only from a marked
+    checkpoint."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
-        folder = checkpoint_folder(args, state)
-        save_tripwire_state(self.trainer, folder)
         if args.should_save:
+            folder = checkpoint_folder(args, state)
+            self.trainer.save_checkpoint_state(folder)
             fileio.write_json(os.path.join(folder, STATE_MARKER), {"global_step": state.global_step, "complete": True})
         return control
 
@@ -155,7 +121,37 @@ def mark_checkpoints_complete(trainer) -> None:
     trainer.add_callback(CheckpointStateCallback(trainer))
 
 
-class SafeRailsMixin:
+class SafeCheckpointMixin:
+    """What this package adds to a trainer's checkpoints, written by :class:`CheckpointStateCallback` (main process)
+    and read back in ``train(resume_from_checkpoint=...)``; subclasses add their own files through ``super()``."""
+
+    tripwire_callback = None  # set by tripwires.add_tripwires
+
+    def save_checkpoint_state(self, folder: str) -> None:
+        if self.tripwire_callback is not None:
+            self.tripwire_callback.save(folder)
+
+    def load_checkpoint_state(self, folder: str) -> None:
+        if self.tripwire_callback is not None:
+            self.tripwire_callback.load(folder)  # last: the ladder's beta is the one in force
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        from ..rewards.timeout import close_workers
+
+        folder = resume_from_checkpoint or None
+        if folder is True:  # the last checkpoint of output_dir, if any
+            from transformers.trainer_utils import get_last_checkpoint
+
+            folder = get_last_checkpoint(self.args.output_dir)
+        if folder is not None:
+            self.load_checkpoint_state(folder)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:  # the reward functions' worker processes end with training, also when it raises
+            close_workers(getattr(self, "reward_funcs", None) or [])
+
+
+class SafeRailsMixin(SafeCheckpointMixin):
     """GRPOTrainer overrides that route through ``self.rails_wiring``: ``class X(SafeRailsMixin, GRPOTrainer)``,
     calling ``TrainerRails.prepare_init`` before and ``start(self)`` after ``super().__init__``."""
 
@@ -171,27 +167,18 @@ class SafeRailsMixin:
             self.rails_wiring.kl.update_from_batch(self, output)  # rails.kl.measure_before_update (GRPO)
         return output
 
-    def training_step(self, model, inputs, num_items_in_batch):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.rails_wiring.kl.observe_step(self)
-        return loss
+    def save_checkpoint_state(self, folder: str) -> None:
+        if self.rails_wiring.active:
+            import torch
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        from ..rewards.timeout import close_workers
-
-        folder = resume_folder(self.args, resume_from_checkpoint)
-        if folder is not None:
-            self.load_checkpoint_state(folder)
-            load_tripwire_state(self, folder)  # after the rails: the ladder's beta is the one in force
-        try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:  # the reward functions' worker processes end with training, also when it raises
-            close_workers(getattr(self, "reward_funcs", None) or [])
+            with fileio.atomic_path(os.path.join(folder, RAILS_STATE_FILE)) as tmp:
+                torch.save(self.rails_wiring.state_dict(), tmp)
+        super().save_checkpoint_state(folder)
 
     def load_checkpoint_state(self, folder: str) -> None:
-        """What this package adds to a checkpoint folder, read back before the Trainer resumes from it."""
         path = os.path.join(folder, RAILS_STATE_FILE)
         if self.rails_wiring.active and os.path.exists(path):
             import torch
 
             self.rails_wiring.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        super().load_checkpoint_state(folder)

@@ -1,12 +1,9 @@
 """The reward rails on GRPO's rewards: where a trainer's rewards are summed and railed, once.
 
-GRPO gathers every reward function's scores over all processes (``rewards_per_func``, ``(B, K)``), sums them with
-``reward_weights`` and normalizes them per group. :class:`RewardStage` sits between the gathering and the sum: it sums
-the user's columns (:func:`weighted_reward`), runs the rails (:class:`trl_safeppo.rails.RewardRails`) on the sum, and
-writes ``railed - raw`` into one extra column, :class:`RailsAdjustment`, so that GRPO's own weighted sum *is* the
-railed reward. GRPO's group normalization (``scale_rewards``), ``loss_type`` and ``mask_truncated_completions`` then
-run unchanged, ``rewards/<func>/mean`` stays the raw score, and ``rewards/rails_adjustment/mean`` shows what the
-rails changed. Every process sees the global batch, so every process updates identical rail state.
+:class:`RewardStage` sits between GRPO's gathering of every reward function's scores (``rewards_per_func``, (B, K))
+and their weighted sum: it rails the sum of the user's columns and writes ``railed - raw`` into one extra column,
+:class:`RailsAdjustment`, so that GRPO's own weighted sum *is* the railed reward and its group normalization runs
+unchanged (docs/grpo.md). Every process sees the global batch, so every process updates identical rail state.
 """
 
 from __future__ import annotations

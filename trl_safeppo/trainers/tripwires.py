@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -19,7 +20,9 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..fileio import atomic_path, write_json
-from ..rails.tripwires import ACTIONS, DETECTORS, SEVERITY, TripwireSpec, escalate, evaluate, init_ladder
+from ..rails.tripwires import (
+    ACTIONS, DETECTORS, SEVERITY, TripwireSpec, escalate, evaluate, init_ladder, parse_tripwires,
+)
 
 STATUS_CODE = {"ok": 0.0, "warn": 1.0, "trip": 2.0}
 TRIPWIRES_FILE = "tripwires.jsonl"
@@ -27,29 +30,6 @@ SNAPSHOT_FILE = "snapshot.pt"
 LAST_GOOD_DIR = "tripwire-last-good"
 CANDIDATE_DIR = "tripwire-candidate"
 STATE_FILE = "tripwire_state.json"  # in each checkpoint: the ladder's position, beta and the beta the stage began with
-
-TRIPWIRE_HELP = {
-    "tripwires": "Tripwires of this stage: a list of `{detector, action, params}`. `detector` is one of the rails' "
-    f"detectors ({', '.join(f'`{d}`' for d in DETECTORS)}), `action` one of {', '.join(f'`{a}`' for a in ACTIONS)}, "
-    "`params` the detector's thresholds. Events go to `<output_dir>/tripwires.jsonl`. `None`: the `tripwires` of the "
-    "`rails` block when rails are set (default there: `non_finite` -> `stop`, `reward_timeout` and `silent_reward` -> "
-    "`warn`), else none; `[]`: none.",
-    "raise_kl_factor": "`raise_kl` multiplies beta by this factor (> 1).",
-    "rollback_beta_factor": "After a `rollback`, beta is multiplied by this factor (>= 1; 1 keeps beta).",
-    "rollback_lr_factor": "After a `rollback`, the learning rate is multiplied by this factor (in (0, 1]).",
-    "max_rollbacks": "Rollbacks allowed in one stage; a further `rollback` trip ends the stage like `stop` (>= 0).",
-    "max_beta": "`raise_kl` never raises beta above this; a `raise_kl` trip with beta already there escalates to "
-    "`rollback` (then `stop`, once `tripwire_max_rollbacks` are used). `None`: 16 x the beta the stage started with "
-    "(four doublings), and never above an adaptive KL controller's `max_coef`.",
-    "reward_timeout_s": "Seconds each call of a reward function may take (> 0); past it the call is cut off (its "
-    "worker process killed), the batch's scores from that function are None, a warning is logged and "
-    "`rewards/<func>/timeout` counts it for the `reward_timeout` tripwire. The pre-flight self-test uses the same "
-    "limit. `None`: no timeout (functions run in the trainer process). Reward models (`nn.Module`) and async "
-    "functions are not timed.",
-    "snapshot_every": "Take the last-good snapshot every this many clean logging steps (>= 1); used by `rollback` "
-    "and `stop`. Snapshots hold the policy and the optimizer state, so they cost memory and disk on large models.",
-}
-
 
 # the test each action knob passes, and the fix its error names
 _KNOBS = {
@@ -84,105 +64,86 @@ class TripwireActions:
         return cls(**{f.name: getattr(args, f"tripwire_{f.name}", f.default) for f in fields(cls)})
 
 
-def parse_tripwires(specs: Sequence[Any] | None, *, field: str = "tripwires") -> list[TripwireSpec]:
-    """Dicts (or ``TripwireSpec``) -> ``TripwireSpec`` list; bad input raises one ``ValueError`` naming
-    ``<field>[i].<key>``, the value and what is accepted."""
-    if specs is None:
-        return []
-    if isinstance(specs, (str, bytes, Mapping)) or not isinstance(specs, Sequence):
-        raise ValueError(f"{field}={specs!r} must be a list of {{detector, action, params}} entries")
-    parsed = []
-    for i, spec in enumerate(specs):
-        where = f"{field}[{i}]"
-        if isinstance(spec, TripwireSpec):
-            parsed.append(spec)
-            continue
-        if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}={spec!r} must be a mapping with keys detector, action, params")
-        unknown = sorted(set(spec) - {"detector", "action", "params"})
-        if unknown:
-            raise ValueError(f"{where} has unknown keys {unknown}; accepted: detector, action, params")
-        detector = spec.get("detector")
-        if detector not in DETECTORS:
-            raise ValueError(f"{where}.detector={detector!r} is not a detector; accepted: {sorted(DETECTORS)}")
-        action = spec.get("action", "warn")
-        if action not in ACTIONS:
-            raise ValueError(f"{where}.action={action!r} is not a tripwire action; accepted: {list(ACTIONS)}")
-        try:
-            parsed.append(TripwireSpec(detector=detector, action=action, params=spec.get("params") or {}))
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{where}.params: {err}") from None
-    return parsed
+def field_docs(cls, names: str | None = None) -> str:
+    """Class-docstring entries of a dataclass's fields (all, or the space-separated ``names``), from their ``help``
+    (one text for both)."""
+    chosen = fields(cls) if names is None else [{f.name: f for f in fields(cls)}[n] for n in names.split()]
+    return "".join(f"\n        {f.name} (`{f.type}`, defaults to `{f.default!r}`):\n"
+                   + textwrap.fill(f.metadata["help"], 120, initial_indent=" " * 12, subsequent_indent=" " * 12,
+                                   break_on_hyphens=False)
+                   for f in chosen)
 
 
 @dataclass
 class TripwireFields:
-    """The tripwire fields of SafePPOConfig, SafeGRPOConfig and SafeDPOConfig (each lists it before its TRL base and
-    describes the fields from ``TRIPWIRE_HELP`` in its own docstring).
+    """The tripwire fields of SafePPOConfig, SafeGRPOConfig and SafeDPOConfig (each lists it before its TRL base,
+    and its docstring these entries), with two TrainingArguments fixes.
 
-    Parameters:
-        tripwires, tripwire_raise_kl_factor, tripwire_rollback_beta_factor, tripwire_rollback_lr_factor,
-        tripwire_max_rollbacks, tripwire_snapshot_every, tripwire_max_beta: see ``TRIPWIRE_HELP``.
-        logging_nan_inf_filter (`bool`, defaults to `False`): keeps NaN/inf losses visible to the `non_finite`
-            tripwire.
-        gradient_checkpointing (`bool` or `None`, defaults to `None`): transformers' deprecated alias of
-            `activation_checkpointing`; left unset, that one takes TRL's default (`True`) without the warning.
-    """
+    Parameters:"""
 
-    tripwires: list[dict] | None = field(default=None, metadata={"help": TRIPWIRE_HELP["tripwires"]})
-    tripwire_raise_kl_factor: float = field(default=2.0, metadata={"help": TRIPWIRE_HELP["raise_kl_factor"]})
-    tripwire_rollback_beta_factor: float = field(default=2.0, metadata={"help": TRIPWIRE_HELP["rollback_beta_factor"]})
-    tripwire_rollback_lr_factor: float = field(default=0.5, metadata={"help": TRIPWIRE_HELP["rollback_lr_factor"]})
-    tripwire_max_rollbacks: int = field(default=2, metadata={"help": TRIPWIRE_HELP["max_rollbacks"]})
-    tripwire_snapshot_every: int = field(default=1, metadata={"help": TRIPWIRE_HELP["snapshot_every"]})
-    tripwire_max_beta: float | None = field(default=None, metadata={"help": TRIPWIRE_HELP["max_beta"]})
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={
-            "help": "Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running "
-            "average in the logs and would hide it from the `non_finite` tripwire."
-        },
-    )
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers); unset, that one defaults to "
-                          "TRL's True."},
-    )
+    tripwires: list[dict] | None = field(default=None, metadata={"help": (
+        "Tripwires of this stage: a list of `{detector, action, params}`. `detector` is one of the rails' detectors "
+        f"({', '.join(f'`{d}`' for d in DETECTORS)}), `action` one of {', '.join(f'`{a}`' for a in ACTIONS)}, "
+        "`params` the detector's thresholds. Events go to `<output_dir>/tripwires.jsonl`. `None`: the `tripwires` of "
+        "the `rails` block when rails are set (default there: `non_finite` -> `stop`, `reward_timeout` and "
+        "`silent_reward` -> `warn`), else none; `[]`: none.")})
+    tripwire_raise_kl_factor: float = field(
+        default=2.0, metadata={"help": "`raise_kl` multiplies beta by this factor (> 1)."})
+    tripwire_rollback_beta_factor: float = field(
+        default=2.0, metadata={"help": "After a `rollback`, beta is multiplied by this factor (>= 1; 1 keeps beta)."})
+    tripwire_rollback_lr_factor: float = field(default=0.5, metadata={
+        "help": "After a `rollback`, the learning rate is multiplied by this factor (in (0, 1])."})
+    tripwire_max_rollbacks: int = field(default=2, metadata={
+        "help": "Rollbacks allowed in one stage; a further `rollback` trip ends the stage like `stop` (>= 0)."})
+    tripwire_snapshot_every: int = field(default=1, metadata={"help": (
+        "Take the last-good snapshot every this many clean logging steps (>= 1); used by `rollback` and `stop`. "
+        "Snapshots hold the policy and the optimizer state, so they cost memory and disk on large models.")})
+    tripwire_max_beta: float | None = field(default=None, metadata={"help": (
+        "`raise_kl` never raises beta above this; a `raise_kl` trip with beta already there escalates to `rollback` "
+        "(then `stop`, once `tripwire_max_rollbacks` are used). `None`: 16 x the beta the stage started with (four "
+        "doublings), and never above an adaptive KL controller's `max_coef`.")})
+    logging_nan_inf_filter: bool = field(default=False, metadata={"help": (
+        "Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in "
+        "the logs and would hide it from the `non_finite` tripwire.")})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
+        "Deprecated alias of `activation_checkpointing` (transformers); unset, that one defaults to TRL's True.")})
 
     def __post_init__(self):
         # TRL's configs default the deprecated `gradient_checkpointing` to True, which makes transformers warn at every
         # config; the same default goes to the current name instead (an explicit value of either name is kept)
         if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:
             self.activation_checkpointing = True
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
+        super().__post_init__()  # the TRL config's
 
 
 @dataclass
 class RewardTimeoutFields:
     """The reward-function timeout of SafeGRPOConfig and SafePPOConfig (listed before their TRL base).
 
-    Parameters:
-        reward_timeout_s (`float`, *optional*, defaults to `60.0`): see ``TRIPWIRE_HELP["reward_timeout_s"]``.
-    """
+    Parameters:"""
 
-    reward_timeout_s: float | None = field(default=60.0, metadata={"help": TRIPWIRE_HELP["reward_timeout_s"]})
-
-
-def validate_reward_timeout(args) -> None:
-    """``reward_timeout_s`` is None or seconds > 0 (one ValueError naming the field, the value and the fix)."""
-    from ..rewards.timeout import check_timeout
-
-    args.reward_timeout_s = check_timeout(args.reward_timeout_s)
+    reward_timeout_s: float | None = field(default=60.0, metadata={"help": (
+        "Seconds each call of a reward function may take (> 0); past it the call is cut off (its worker process "
+        "killed), the batch's scores from that function are None, a warning is logged and `rewards/<func>/timeout` "
+        "counts it for the `reward_timeout` tripwire. The pre-flight self-test uses the same limit. `None`: no "
+        "timeout (functions run in the trainer process). Reward models (`nn.Module`) and async functions are not "
+        "timed.")})
 
 
-def validate_tripwire_fields(args) -> None:
-    """``__post_init__`` check shared by the Safe*Config classes; keeps ``args.tripwires`` as JSON-able dicts."""
-    specs = parse_tripwires(args.tripwires)
+TripwireFields.__doc__ += field_docs(TripwireFields)
+RewardTimeoutFields.__doc__ += field_docs(RewardTimeoutFields)
+
+
+def check_tripwire_fields(args) -> None:
+    """``__post_init__`` check of the Safe*Config classes: ``tripwires`` (kept as JSON-able dicts), the action knobs
+    and, where the config has it, ``reward_timeout_s`` (each error names the field, the value and the fix)."""
     if args.tripwires is not None:
-        args.tripwires = [spec.to_dict() for spec in specs]
+        args.tripwires = [spec.to_dict() for spec in parse_tripwires(args.tripwires)]
     TripwireActions.from_args(args)
+    if hasattr(args, "reward_timeout_s"):
+        from ..rewards.timeout import check_timeout
+
+        args.reward_timeout_s = check_timeout(args.reward_timeout_s)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -210,7 +171,7 @@ def _controller(trainer):
 
 def _set_beta(trainer, value: float) -> None:
     wiring = getattr(trainer, "rails_wiring", None)
-    if wiring is not None and wiring.trainer is trainer:
+    if wiring is not None and wiring.kl.trainer is trainer:
         wiring.kl.set_beta(value)
     else:
         trainer.beta = float(value)
@@ -286,7 +247,24 @@ class TripwireCallback(TrainerCallback):
         self.history = [h for h in self.history if h.get("step", -1) <= step]
         return step
 
-    # ------------------------------------------------------------------ checkpoint
+    # ------------------------------------------------------------------ checkpoint (tripwire_state.json)
+    def save(self, checkpoint: str) -> None:
+        write_json(os.path.join(checkpoint, STATE_FILE), self.state_dict())
+
+    def load(self, checkpoint: str) -> None:
+        """On resume: back on the ladder where the checkpoint left it (a raised beta, rollbacks already taken)."""
+        path = os.path.join(checkpoint, STATE_FILE)
+        if not os.path.exists(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} is unreadable ({err}); the checkpoint is damaged: resume from an earlier one or "
+                             "delete this one") from None
+        if isinstance(state, Mapping):
+            self.load_state_dict(state)
+
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs to stay on the ladder: rollbacks taken, beta now and the beta the stage began with
         (``max_beta``'s default is 16 x that one, not 16 x a raised beta)."""
@@ -398,29 +376,6 @@ def add_tripwires(trainer, args, wiring=None) -> TripwireCallback | None:
         trainer.tripwire_callback = TripwireCallback(trainer, specs, TripwireActions.from_args(args), args.output_dir)
         trainer.add_callback(trainer.tripwire_callback)
     return trainer.tripwire_callback
-
-
-def save_tripwire_state(trainer, checkpoint: str) -> None:
-    """Write the ladder's state into a checkpoint folder (main process; nothing without tripwires)."""
-    callback = getattr(trainer, "tripwire_callback", None)
-    if callback is not None and trainer.args.should_save:
-        write_json(os.path.join(checkpoint, STATE_FILE), callback.state_dict())  # creates the folder if need be
-
-
-def load_tripwire_state(trainer, checkpoint: str | None) -> None:
-    """On resume: back on the ladder where the checkpoint left it (a raised beta, rollbacks already taken)."""
-    callback = getattr(trainer, "tripwire_callback", None)
-    path = os.path.join(checkpoint or "", STATE_FILE)
-    if callback is None or not checkpoint or not os.path.exists(path):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is unreadable ({err}); the checkpoint is damaged: resume from an earlier one or "
-                         "delete this one") from None
-    if isinstance(state, Mapping):
-        callback.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------- snapshots (rollback, stop)
