@@ -109,10 +109,10 @@ from datasets import Dataset
 
 out, kind = sys.argv[1], sys.argv[2]
 
-class LengthReward:
-    __name__ = "length_reward"
+class TokenReward:  # varies within a group (a length reward would not: all completions reach the 6-token cap)
+    __name__ = "token_reward"
     def __call__(self, prompts, completions, completion_ids=None, **kwargs):
-        return [len(ids) / 8.0 for ids in completion_ids]
+        return [(len(ids) + sum(ids) % 5) / 8.0 for ids in completion_ids]
 
 common = dict(output_dir=out, per_device_train_batch_size=2, logging_steps=1, report_to=[], bf16=False,
               learning_rate=1e-3, ddp_backend="gloo", gradient_checkpointing=False, disable_tqdm=True, seed=0)
@@ -136,13 +136,13 @@ if kind == "ppo":
     def make(steps):
         args = SafePPOConfig(**common, max_completion_length=6, max_steps=steps, num_iterations=1,
                              steps_per_generation=2, gradient_accumulation_steps=2, save_strategy="steps", save_steps=2)
-        return SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts)
+        return SafePPOTrainer(model="tiny://debug", reward_funcs=TokenReward(), args=args, train_dataset=prompts)
 elif kind == "grpo":
     from trl_safeppo import SafeGRPOConfig, SafeGRPOTrainer
     def make(steps):
         args = SafeGRPOConfig(**common, num_generations=2, max_completion_length=6, max_steps=steps, beta=0.04,
                               save_strategy="no")
-        return SafeGRPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts)
+        return SafeGRPOTrainer(model="tiny://debug", reward_funcs=TokenReward(), args=args, train_dataset=prompts)
 else:
     from trl_safeppo import SafeDPOConfig, SafeDPOTrainer
     pairs = Dataset.from_dict({"prompt": [f"What is {i} + 1? " for i in range(16)],
