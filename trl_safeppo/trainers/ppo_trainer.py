@@ -359,7 +359,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         if self.is_deepspeed_enabled:  # the engine clips at gradient_clipping (= max_grad_norm), steps, zeroes
             self.critic.step()
             norm, stepped = self.critic.get_global_grad_norm(), self.critic.was_step_applied()
-        else:  # the critic's gradient alone is unscaled (fp16), clipped and stepped; the policy's step updates the scale
+        else:  # the critic's gradient alone is unscaled (fp16), clipped, stepped; the policy's step updates the scale
             norm, stepped = critic_optimizer_step(
                 self.accelerator, list(self.critic.parameters()), self.critic_optimizer, self.args.max_grad_norm
             )

@@ -5,7 +5,7 @@ The critic gets a second engine from `deepspeed.initialize`, with the policy's c
 precision and clipping at `max_grad_norm`) around its own optimizer, so ZeRO partitions the critic's gradients and
 Adam states (and, at stage 3, its weights). PPO backpropagates one loss through both models; the Trainer runs that
 backward through the policy's engine, and DeepSpeed's hooks on the critic engine's output reduce the critic's
-gradients in the same pass (DeepSpeed >= 0.18 supports a backward not started by the engine). The trainer then steps
+gradients in the same pass (DeepSpeed 0.19.8 supports a backward not started by the engine). The trainer then steps
 the critic's engine at each optimizer step. Refused here: ZeRO stages 0/1, ZeRO offload (not run), fp16 (the backward
 carries only the policy engine's loss scale).
 
