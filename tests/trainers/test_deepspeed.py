@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from trl_safeppo.trainers.zero import check
+from trl_safeppo.trainers.sharding import check_critic_sharding
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_deepspeed = pytest.mark.skipif(
@@ -40,31 +40,34 @@ def _free_port() -> int:
 
 # ---------------------------------------------------------------------- config-time refusals (no processes)
 def _accelerator(stage=2, fp16=False, offload="none"):
+    from accelerate.utils import DistributedType
+
     config = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": offload}},
               "fp16": {"enabled": fp16}}
-    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
 
 
 def test_zero_settings_the_critic_engine_cannot_run_are_refused_with_the_fix():
     import torch
 
-    check(_accelerator(2), None)
-    check(_accelerator(3), torch.nn.Linear(2, 1))  # a value_model on the CPU is partitioned as its engine is built
-    check(_accelerator(2, fp16="auto"), None)  # "auto" left unresolved is not fp16
+    assert check_critic_sharding(_accelerator(2), None) is None
+    check_critic_sharding(_accelerator(3), torch.nn.Linear(2, 1))  # a value_model on the CPU: partitioned when built
+    check_critic_sharding(_accelerator(2, fp16="auto"), None)  # "auto" left unresolved is not fp16
     with pytest.raises(ValueError, match=r"zero_stage=1: .*set zero_stage: 2"):
-        check(_accelerator(1), None)
+        check_critic_sharding(_accelerator(1), None)
     with pytest.raises(ValueError, match=r"offload_optimizer_device='cpu'.*set offload_optimizer_device: none"):
-        check(_accelerator(3, offload="cpu"), None)
+        check_critic_sharding(_accelerator(3, offload="cpu"), None)
     with pytest.raises(ValueError, match=r"fp16=True under DeepSpeed.*bf16=True"):
-        check(_accelerator(2, fp16=True), None)
+        check_critic_sharding(_accelerator(2, fp16=True), None)
 
     class OnGPU(torch.nn.Module):  # parameters that report an accelerator device (no GPU here)
         def parameters(self, recurse=True):
             return iter([SimpleNamespace(device=torch.device("cuda", 0))])
 
-    check(_accelerator(2), OnGPU())  # ZeRO-2 keeps full weights on every process anyway
+    check_critic_sharding(_accelerator(2), OnGPU())  # ZeRO-2 keeps the full weights on every process anyway
     with pytest.raises(ValueError, match=r"value_model: under ZeRO-3 .*already on \['cuda'\].*critic_model_path"):
-        check(_accelerator(3), OnGPU())
+        check_critic_sharding(_accelerator(3), OnGPU())
 
 
 # ---------------------------------------------------------------------- PPO steps: ZeRO against unsharded

@@ -30,22 +30,24 @@ def check_critic_sharding(accelerator, value_model: Any) -> None:
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    zero3 = False
     if kind == DistributedType.DEEPSPEED:
         from .zero import check
 
-        return check(accelerator, value_model)  # ZeRO-2/3: the critic's own engine (zero.py)
+        zero3 = check(accelerator) == 3  # ZeRO-2/3: the critic's own engine (zero.py)
     if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(
             "SafePPOTrainer under FSDP1 (fsdp_version: 1): the critic is sharded with FSDP2 only; set "
             "fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)"
         )
-    if kind == DistributedType.FSDP and value_model is not None:
+    if (kind == DistributedType.FSDP or zero3) and value_model is not None:
         devices = {p.device.type for p in value_model.parameters()}
         if devices - {"cpu", "meta"}:
             raise ValueError(
-                f"value_model: under FSDP2 the critic is sharded as it is prepared, but the value_model object is "
-                f"already on {sorted(devices - {'cpu', 'meta'})} (a full copy per process, on one device); pass it "
-                "on the CPU (value_model=model.to('cpu')) or give its path as SafePPOConfig.critic_model_path"
+                f"value_model: under {'ZeRO-3' if zero3 else 'FSDP2'} the critic is sharded as it is prepared, but the "
+                f"value_model object is already on {sorted(devices - {'cpu', 'meta'})} (a full copy per process, on one "
+                "device); pass it on the CPU (value_model=model.to('cpu')) or give its path as "
+                "SafePPOConfig.critic_model_path"
             )
 
 

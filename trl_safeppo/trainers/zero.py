@@ -26,11 +26,10 @@ from ..fileio import atomic_dir
 CHECKPOINT_TAG = "state"
 
 
-def check(accelerator, value_model) -> None:
-    """Refuse, with the fix, the DeepSpeed settings the critic's engine does not support. Call after the Trainer's
-    `__init__` (the plugin's `auto` values are filled by then)."""
-    plugin = accelerator.state.deepspeed_plugin
-    config = plugin.deepspeed_config
+def check(accelerator) -> int:
+    """Refuse, with the fix, the DeepSpeed settings the critic's engine does not support; returns the ZeRO stage.
+    Call after the Trainer's `__init__` (the plugin's `auto` values are filled by then)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
     zero = config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (2, 3):
@@ -51,14 +50,7 @@ def check(accelerator, value_model) -> None:
             "its own fp16 loss scale, so the critic's engine would unscale its gradients by the wrong scale; train in "
             "bf16 (bf16=True, mixed_precision: bf16), or fp16 under DDP or FSDP2"
         )
-    if stage == 3 and value_model is not None:
-        devices = {p.device.type for p in value_model.parameters()} - {"cpu", "meta"}
-        if devices:
-            raise ValueError(
-                f"value_model: under ZeRO-3 the critic is partitioned as its engine is built, but the value_model "
-                f"object is already on {sorted(devices)} (a full copy per process); pass it on the CPU "
-                "(value_model=model.to('cpu')) or give its path as SafePPOConfig.critic_model_path"
-            )
+    return stage
 
 
 def critic_engine(accelerator, value_module: torch.nn.Module, optimizer: torch.optim.Optimizer):
