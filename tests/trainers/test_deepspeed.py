@@ -249,3 +249,53 @@ def test_safe_ppo_trainer_under_zero_trains_checkpoints_and_resumes(tmp_path, st
 def test_safe_grpo_and_dpo_train_under_zero(tmp_path, kind, stage, tiny_debug_path):
     r0, r1 = _launch(tmp_path, kind, stage)
     _assert_trained_and_partitioned(r0, r1, stage)
+
+
+# ---------------------------------------------------------------------- a recipe's stages under deepspeed_zero2.yaml
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_recipe_stages_run_under_the_shipped_zero2_config(tmp_path):
+    # SFT -> PPO -> GRPO -> rejection sampling -> DPO -> eval, 1-2 steps each, through `trl-safeppo run`.
+    # ACCELERATE_USE_CPU=0 keeps the runner from turning DeepSpeed off on a machine without a GPU (it sets
+    # ACCELERATE_USE_CPU=1 there); ddp_backend: gloo as in the trainer tests above.
+    import yaml
+
+    (tmp_path / "parity_reward.py").write_text(
+        "from trl_safeppo.rewards import reward_function\n@reward_function\n"
+        "def parity(prompts, completions, **kwargs):\n"
+        "    texts = [c[-1]['content'] if isinstance(c, list) else c for c in completions]\n"
+        "    return [1.0 if len(t) % 2 == 0 else 0.0 for t in texts]\n")
+    g = {"ddp_backend": "gloo", "logging_steps": 1}
+    rl = {"path": "task://arithmetic/rl", "n": 16}
+    stages = [
+        {"type": "sft", "dataset": {"path": "task://arithmetic/sft", "n": 32},
+         "args": {"max_steps": 1, "per_device_train_batch_size": 2, **g}},
+        {"type": "ppo", "dataset": rl,
+         "args": {"max_steps": 2, "per_device_train_batch_size": 2, "max_completion_length": 8, "save_steps": 1, **g}},
+        {"type": "grpo", "dataset": rl, "args": {"max_steps": 1, "per_device_train_batch_size": 2, "num_generations": 2,
+                                                 "max_completion_length": 8, **g}},
+        {"type": "rejection_sampling", "dataset": {"path": "task://arithmetic/rl", "n": 4},
+         "args": {"num_completions": 4, "max_new_tokens": 8}},
+        {"type": "dpo", "dataset": "previous", "args": {"max_steps": 1, "per_device_train_batch_size": 1, **g}},
+        {"type": "eval"},
+    ]
+    out = tmp_path / "run"
+    (tmp_path / "zero2.yaml").write_text(yaml.safe_dump({
+        "name": "zero2", "model": "tiny://debug", "output_dir": str(out), "imports": ["parity_reward"],
+        "reward": "parity_reward.parity", "self_test": False, "stages": stages,
+        "eval": {"dataset": {"path": "task://arithmetic/eval", "n": 4}, "max_new_tokens": 8, "accuracy_reward": "math"},
+    }))
+    env = {**_env(), "ACCELERATE_USE_CPU": "0", "PYTHONPATH": os.pathsep.join([str(tmp_path), _env()["PYTHONPATH"]])}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision",
+           "no", "--main_process_port", str(_free_port()), "-m", "trl_safeppo", "run", str(tmp_path / "zero2.yaml")]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ppo = out / "stages" / "02-ppo"
+    # DeepSpeed really ran: its checkpoint layout, the critic's engine checkpoint beside it
+    assert (ppo / "checkpoint-2" / "global_step2").is_dir() and (ppo / "checkpoint-2" / "critic_zero").is_dir()
+    from transformers import AutoModelForCausalLM
+
+    for stage in ("01-sft", "02-ppo", "03-grpo", "05-dpo"):  # every final/ is an ordinary checkpoint
+        AutoModelForCausalLM.from_pretrained(out / "stages" / stage / "final")
