@@ -1,13 +1,13 @@
 """Worker of test_deepspeed.py, run by `torchrun --nproc_per_node 2` on the CPU (DeepSpeed's CPU accelerator, gloo):
-PPO update steps of a policy and a critic under DeepSpeed ZeRO (argv[2]: 2 or 3), wired as SafePPOTrainer wires
-them, against the same steps unsharded (_sharded_ppo_worker's data, maths and reference). Process 0 writes the
-figures as JSON to argv[1].
+PPO update steps of a policy and a critic under DeepSpeed ZeRO (argv[2]: 2 or 3; argv[3]: micro-batches per step),
+wired as SafePPOTrainer wires them, against the same steps unsharded (_sharded_ppo_worker's data, maths and
+reference). Process 0 writes the figures as JSON to argv[1].
 
 The policy's engine is built as accelerate builds it (`deepspeed.initialize` around the model and its optimizer), the
-critic's by `zero.critic_engine` from the policy's config. One step is the Trainer's: one backward of
-`policy_loss + vf_coef * value_loss` through the policy's engine (`scale_wrt_gas=False`, as transformers passes it),
-the policy engine's step (accelerate's `DeepSpeedEngineWrapper.backward`), then the critic engine's step
-(`SafePPOTrainer._critic_optimizer_step`)."""
+critic's by `zero.critic_engine` from the policy's config. One step is the Trainer's: per micro-batch one backward of
+`(policy_loss + vf_coef * value_loss) / micro-batches` through the policy's engine (`scale_wrt_gas=False`, as
+transformers passes it), the policy engine's step at the boundary (accelerate's `DeepSpeedEngineWrapper.backward`),
+then the critic engine's step (`SafePPOTrainer._critic_optimizer_step`)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from tests.trainers._sharded_ppo_worker import (
 )
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, gas: int) -> dict:
     """The config accelerate's plugin holds for `--zero_stage N` once the Trainer filled its `auto` values."""
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 4,
+    return {"train_micro_batch_size_per_gpu": 2 // gas, "gradient_accumulation_steps": gas, "train_batch_size": 4,
             "gradient_clipping": MAX_NORM, "zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
             "fp16": {"enabled": False}, "steps_per_print": 10**9}
 
@@ -38,25 +38,32 @@ def gathered(module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in params.items()}
 
 
-def zero_step(policy, critic, batch):
-    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["mask"]
+def zero_step(policy, critic, batch, gas: int):
+    """One optimizer step over `gas` micro-batches of this process's rows (each row has 4 valid tokens, so the mean
+    of the micro-batches' token means is the token mean of the step), as the Trainer and accelerate run it."""
     from trl_safeppo.trainers.ppo_maths import clipped_value_loss
 
-    ratio = torch.exp(logps_of(policy, ids, attn) - batch["old_logps"])
-    adv = batch["advantages"]
-    pg = -torch.min(ratio * adv, torch.clamp(ratio, 1 - CLIP, 1 + CLIP) * adv)
-    policy_loss = (pg * mask).sum() / mask.sum()
-    vpred = critic(input_ids=ids, attention_mask=attn)[:, P - 1 : -1]
-    vf_loss, _ = clipped_value_loss(vpred, batch["values"], batch["returns"], mask, CLIP_V)
-    for engine in (policy, critic):
-        engine.set_gradient_accumulation_boundary(True)
-    policy.backward(policy_loss + VF_COEF * vf_loss, scale_wrt_gas=False)
-    policy.step()
+    n = batch["input_ids"].size(0) // gas
+    for i in range(gas):
+        mb = {k: v[i * n : (i + 1) * n] for k, v in batch.items()}
+        ids, attn, mask = mb["input_ids"], mb["attention_mask"], mb["mask"]
+        ratio = torch.exp(logps_of(policy, ids, attn) - mb["old_logps"])
+        adv = mb["advantages"]
+        pg = -torch.min(ratio * adv, torch.clamp(ratio, 1 - CLIP, 1 + CLIP) * adv)
+        policy_loss = (pg * mask).sum() / mask.sum()
+        vpred = critic(input_ids=ids, attention_mask=attn)[:, P - 1 : -1]
+        vf_loss, _ = clipped_value_loss(vpred, mb["values"], mb["returns"], mask, CLIP_V)
+        sync = i == gas - 1
+        for engine in (policy, critic):  # accelerate's DeepSpeedEngineWrapper; SafePPOTrainer.training_step
+            engine.set_gradient_accumulation_boundary(sync)
+        policy.backward((policy_loss + VF_COEF * vf_loss) / gas, scale_wrt_gas=False)  # the Trainer divides by gas
+        if sync:
+            policy.step()
     critic.step()
     return float(policy.get_global_grad_norm()), float(critic.get_global_grad_norm())
 
 
-def main(out_path: str, stage: int) -> None:
+def main(out_path: str, stage: int, gas: int) -> None:
     import deepspeed
     import torch.distributed as dist
 
@@ -90,14 +97,14 @@ def main(out_path: str, stage: int) -> None:
     ref_policy, ref_critic = full(policy), full(critic)
 
     # ZeRO: fresh models, the policy's engine as accelerate builds it, the critic's as SafePPOTrainer does
-    config = ds_config(stage)
+    config = ds_config(stage, gas)
     z_policy, z_critic = build(path)
     opt_zc = torch.optim.AdamW(z_critic.parameters(), lr=LR)
     policy_engine, *_ = deepspeed.initialize(model=z_policy, optimizer=torch.optim.AdamW(z_policy.parameters(), lr=LR),
                                              config=config)
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
     engine = critic_engine(accelerator, z_critic, opt_zc)
-    norms = [zero_step(policy_engine, engine, local) for _ in range(STEPS)]
+    norms = [zero_step(policy_engine, engine, local, gas) for _ in range(STEPS)]
 
     def partition(module, optimizer):
         params = list(module.parameters())
@@ -122,4 +129,4 @@ def main(out_path: str, stage: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
