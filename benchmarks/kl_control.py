@@ -25,8 +25,9 @@ the share in band by that measure too, and `kl/exact_se`, the standard error of 
 prompts (benchmarks._worker.clustered_mean_se): the table's last column counts the steps whose exact KL is within
 2 standard errors of the band, i.e. readings a batch of this size cannot tell apart from a policy in band.
 
-`--max-kl` adds the KL trust region (rails.kl.max_kl) to the adaptive run: after each update, a step that takes its
-batch's KL past the cap is scaled back or undone.
+The KL trust region, the pull-back and the exact KL fed to the controller (`--max-kl`, `--pull-back-above`,
+`--measure-exact`) were removed with their rails.kl options in issue 23 (no consistent gain here; docs/benchmarks.md
+section 5 keeps their figures).
 """
 
 from __future__ import annotations
@@ -74,23 +75,9 @@ def main(argv=None) -> dict:
                         help="also read each step's policy KL on this many fixed probe prompts (the eval split, one "
                         "sampled completion each; kl/probe): the policy's KL without the luck of a 16-prompt batch. "
                         "Costs a generation per step (default 0: off)")
-    parser.add_argument("--max-kl", type=float, default=None,
-                        help="adaptive run: KL trust region (rails.kl.max_kl), in the unit of --target: an update "
-                        "that takes its batch's KL past it is scaled back by halves, or undone (default: off)")
-    parser.add_argument("--max-kl-backtracks", type=int, default=4,
-                        help="halvings the --max-kl line search tries before undoing an update (default 4)")
-    parser.add_argument("--pull-back-above", type=float, default=None,
-                        help="adaptive run: KL pull-back (rails.kl.pull_back_above), in the unit of --target: after "
-                        "an update that leaves its batch's KL above it, the weights move towards the reference's "
-                        "until the KL is --pull-back-to (default: off)")
-    parser.add_argument("--pull-back-to", type=float, default=None,
-                        help="the KL a pull-back lands on (default: --pull-back-above)")
     parser.add_argument("--no-fixed", action="store_true",
                         help="run the adaptive configuration only (half the time): the fixed-beta run of a seed does "
                         "not depend on the adaptive flags, so one invocation with it per seed is enough")
-    parser.add_argument("--measure-exact", action="store_true",
-                        help="with --measure-before-update: the controller reads each batch's exact KL over the "
-                        "vocabulary instead of the k3 mean of its sampled tokens (rails.kl.measure_exact)")
     parser.add_argument("--min-coef", type=float, default=1e-3,
                         help="adaptive controller: lower bound of beta (default 1e-3; equal to --beta: never below "
                         "the start)")
@@ -121,21 +108,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--deadband={args.deadband}: must be >= 0 (0.5 holds beta inside [0.5, 1.5] x target)")
     if not 0 <= args.adam_beta1 < 1:
         raise SystemExit(f"--adam-beta1={args.adam_beta1}: must be in [0, 1) (0: no momentum; default 0.9)")
-    if args.max_kl is not None and not args.max_kl >= target:
-        raise SystemExit(f"--max-kl={args.max_kl}: must be >= --target={target} (a cap above the target, e.g. "
-                         f"{1.3 * target:g})")
-    if args.pull_back_above is not None and not args.pull_back_above > 0:
-        raise SystemExit(f"--pull-back-above={args.pull_back_above}: must be > 0 (e.g. {1.2 * target:g}, 1.2x target)")
-    if args.pull_back_to is not None and not (args.pull_back_above is not None
-                                              and 0 < args.pull_back_to <= args.pull_back_above):
-        raise SystemExit(f"--pull-back-to={args.pull_back_to}: needs --pull-back-above and must be in (0, "
-                         f"--pull-back-above]")
-    if args.measure_exact and not args.measure_before_update:
-        raise SystemExit("--measure-exact: needs --measure-before-update (the exact KL is read from each new batch)")
     if args.probe < 0 or args.probe == 1:
         raise SystemExit(f"--probe={args.probe}: use 0 (off) or at least 2 prompts (a standard error needs two)")
-    if args.max_kl_backtracks < 0:
-        raise SystemExit(f"--max-kl-backtracks={args.max_kl_backtracks}: must be >= 0")
     warmup = args.warmup if args.warmup is not None else args.steps // 4
     if not 0 <= warmup < args.steps:
         raise SystemExit(f"--warmup={warmup}: must be in [0, --steps={args.steps})")
@@ -156,10 +130,7 @@ def main(argv=None) -> dict:
     adaptive = {"kl": {"controller": "adaptive", "init_kl_coef": args.beta, "target": target,
                        "horizon": horizon, "min_coef": args.min_coef, "max_coef": 10.0,
                        "hold_until_target": args.hold_until_target, "deadband": args.deadband,
-                       "proportional": args.proportional, "measure_before_update": args.measure_before_update,
-                       "measure_exact": args.measure_exact,
-                       "max_kl": args.max_kl, "max_kl_backtracks": args.max_kl_backtracks,
-                       "pull_back_above": args.pull_back_above, "pull_back_to": args.pull_back_to}}
+                       "proportional": args.proportional, "measure_before_update": args.measure_before_update}}
     configs = {
         "fixed": ("benchmarks._worker", base_config(args, args.trainer, rails=fixed, **shared), {}),
         "adaptive": ("benchmarks._worker", base_config(args, args.trainer, rails=adaptive, **shared), {}),
@@ -187,8 +158,6 @@ def main(argv=None) -> dict:
         probe = [k for r in rs for k in _series(r, PROBE_KEY)[warmup:]]
         inside_probe = sum(0.5 * target <= k <= 1.5 * target for k in probe) / len(probe) if probe else None
         se = [x for r in rs for x in _series(r, EXACT_SE_KEY)[warmup:]]
-        # with --pull-back-above: the steps whose update was pulled back towards the reference (alpha < 1)
-        pulled = [a < 1 for r in rs for a in _series(r, "kl/pull_back/alpha")]
         plausible = None
         if se and len(se) == len(exact):
             plausible = sum(k + 2 * e >= 0.5 * target and k - 2 * e <= 1.5 * target for k, e in zip(exact, se))
@@ -201,7 +170,7 @@ def main(argv=None) -> dict:
                         "share_control_failed": failed, "share_in_band_exact": inside_exact,
                         "exact_kl_after_warmup": stats(exact) if exact else None,
                         "share_in_band_within_2se": plausible,
-                        "share_in_band_probe": inside_probe, "steps_pulled_back": sum(pulled) if pulled else None,
+                        "share_in_band_probe": inside_probe,
                         "probe_kl_after_warmup": stats(probe) if probe else None,
                         "probe_kl_se_over_target": stats([e / target for r in rs
                                                           for e in _series(r, PROBE_KEY + "_se")[warmup:]])
@@ -246,9 +215,6 @@ def main(argv=None) -> dict:
         print(f"sampling error of a batch's exact KL over its prompts: median SE {se_ratio:.2f}x target; "
               f"{100 * result['adaptive']['share_in_band_within_2se']:.0f}% of adaptive steps read within 2 SE of "
               f"the band ({fixed_share('share_in_band_within_2se')})")
-    if result["adaptive"]["steps_pulled_back"] is not None:
-        print(f"pull-back: {result['adaptive']['steps_pulled_back']} of {args.steps * args.repeats} adaptive steps "
-              f"moved towards the reference")
 
     import matplotlib
 
@@ -293,11 +259,6 @@ def main(argv=None) -> dict:
     extras = [f"{k} {v:g}" for k, v in (("deadband", args.deadband), ("k_p", args.proportional)) if v]
     extras += ["hold until target"] if args.hold_until_target else []
     extras += ["KL measured before the update"] if args.measure_before_update else []
-    extras += ["exact KL fed to the controller"] if args.measure_exact else []
-    extras += [f"trust region max_kl {args.max_kl:g}"] if args.max_kl is not None else []
-    if args.pull_back_above is not None:
-        to = args.pull_back_to if args.pull_back_to is not None else args.pull_back_above
-        extras += [f"pull-back above {args.pull_back_above:g} to {to:g}"]
     extras += [f"floor {args.min_coef:g}"] if args.min_coef != 1e-3 else []
     extras += [f"Adam beta1 {args.adam_beta1:g}"] if args.adam_beta1 != 0.9 else []
     compared = "adaptive" if args.no_fixed else f"fixed beta {args.beta:g} vs adaptive"

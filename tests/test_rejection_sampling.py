@@ -330,6 +330,18 @@ def test_cli_sample_and_its_errors(tmp_path, capsys):
     assert "already holds a different run" in capsys.readouterr().err
 
 
+def test_cli_bad_config_file_is_one_error(tmp_path, capsys):
+    from trl_safeppo.cli import main
+
+    config = tmp_path / "rs.yaml"
+    config.write_text("seed: [1\n")  # unclosed list
+    assert main(["sample", "--config", str(config)]) == 2
+    assert f"--config={str(config)!r} is not valid YAML/JSON" in capsys.readouterr().err
+    config.write_text("seed: 1\nsede: 2\n")  # a typo of a field name
+    assert main(["sample", "--config", str(config)]) == 2
+    assert "unknown fields ['sede']" in capsys.readouterr().err
+
+
 def test_sfttrainer_trains_on_the_selected_set(run_e, tiny_debug_path, tmp_path):
     # The SFT stage consumes the output as is: TRL's SFTTrainer, prompt/completion format, provenance columns kept.
     from trl import SFTConfig, SFTTrainer

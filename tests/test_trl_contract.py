@@ -26,7 +26,6 @@ PPO = "trainers/ppo_trainer.py (SafePPOTrainer)"
 MIXIN = "trainers/rails_mixin.py (SafeRailsMixin, used by SafeGRPOTrainer and SafePPOTrainer)"
 REWARDS = "trainers/reward_rails.py (RewardStage)"
 KL = "trainers/kl_control.py (KLControl)"
-REGION = "trainers/trust_region.py (KLTrustRegion)"
 TRIPWIRES = "trainers/tripwires.py (TripwireCallback, snapshots)"
 DPO = "trainers/dpo_trainer.py (SafeDPOTrainer)"
 
@@ -49,7 +48,7 @@ def require(condition: bool, surface: str, used_by: str) -> None:
         (GRPOTrainer, "_calculate_rewards", ["self", "inputs", "prompts", "completions", "completion_ids_list"],
          MIXIN),
         (GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"], MIXIN + " and " + PPO),
-        (GRPOTrainer, "_prepare_inputs", ["self", "generation_batch"], MIXIN + " and " + PPO),
+        (GRPOTrainer, "_prepare_inputs", ["self", "generation_batch"], PPO),
         (GRPOTrainer, "compute_loss", ["self", "model", "inputs", "return_outputs", "num_items_in_batch"], PPO),
         (GRPOTrainer, "training_step", ["self", "model", "inputs", "num_items_in_batch"], MIXIN + " and " + PPO),
         (Trainer, "train", ["self", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"], MIXIN + " and " + DPO),
@@ -76,8 +75,8 @@ def test_per_token_logps_helper_signature():
 
 
 def test_callback_events_used():
-    for event in ("on_save", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_train_begin"):
-        require(callable(getattr(TrainerCallback, event, None)), f"TrainerCallback.{event}", MIXIN + ", " + REGION)
+    for event in ("on_save", "on_step_end", "on_log", "on_train_begin"):
+        require(callable(getattr(TrainerCallback, event, None)), f"TrainerCallback.{event}", MIXIN)
     require(callable(getattr(TrainingArguments, "get_warmup_steps", None)), "TrainingArguments.get_warmup_steps", PPO)
 
 
@@ -165,16 +164,6 @@ class Events(TrainerCallback):
     def __init__(self, trainer_ref, output_dir):
         self.trainer_ref, self.output_dir, self.log = trainer_ref, output_dir, []
 
-    def _weights(self):
-        return [p.detach().clone() for p in self.trainer_ref[0].model.parameters()]
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.before = self._weights()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        moved = any(not torch.equal(a, b) for a, b in zip(self.before, self._weights(), strict=True))
-        self.log.append(("optimizer_step", moved))
-
     def on_save(self, args, state, control, **kwargs):
         import os
 
@@ -218,7 +207,7 @@ def test_generate_and_score_returns_the_batch_the_package_post_processes(recorde
     for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "ref_per_token_logps",
                 "old_per_token_logps"):
         require(isinstance(out.get(key), torch.Tensor), f"the {key!r} tensor of _generate_and_score_completions' "
-                "output (beta 0.1, num_iterations 2)", PPO + ", " + KL + ", " + REGION)
+                "output (beta 0.1, num_iterations 2)", PPO + ", " + KL)
     b, t = out["completion_ids"].shape
     require(b == 8, f"_generate_and_score_completions' batch being the generation batch ({b} rows, expected 8)", PPO)
     for key in ("completion_mask", "ref_per_token_logps", "old_per_token_logps"):
@@ -233,7 +222,7 @@ def test_prepare_inputs_serves_slices_of_the_rollout_and_regenerates_on_none(rec
     require(len(batches) == 1 and len(served) == 4, f"GRPOTrainer generating once per steps_per_generation * "
             f"num_iterations micro-steps ({len(batches)} rollouts for {len(served)} micro-steps)", PPO)
     rows = [tuple(s["completion_ids"].shape)[0] for s in served]
-    require(rows == [4, 4, 4, 4], f"_prepare_inputs serving per_device_train_batch_size rows ({rows})", PPO + ", " + REGION)
+    require(rows == [4, 4, 4, 4], f"_prepare_inputs serving per_device_train_batch_size rows ({rows})", PPO)
     first, second = served[0]["prompt_ids"], served[2]["prompt_ids"]
     require(torch.equal(first, second), "GRPO serving the same slices in every epoch (PPO reshuffles them)", PPO)
     # `_buffered_inputs = None` makes the next training micro-step generate anew (tripwire rollback)
@@ -282,11 +271,8 @@ def test_compute_loss_takes_per_token_advantages_and_gates_kl_by_beta(recorded):
             PPO + " (sets beta to 0 around super().compute_loss so the KL stays in the reward)")
 
 
-def test_optimizer_step_callbacks_bracket_the_step_and_on_save_follows_the_checkpoint(recorded):
+def test_on_save_follows_the_checkpoint(recorded):
     _, events = recorded
-    steps = [moved for name, moved in events.log if name == "optimizer_step"]
-    require(len(steps) == 4 and all(steps), "on_pre_optimizer_step / on_optimizer_step bracketing optimizer.step() "
-            f"(weights moved between them: {steps})", REGION)
     saves = [written for name, written in events.log if name == "save"]
     require(saves == [True], f"on_save firing once the checkpoint folder is written ({saves})",
             MIXIN + " (rails state), " + PPO + " (critic), " + DPO + " (beta)")

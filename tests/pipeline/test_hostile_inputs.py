@@ -302,6 +302,10 @@ STEPS_RANGE = "-1 (train by epochs) or an integer from 1 to 10000000"
     (1, "beta", -0.1, "a finite number >= 0"),
     (0, "weight_decay", float("inf"), "a finite number >= 0"),
     (0, "adam_beta1", float("nan"), "a finite number"),  # no known range: finite is still required
+    # ceilings: 2**20 = 1048576 per batch count, 2**24 = 16777216 tokens
+    (1, "gradient_accumulation_steps", 2**20 + 1, "an integer from 1 to 1048576"),
+    (1, "per_device_train_batch_size", 0, "an integer from 1 to 1048576"),
+    (1, "max_completion_length", 10**9, "an integer from 1 to 16777216"),
 ])
 def test_numbers_are_validated_at_preflight(stage, key, value, accepted):
     tree = micro()
@@ -326,8 +330,8 @@ def test_numbers_written_as_yaml_text(tmp_path, capsys):
     assert refused(micro(seed=-1)) == ("r.yaml: seed: seed=-1 is out of range (accepted: an integer from 0 to "
                                        "2**32 - 1). Fix: set `seed` to an integer from 0 to 2**32 - 1")
     assert refused(micro(eval={"dataset": "task://arithmetic/eval", "max_new_tokens": 0})) == (
-        "r.yaml: eval.max_new_tokens: max_new_tokens=0 is out of range (accepted: an integer >= 1). Fix: set "
-        "`max_new_tokens` to an integer >= 1")
+        "r.yaml: eval.max_new_tokens: max_new_tokens=0 is out of range (accepted: an integer from 1 to 16777216). "
+        "Fix: set `max_new_tokens` to an integer from 1 to 16777216")
 
 
 OUTSIDE_FIX = ("use a folder below the working directory (e.g. runs/my-run), or an absolute path outside system "

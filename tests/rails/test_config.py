@@ -86,22 +86,6 @@ def test_from_any_reads_a_yaml_file(tmp_path):
             {"kl": {"measure_before_update": "yes"}},
             r"rails\.kl\.measure_before_update must be true or false, got 'yes'",
         ),
-        ({"kl": {"max_kl": 0}}, r"rails\.kl\.max_kl must be null or a finite number > 0, got 0"),
-        ({"kl": {"measure_exact": True}}, r"rails\.kl\.measure_before_update must be true when kl\.measure_exact"),
-        ({"kl": {"measure_exact": "yes", "measure_before_update": True}}, r"rails\.kl\.measure_exact must be true or false"),
-        (
-            {"kl": {"controller": "adaptive", "target": 0.5, "max_kl": 0.4}},
-            r"rails\.kl\.max_kl must be >= kl\.target \(0\.5\).*got 0\.4",
-        ),
-        ({"kl": {"max_kl": 1.0, "max_kl_backtracks": 1.5}}, r"rails\.kl\.max_kl_backtracks must be an integer >= 0"),
-        ({"kl": {"max_kl": 1.0, "max_kl_backtracks": -1}}, r"rails\.kl\.max_kl_backtracks must be an integer >= 0"),
-        ({"kl": {"pull_back_above": 0}}, r"rails\.kl\.pull_back_above must be null or a finite number > 0, got 0"),
-        (
-            {"kl": {"pull_back_above": 0.6, "pull_back_to": 0.7}},
-            r"rails\.kl\.pull_back_to must be null, or a number <= kl\.pull_back_above \(0\.6\).*got 0\.7",
-        ),
-        ({"kl": {"pull_back_to": 0.5}}, r"rails\.kl\.pull_back_to must be null, or a number <= kl\.pull_back_above \(None\)"),
-        ({"kl": {"pull_back_above": 0.6, "pull_back_iterations": 0}}, r"rails\.kl\.pull_back_iterations must be an integer >= 1"),
         ({"kl": {"hold_until_target": "yes"}}, r"rails\.kl\.hold_until_target must be true or false, got 'yes'"),
         ({"clip": {"low": 2.0, "high": 1.0}}, r"rails\.clip\.low must be <= rails\.clip\.high"),
         ({"clip": {"position": "middle"}}, r"rails\.clip\.position"),
@@ -121,6 +105,78 @@ def test_from_any_reads_a_yaml_file(tmp_path):
 def test_bad_settings_fail_at_config_time(data, message):
     with pytest.raises(ValueError, match=message):
         RailsConfig.from_dict(data)
+
+
+REPLACEMENT = "hold KL with the adaptive controller (rails.kl.controller: adaptive, with target, proportional and "
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "option"),
+    [
+        ("max_kl", 0.65, "the KL trust region"),
+        ("max_kl_backtracks", 8, "the KL trust region"),
+        ("pull_back_above", 0.6, "the KL pull-back"),
+        ("pull_back_to", 0.5, "the KL pull-back"),
+        ("pull_back_iterations", 10, "the KL pull-back"),
+        ("pull_back_on", "new_batch", "the KL pull-back"),
+        ("pull_back_redraws", 2, "the KL pull-back"),
+        ("measure_exact", True, "the exact KL fed to the controller"),
+    ],
+)
+def test_removed_kl_options_fail_naming_the_field_the_release_and_the_replacement(key, value, option):
+    # a rails YAML written for an earlier version, otherwise valid: one error naming the field and its value, the
+    # release that removed it and why, and what to use instead
+    text = f"kl:\n  controller: adaptive\n  init_kl_coef: 0.04\n  target: 0.5\n  {key}: {json.dumps(value)}\n"
+    with pytest.raises(ValueError) as info:
+        RailsConfig.from_yaml(text)
+    message = str(info.value)
+    assert message.startswith(f"rails.kl.{key}={value!r}: {option} was removed in trl_safeppo 0.1.0 (no consistent "
+                              "gain in benchmark 5, docs/benchmarks.md); delete it and " + REPLACEMENT)
+    assert "unknown keys" not in message
+
+
+def test_a_rails_dump_written_before_the_removal_still_loads():
+    # `RailsConfig.to_dict()` of 0.0.x held every kl field; at their old defaults the removed ones did nothing
+    # (max_kl None, backtracks 4, pull_back_above/to None, iterations 6, on trained_batch, measure_exact False)
+    old_kl = {"controller": "adaptive", "init_kl_coef": 0.04, "target": 0.5, "max_kl": None, "max_kl_backtracks": 4,
+              "pull_back_above": None, "pull_back_to": None, "pull_back_iterations": 6, "pull_back_on": "trained_batch",
+              "measure_exact": False}
+    loaded = RailsConfig.from_dict({"kl": old_kl})
+    assert loaded.kl == RailsConfig.from_dict({"kl": {"controller": "adaptive", "init_kl_coef": 0.04,
+                                                      "target": 0.5}}).kl
+    # one of them switched on is still refused
+    with pytest.raises(ValueError, match=r"rails\.kl\.max_kl=0\.65: the KL trust region was removed"):
+        RailsConfig.from_dict({"kl": {**old_kl, "max_kl": 0.65}})
+
+
+def test_removed_kl_options_of_two_features_fail_in_one_error():
+    with pytest.raises(ValueError) as info:
+        RailsConfig.from_dict({"kl": {"max_kl": 0.65, "target": 0.5, "measure_exact": True}})
+    assert str(info.value).startswith(
+        "rails.kl.max_kl=0.65, rails.kl.measure_exact=True: the KL trust region and the exact KL fed to the "
+        "controller were removed in trl_safeppo 0.1.0 (no consistent gain in benchmark 5, docs/benchmarks.md); "
+        "delete them and " + REPLACEMENT
+    )
+
+
+@pytest.mark.parametrize("where", ["rails", "stages[1] (grpo).rails"])
+def test_a_recipe_that_sets_a_removed_kl_option_fails_preflight(where):
+    from trl_safeppo.pipeline.preflight import preflight
+    from trl_safeppo.pipeline.recipe import RecipeError, recipe_from_dict
+
+    rails = {"kl": {"controller": "adaptive", "init_kl_coef": 0.04, "target": 0.5, "pull_back_above": 0.6}}
+    grpo = {"type": "grpo", "dataset": {"path": "task://arithmetic/rl", "n": 8},
+            "args": {"max_steps": 1, "per_device_train_batch_size": 4, "num_generations": 4}}
+    tree = {"name": "old", "model": "tiny://debug", "output_dir": "/tmp/unused", "reward": [{"name": "math"}],
+            "stages": [{"type": "sft", "dataset": {"path": "task://arithmetic/sft", "n": 8}}, grpo]}
+    if where == "rails":
+        tree["rails"] = rails
+    else:
+        grpo["rails"] = rails
+    with pytest.raises(RecipeError) as info:
+        preflight(recipe_from_dict(tree, source="old.yaml"), check_hardware=False)
+    assert info.value.where == where
+    assert "rails.kl.pull_back_above=0.6: the KL pull-back was removed in trl_safeppo 0.1.0" in str(info.value)
 
 
 def test_build_kl_controller():

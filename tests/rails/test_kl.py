@@ -10,9 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from trl_safeppo import AdaptiveKLController, FixedKLController
-from trl_safeppo.rails.kl import (
-    kl_exact, kl_line_search, kl_penalized_token_rewards, kl_pull_back_search, kl_per_token, kl_per_token_after_update, sequence_kl,
-)
+from trl_safeppo.rails.kl import kl_exact, kl_penalized_token_rewards, kl_per_token, sequence_kl
 
 
 def test_ziegler_update_step_by_step():
@@ -201,108 +199,6 @@ def test_kl_penalized_token_rewards():
     assert_close(out, torch.tensor([[-0.05, -0.1, 0.85], [1.75, 0.0, 0.0]]))
 
 
-def test_kl_after_update_by_hand():
-    # one token; pi_old = 1/4, pi = 1/2, pi_ref = 1/4: weight pi / pi_old = 2, r = pi_ref / pi = 1/2,
-    # k3 = r - 1 - ln r = -1/2 + ln 2 = 0.193147, weighted 0.386294; a masked-out token gives 0
-    logp = torch.log(torch.tensor([[0.5, 0.5]]))
-    old = torch.log(torch.tensor([[0.25, 0.25]]))
-    ref = torch.log(torch.tensor([[0.25, 0.25]]))
-    mask = torch.tensor([[1, 0]])
-    assert_close(kl_per_token_after_update(logp, old, ref, mask), torch.tensor([[2 * (math.log(2) - 0.5), 0.0]]))
-    # not moved (pi == pi_old): exactly GRPO's k3
-    assert_close(kl_per_token_after_update(logp, logp, ref, mask), kl_per_token(logp, ref, "k3", mask))
-
-
-def test_kl_after_update_is_unbiased_for_the_moved_policy():
-    # tokens sampled from pi_old = (0.7, 0.2, 0.1); the policy has moved to pi = (0.2, 0.3, 0.5); pi_ref = (0.5, 0.3,
-    # 0.2). KL(pi || pi_ref) = 0.2 ln 0.4 + 0.3 ln 1 + 0.5 ln 2.5 = -0.183258 + 0.458145 = 0.274887
-    torch.manual_seed(0)
-    pi_old, pi, ref = (torch.tensor(p) for p in ([0.7, 0.2, 0.1], [0.2, 0.3, 0.5], [0.5, 0.3, 0.2]))
-    tokens = torch.multinomial(pi_old, 400_000, replacement=True).unsqueeze(0)
-    value = kl_per_token_after_update(pi.log()[tokens], pi_old.log()[tokens], ref.log()[tokens]).mean()
-    expected = 0.2 * math.log(0.4) + 0.5 * math.log(2.5)
-    assert value.item() == pytest.approx(expected, abs=0.005)
-    # without the weight, k3 on pi_old's tokens is biased: r = pi_ref / pi = (2.5, 1, 0.4),
-    # 0.7 (1.5 - ln 2.5) + 0.1 (-0.6 - ln 0.4) = 0.408599 + 0.031629 = 0.440228
-    plain = kl_per_token(pi.log()[tokens], ref.log()[tokens], "k3").mean()
-    assert plain.item() == pytest.approx(0.7 * (1.5 - math.log(2.5)) + 0.1 * (-0.6 - math.log(0.4)), abs=0.005)
-
-
-def test_kl_line_search_halves_until_within_the_cap():
-    calls = []
-
-    def kl_at(scale):  # KL grows with the step: 0.4 before, 1.4 after the whole step
-        calls.append(scale)
-        return 0.4 + scale
-
-    # s = 1: 1.4 > 0.75; s = 1/2: 0.9 > 0.75; s = 1/4: 0.65 <= 0.75 -> accepted after 3 evaluations
-    assert kl_line_search(kl_at, max_kl=0.75, kl_before=0.4, max_backtracks=4) == (0.25, 0.65, 3)
-    assert calls == [1.0, 0.5, 0.25]
-
-
-def test_kl_line_search_whole_step_passes_and_undo_after_the_last_halving():
-    assert kl_line_search(lambda s: 0.7, max_kl=0.75, kl_before=0.6, max_backtracks=4) == (1.0, 0.7, 1)
-    calls = []
-
-    def rising(scale):
-        calls.append(scale)
-        return 1.0 + scale
-
-    # nothing within 0.75: s = 1, 1/2 tried (max_backtracks = 1), then the update is undone: KL stays at kl_before
-    assert kl_line_search(rising, max_kl=0.75, kl_before=0.6, max_backtracks=1) == (0.0, 0.6, 2)
-    assert calls == [1.0, 0.5]
-    # 0 backtracks: the whole step or nothing
-    assert kl_line_search(rising, max_kl=0.75, kl_before=0.6, max_backtracks=0) == (0.0, 0.6, 1)
-
-
-def test_kl_line_search_above_the_cap_only_lowering_passes():
-    # already at 2.0 > cap 0.75 (an earlier jump): a step to 1.5 lowers KL and passes; a step to 2.5 does not,
-    # its half (2.25) neither, its quarter (2.125) neither: undone
-    assert kl_line_search(lambda s: 2.0 - 0.5 * s, max_kl=0.75, kl_before=2.0, max_backtracks=4)[0] == 1.0
-    assert kl_line_search(lambda s: 2.0 + 0.5 * s, max_kl=0.75, kl_before=2.0, max_backtracks=2) == (0.0, 2.0, 3)
-
-
-def test_kl_line_search_non_finite_kl_fails_the_scale():
-    # s = 1 gives NaN (a blown-up step), s = 1/2 is fine
-    values = {1.0: math.nan, 0.5: 0.5}
-    assert kl_line_search(values.__getitem__, max_kl=0.75, kl_before=0.4, max_backtracks=4) == (0.5, 0.5, 2)
-
-
-def test_kl_pull_back_search_bisects_to_the_landing_kl():
-    calls = []
-
-    def kl_at(alpha):  # KL quadratic in the distance to the reference: 2.0 at the policy, 0 at the reference
-        calls.append(alpha)
-        return 2.0 * alpha * alpha
-
-    # above 0.6, land on <= 0.5: 2 a^2 <= 0.5 <=> a <= 1/2. Bisection keeps lo (KL <= 0.5) and hi (KL > 0.5):
-    # 1/2 -> 0.5 in (lo = 1/2); 3/4 -> 1.125 out; 5/8 -> 0.78125 out; 9/16 -> 0.6328 out -> alpha 1/2, KL 0.5
-    assert kl_pull_back_search(kl_at, above=0.6, to=0.5, kl_now=2.0, iterations=4) == (0.5, 0.5, 4)
-    assert calls == [0.5, 0.75, 0.625, 0.5625]
-    # landing on 0.3 instead: a <= sqrt(0.15) = 0.3873: 1/2 -> 0.5 out; 1/4 -> 0.125 in; 3/8 -> 0.28125 in;
-    # 7/16 -> 0.3828 out -> alpha 3/8, KL 0.28125 (within 2**-4 of the exact 0.3873)
-    assert kl_pull_back_search(kl_at, above=0.6, to=0.3, kl_now=2.0, iterations=4) == (0.375, 0.28125, 4)
-
-
-def test_kl_pull_back_search_leaves_a_policy_under_the_trigger_alone():
-    def never(alpha):  # must not be called
-        raise AssertionError(alpha)
-
-    # 0.55 <= above 0.6: no pull-back even though it is above `to` (the margin between the two is the hysteresis)
-    assert kl_pull_back_search(never, above=0.6, to=0.5, kl_now=0.55, iterations=6) == (1.0, 0.55, 0)
-    assert kl_pull_back_search(never, above=0.6, to=0.5, kl_now=0.6, iterations=6) == (1.0, 0.6, 0)
-
-
-def test_kl_pull_back_search_non_finite_counts_as_too_far():
-    # a NaN KL now (a blown-up step) is pulled back; NaN at a trial alpha is treated as above `to`:
-    # 1/2 -> NaN out; 1/4 -> 0.1 in; 3/8 -> 0.3 in -> alpha 3/8
-    values = {0.5: math.nan, 0.25: 0.1, 0.375: 0.3}
-    assert kl_pull_back_search(values.__getitem__, above=0.6, to=0.5, kl_now=math.nan, iterations=3) == (
-        0.375, 0.3, 3)
-    # nothing but the reference itself is within `to`: alpha 0 (the reference weights), KL 0
-    assert kl_pull_back_search(lambda a: 9.0, above=0.6, to=0.5, kl_now=9.0, iterations=3) == (0.0, 0.0, 3)
-
-
 def test_kl_exact_by_hand():
     # position 0: pi = softmax(0, 0) = (1/2, 1/2), pi_ref = softmax(0, ln 3) = (1/4, 3/4):
     #   KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = 0.143841; position 1: pi == pi_ref, KL = 0
@@ -313,13 +209,3 @@ def test_kl_exact_by_hand():
     p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
     k3 = kl_per_token(p.log()[None], q.log()[None], "k3")
     assert (p * k3[0]).sum().item() == pytest.approx(0.5 * math.log(4 / 3))
-
-
-def test_docstring_examples_run():
-    # the worked examples in rails.kl's docstrings (kl_line_search, kl_pull_back_search) are checked here
-    import doctest
-
-    import trl_safeppo.rails.kl as kl_module
-
-    result = doctest.testmod(kl_module)
-    assert result.attempted >= 2 and result.failed == 0

@@ -63,10 +63,10 @@ def test_length_rail_shapes_the_reward_grpo_normalizes(tmp_path, tiny_debug_path
     rails = {"length": {"budget": 2, "penalty_per_token": 5.0}}
     trainer, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path, max_steps=1, rails=rails)
     wiring = trainer.rails_wiring
-    batch = wiring.last_batch
+    batch = wiring.rewards.last_batch
     # length_linear: r' = r - 5 * max(0, len - 2)
     expected = batch.rewards - 5.0 * (batch.lengths - 2).clamp(min=0).float()
-    torch.testing.assert_close(wiring.last_rewards.cpu(), expected)
+    torch.testing.assert_close(wiring.rewards.last_rewards.cpu(), expected)
     assert trainer.reward_func_names == ["char_length", "rails_adjustment"]
     log = logs[0]
     # GRPO's `reward` is the railed reward; the per-function metric keeps the raw score; the adjustment column
@@ -89,8 +89,8 @@ def test_length_rail_shapes_the_reward_grpo_normalizes(tmp_path, tiny_debug_path
 )
 def test_other_reward_rails_act_before_normalization(tmp_path, tiny_debug_path, rails, expected):
     trainer, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path, max_steps=1, rails=rails)
-    batch = trainer.rails_wiring.last_batch
-    torch.testing.assert_close(trainer.rails_wiring.last_rewards.cpu(), expected(batch))
+    batch = trainer.rails_wiring.rewards.last_batch
+    torch.testing.assert_close(trainer.rails_wiring.rewards.last_rewards.cpu(), expected(batch))
     assert not torch.equal(expected(batch), batch.rewards)  # the rail changed something on this batch
     assert logs[0]["reward"] == pytest.approx(expected(batch).mean().item(), rel=1e-5)
 
@@ -108,7 +108,7 @@ def test_non_finite_reward_is_guarded(tmp_path, tiny_debug_path):
     log = trainer.state.log_history[0]
     # 4 completions per process batch, row 0 of each is NaN -> 1 replaced by 0.0 (guard policy "value")
     assert log["rails/non_finite/count"] == 1.0
-    torch.testing.assert_close(trainer.rails_wiring.last_rewards.cpu(), torch.tensor([0.0, 2.0, 3.0, 4.0]))
+    torch.testing.assert_close(trainer.rails_wiring.rewards.last_rewards.cpu(), torch.tensor([0.0, 2.0, 3.0, 4.0]))
     assert log["loss"] == log["loss"]  # finite, not NaN
 
 
@@ -193,256 +193,37 @@ def test_kl_before_the_update_costs_one_forward_per_batch_and_none_with_a_fixed_
     assert calls["fixed", True] == calls["fixed", False]
 
 
-def test_controller_fed_the_exact_kl_reads_the_whole_vocabulary(tmp_path, tiny_debug_path):
-    # rails.kl.measure_exact: the controller's KL is the exact KL of each new batch before the update. The
-    # benchmarks' ExactKL subclass computes the same quantity independently (whole-sequence forwards, no
-    # logits_to_keep, no chunking) for the same batch and policy: the two must agree.
-    import sys
+def test_kl_before_the_update_refuses_an_image_batch_naming_the_setting():
+    # the extra forward of measure_before_update feeds text only; a vision-language batch is refused before it runs
+    from trl_safeppo.trainers.kl_control import policy_logps
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-    from benchmarks._worker import with_exact_kl
-
-    rails = {"kl": {"controller": "adaptive", "init_kl_coef": 0.1, "target": 1e-3, "horizon": 10, "min_coef": 1e-3,
-                    "measure_before_update": True, "measure_exact": True}}
-    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails,
-                          **{**COMMON, "per_device_train_batch_size": 8})
-    trainer = with_exact_kl(SafeGRPOTrainer)(model=tiny_debug_path, reward_funcs=CharLength(), args=args,
-                                             train_dataset=_dataset())
-    seen = []
-    update = trainer.rails_wiring.kl_controller.update
-    trainer.rails_wiring.kl_controller.update = lambda kl, n: (seen.append(kl), update(kl, n))[1]
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert seen[0] == pytest.approx(0.0, abs=1e-6)  # the first batch: policy == reference
-    assert seen == pytest.approx([h["kl/exact"] for h in logs], rel=1e-4, abs=1e-7)
-    assert seen[-1] > 1e-4
-    # it is not the sampled tokens' k3 (what GRPO logs as `kl` for the same batch)
-    assert seen[-1] != pytest.approx(logs[-1]["kl"], rel=1e-3)
+    batch = {"pixel_values": torch.zeros(1, 3, 2, 2), "prompt_ids": torch.ones(1, 2, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"rails\.kl\.measure_before_update .* this batch has \['pixel_values'\]"):
+        policy_logps(None, batch)
 
 
-def _params(model):
-    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
-
-
-def test_kl_trust_region_that_never_binds_changes_nothing(tmp_path, tiny_debug_path):
-    kl = {"controller": "fixed", "init_kl_coef": 0.1}
-    _, plain = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "plain", rails={"kl": kl})
-    capped, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "capped",
-                          rails={"kl": {**kl, "max_kl": 1e9}})
-    keys = ("loss", "reward", "kl", "entropy", "completions/mean_length", "grad_norm")
-    assert [{k: h[k] for k in keys} for h in logs] == [{k: h[k] for k in keys} for h in plain]
-    assert plain[-1]["kl"] > 0
-    assert [h["kl/trust_region/scale"] for h in logs] == [1.0, 1.0, 1.0]
-    assert [h["kl/trust_region/backtracks"] for h in logs] == [0.0, 0.0, 0.0]
-    # the trust region's KL before the step is GRPO's own `kl` of that step (the same batch, the same policy)
-    assert [h["kl/trust_region/kl_before"] for h in logs] == pytest.approx([h["kl"] for h in logs], rel=1e-5)
-    # and the KL after a step is the next step's starting point: positive once the policy has moved
-    assert all(h["kl/trust_region/kl_after"] > 0 for h in logs)
-    assert capped.rails_wiring.trust_region.batches == []  # nothing held between steps
-    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "metrics.md")).read()
-    added = sorted({k for h in logs for k in h if k.startswith("kl/trust_region/")})
-    assert len(added) == 4 and all(f"`{k}`" in docs for k in added), added
-
-
-def test_kl_trust_region_undoes_every_update_that_raises_kl(tmp_path, tiny_debug_path):
-    # The policy starts at the reference (KL 0). A cap of 1e-12 with no halvings allowed: any step moves KL off 0,
-    # so every update is undone and the policy never leaves the reference: KL stays 0, the weights stay as loaded.
-    rails = {"kl": {"controller": "fixed", "init_kl_coef": 0.1, "max_kl": 1e-12, "max_kl_backtracks": 0}}
-    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
-    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
-    before = _params(trainer.model)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert [h["kl"] for h in logs] == [0.0, 0.0, 0.0]
-    assert [h["kl/trust_region/scale"] for h in logs] == [0.0, 0.0, 0.0]
-    assert [h["kl/trust_region/backtracks"] for h in logs] == [1.0, 1.0, 1.0]  # 0 halvings + the undo
-    assert all(h["grad_norm"] > 0 for h in logs)  # there were updates to undo
-    for p, q in zip(before, _params(trainer.model), strict=True):
-        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
-
-
-def test_kl_trust_region_leaves_the_weights_at_the_accepted_fraction_of_the_step(tmp_path, tiny_debug_path,
-                                                                                 monkeypatch):
-    # A cap the steps of lr 1e-2 exceed (step 1 takes KL from 0 to ~0.02 on this batch): the line search halves.
-    # Whatever scale s it accepts, the weights must end at theta_old + s * (theta_new - theta_old).
-    import trl_safeppo.rails.kl as kl_module
-    from transformers import TrainerCallback
-
-    seen = []
-    real = kl_module.kl_line_search
-
-    def spy(kl_at, max_kl, kl_before, max_backtracks):
-        new = _params(trainer.model)  # the search starts at the whole step: theta_new
-        result = real(kl_at, max_kl, kl_before, max_backtracks)
-        seen.append({"new": new, "result": result, "kl_before": kl_before})
-        return result
-
-    class Weights(TrainerCallback):  # runs after the trust region (registered later)
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            seen.append({"old": _params(trainer.model)})
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            seen[-1]["final"] = _params(trainer.model)
-
-    monkeypatch.setattr(kl_module, "kl_line_search", spy)
-    rails = {"kl": {"controller": "fixed", "init_kl_coef": 0.1, "max_kl": 2e-3, "max_kl_backtracks": 6}}
-    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
-    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
-    trainer.add_callback(Weights())
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    steps = [{**seen[i], **seen[i + 1]} for i in range(0, len(seen), 2)]
-    assert len(steps) == 3
-    scales = [step["result"][0] for step in steps]
-    assert any(0 < s < 1 for s in scales), scales  # the cap bound and a partial step was taken
-    for step, log in zip(steps, logs, strict=True):
-        scale, kl_after, _ = step["result"]
-        for old, new, final in zip(step["old"], step["new"], step["final"], strict=True):
-            torch.testing.assert_close(final, old + scale * (new - old), rtol=0, atol=1e-6)
-        assert kl_after <= max(2e-3, step["kl_before"])  # the accepted KL is within the bound
-        assert (log["kl/trust_region/scale"], log["kl/trust_region/kl_after"]) == pytest.approx((scale, kl_after))
-
-
-def test_kl_trust_region_configuration_errors(tmp_path, tiny_debug_path):
+@pytest.mark.parametrize("config", ["grpo", "ppo"])
+@pytest.mark.parametrize(
+    ("kl", "named"),
+    [({"max_kl": 0.65}, "rails.kl.max_kl=0.65: the KL trust region"),
+     ({"pull_back_above": 0.6, "pull_back_on": "new_batch"},
+      "rails.kl.pull_back_above=0.6, rails.kl.pull_back_on='new_batch': the KL pull-back"),
+     ({"measure_before_update": True, "measure_exact": True}, "rails.kl.measure_exact=True: the exact KL")],
+)
+def test_removed_kl_options_are_refused_by_the_trainer_configs(tmp_path, config, kl, named):
+    # the KL trust region, the pull-back and the exact-KL feed were removed (no consistent gain in benchmark 5,
+    # docs/benchmarks.md): a config that still sets one fails when it is built, before any model is loaded
     from trl_safeppo import SafePPOConfig
 
-    # no KL term, no reference model: nothing to bound (refused by the config, before any model is built)
-    with pytest.raises(ValueError, match=r"rails\.kl\.max_kl=0\.5 bounds the KL .* coefficient is 0\.0"):
-        SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, beta=0.0, rails={"kl": {"max_kl": 0.5}}, **COMMON)
-    with pytest.raises(ValueError, match=r"coefficient is 0\.0"):
-        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, rails={"kl": {"max_kl": 0.5, "init_kl_coef": 0.0}},
-                       **COMMON)
-    SafeGRPOConfig(output_dir=str(tmp_path), beta=0.0, rails={"kl": {"max_kl": 0.5, "init_kl_coef": 0.1}}, **COMMON)
-    # PPO: refused at configuration time, with the alternative named
-    with pytest.raises(ValueError, match=r"SafePPOConfig\.rails\.kl\.max_kl=0\.5 is invalid: .*kl_limit"):
-        SafePPOConfig(output_dir=str(tmp_path), rails={"kl": {"max_kl": 0.5}}, use_cpu=True, report_to="none")
-    with pytest.raises(ValueError, match=r"SafePPOConfig\.rails\.kl\.measure_exact=True is invalid: .*GRPO"):
-        SafePPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none",
-                      rails={"kl": {"measure_exact": True, "measure_before_update": True}})
-
-
-def _reference_params(trainer):
-    reference = dict(trainer.ref_model.named_parameters())
-    return [reference[n].detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad]
-
-
-def test_kl_pull_back_that_never_triggers_changes_nothing(tmp_path, tiny_debug_path):
-    kl = {"controller": "fixed", "init_kl_coef": 0.1}
-    _, plain = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "plain", rails={"kl": kl})
-    pulled, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path / "pulled",
-                          rails={"kl": {**kl, "pull_back_above": 1e9}})
-    keys = ("loss", "reward", "kl", "entropy", "completions/mean_length", "grad_norm")
-    assert [{k: h[k] for k in keys} for h in logs] == [{k: h[k] for k in keys} for h in plain]
-    assert plain[-1]["kl"] > 0
-    assert [h["kl/pull_back/alpha"] for h in logs] == [1.0, 1.0, 1.0]
-    # the KL after each step is the next step's starting point: positive once the policy has moved
-    assert all(h["kl/pull_back/kl_after"] > 0 for h in logs)
-    assert not any(k.startswith("kl/trust_region/") for h in logs for k in h)  # max_kl is off: not logged
-    assert pulled.rails_wiring.trust_region.batches == []  # nothing held between steps
-    docs = open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "metrics.md")).read()
-    added = sorted({k for h in logs for k in h if k.startswith("kl/pull_back/")})
-    assert added == ["kl/pull_back/alpha", "kl/pull_back/kl_after"] and all(f"`{k}`" in docs for k in added)
-
-
-def test_kl_pull_back_to_almost_zero_returns_the_policy_to_the_reference(tmp_path, tiny_debug_path):
-    # The policy starts at the reference (KL 0). After each update KL is above 1e-12; landing on 1e-12 needs
-    # alpha 0 (at alpha = 2**-6 the KL is still ~2**-12 x the step's, far above 1e-12), so every update ends with
-    # the weights back at the reference's: every batch is sampled from the reference, KL 0 at every step.
-    rails = {"kl": {"controller": "fixed", "init_kl_coef": 0.1, "pull_back_above": 1e-12}}
-    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
-    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert [h["kl"] for h in logs] == [0.0, 0.0, 0.0]
-    assert [h["kl/pull_back/alpha"] for h in logs] == [0.0, 0.0, 0.0]
-    assert all(h["grad_norm"] > 0 for h in logs)  # there were updates to pull back
-    for p, q in zip(_reference_params(trainer), _params(trainer.model), strict=True):
-        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
-
-
-def test_kl_pull_back_leaves_the_weights_on_the_line_to_the_reference(tmp_path, tiny_debug_path, monkeypatch):
-    # lr 1e-2 takes this batch's KL from 0 to ~0.02 in one step: above 2e-3, so the pull-back bisects towards the
-    # reference and lands at <= 1e-3. Whatever alpha it accepts, the weights must end at
-    # theta_ref + alpha * (theta_new - theta_ref), and the reported KL is the one measured there.
-    import trl_safeppo.rails.kl as kl_module
-    from transformers import TrainerCallback
-
-    seen = []
-    real = kl_module.kl_pull_back_search
-
-    def spy(kl_at, above, to, kl_now, iterations):
-        new = _params(trainer.model)  # the search starts at the policy as the update left it: theta_new
-        result = real(kl_at, above, to, kl_now, iterations)
-        seen[-1].update(new=new, result=result, kl_now=kl_now)
-        return result
-
-    class Weights(TrainerCallback):  # runs after the pull-back (registered later)
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            seen.append({})
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            seen[-1]["final"] = _params(trainer.model)
-
-    monkeypatch.setattr(kl_module, "kl_pull_back_search", spy)
-    rails = {"kl": {"controller": "fixed", "init_kl_coef": 0.1, "pull_back_above": 2e-3, "pull_back_to": 1e-3,
-                    "pull_back_iterations": 8}}
-    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=3, save_strategy="no", rails=rails, **COMMON)
-    trainer = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
-    trainer.add_callback(Weights())
-    reference = _reference_params(trainer)
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    pulled = [step for step in seen if "result" in step]
-    assert len(seen) == 3 and pulled, seen  # the search ran on at least one step (it is skipped below the trigger)
-    assert any(0 < step["result"][0] < 1 for step in pulled)  # and stopped part of the way back
-    for step in pulled:
-        alpha, kl_after, _ = step["result"]
-        assert step["kl_now"] > 2e-3 and kl_after <= 1e-3
-        for ref, new, final in zip(reference, step["new"], step["final"], strict=True):
-            torch.testing.assert_close(final, ref + alpha * (new - ref), rtol=0, atol=1e-6)
-    assert [h["kl/pull_back/alpha"] for h in logs] == [step["result"][0] if "result" in step else 1.0 for step in seen]
-    for step, log in zip(seen, logs, strict=True):
-        if "result" in step:
-            assert log["kl/pull_back/kl_after"] == pytest.approx(step["result"][1])
-            # the reference does not move
-    for before, after in zip(reference, _reference_params(trainer), strict=True):
-        torch.testing.assert_close(after, before, rtol=0, atol=0)
-
-
-def test_the_removed_new_batch_check_is_refused_naming_its_replacement(tmp_path):
-    # `pull_back_on: new_batch` drew a rollout batch again after a pull-back, which needed a snapshot of TRL's private
-    # logging state; it was removed (docs/benchmarks.md section 5), and a config that asks for it is told what to use
-    with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_on must be 'trained_batch': 'new_batch' .* was removed"
-                                         r".*pull_back_to below pull_back_above"):
-        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, **COMMON,
-                       rails={"kl": {"pull_back_above": 0.6, "pull_back_on": "new_batch"}})
-    with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_redraws=2: .* was removed; delete pull_back_redraws"):
-        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, **COMMON,
-                       rails={"kl": {"pull_back_above": 0.6, "pull_back_redraws": 2}})
-    with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_on must be 'trained_batch', got 'next'"):
-        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, rails={"kl": {"pull_back_above": 0.6, "pull_back_on": "next"}},
-                       **COMMON)
-
-
-def test_kl_pull_back_configuration_errors(tmp_path, tiny_debug_path):
-    from peft import LoraConfig
-
-    from trl_safeppo import SafePPOConfig
-
-    # no KL term, no reference model to pull back to (refused by the config, before any model is built)
-    with pytest.raises(ValueError, match=r"rails\.kl\.pull_back_above=0\.6 bounds the KL .* coefficient is 0\.0"):
-        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.0, rails={"kl": {"pull_back_above": 0.6}}, **COMMON)
-    with pytest.raises(ValueError, match=r"pull_back_above=0\.6 pulls the policy back .* sync_ref_model=True"):
-        SafeGRPOConfig(output_dir=str(tmp_path), beta=0.1, sync_ref_model=True, rails={"kl": {"pull_back_above": 0.6}},
-                       **COMMON)
-    with pytest.raises(ValueError, match=r"SafePPOConfig\.rails\.kl\.pull_back_above=0\.6 is invalid: .*kl_limit"):
-        SafePPOConfig(output_dir=str(tmp_path), rails={"kl": {"pull_back_above": 0.6}}, use_cpu=True, report_to="none")
-    # PEFT: the reference is the policy with its adapter off, there are no reference weights to move towards
-    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, beta=0.1, rails={"kl": {"pull_back_above": 0.6}},
-                          **COMMON)
-    with pytest.raises(ValueError, match=r"pull_back_above=0\.6 moves the weights .* no separate reference model"):
-        SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset(),
-                        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    rails = {"kl": {"controller": "adaptive", "init_kl_coef": 0.1, "target": 0.5, **kl}}
+    with pytest.raises(ValueError) as info:
+        if config == "grpo":
+            SafeGRPOConfig(output_dir=str(tmp_path), rails=rails, **COMMON)
+        else:
+            SafePPOConfig(output_dir=str(tmp_path), rails=rails, use_cpu=True, report_to="none")
+    assert str(info.value).startswith(named)
+    assert "removed in trl_safeppo 0.1.0 (no consistent gain in benchmark 5" in str(info.value)
+    assert "rails.kl.controller: adaptive" in str(info.value)
 
 
 @pytest.mark.parametrize(

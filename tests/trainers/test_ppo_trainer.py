@@ -261,6 +261,7 @@ def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restore
             seen["rails"] = resumed.rails_wiring.rails.state_dict()["reward"]
             seen["critic"] = params(resumed.accelerator.unwrap_model(resumed.critic).model)
             seen["critic_opt"] = copy.deepcopy(resumed.critic_optimizer.state_dict()["state"])
+            seen["critic_lr"] = [group["lr"] for group in resumed.critic_optimizer.param_groups]
 
     args2 = config(tmp_path, max_steps=3, rails=rails, output_dir=str(tmp_path / "resumed"))
     resumed = SafePPOTrainer(
@@ -275,6 +276,8 @@ def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restore
     for name, q in on_disk.named_parameters():
         torch.testing.assert_close(seen["critic"][name], q, msg=f"critic parameter {name} not restored")
     assert seen["critic_opt"] and all(int(s["step"]) == 2 for s in seen["critic_opt"].values())
+    # the critic continues at the checkpoint's rate: linear decay over 3 steps, after 2: 1e-3 x (3 - 2) / 3
+    assert seen["critic_lr"] == pytest.approx([1e-3 / 3] * len(seen["critic_lr"]))
     # and the run goes on: one more rollout moves the controller and the critic optimizer once more
     assert resumed.rails_wiring.kl_controller.state_dict()["n_updates"] == 3
     assert logged(resumed, "beta")[-1] == pytest.approx(betas[2])

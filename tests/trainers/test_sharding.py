@@ -135,12 +135,14 @@ before = full_model_state(t.critic)
 t.train()
 after = full_model_state(t.critic)  # collective: full tensors on process 0
 rank = t.accelerator.process_index
-# tripwire rollback of a sharded critic: snapshot, disturb, restore (every process its shards)
-snapshot = t.tripwire_state_dict()
+# tripwire rollback of a sharded critic: snapshot (full tensors, written by process 0), disturb, restore (every
+# process its shards of the written snapshot)
+from trl_safeppo.trainers.tripwires import restore_snapshot, save_snapshot
+save_snapshot(t, os.path.join(out, "snapshot"))
 with torch.no_grad():
     for p in t.critic.parameters():
         p.add_(1.0)
-t.load_tripwire_state_dict(snapshot)
+restore_snapshot(t, os.path.join(out, "snapshot"))
 restored = full_model_state(t.critic)
 result = {"sharded": is_sharded(t.critic),
           "grad_norms": [h["ppo/val/grad_norm"] for h in t.state.log_history if "ppo/val/grad_norm" in h]}

@@ -407,7 +407,11 @@ def test_raise_kl_keeps_snapshots_only_where_weights_are_whole(tmp_path):
     zero3 = SimpleNamespace(beta=0.1, is_fsdp_enabled=False, is_deepspeed_enabled=True,
                             accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
                                 zero_stage=3))))
-    needs = [TripwireCallback(t, specs, TripwireActions(), str(tmp_path)).needs_snapshots for t in (whole, fsdp, zero3)]
-    assert needs == [True, False, False]  # sharded: an exhausted raise_kl stops without a restore
+    fsdp2 = SimpleNamespace(beta=0.1, is_fsdp_enabled=True, is_deepspeed_enabled=False,
+                            accelerator=SimpleNamespace(is_fsdp2=True))
+    needs = [TripwireCallback(t, specs, TripwireActions(), str(tmp_path)).needs_snapshots
+             for t in (whole, fsdp, zero3, fsdp2)]
+    # FSDP1 / ZeRO-3: an exhausted raise_kl stops without a restore; FSDP2 snapshots gather full tensors
+    assert needs == [True, False, False, True]
     # the default ceiling: 16 x the starting beta 0.1 = 1.6
     assert TripwireCallback(whole, specs, TripwireActions(), str(tmp_path)).max_beta == pytest.approx(1.6)

@@ -568,23 +568,28 @@ MAX_STEPS_CAP = 10_000_000
 _POSITIVE = ("a finite number > 0", lambda v: v > 0)
 _NON_NEGATIVE = ("a finite number >= 0", lambda v: v >= 0)
 _AT_LEAST_ONE = ("an integer >= 1", lambda v: v >= 1)
+# Counts multiplied into a batch, and token lengths, have a ceiling: a typo (1e9) would otherwise reach the first
+# allocation or spin for days. 2**20 = 1,048,576 per device or step; 2**24 = 16,777,216 tokens, past any model's context.
+COUNT_CAP, LENGTH_CAP = 2**20, 2**24
+_COUNT = (f"an integer from 1 to {COUNT_CAP}", lambda v: 1 <= v <= COUNT_CAP)
+_LENGTH = (f"an integer from 1 to {LENGTH_CAP}", lambda v: 1 <= v <= LENGTH_CAP)
 NUMBER_RANGES: dict[str, tuple[str, Any]] = {
     "max_steps": (f"-1 (train by epochs) or an integer from 1 to {MAX_STEPS_CAP}",
                   lambda v: v == -1 or 1 <= v <= MAX_STEPS_CAP),
     "num_train_epochs": ("a number > 0 and at most 100000", lambda v: 0 < v <= 100_000),
     "learning_rate": ("a finite number >= 0", lambda v: v >= 0),  # 0 freezes the weights: a dry run of a pipeline
-    "per_device_train_batch_size": _AT_LEAST_ONE,
-    "per_device_eval_batch_size": _AT_LEAST_ONE,
-    "gradient_accumulation_steps": _AT_LEAST_ONE,
-    "batch_size": _AT_LEAST_ONE,
-    "generation_batch_size": _AT_LEAST_ONE,
-    "num_generations": _AT_LEAST_ONE,
-    "num_completions": _AT_LEAST_ONE,
-    "num_iterations": _AT_LEAST_ONE,
-    "max_completion_length": _AT_LEAST_ONE,
-    "max_prompt_length": _AT_LEAST_ONE,
-    "max_length": _AT_LEAST_ONE,
-    "max_new_tokens": _AT_LEAST_ONE,
+    "per_device_train_batch_size": _COUNT,
+    "per_device_eval_batch_size": _COUNT,
+    "gradient_accumulation_steps": _COUNT,
+    "batch_size": _COUNT,
+    "generation_batch_size": _COUNT,
+    "num_generations": _COUNT,
+    "num_completions": _COUNT,
+    "num_iterations": _COUNT,
+    "max_completion_length": _LENGTH,
+    "max_prompt_length": _LENGTH,
+    "max_length": _LENGTH,
+    "max_new_tokens": _LENGTH,
     "n": _AT_LEAST_ONE,
     "logging_steps": _POSITIVE,
     "save_steps": _POSITIVE,

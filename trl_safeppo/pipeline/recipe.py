@@ -13,7 +13,7 @@ value and the fix:
 
 The deeper checks that need the stage types (each stage's ``args`` against its TRL config dataclass, datasets,
 rewards, imports) are in :mod:`trl_safeppo.pipeline.preflight`. Nothing here imports torch or TRL. The YAML reader
-caps the file's size and its alias expansion (:func:`safe_yaml_load`), so a "billion laughs" file fails at once.
+caps the file's size and its alias expansion (:func:`trl_safeppo.safe_yaml.safe_yaml_load`), so a "billion laughs" file fails at once.
 """
 
 from __future__ import annotations
@@ -27,22 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..safe_yaml import MAX_RECIPE_BYTES, MAX_RECIPE_NODES, RecipeError, safe_yaml_load  # noqa: F401 (re-exported)
+
 STAGE_TYPE_NAMES = ("sft", "ppo", "grpo", "rejection_sampling", "dpo", "eval")
 HANDOFF_POLICIES = ("merge", "keep")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-class RecipeError(ValueError):
-    """One recipe problem: where it is (file and key path), what is wrong, and how to fix it."""
-
-    def __init__(self, where: str, problem: str, fix: str = "", *, source: str | None = None):
-        self.where, self.problem, self.fix, self.source = where, problem, fix, source
-        prefix = f"{source}: " if source else ""
-        location = f"{where}: " if where else ""
-        super().__init__(f"{prefix}{location}{problem}" + (f". Fix: {fix}" if fix else ""))
-
-    def with_source(self, source: str) -> RecipeError:
-        return RecipeError(self.where, self.problem, self.fix, source=source)
 
 
 def did_you_mean(word: str, candidates: Sequence[str]) -> str:
@@ -326,68 +315,6 @@ def set_path(tree: dict, path: str, value: Any) -> None:
 # Reading YAML safely: a recipe is small. Aliases (`*a`) share one node, so ten nested anchors of ten aliases each
 # ("billion laughs") parse in a blink but expand to 10^10 nodes once anything walks the tree; the expanded size is
 # counted on the node graph (each node once) before anything is built.
-MAX_RECIPE_BYTES = 1 << 20          # 1 MiB of YAML
-MAX_RECIPE_NODES = 100_000          # nodes after expanding every alias (the demo recipe has about 300)
-
-
-def _expanded_nodes(root: Any, limit: int) -> int:
-    """Nodes of the YAML node graph once every alias is expanded, counted in time linear in the graph's size;
-    raises ``ValueError`` past ``limit`` or on a recursive alias (a collection that contains itself)."""
-    import yaml
-
-    def children(node: Any) -> list:
-        if isinstance(node, yaml.MappingNode):
-            return [part for pair in node.value for part in pair]
-        if isinstance(node, yaml.SequenceNode):
-            return list(node.value)
-        return []
-
-    sizes: dict[int, int] = {}
-    on_path: set[int] = set()
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    while stack:  # iterative post-order: deep nesting cannot overflow the interpreter's stack here
-        node, done = stack.pop()
-        key = id(node)
-        if done:
-            on_path.discard(key)
-            sizes[key] = 1 + sum(sizes[id(c)] for c in children(node))
-            if sizes[key] > limit:
-                raise ValueError(f"expands to more than {limit} nodes through its aliases (&anchor / *alias)")
-            continue
-        if key in sizes:
-            continue
-        if key in on_path:
-            raise ValueError("has a recursive alias (a collection that contains itself)")
-        on_path.add(key)
-        stack.append((node, True))
-        stack.extend((c, False) for c in children(node) if id(c) not in sizes)
-    return sizes[id(root)]
-
-
-def safe_yaml_load(text: str, what: str = "the recipe") -> Any:
-    """``yaml.safe_load`` with a size cap and an alias-expansion cap; one RecipeError instead of a hang."""
-    import yaml
-
-    fix = "write the repeated parts out (or use ${...} references); a recipe is data, not a data set"
-    if len(text) > MAX_RECIPE_BYTES:
-        raise RecipeError("", f"{what} is {len(text)} characters long, over the limit of {MAX_RECIPE_BYTES}",
-                          "keep data in dataset files and name them in `data:`")
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        try:
-            _expanded_nodes(node, MAX_RECIPE_NODES)
-        except ValueError as err:
-            raise RecipeError("", f"{what} {err}", fix) from None
-        return loader.construct_document(node)
-    except RecursionError:
-        raise RecipeError("", f"{what} is nested too deeply", fix) from None
-    finally:
-        loader.dispose()
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """``"stages.1.args.max_steps=5"`` -> ``("stages.1.args.max_steps", 5)``; the value is parsed as YAML."""
     import yaml

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..safe_yaml import safe_yaml_load  # size and alias expansion capped, as for a recipe
 from .tripwires import TripwireSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,34 +235,6 @@ class KLConfig:
             update (GRPO: one more policy forward per rollout batch, without gradient, unless GRPO already computes
             the rollout log-probabilities; PPO: no extra cost, the beta of a rollout's KL penalty follows that
             rollout's KL). False: an update's beta comes from the KL measured in the previous update, a step late.
-        measure_exact: with `measure_before_update` (GRPO only): the controller reads the batch's exact KL, summed
-            over the whole vocabulary at every completion position, instead of the k3 mean of the sampled tokens.
-            k3's batch mean is right-skewed: it usually reads below the KL (so the controller holds the policy above
-            what it reads) and now and then spikes far above it (so beta jumps for nothing). Costs one policy and one
-            reference forward with full-vocabulary logits per batch (chunked by `per_device_train_batch_size`).
-        max_kl: a trust region on the KL to the reference, in the unit of `target` (GRPO only; > 0, and >= target
-            with the adaptive controller; null: off). After every optimizer step, if the KL of the batch just
-            trained on now exceeds `max_kl`, the update is scaled back (`theta_old + s * (theta_new - theta_old)`,
-            s = 1/2, 1/4, ...) until it does not, or undone after `max_kl_backtracks` halvings; an update that
-            lowers KL always passes. The penalty steers; this is the hard limit it cannot give. Costs one extra copy
-            of the trainable parameters and 2 to `max_kl_backtracks + 2` policy forwards without gradient per step.
-        max_kl_backtracks: halvings of the step the `max_kl` line search tries before undoing the update (>= 0).
-        pull_back_above: a pull-back towards the reference, in the unit of `target` (GRPO only; > 0; null: off).
-            After every optimizer step (and after `max_kl`'s line search), if the KL of the batch just trained on
-            exceeds `pull_back_above`, the trainable parameters move along the straight line to the reference
-            model's, `theta_ref + alpha * (theta - theta_ref)`, to the largest alpha (bisection) whose KL is at most
-            `pull_back_to`. Unlike `max_kl`, which can only hold KL where it is, this lowers it at once, whatever
-            the optimizer's momentum. Needs a separate reference model (not PEFT) and `sync_ref_model` off. Costs 2
-            policy forwards without gradient per step, and `pull_back_iterations` more plus one copy of the
-            trainable parameters on a step that pulls back.
-        pull_back_to: the KL a pull-back lands on (> 0, <= `pull_back_above`); null: `pull_back_above` (a cap that
-            also pulls back). Below `pull_back_above` leaves a margin for the next batch, which the trained batch
-            cannot show (benchmarks, docs/benchmarks.md section 5).
-        pull_back_iterations: bisection steps of the pull-back (>= 1): alpha to within `2 ** -iterations`.
-        pull_back_on: which batch's KL the pull-back checks: "trained_batch", after every optimizer step, the batch
-            just trained on, importance-weighted. ("new_batch", which drew a rollout batch again after a pull-back,
-            was removed: see docs/rails.md and docs/benchmarks.md section 5; set `pull_back_to` below
-            `pull_back_above` instead, which leaves the next batch a margin.)
     """
 
     controller: str = field(default="fixed", metadata={"help": "'fixed' or 'adaptive' (Ziegler et al. 2019)."})
@@ -289,38 +262,6 @@ class KLConfig:
                   "(GRPO: one more policy forward per batch); false: from the previous update's KL, a step late."},
     )
 
-    measure_exact: bool = field(
-        default=False,
-        metadata={"help": "With measure_before_update (GRPO): feed the controller the batch's exact KL over the whole "
-                  "vocabulary instead of the sampled tokens' k3 mean (one policy and one reference forward more)."},
-    )
-    max_kl: float | None = field(
-        default=None,
-        metadata={"help": "Trust region (GRPO): after each optimizer step, an update that takes the trained batch's "
-                  "KL past max_kl is scaled back by halves, or undone; unit of `target`; null: off."},
-    )
-    max_kl_backtracks: int = field(
-        default=4, metadata={"help": "Halvings of the step the max_kl line search tries before undoing the update."}
-    )
-    pull_back_above: float | None = field(
-        default=None,
-        metadata={"help": "Pull-back (GRPO): after each optimizer step, if the trained batch's KL exceeds this, move "
-                  "the weights towards the reference model's until it is at most pull_back_to; unit of `target`; "
-                  "null: off."},
-    )
-    pull_back_to: float | None = field(
-        default=None,
-        metadata={"help": "The KL a pull-back lands on (<= pull_back_above); null: pull_back_above."},
-    )
-    pull_back_iterations: int = field(
-        default=6, metadata={"help": "Bisection steps of the pull-back: alpha to within 2 ** -iterations."}
-    )
-    pull_back_on: str = field(
-        default="trained_batch",
-        metadata={"help": "Which batch the pull-back checks: 'trained_batch' (after each optimizer step, the batch "
-                  "just trained on; 'new_batch' was removed)."},
-    )
-
     def __post_init__(self) -> None:
         _check(self.controller in ("fixed", "adaptive"), "kl.controller", "'fixed' or 'adaptive'", self.controller)
         _check(self.estimator in (None, "k1", "k2", "k3"), "kl.estimator", "null, 'k1', 'k2' or 'k3'", self.estimator)
@@ -335,46 +276,6 @@ class KLConfig:
             isinstance(self.measure_before_update, bool), "kl.measure_before_update", "true or false",
             self.measure_before_update,
         )
-        _check(isinstance(self.measure_exact, bool), "kl.measure_exact", "true or false", self.measure_exact)
-        if self.measure_exact:
-            _check(
-                self.measure_before_update, "kl.measure_before_update",
-                "true when kl.measure_exact is true (the exact KL is measured on each new batch, before the update)",
-                self.measure_before_update,
-            )
-        _check_number("kl.max_kl", self.max_kl, gt=0, nullable=True)
-        _check(
-            isinstance(self.max_kl_backtracks, int) and not isinstance(self.max_kl_backtracks, bool)
-            and self.max_kl_backtracks >= 0,
-            "kl.max_kl_backtracks", "an integer >= 0 (0: keep the whole update or undo it)", self.max_kl_backtracks,
-        )
-        _check_number("kl.pull_back_above", self.pull_back_above, gt=0, nullable=True)
-        _check_number("kl.pull_back_to", self.pull_back_to, gt=0, nullable=True)
-        if self.pull_back_to is not None:
-            _check(
-                self.pull_back_above is not None and self.pull_back_to <= self.pull_back_above, "kl.pull_back_to",
-                f"null, or a number <= kl.pull_back_above ({self.pull_back_above}): a pull-back starts above "
-                "pull_back_above and lands on pull_back_to", self.pull_back_to,
-            )
-        _check(
-            isinstance(self.pull_back_iterations, int) and not isinstance(self.pull_back_iterations, bool)
-            and self.pull_back_iterations >= 1,
-            "kl.pull_back_iterations", "an integer >= 1 (6: alpha to within 1/64)", self.pull_back_iterations,
-        )
-        _check(
-            self.pull_back_on != "new_batch", "kl.pull_back_on",
-            "'trained_batch': 'new_batch' (draw a rollout batch again after a pull-back) was removed, because it "
-            "had to undo TRL's private logging state; use pull_back_on: trained_batch with pull_back_to below "
-            "pull_back_above (for example 0.8 x), which leaves the next batch a margin (docs/rails.md)",
-            self.pull_back_on,
-        )
-        _check(self.pull_back_on == "trained_batch", "kl.pull_back_on", "'trained_batch'", self.pull_back_on)
-        if self.controller == "adaptive" and self.max_kl is not None:
-            _check(
-                self.max_kl >= self.target, "kl.max_kl",
-                f">= kl.target ({self.target}): the trust region caps KL above the target the controller steers to "
-                "(for example 1.3 x target)", self.max_kl,
-            )
 
 
 def _default_tripwires() -> list[TripwireSpec]:
@@ -458,8 +359,6 @@ class RailsConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> RailsConfig:
-        from ..pipeline.recipe import safe_yaml_load
-
         data = safe_yaml_load(text, what="the rails YAML")  # size and alias expansion capped, as for a recipe
         if data is not None and not isinstance(data, dict):
             raise ValueError(f"rails YAML must be a mapping, got {type(data).__name__}")
@@ -549,14 +448,42 @@ class RailsConfig:
         return list(self.tripwires)
 
 
+# rails.kl fields removed in 0.1.0 (issue 23), each with the option it belonged to: none gave a consistent gain over
+# the adaptive controller alone in benchmark 5 (docs/benchmarks.md, section 5), and each cost extra forwards per step
+REMOVED_KL_FIELDS = {
+    "max_kl": "the KL trust region", "max_kl_backtracks": "the KL trust region",
+    "pull_back_above": "the KL pull-back", "pull_back_to": "the KL pull-back", "pull_back_iterations": "the KL pull-back",
+    "pull_back_on": "the KL pull-back", "pull_back_redraws": "the KL pull-back",
+    "measure_exact": "the exact KL fed to the controller",
+}
+
+
+# their defaults before 0.1.0: a `to_dict()` written then holds every one of them, and at these values they did nothing
+REMOVED_KL_DEFAULTS = {"max_kl": None, "max_kl_backtracks": 4, "pull_back_above": None, "pull_back_to": None,
+                       "pull_back_iterations": 6, "pull_back_on": "trained_batch", "measure_exact": False}
+
+
+def _refuse_removed_kl_fields(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` without the removed fields left at their old defaults; any other removed field is refused."""
+    inert = [k for k in data if k in REMOVED_KL_DEFAULTS and data[k] == REMOVED_KL_DEFAULTS[k]]
+    data = {k: v for k, v in data.items() if k not in inert}
+    removed = [k for k in data if k in REMOVED_KL_FIELDS]
+    if removed:
+        options = list(dict.fromkeys(REMOVED_KL_FIELDS[k] for k in removed))
+        raise ValueError(
+            f"{', '.join(f'{where}.{k}={data[k]!r}' for k in removed)}: {' and '.join(options)} "
+            f"{'was' if len(options) == 1 else 'were'} removed in trl_safeppo 0.1.0 (no consistent gain in benchmark "
+            f"5, docs/benchmarks.md); delete {'it' if len(removed) == 1 else 'them'} and hold KL with the adaptive "
+            "controller (rails.kl.controller: adaptive, with target, proportional and measure_before_update; "
+            "docs/rails.md), and a kl_limit tripwire as the hard stop"
+        )
+    return data
+
+
 def _section_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     accepted = [f.name for f in dataclasses.fields(cls)]
-    if cls is KLConfig and "pull_back_redraws" in data:
-        raise ValueError(
-            f"{where}.pull_back_redraws={data['pull_back_redraws']!r}: the redraw of a rollout batch "
-            "(pull_back_on: new_batch) was removed; delete pull_back_redraws and use pull_back_on: trained_batch "
-            "with pull_back_to below pull_back_above (docs/rails.md)"
-        )
+    if cls is KLConfig:
+        data = _refuse_removed_kl_fields(data, where)
     unknown = sorted(set(data) - set(accepted))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; accepted: {accepted}")

@@ -35,16 +35,12 @@ Estimators of KL(pi || pi_ref) per token, with `log r = ref_logp - logp` on toke
     k2 = (log r)^2 / 2                            biased, low variance, >= 0
     k3 = (r - 1) - log r                          unbiased, low variance, >= 0 (TRL GRPO's estimator)
 
-After an update the sampled tokens are off-policy; `kl_per_token_after_update` weights k3 by `pi / pi_old`
-(the KL trust region's measure, `kl_line_search`, and the pull-back's, `kl_pull_back_search`).
-
 Torch is not imported here at module level: the estimators only use tensor methods.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -250,71 +246,6 @@ def validate_adaptive_kl(
         raise bad("proportional", "a finite number >= 0", proportional, " (0: Ziegler's rule alone)")
 
 
-def kl_line_search(
-    kl_at: Callable[[float], float], max_kl: float, kl_before: float, max_backtracks: int
-) -> tuple[float, float, int]:
-    """Backtracking line search for a KL trust region (pure given `kl_at`): the largest step scale in
-    `1, 1/2, 1/4, ..., 2**-max_backtracks` whose KL stays within the bound, else 0 (the update undone).
-
-    `kl_at(scale)` is the KL to the reference with the parameters at `theta_old + scale * (theta_new - theta_old)`.
-    The bound is `max(max_kl, kl_before)`: an update may not take KL past the cap, and when KL was already above it
-    (a jump of an earlier update) it may not take it further up; an update that lowers KL always passes. A
-    non-finite KL fails. Backtracking on the constraint is TRPO's line search (Schulman et al. 2015, "Trust Region
-    Policy Optimization", https://arxiv.org/abs/1502.05477, appendix C), here on the KL to the reference.
-
-    Returns:
-        `(scale, kl, n_evaluations)`: the accepted scale, the KL there (`kl_before` when the update is undone) and
-        how many times `kl_at` was called (`max_backtracks + 1` at most).
-
-    >>> kl_line_search(lambda s: 0.4 + s, max_kl=0.75, kl_before=0.4, max_backtracks=3)  # 1.4, 0.9, then 0.65
-    (0.25, 0.65, 3)
-    """
-    bound = max(max_kl, kl_before) if math.isfinite(kl_before) else max_kl
-    scale = 1.0
-    for evaluation in range(1, max_backtracks + 2):
-        kl = float(kl_at(scale))
-        if math.isfinite(kl) and kl <= bound:
-            return scale, kl, evaluation
-        scale /= 2
-    return 0.0, float(kl_before), max_backtracks + 1
-
-
-def kl_pull_back_search(
-    kl_at: Callable[[float], float], above: float, to: float, kl_now: float, iterations: int
-) -> tuple[float, float, int]:
-    """Pull-back towards the reference (pure given `kl_at`): when the KL now exceeds `above`, the largest fraction
-    `alpha` of the way from the reference to the current weights whose KL is at most `to`, found by bisection.
-
-    `kl_at(alpha)` is the KL to the reference with the parameters at `theta_ref + alpha * (theta - theta_ref)`:
-    alpha = 1 is the policy as it is (KL `kl_now`), alpha = 0 the reference itself (KL 0). A cap that only scales an
-    update back (`kl_line_search`) can hold KL where it is, not lower it; this moves the weights back along the straight
-    line to the reference, so one call lands KL at `to` however far above it the policy has gone, without waiting
-    for a penalty to work through the optimizer. Bisection keeps the invariant `kl_at(lo) <= to < kl_at(hi)`
-    (`lo = 0`, `hi = 1` at the start), so it needs no monotonicity beyond the two ends; `iterations` halvings give
-    alpha to within `2 ** -iterations`. A non-finite KL counts as above `to`. Interpolating weights towards an
-    anchor is what TR-DPO's reference update (Gorbatovski et al. 2024) and Elastic Reset (Noukhovitch et al. 2023)
-    do in the other direction or all at once; here the fraction is chosen by the KL.
-
-    Returns:
-        `(alpha, kl, n_evaluations)`: the accepted fraction (1.0 when `kl_now <= above`: nothing to do), the KL there
-        (`kl_now` when untouched; 0.0 at alpha = 0, which needs no evaluation) and how many times `kl_at` was called.
-
-    >>> kl_pull_back_search(lambda a: 2.0 * a * a, above=0.6, to=0.5, kl_now=2.0, iterations=3)  # 0.5 in; 0.75, 0.625 out
-    (0.5, 0.5, 3)
-    """
-    if math.isfinite(kl_now) and kl_now <= above:
-        return 1.0, float(kl_now), 0
-    lo, kl_lo, hi = 0.0, 0.0, 1.0
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        kl = float(kl_at(mid))
-        if math.isfinite(kl) and kl <= to:
-            lo, kl_lo = mid, kl
-        else:
-            hi = mid
-    return lo, kl_lo, iterations
-
-
 def kl_per_token(
     logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1", mask: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -341,22 +272,6 @@ def kl_per_token(
     if mask is not None:
         kl = kl * mask.to(kl.dtype)
     return kl
-
-
-def kl_per_token_after_update(
-    logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || pi_ref) for a policy pi that has moved since the tokens were sampled from
-    pi_old: `(pi / pi_old) * k3`, the importance weight making it unbiased per position (what TRL's GRPO does with
-    `use_bias_correction_kl`). Equal to `kl_per_token(logp, ref_logp, "k3", mask)` when `logp == old_logp`.
-
-    Args:
-        logp: `(B, T)` log-probabilities of the sampled tokens under the moved policy pi.
-        old_logp: `(B, T)` the same under the policy that sampled them.
-        ref_logp: `(B, T)` the same under the reference model.
-        mask: `(B, T)` 1 on response tokens; the result is 0 elsewhere.
-    """
-    return (logp - old_logp).exp() * kl_per_token(logp, ref_logp, "k3", mask)
 
 
 def kl_exact(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:

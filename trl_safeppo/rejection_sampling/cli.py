@@ -1,4 +1,4 @@
-"""``trl-safeppo sample ...``: the command line of a rejection-sampling run."""
+"""``trl-safeppo sample ...``: the command line of a rejection-sampling run (one flag per config field)."""
 
 from __future__ import annotations
 
@@ -7,62 +7,54 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ..safe_yaml import safe_yaml_load  # size and alias expansion capped, as for a recipe
 from .config import RejectionSamplingConfig
 from .run import run_rejection_sampling
 
-# ---------------------------------------------------------------------------------------------------------------
-# CLI: trl-safeppo sample
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of RejectionSamplingConfig fields (command-line flags override)")
     for f in dataclasses.fields(RejectionSamplingConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if f.type in ("bool",) or isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        flag, kind = "--" + f.name.replace("_", "-"), f.type.split(" ")[0]  # "int | None" -> "int"
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if kind == "bool":
+            kwargs.update(action=argparse.BooleanOptionalAction, default=None)
         elif f.name == "pass_rate_band":
-            parser.add_argument(flag, dest=f.name, nargs=2, type=float, metavar=("LOW", "HIGH"), help=help_text)
+            kwargs.update(nargs=2, type=float, metavar=("LOW", "HIGH"))
         elif f.name == "decontaminate":
-            parser.add_argument(flag, dest=f.name, nargs="+", help=help_text)
+            kwargs.update(nargs="+")
         else:
-            kind = {int: int, float: float}.get(type(f.default), str)
-            if f.name in ("num_prompts", "max_per_prompt"):
-                kind = int
-            elif f.name in ("score_threshold",):
-                kind = float
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+            kwargs.update(type={"int": int, "float": float}.get(kind, str))
+        parser.add_argument(flag, **kwargs)
+
+
+def _yaml(text: str, what: str) -> Any:
+    import yaml
+
+    try:
+        return safe_yaml_load(text, what=what)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} is not valid YAML/JSON: {err}") from None
 
 
 def config_from_args(args: argparse.Namespace) -> RejectionSamplingConfig:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        from ..pipeline.recipe import safe_yaml_load  # size and alias expansion capped, as for a recipe
-
-        loaded = safe_yaml_load(Path(args.config).read_text(), what=f"--config={args.config!r}") or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config={args.config!r} must hold a mapping of RejectionSamplingConfig fields")
+        values = _yaml(Path(args.config).read_text(), f"--config={args.config!r}") or {}
         names = {f.name for f in dataclasses.fields(RejectionSamplingConfig)}
-        unknown = sorted(set(loaded) - names)
-        if unknown:
-            raise ValueError(f"--config={args.config!r}: unknown fields {unknown}; known: {', '.join(sorted(names))}")
-        values.update(loaded)
-    for f in dataclasses.fields(RejectionSamplingConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            values[f.name] = value
+        if not isinstance(values, dict):
+            raise ValueError(f"--config={args.config!r} must hold a mapping of RejectionSamplingConfig fields")
+        if sorted(set(values) - names):
+            raise ValueError(f"--config={args.config!r}: unknown fields {sorted(set(values) - names)}; known: "
+                             f"{', '.join(sorted(names))}")
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(RejectionSamplingConfig)
+                   if getattr(args, f.name, None) is not None})
     reward = values.get("reward")
     if isinstance(reward, str) and reward.strip().startswith(("[", "{")):  # --reward '[{name: format}, math]'
-        import yaml
-
-        from ..pipeline.recipe import safe_yaml_load
-
-        try:
-            values["reward"] = safe_yaml_load(reward, what="--reward")
-        except yaml.YAMLError as err:
-            raise ValueError(f"--reward={reward!r} is not valid YAML/JSON: {err}") from None
+        values["reward"] = _yaml(reward, f"--reward={reward!r}")
     return RejectionSamplingConfig(**values)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_rejection_sampling(config_from_args(args), distributed=True)  # also right for one process
-    print(summary)
+    print(run_rejection_sampling(config_from_args(args), distributed=True))  # distributed: also right for one process
     return 0

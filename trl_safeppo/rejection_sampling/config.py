@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +28,8 @@ OUTPUT_LAYOUT = {
     "run.json": "the run's configuration and fingerprint (a rerun resumes, a different run is refused)",
     "parts": "one JSON-lines file of scored completions per chunk of prompts (resume)",
 }
-PRODUCTS = ("sft", "sft.jsonl", "scored", "scored.jsonl", "README.md", "summary.json")
 
-# Why a completion (or a prompt) was not kept. Completion reasons are counted per completion, prompt reasons per prompt.
+# Why a completion was not kept (counted per completion), or a prompt not sampled (`contaminated`, per prompt).
 DROP_REASONS = {
     "failed_check": "the rule checker did not pass it",
     "unscored": "every reward returned None",
@@ -39,15 +38,15 @@ DROP_REASONS = {
     "duplicate": "same text as a kept completion of the same prompt (exact or normalized)",
     "not_top_ranked": "not among the best_of_n / top_k highest scores of its prompt",
     "over_cap": "beyond max_per_prompt for its prompt",
+    "contaminated": "the prompt appears in a decontamination set (normalized match)",
 }
-PROMPT_DROP_REASONS = {"contaminated": "the prompt appears in a decontamination set (normalized match)"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 @dataclass
 class RejectionSamplingConfig:
-    r"""Settings of one rejection-sampling run.
+    r"""Settings of one rejection-sampling run (docs/rejection_sampling.md walks through a run).
 
     Parameters:
         > Model and prompts
@@ -67,8 +66,8 @@ class RejectionSamplingConfig:
         > Sampling
 
         num_completions (`int`, *optional*, defaults to `8`):
-            Completions generated per prompt (the `n` of best-of-n). DeepSeek-R1 samples several responses per prompt
-            and keeps only the correct ones (arXiv:2501.12948, section 2.3.3).
+            Completions generated per prompt (the `n` of best-of-n); DeepSeek-R1 keeps only the correct ones of
+            several (arXiv:2501.12948, section 2.3.3).
         temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature; `0` means greedy decoding.
         top_p (`float`, *optional*, defaults to `1.0`):
@@ -76,8 +75,8 @@ class RejectionSamplingConfig:
         max_new_tokens (`int`, *optional*, defaults to `256`):
             Longest completion, in tokens; longer ones are cut and marked `truncated`.
         seed (`int`, *optional*, defaults to `0`):
-            Base seed. Each chunk of prompts draws from its own seed derived from `seed` and the chunk index, so a
-            resumed run reproduces an uninterrupted one.
+            Base seed; chunk `i` of prompts draws from a seed derived from `seed` and `i`, so a resumed run
+            reproduces an uninterrupted one.
         batch_size (`int`, *optional*, defaults to `8`):
             Prompts per generation batch; also the unit of resume (one file in `parts/` per batch).
         use_vllm (`bool`, *optional*, defaults to `False`):
@@ -88,9 +87,8 @@ class RejectionSamplingConfig:
         > Scoring
 
         reward (`str`, `list`, callable or `None`, *optional*, defaults to `None`):
-            Reward spec, turned into one TRL-signature callable by `trl_safeppo.rewards.resolve` (built-in name,
-            dotted path, or a list with weights and gates) and self-tested before sampling starts. Its pass
-            criterion decides `passed`.
+            Reward spec for `trl_safeppo.rewards.resolve` (built-in name, dotted path, or a list with weights and
+            gates). Its pass criterion decides `passed`.
         reward_model (`str` or `None`, *optional*, defaults to `None`):
             A sequence-classification reward model (same identifiers as `model`); its first logit is added to the
             score with weight `reward_model_weight`. At least one of `reward` and `reward_model` is required.
@@ -98,19 +96,16 @@ class RejectionSamplingConfig:
             Weight of the reward model in the score.
         self_test (`bool`, *optional*, defaults to `True`):
             Before sampling, run the verifier self-test of `trl-safeppo check-rewards` on the first `self_test_rows`
-            prompts: a gold completion built from the `answer` column must pass, a wrong one must not, scores must
-            be deterministic. A failing spec stops the run before anything is generated. Turn off only for a reward
-            without a gold answer.
+            prompts (needs the gold `answer` column); a failing spec stops the run before anything is generated.
         self_test_rows (`int`, *optional*, defaults to `16`):
             Prompts the self-test uses.
 
         > Selection
 
         selection (`str`, *optional*, defaults to `"all_passing"`):
-            `all_passing` keeps every completion that passes the checker (R1's rejection sampling); `best_of_n` keeps
-            the highest-scoring passing completion of each prompt; `top_k` the `top_k` highest-scoring passing ones;
-            `threshold` every completion with score >= `score_threshold`; `pass_rate_band` the passing completions
-            of prompts whose pass rate lies strictly inside `pass_rate_band` (neither always nor never solved).
+            `all_passing` (every completion that passes the checker: R1's rejection sampling), `best_of_n`, `top_k`
+            (the highest-scoring passing ones), `threshold` (score >= `score_threshold`) or `pass_rate_band` (the
+            passing completions of prompts whose pass rate lies strictly inside `pass_rate_band`).
         top_k (`int`, *optional*, defaults to `2`):
             Completions kept per prompt by `selection="top_k"`.
         score_threshold (`float` or `None`, *optional*, defaults to `None`):
@@ -118,8 +113,8 @@ class RejectionSamplingConfig:
         pass_rate_band (`tuple[float, float]`, *optional*, defaults to `(0.0, 1.0)`):
             Open interval (low, high) of per-prompt pass rates kept by `selection="pass_rate_band"`.
         dedup (`str`, *optional*, defaults to `"normalized"`):
-            Drop repeated completions of the same prompt: `exact` text matches, `normalized` also catches case and
-            whitespace variants, `none` keeps them.
+            Drop repeated completions of a prompt: `exact` text, `normalized` (also case, width and whitespace
+            variants), or `none`.
         max_per_prompt (`int` or `None`, *optional*, defaults to `None`):
             Keep at most this many completions per prompt (the highest scores); `None` for no cap.
         decontaminate (`str`, `list` or `None`, *optional*, defaults to `None`):
@@ -129,8 +124,8 @@ class RejectionSamplingConfig:
         > Output
 
         output_dir (`str`):
-            Directory of the run (layout in docs/rejection_sampling.md). A rerun with the same settings resumes;
-            a directory holding a different run is refused unless `overwrite=True`.
+            Directory of the run. A rerun with the same settings resumes; a directory holding a different run is
+            refused unless `overwrite=True`.
         sft_format (`str`, *optional*, defaults to `"prompt_completion"`):
             TRL SFT format of the selected set: `prompt_completion` (SFTTrainer trains on the completion only) or
             `messages` (one conversation per row; a plain-text prompt becomes a user turn).
@@ -143,75 +138,50 @@ class RejectionSamplingConfig:
     """
 
     # Model and prompts
-    model: str = field(
-        default=None,
-        metadata={"help": "Policy to sample from: tiny://<name>, a local model directory, or a Hub id."},
-    )
-    dataset: Any = field(
-        default="arithmetic:rl",
-        metadata={
-            "help": "Prompts: arithmetic:<split>, a save_to_disk directory, a .jsonl/.json/.parquet file, or a "
-            "datasets.Dataset."
-        },
-    )
+    model: str = field(default=None, metadata={"help": "Policy to sample from: tiny://<name>, a local model "
+                                                       "directory, or a Hub id."})
+    dataset: Any = field(default="arithmetic:rl", metadata={"help": "Prompts: arithmetic:<split>, a save_to_disk "
+                                                            "directory, a .jsonl/.json/.parquet file, or a "
+                                                            "datasets.Dataset."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
-    num_prompts: int | None = field(
-        default=None, metadata={"help": "Use only the first num_prompts prompts (before decontamination)."}
-    )
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first num_prompts prompts (before "
+                                                            "decontamination)."})
     # Sampling
-    num_completions: int = field(
-        default=8,
-        metadata={"help": "Completions per prompt (DeepSeek-R1, arXiv:2501.12948, section 2.3.3)."},
-    )
+    num_completions: int = field(default=8, metadata={"help": "Completions per prompt (DeepSeek-R1, "
+                                                      "arXiv:2501.12948, section 2.3.3)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 means greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass, in (0, 1]."})
     max_new_tokens: int = field(default=256, metadata={"help": "Longest completion, in tokens."})
     seed: int = field(default=0, metadata={"help": "Base seed; each chunk of prompts derives its own seed from it."})
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch (and per resume chunk)."})
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM instead of transformers."})
-    vllm_gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "Share of GPU memory vLLM may take (lower it when another model is resident)."}
-    )
+    vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "Share of GPU memory vLLM may take "
+                                                                      "(lower it when another model is resident)."})
     # Scoring
-    reward: Any = field(
-        default=None,
-        metadata={
-            "help": "Reward spec for trl_safeppo.rewards.resolve: a built-in name, a dotted path, or a YAML/JSON list "
-            "such as '[format, math]'."
-        },
-    )
-    reward_model: str | None = field(
-        default=None, metadata={"help": "Sequence-classification reward model added to the score."}
-    )
+    reward: Any = field(default=None, metadata={"help": "Reward spec for trl_safeppo.rewards.resolve: a built-in "
+                                                "name, a dotted path, or a YAML/JSON list such as '[format, math]'."})
+    reward_model: str | None = field(default=None, metadata={"help": "Sequence-classification reward model added "
+                                                             "to the score."})
     reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of the reward model in the score."})
-    self_test: bool = field(
-        default=True,
-        metadata={"help": "Self-test the reward spec on the first self_test_rows prompts before sampling."},
-    )
+    self_test: bool = field(default=True, metadata={"help": "Self-test the reward spec on the first self_test_rows "
+                                                    "prompts before sampling."})
     self_test_rows: int = field(default=16, metadata={"help": "Prompts the reward self-test uses."})
     # Selection
-    selection: str = field(
-        default="all_passing",
-        metadata={"help": "all_passing, best_of_n, top_k, threshold or pass_rate_band."},
-    )
+    selection: str = field(default="all_passing", metadata={"help": "all_passing, best_of_n, top_k, threshold or "
+                                                            "pass_rate_band."})
     top_k: int = field(default=2, metadata={"help": "Completions kept per prompt by selection=top_k."})
-    score_threshold: float | None = field(
-        default=None, metadata={"help": "Minimum score for selection=threshold."}
-    )
-    pass_rate_band: tuple[float, float] = field(
-        default=(0.0, 1.0),
-        metadata={"help": "Open interval (low, high) of per-prompt pass rates kept by selection=pass_rate_band."},
-    )
+    score_threshold: float | None = field(default=None, metadata={"help": "Minimum score for selection=threshold."})
+    pass_rate_band: tuple[float, float] = field(default=(0.0, 1.0), metadata={"help": "Open interval (low, high) of "
+                                                                              "per-prompt pass rates kept by "
+                                                                              "selection=pass_rate_band."})
     dedup: str = field(default="normalized", metadata={"help": "Duplicate removal: none, exact or normalized."})
     max_per_prompt: int | None = field(default=None, metadata={"help": "At most this many completions per prompt."})
-    decontaminate: Any = field(
-        default=None, metadata={"help": "Dataset spec(s) of evaluation sets whose prompts are dropped."}
-    )
+    decontaminate: Any = field(default=None, metadata={"help": "Dataset spec(s) of evaluation sets whose prompts "
+                                                       "are dropped."})
     # Output
     output_dir: str = field(default=None, metadata={"help": "Directory of the run."})
-    sft_format: str = field(
-        default="prompt_completion", metadata={"help": "SFT format: prompt_completion or messages."}
-    )
+    sft_format: str = field(default="prompt_completion", metadata={"help": "SFT format: "
+                                                                         "prompt_completion or messages."})
     stage: str = field(default="rejection_sampling", metadata={"help": "Stage name in the provenance columns."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a different run found in output_dir."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar over prompts."})
@@ -220,69 +190,59 @@ class RejectionSamplingConfig:
         def bad(name: str, fix: str):
             raise ValueError(f"{name}={getattr(self, name)!r}: {fix}")
 
-        # model, reward and output_dir may be left for later (a recipe runner fills them in); run_rejection_sampling
-        # requires them. When given, they are checked here.
+        # model and output_dir may be left for later (the recipe runner fills them in; run_rejection_sampling
+        # requires them); when given, they are checked here.
         if self.model is not None and (not isinstance(self.model, str) or not self.model.strip()):
             bad("model", "pass the policy to sample from (tiny://arithmetic, a model directory or a Hub id)")
         if self.output_dir is not None:
             if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir).strip():
                 bad("output_dir", "pass the directory to write the run to")
             self.output_dir = os.fspath(self.output_dir)
-        if self.num_prompts is not None and (_not_int(self.num_prompts) or self.num_prompts < 0):
-            bad("num_prompts", "pass a non-negative integer, or None for every prompt")
         for name in ("num_completions", "max_new_tokens", "batch_size", "top_k", "self_test_rows"):
             if _not_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "pass a positive integer")
-        if self.max_per_prompt is not None and (_not_int(self.max_per_prompt) or self.max_per_prompt < 1):
-            bad("max_per_prompt", "pass a positive integer, or None for no cap")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
-            bad("temperature", "pass a finite number >= 0 (0 means greedy)")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            bad("top_p", "pass a number in (0, 1]")
+        for name, low, none in (("num_prompts", 0, "for every prompt"), ("max_per_prompt", 1, "for no cap")):
+            if getattr(self, name) is not None and (_not_int(getattr(self, name)) or getattr(self, name) < low):
+                bad(name, f"pass an integer >= {low}, or None {none}")
         if _not_int(self.seed):
             bad("seed", "pass an integer")
-        if self.selection not in SELECTION_MODES:
-            bad("selection", f"pass one of {', '.join(SELECTION_MODES)}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            bad("temperature", "pass a finite number >= 0 (0 means greedy)")
+        for name in ("top_p", "vllm_gpu_memory_utilization"):
+            if not _finite(getattr(self, name)) or not 0 < getattr(self, name) <= 1:
+                bad(name, "pass a number in (0, 1]")
+        for name, choices in (("selection", SELECTION_MODES), ("dedup", DEDUP_MODES), ("sft_format", SFT_FORMATS)):
+            if getattr(self, name) not in choices:
+                bad(name, f"pass one of {', '.join(choices)}")
         if self.selection == "threshold" and self.score_threshold is None:
             bad("score_threshold", "selection='threshold' needs a score_threshold (a number)")
-        if self.score_threshold is not None and not _finite(self.score_threshold):
-            bad("score_threshold", "pass a finite number")
+        for name in ("score_threshold", "reward_model_weight"):
+            if getattr(self, name) is not None and not _finite(getattr(self, name)):
+                bad(name, "pass a finite number")
         band = tuple(self.pass_rate_band) if isinstance(self.pass_rate_band, (list, tuple)) else None
         if band is None or len(band) != 2 or not all(_finite(b) for b in band) or not 0 <= band[0] < band[1] <= 1:
             bad("pass_rate_band", "pass two numbers (low, high) with 0 <= low < high <= 1, e.g. (0.0, 1.0)")
         self.pass_rate_band = (float(band[0]), float(band[1]))
-        if self.dedup not in DEDUP_MODES:
-            bad("dedup", f"pass one of {', '.join(DEDUP_MODES)}")
-        if self.sft_format not in SFT_FORMATS:
-            bad("sft_format", f"pass one of {', '.join(SFT_FORMATS)}")
         if self.reward is not None:
             from ..rewards import validate_spec
 
             validate_spec(self.reward, path="reward")  # names, options and dotted paths; the self-test runs later
-        if not _finite(self.vllm_gpu_memory_utilization) or not 0 < self.vllm_gpu_memory_utilization <= 1:
-            bad("vllm_gpu_memory_utilization", "pass a number in (0, 1]")
-        if not _finite(self.reward_model_weight):
-            bad("reward_model_weight", "pass a finite number")
         if not isinstance(self.stage, str) or not self.stage:
             bad("stage", "pass a non-empty stage name")
-        if self.use_vllm and not _vllm_available():
-            bad(
-                "use_vllm",
-                "vLLM is not installed: `pip install trl-safeppo[vllm]` (needs a GPU), or set use_vllm=False to "
-                "generate with transformers",
-            )
+        if self.use_vllm and importlib.util.find_spec("vllm") is None:
+            bad("use_vllm", "vLLM is not installed: `pip install trl-safeppo[vllm]` (needs a GPU), or set "
+                "use_vllm=False to generate with transformers")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings (datasets and callables described by name and fingerprint)."""
         return {f.name: describe(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def fingerprint(self, prompts_hash: str | None = None) -> str:
-        """Hash of every setting that changes the output (all but output_dir, overwrite, progress, self_test*) and
-        of the prompts actually sampled (``prompts_hash``, see :func:`hash_rows`)."""
+        """Hash of every setting that changes the output (all but :data:`NOT_FINGERPRINTED`) and of the content of
+        the prompts actually sampled (``prompts_hash``)."""
         settings = {k: v for k, v in self.to_dict().items() if k not in NOT_FINGERPRINTED}
-        blob = json.dumps(
-            {"layout": LAYOUT_VERSION, "settings": settings, "prompts": prompts_hash}, sort_keys=True, default=str
-        )
+        blob = json.dumps({"layout": LAYOUT_VERSION, "settings": settings, "prompts": prompts_hash}, sort_keys=True,
+                          default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -298,12 +258,6 @@ def _not_int(value) -> bool:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 def describe(value: Any) -> Any:

@@ -12,6 +12,9 @@ from typing import Any
 
 from .config import RejectionSamplingConfig
 
+_SPECS = "pass arithmetic:<split>, a save_to_disk directory, a .jsonl/.json/.parquet file, or a datasets.Dataset"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Data loading
 def load_prompt_dataset(spec: Any, *, field_name: str = "dataset"):
@@ -24,10 +27,7 @@ def load_prompt_dataset(spec: Any, *, field_name: str = "dataset"):
     if isinstance(spec, datasets.DatasetDict):
         raise ValueError(f"{field_name} is a DatasetDict with splits {list(spec)}: pass one split, e.g. ds['train']")
     if not isinstance(spec, (str, os.PathLike)):
-        raise ValueError(
-            f"{field_name}={spec!r} is not a dataset spec; pass arithmetic:<split>, a save_to_disk directory, a "
-            ".jsonl/.json/.parquet file, or a datasets.Dataset"
-        )
+        raise ValueError(f"{field_name}={spec!r} is not a dataset spec; {_SPECS}")
     spec = os.fspath(spec)
     if spec.startswith(("arithmetic", "task://arithmetic")):  # the embedded task, as here or as in recipes
         from ..tasks.arithmetic import load_arithmetic
@@ -40,17 +40,14 @@ def load_prompt_dataset(spec: Any, *, field_name: str = "dataset"):
         if isinstance(loaded, datasets.DatasetDict):
             raise ValueError(f"{field_name}={spec!r} holds a DatasetDict {list(loaded)}: point at one split's folder")
         return loaded
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            return datasets.Dataset.from_json(str(path))
-        if suffix == ".parquet":
-            return datasets.Dataset.from_parquet(str(path))
-        raise ValueError(f"{field_name}={spec!r}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
-    raise ValueError(
-        f"{field_name}={spec!r} does not exist; pass arithmetic:<split>, a save_to_disk directory, a "
-        ".jsonl/.json/.parquet file, or a datasets.Dataset"
-    )
+    if not path.is_file():
+        raise ValueError(f"{field_name}={spec!r} does not exist; {_SPECS}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return datasets.Dataset.from_json(str(path))
+    if suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path))
+    raise ValueError(f"{field_name}={spec!r}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,49 +63,55 @@ class Scorer:
     reward_model_weight: float = 1.0
 
 
-def resolve_reward(spec: Any, *, field_name: str = "reward"):
-    """Resolve a reward spec with ``trl_safeppo.rewards.resolve``; returns ``(checker, version)``.
-
-    Raises ``ValueError`` naming ``field_name`` when the spec does not resolve.
-    """
+def build_scorer(config: RejectionSamplingConfig, device: str) -> Scorer:
+    """Resolve ``config.reward`` (``trl_safeppo.rewards.resolve``) and load ``config.reward_model`` on ``device``."""
     from .. import __version__, rewards
+    from ..models import resolve_model_path
 
-    try:
-        checker = rewards.resolve(spec, path=field_name)
-    except ValueError:
-        raise
-    except Exception as err:  # a dotted path whose factory raised something else
-        raise ValueError(f"{field_name}={spec!r:.80} does not resolve: {type(err).__name__}: {err}") from err
-    version = getattr(checker, "version", None) or f"trl_safeppo-{__version__}"
-    return checker, str(version)
+    scorer = Scorer(reward_model_weight=config.reward_model_weight)
+    if config.reward is not None:
+        try:
+            scorer.checker = rewards.resolve(config.reward, path="reward")
+        except ValueError:
+            raise
+        except Exception as err:  # a dotted path whose factory raised something else
+            raise ValueError(f"reward={config.reward!r:.80} does not resolve: {type(err).__name__}: {err}") from err
+        scorer.version = str(getattr(scorer.checker, "version", None) or f"trl_safeppo-{__version__}")
+    if config.reward_model is not None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = resolve_model_path(config.reward_model, field="reward_model")
+        tokenizer = scorer.reward_tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        scorer.reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).to(device).eval()
+        if scorer.reward_model.config.pad_token_id is None:
+            scorer.reward_model.config.pad_token_id = tokenizer.pad_token_id
+    return scorer
 
 
-def self_test_reward(checker, rows: list[dict], *, field_name: str = "reward") -> None:
-    """Run the verifier self-test (``trl_safeppo.rewards.selftest.check_rewards``, the same as
-    ``trl-safeppo check-rewards``) on ``rows``: a gold completion built from each row's ``answer`` must pass, a
-    wrong one must fail, scores must be deterministic across threads. Raises ``ValueError`` listing the failures.
-
-    Worker processes are skipped: rejection sampling scores in-process, so the reward does not need to pickle here.
-    """
+def self_test_reward(checker, rows: list[dict]) -> None:
+    """The verifier self-test of ``trl-safeppo check-rewards`` on ``rows`` (in-process: nothing needs to pickle);
+    raises ``ValueError`` listing the failures."""
     from ..rewards.selftest import check_rewards
 
     try:
         report = check_rewards(checker, rows, threads=2, processes=0)
     except ValueError as err:
         raise ValueError(
-            f"{field_name}={checker!r} cannot be self-tested on these prompts: {err}; give the prompts an `answer` "
+            f"reward={checker!r} cannot be self-tested on these prompts: {err}; give the prompts an `answer` "
             "column, or set self_test=False (--no-self-test) for a reward without a gold answer"
         ) from None
     if not report.ok:
         raise ValueError(
-            f"{field_name}={checker!r} fails its self-test on {report.n} prompts: {'; '.join(report.failures)}. "
+            f"reward={checker!r} fails its self-test on {report.n} prompts: {'; '.join(report.failures)}. "
             "Run `trl-safeppo check-rewards` on the spec and fix it, or set self_test=False (--no-self-test) if the "
             "reward has no gold answer to test against"
         )
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Generation
+# Generation: each returns, per prompt, its completions as {"text", "ids", "truncated"}
 def chunk_seed(seed: int, chunk: int) -> int:
     return int(hashlib.sha256(f"{seed}:{chunk}".encode()).hexdigest()[:8], 16)
 
@@ -116,79 +119,56 @@ def chunk_seed(seed: int, chunk: int) -> int:
 class TransformersGenerator:
     """Batched sampling with ``model.generate``: left padding, ``num_return_sequences=n``."""
 
-    def __init__(self, model_path: str, config: RejectionSamplingConfig, device=None):
-        import torch
+    def __init__(self, model_path: str, config: RejectionSamplingConfig, device: str):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.config = config
-        self.device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.config, self.device = config, device
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
         eos = self.model.generation_config.eos_token_id
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-
-    def _generation_config(self, n: int):
-        """Exactly the recorded settings: a fresh GenerationConfig, so the model's own defaults (top_k,
-        repetition_penalty, a different temperature, ...) never apply unseen. Only the special tokens are kept."""
-        from transformers import GenerationConfig
-
-        cfg, own = self.config, self.model.generation_config
-        sampling = {"do_sample": True, "temperature": float(cfg.temperature), "top_p": float(cfg.top_p), "top_k": 0}
-        return GenerationConfig(
-            max_new_tokens=cfg.max_new_tokens,
-            num_return_sequences=n,
-            eos_token_id=sorted(self.eos_ids),
-            bos_token_id=own.bos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **(sampling if cfg.temperature > 0 else {"do_sample": False}),
-        )
 
     def __call__(self, prompts: list, seed: int) -> list[list[dict]]:
         import torch
+        from transformers import GenerationConfig
 
-        cfg = self.config
+        cfg, n = self.config, self.config.num_completions
         texts = [_prompt_text(self.tokenizer, p) for p in prompts]
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        # Exactly the recorded settings: a fresh GenerationConfig, so the model's own defaults (top_k,
+        # repetition_penalty, another temperature, ...) never apply unseen; only its special tokens are kept.
         # Greedy decoding gives n identical completions: generate one and repeat it (generate refuses n > 1).
-        n_generate = cfg.num_completions if cfg.temperature > 0 else 1
+        sampling = {"do_sample": True, "temperature": float(cfg.temperature), "top_p": float(cfg.top_p), "top_k": 0}
+        generation_config = GenerationConfig(
+            max_new_tokens=cfg.max_new_tokens, num_return_sequences=n if cfg.temperature > 0 else 1,
+            eos_token_id=sorted(self.eos_ids), bos_token_id=self.model.generation_config.bos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, **(sampling if cfg.temperature > 0 else {"do_sample": False}),
+        )
         torch.manual_seed(seed)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, generation_config=self._generation_config(n_generate))
+            out = self.model.generate(**inputs, generation_config=generation_config)
         new_tokens = out[:, inputs["input_ids"].shape[1] :].tolist()
-        if n_generate == 1:
-            new_tokens = [ids for ids in new_tokens for _ in range(cfg.num_completions)]
-        results: list[list[dict]] = []
-        for i in range(len(prompts)):
-            group = []
-            for ids in new_tokens[i * cfg.num_completions : (i + 1) * cfg.num_completions]:
-                end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
-                ids = ids if end is None else ids[: end + 1]
-                group.append(
-                    {
-                        "text": self.tokenizer.decode(ids, skip_special_tokens=True),
-                        "ids": ids,
-                        "truncated": end is None,
-                    }
-                )
-            results.append(group)
-        return results
+        if cfg.temperature == 0:
+            new_tokens = [ids for ids in new_tokens for _ in range(n)]
+        samples = []
+        for ids in new_tokens:
+            end = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
+            ids = ids if end is None else ids[: end + 1]
+            samples.append({"text": self.tokenizer.decode(ids, skip_special_tokens=True), "ids": ids,
+                            "truncated": end is None})
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 class VLLMGenerator:
-    """Sampling with vLLM (imported lazily; only when ``use_vllm=True``)."""
+    """Sampling with vLLM (imported lazily; the config has checked that it is installed)."""
 
-    def __init__(self, model_path: str, config: RejectionSamplingConfig, device=None):
-        try:
-            from vllm import LLM
-        except ImportError as err:  # config validation already checked; keep one clear message anyway
-            raise ValueError(
-                "use_vllm=True but vLLM cannot be imported: `pip install trl-safeppo[vllm]`, or set use_vllm=False"
-            ) from err
+    def __init__(self, model_path: str, config: RejectionSamplingConfig, device: str):
+        from vllm import LLM
+
         self.config = config
         self.llm = LLM(model=model_path, seed=config.seed, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
         self.tokenizer = self.llm.get_tokenizer()
@@ -197,22 +177,11 @@ class VLLMGenerator:
         from vllm import SamplingParams
 
         cfg = self.config
-        params = SamplingParams(
-            n=cfg.num_completions,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_tokens=cfg.max_new_tokens,
-            seed=seed,
-        )
-        texts = [_prompt_text(self.tokenizer, p) for p in prompts]
-        outputs = self.llm.generate(texts, params, use_tqdm=False)
-        return [
-            [
-                {"text": o.text, "ids": list(o.token_ids), "truncated": o.finish_reason == "length"}
-                for o in request.outputs
-            ]
-            for request in outputs
-        ]
+        params = SamplingParams(n=cfg.num_completions, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_tokens=cfg.max_new_tokens, seed=seed)
+        outputs = self.llm.generate([_prompt_text(self.tokenizer, p) for p in prompts], params, use_tqdm=False)
+        return [[{"text": o.text, "ids": list(o.token_ids), "truncated": o.finish_reason == "length"}
+                 for o in request.outputs] for request in outputs]
 
 
 def _prompt_text(tokenizer, prompt: Any) -> str:
@@ -223,50 +192,31 @@ def _prompt_text(tokenizer, prompt: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scoring
-def score_completions(
-    scorer: Scorer, prompts: list, completions: list, completion_ids: list, columns: dict[str, list]
-) -> list[dict]:
-    """Score flat lists of completions. Returns per completion ``{"score", "passed", "rewards"}``.
-
-    The checker is called with TRL's signature (``prompts=, completions=, completion_ids=, **columns``).
-    ``rewards`` is its per-rule breakdown (plus ``reward_model``). ``score`` is the checker's total plus
-    ``reward_model_weight`` times the reward model's first logit, leaving out a missing (None) part like GRPO's
-    nansum; None when every part is missing. ``passed`` is the checker's pass criterion (total >= its
-    pass_threshold), or, with a reward model only, "the score exists".
-    """
+def score_completions(scorer: Scorer, prompts: list, completions: list, completion_ids: list,
+                      columns: dict[str, list]) -> list[dict]:
+    """Per completion ``{"score", "passed", "rewards"}``: the checker called with TRL's reward signature, plus the
+    weighted reward model, a missing (None) part left out like GRPO's nansum (docs/rejection_sampling.md, Scores)."""
     n = len(completions)
-    totals: list[float | None] = [None] * n
-    breakdown: list[dict[str, float | None]] = [{} for _ in range(n)]
-    passed: list[bool] = [True] * n
+    totals, passed, breakdown = [None] * n, [None] * n, [{} for _ in range(n)]
     if scorer.checker is not None:
-        scores = scorer.checker.score(
-            prompts=prompts, completions=completions, completion_ids=completion_ids, **columns
-        )
-        totals, passed = list(scores.total), list(scores.passed)
-        breakdown = scores.rows()
-    rm_scores = _reward_model_scores(scorer, prompts, completions) if scorer.reward_model is not None else None
+        scores = scorer.checker.score(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                                      **columns)
+        totals, passed, breakdown = list(scores.total), list(scores.passed), scores.rows()
+    rm_scores = _reward_model_scores(scorer, prompts, completions) if scorer.reward_model is not None else [None] * n
     results = []
-    for i in range(n):
-        parts = [totals[i]] if scorer.checker is not None else []
-        rewards = dict(breakdown[i])
-        if rm_scores is not None:
-            rewards["reward_model"] = rm_scores[i]
-            parts.append(None if rm_scores[i] is None else scorer.reward_model_weight * rm_scores[i])
-        present = [p for p in parts if p is not None]
-        score = float(sum(present)) if present else None
-        ok = bool(passed[i]) if scorer.checker is not None else score is not None
-        results.append({"score": score, "passed": ok, "rewards": rewards})
+    for total, ok, rewards, rm in zip(totals, passed, breakdown, rm_scores):
+        rewards = dict(rewards)
+        if scorer.reward_model is not None:
+            rewards["reward_model"] = rm
+        parts = [p for p in (total, None if rm is None else scorer.reward_model_weight * rm) if p is not None]
+        score = float(sum(parts)) if parts else None
+        results.append({"score": score, "passed": bool(ok) if scorer.checker is not None else score is not None,
+                        "rewards": rewards})
     return results
 
 
-def _as_float(value) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
 def _reward_model_scores(scorer: Scorer, prompts: list, completions: list) -> list[float | None]:
+    """``reward_model``'s first logit per completion (None for NaN)."""
     import torch
 
     tok = scorer.reward_tokenizer
@@ -278,4 +228,4 @@ def _reward_model_scores(scorer: Scorer, prompts: list, completions: list) -> li
     inputs = tok(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
     with torch.inference_mode():
         logits = scorer.reward_model(**{k: v.to(device) for k, v in inputs.items()}).logits[:, 0]
-    return [_as_float(x) for x in logits.float().tolist()]
+    return [None if math.isnan(x) else x for x in logits.float().tolist()]

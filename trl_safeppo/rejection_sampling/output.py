@@ -1,5 +1,5 @@
 """What a run writes and reads back: the SFT and scored products with their dataset card, the output directory
-and its resume check (``run.json``, ``parts/``), and the loaders of a finished run. Every file is written through
+and its resume check (``run.json``, ``parts/``), and the loaders of a finished run. Written through
 :mod:`trl_safeppo.fileio`."""
 
 from __future__ import annotations
@@ -11,34 +11,20 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..fileio import atomic_dir, write_text
-from .config import (
-    DROP_REASONS, LAYOUT_VERSION, NOT_FINGERPRINTED, PRODUCTS, PROMPT_DROP_REASONS, RejectionSamplingConfig, Summary,
-)
+from ..fileio import atomic_dir, write_json, write_text
+from .config import DROP_REASONS, LAYOUT_VERSION, NOT_FINGERPRINTED, OUTPUT_LAYOUT, RejectionSamplingConfig, Summary
 
 # ---------------------------------------------------------------------------------------------------------------
 # Output: SFT rows, scored rows, card
 PROVENANCE_COLUMNS = (
-    "prompt_id",
-    "sample_index",
-    "score",
-    "source_model",
-    "stage",
-    "step",
-    "reward_spec",
-    "reward_version",
-    "temperature",
-    "top_p",
-    "max_new_tokens",
-    "num_completions",
-    "seed",
+    "prompt_id", "sample_index", "score", "source_model", "stage", "step", "reward_spec", "reward_version",
+    "temperature", "top_p", "max_new_tokens", "num_completions", "seed",
 )
-
-
 # Columns of the scored table (docs/architecture.md "Scored samples"), then the source columns and provenance.
 SCORED_COLUMNS = (
     "prompt_id", "sample_index", "prompt", "completion", "score", "passed", "rewards", "kept", "drop_reason",
 )
+SCORED_PROVENANCE = ("source_model", "stage", "reward_spec", "reward_version", "seed")
 
 
 def sft_row(record: dict, provenance: dict, sft_format: str) -> dict:
@@ -65,32 +51,27 @@ _EMPTY_TYPES = {
 }
 
 
-def _as_dataset(rows: list[dict], template_rows: list[dict] | None = None, columns: Sequence[str] = ()):
-    """A ``datasets.Dataset`` from rows. With no rows it is empty but typed: the columns of ``template_rows`` when
-    given, else ``columns`` (plain types), so an empty result is still a valid dataset with the expected columns."""
-    from datasets import Dataset, Features, Value
-
-    if rows:
-        return Dataset.from_list(rows)
-    if template_rows:
-        return Dataset.from_list(template_rows[:1]).select([])
-    features = Features({c: Value(_EMPTY_TYPES.get(c, "string")) for c in columns})
-    return Dataset.from_dict({c: [] for c in columns}, features=features)
-
-
 def write_jsonl(rows: Iterable[dict], path: Path) -> None:
     write_text(path, "".join(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows))
 
 
 def _json_default(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
-def _save_dataset(dataset, path: Path) -> None:
+def _write_table(path: Path, rows: list[dict], template_rows: list[dict], columns: Sequence[str]) -> None:
+    """``rows`` as a ``save_to_disk`` dataset at ``path`` and as ``<path>.jsonl``. With no rows the dataset is empty
+    but typed: the columns of ``template_rows`` when given, else ``columns`` (plain types)."""
+    from datasets import Dataset, Features, Value
     from datasets.utils import logging as datasets_logging
 
+    if rows:
+        dataset = Dataset.from_list(rows)
+    elif template_rows:
+        dataset = Dataset.from_list(template_rows[:1]).select([])
+    else:
+        features = Features({c: Value(_EMPTY_TYPES.get(c, "string")) for c in columns})
+        dataset = Dataset.from_dict({c: [] for c in columns}, features=features)
     bars = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()  # one "Saving the dataset" bar per product is noise
     try:
@@ -100,48 +81,32 @@ def _save_dataset(dataset, path: Path) -> None:
     finally:
         if bars:
             datasets_logging.enable_progress_bar()
+    write_jsonl(rows, path.with_suffix(".jsonl"))
 
 
-def write_products(
-    out: Path,
-    *,
-    scored: list[dict],
-    kept: list[dict],
-    provenance: dict,
-    sft_format: str,
-    summary: Summary,
-    settings: dict,
-    title: str,
-    template_record: dict | None = None,
-) -> None:
-    """Write sft/, sft.jsonl, scored/, scored.jsonl, README.md, then summary.json (last: it marks completion)."""
-    sft_rows = [sft_row(r, provenance, sft_format) for r in kept]
+def write_products(out: Path, *, scored: list[dict], kept: list[dict], provenance: dict, sft_format: str,
+                   summary: Summary, settings: dict, title: str, template_record: dict | None = None) -> None:
+    """Write sft/, sft.jsonl, scored/, scored.jsonl, README.md, then summary.json (last: it marks completion).
+    ``template_record`` types the columns when ``scored`` is empty."""
     template = scored[:1] or ([template_record] if template_record is not None else [])
-    sft_template = [sft_row(r, provenance, sft_format) for r in template]
-    scored_rows = [_scored_row(r, provenance) for r in scored]
-    scored_template = [_scored_row(r, provenance) for r in template]
     sft_columns = [*(["messages"] if sft_format == "messages" else ["prompt", "completion"]), *PROVENANCE_COLUMNS]
-    scored_columns = [*SCORED_COLUMNS, "source_model", "stage", "reward_spec", "reward_version", "seed"]
     (out / "summary.json").unlink(missing_ok=True)
-    _save_dataset(_as_dataset(sft_rows, sft_template, sft_columns), out / "sft")
-    write_jsonl(sft_rows, out / "sft.jsonl")
-    _save_dataset(_as_dataset(scored_rows, scored_template, scored_columns), out / "scored")
-    write_jsonl(scored_rows, out / "scored.jsonl")
+    _write_table(out / "sft", [sft_row(r, provenance, sft_format) for r in kept],
+                 [sft_row(r, provenance, sft_format) for r in template], sft_columns)
+    _write_table(out / "scored", [_scored_row(r, provenance) for r in scored],
+                 [_scored_row(r, provenance) for r in template], [*SCORED_COLUMNS, *SCORED_PROVENANCE])
     write_text(out / "README.md", dataset_card(summary, provenance, settings, sft_format, title))
-    write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_json(out / "summary.json", summary.to_dict())
 
 
 def _scored_row(record: dict, provenance: dict) -> dict:
-    row = dict(record)
-    for key in ("source_model", "stage", "reward_spec", "reward_version", "seed"):
-        row.setdefault(key, provenance.get(key))
-    return row
+    return {**record, **{k: provenance.get(k) for k in SCORED_PROVENANCE if k not in record}}
 
 
 def dataset_card(summary: Summary, provenance: dict, settings: dict, sft_format: str, title: str) -> str:
     """The README.md written beside the data: what it is, counts (kept, dropped and why), provenance, settings."""
     dropped_lines = "\n".join(
-        f"| {reason} | {count} | {DROP_REASONS.get(reason, PROMPT_DROP_REASONS.get(reason, ''))} |"
+        f"| {reason} | {count} | {DROP_REASONS.get(reason, '')} |"
         for reason, count in sorted(summary.dropped.items())
     ) or "| (none) | 0 | |"
     columns = "`messages`" if sft_format == "messages" else "`prompt`, `completion`"
@@ -202,10 +167,8 @@ train_dataset = load_from_disk("{{this directory}}/sft")   # or sft.jsonl; score
 # The run
 def hash_rows(rows: list[dict]) -> str:
     """Content hash of the prompt rows a run samples (prompts and every other column, in order)."""
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False).encode())
-    return digest.hexdigest()[:16]
+    blob = "".join(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False) for row in rows)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def check_output_dir(config: RejectionSamplingConfig, prompts_hash: str) -> tuple[Path, str]:
@@ -242,42 +205,36 @@ def check_output_dir(config: RejectionSamplingConfig, prompts_hash: str) -> tupl
 def init_output_dir(out: Path, status: str, config: RejectionSamplingConfig, prompts_hash: str) -> None:
     """Main process only: remove the replaced run's files (only ours), then write run.json and parts/."""
     if status == "replace":
-        for name in (*PRODUCTS, "parts", "run.json"):
-            target = out / name
+        for target in (out / name for name in OUTPUT_LAYOUT):  # only our own files
             if target.is_dir():
                 shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "parts").mkdir(exist_ok=True)
+            else:
+                target.unlink(missing_ok=True)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
     if status != "resume":
-        payload = {
-            "fingerprint": config.fingerprint(prompts_hash),
-            "prompts_hash": prompts_hash,
-            "layout": LAYOUT_VERSION,
-            "config": config.to_dict(),
-        }
+        payload = {"fingerprint": config.fingerprint(prompts_hash), "prompts_hash": prompts_hash,
+                   "layout": LAYOUT_VERSION, "config": config.to_dict()}
         write_text(out / "run.json", json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_parts(parts_dir: Path) -> list[dict]:
-    records = []
-    for path in sorted(parts_dir.glob("*.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            records.extend(json.loads(line) for line in f if line.strip())
-    return records
+    lines = (line for path in sorted(parts_dir.glob("*.jsonl")) for line in path.read_text("utf-8").split("\n"))
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading results
-def load_sft_dataset(output_dir: str | os.PathLike, *, provenance: bool = True):
-    """The selected SFT set of a finished run (``provenance=False`` keeps only the TRL SFT columns)."""
+def _load_product(output_dir: str | os.PathLike, name: str):
     from datasets import load_from_disk
 
-    out = Path(output_dir)
-    if not (out / "summary.json").exists():
+    if not (Path(output_dir) / "summary.json").exists():
         raise ValueError(f"output_dir={os.fspath(output_dir)!r} holds no finished run (no summary.json)")
-    dataset = load_from_disk(str(out / "sft"))
+    return load_from_disk(str(Path(output_dir) / name))
+
+
+def load_sft_dataset(output_dir: str | os.PathLike, *, provenance: bool = True):
+    """The selected SFT set of a finished run (``provenance=False`` keeps only the TRL SFT columns)."""
+    dataset = _load_product(output_dir, "sft")
     if not provenance:
         dataset = dataset.remove_columns([c for c in dataset.column_names if c in PROVENANCE_COLUMNS])
     return dataset
@@ -285,9 +242,4 @@ def load_sft_dataset(output_dir: str | os.PathLike, *, provenance: bool = True):
 
 def load_scored_samples(output_dir: str | os.PathLike):
     """Every scored completion of a finished run (the "Scored samples" table; input of ``pairs.build_pairs``)."""
-    from datasets import load_from_disk
-
-    out = Path(output_dir)
-    if not (out / "summary.json").exists():
-        raise ValueError(f"output_dir={os.fspath(output_dir)!r} holds no finished run (no summary.json)")
-    return load_from_disk(str(out / "scored"))
+    return _load_product(output_dir, "scored")

@@ -40,8 +40,6 @@ def content_text(value: Any, roles: Sequence[str] | None = None) -> str:
 
 def prompt_key(prompt: Any) -> str:
     """Normalized text of a prompt's user turns (the system prompt is ignored): the decontamination key."""
-    if isinstance(prompt, str):
-        return normalize_text(prompt)
     return normalize_text(content_text(prompt, roles=("user",)))
 
 
@@ -53,16 +51,9 @@ def stable_prompt_id(prompt: Any) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Selection
-def select(
-    groups: dict[int, list[dict]],
-    *,
-    selection: str = "all_passing",
-    top_k: int = 2,
-    score_threshold: float | None = None,
-    pass_rate_band: tuple[float, float] = (0.0, 1.0),
-    dedup: str = "normalized",
-    max_per_prompt: int | None = None,
-) -> tuple[list[dict], Counter]:
+def select(groups: dict[int, list[dict]], *, selection: str = "all_passing", top_k: int = 2,
+           score_threshold: float | None = None, pass_rate_band: tuple[float, float] = (0.0, 1.0),
+           dedup: str = "normalized", max_per_prompt: int | None = None) -> tuple[list[dict], Counter]:
     """Choose which scored completions to keep; return ``(kept, dropped_reasons)``.
 
     ``groups`` maps a prompt id to its scored records (each with ``completion``, ``score``, ``passed``,
@@ -85,39 +76,33 @@ def select(
         pass_rate = sum(r["passed"] for r in records) / len(records) if records else 0.0
         band_ok = pass_rate_band[0] < pass_rate < pass_rate_band[1]
         for record in records:
-            if selection == "threshold":
-                if record["score"] is None:
-                    drop(record, "unscored")
-                elif record["score"] < score_threshold:
-                    drop(record, "below_threshold")
-                else:
-                    eligible.append(record)
+            score = record["score"]
+            if selection == "threshold":  # the score alone decides, passed or not
+                reason = "unscored" if score is None else "below_threshold" if score < score_threshold else None
             elif selection == "pass_rate_band" and not band_ok:
-                drop(record, "outside_pass_rate_band")
-            elif not record["passed"]:
-                drop(record, "failed_check" if record["score"] is not None else "unscored")
+                reason = "outside_pass_rate_band"
             else:
+                reason = None if record["passed"] else "failed_check" if score is not None else "unscored"
+            if reason is None:
                 eligible.append(record)
-        ranked = sorted(eligible, key=_rank_key)
+            else:
+                drop(record, reason)
         seen: set[str] = set()
         survivors = []
-        for record in ranked:
-            key = _dedup_key(record["completion"], dedup)
+        for record in sorted(eligible, key=_rank_key):
+            key = None if dedup == "none" else content_text(record["completion"])
+            key = normalize_text(key) if dedup == "normalized" else key
             if key is not None and key in seen:
                 drop(record, "duplicate")
-                continue
-            if key is not None:
+            else:
                 seen.add(key)
-            survivors.append(record)
-        limit = {"best_of_n": 1, "top_k": top_k}.get(selection)
-        if limit is not None:
-            for record in survivors[limit:]:
-                drop(record, "not_top_ranked")
-            survivors = survivors[:limit]
-        if max_per_prompt is not None:
-            for record in survivors[max_per_prompt:]:
-                drop(record, "over_cap")
-            survivors = survivors[:max_per_prompt]
+                survivors.append(record)
+        for reason, limit in (("not_top_ranked", {"best_of_n": 1, "top_k": top_k}.get(selection)),
+                              ("over_cap", max_per_prompt)):
+            if limit is not None:
+                for record in survivors[limit:]:
+                    drop(record, reason)
+                survivors = survivors[:limit]
         for record in survivors:
             record["kept"], record["drop_reason"] = True, None
         kept.extend(sorted(survivors, key=lambda r: r["sample_index"]))
@@ -128,10 +113,3 @@ def _rank_key(record: dict) -> tuple[float, int]:
     """Score descending (None last), then generation order."""
     score = record["score"] if record["score"] is not None else -math.inf
     return -score, record["sample_index"]
-
-
-def _dedup_key(completion: Any, mode: str) -> str | None:
-    if mode == "none":
-        return None
-    text = content_text(completion)
-    return text if mode == "exact" else normalize_text(text)

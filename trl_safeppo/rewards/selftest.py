@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..fileio import write_json
+from ..safe_yaml import safe_yaml_load  # size and alias expansion capped, as for `run`
 from .base import Rule
 from .checker import RuleChecker, RuleScores
 from .spec import resolve
@@ -268,8 +269,6 @@ def check_rewards(
 def load_reward_spec(value: str) -> Any:
     """A spec from the command line: a YAML/JSON file (its ``reward`` key if it is a recipe), inline YAML, or a name."""
     import yaml
-
-    from ..pipeline.recipe import safe_yaml_load  # size and alias expansion capped, as for `run`
 
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:

@@ -16,7 +16,7 @@ GRPOTrainer hooks overridden (each through ``super()``, the result post-processe
 - ``_generate_and_score_completions``: PPO's rollout (critic values, GAE targets) and GRPO's KL of each new batch
   (``rails.kl.measure_before_update``) post-process the batch GRPO built. No public hook returns the batch.
 - ``_prepare_inputs`` (also a transformers ``Trainer`` method): PPO reshuffles a rollout into fresh minibatches at
-  every epoch; the KL trust region keeps the micro-batches of the coming optimizer step.
+  every epoch.
 - ``_get_per_token_logps_and_entropies``: called for the policy's log-probabilities (PPO's rollout, the KL
   measurements), and overridden by PPO to read the log-probabilities of its loss (approx KL, clip fraction) instead
   of computing them twice.

@@ -55,9 +55,7 @@ def prepare_critic(critic: PreTrainedModel, args: SafePPOConfig, processing_clas
 
         disable_dropout_in_model(critic)
     checkpointing = args.critic_gradient_checkpointing
-    if checkpointing is None:
-        checkpointing = args.gradient_checkpointing
-    if checkpointing:
+    if args.gradient_checkpointing if checkpointing is None else checkpointing:
         _enable_checkpointing(critic, args.gradient_checkpointing_kwargs)
     return ValueModel(critic)
 
@@ -71,13 +69,6 @@ def _enable_checkpointing(model: PreTrainedModel, kwargs: dict | None) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **layer_args)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _model_init_kwargs(args: SafePPOConfig) -> dict:
-    kwargs = dict(args.model_init_kwargs or {})
-    kwargs.pop("device_map", None)
-    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    return kwargs
 
 
 def load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrainedModel:
@@ -117,8 +108,10 @@ def load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrain
 
 
 def _from_pretrained(path: str, args: SafePPOConfig, what: str) -> PreTrainedModel:
+    kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {})}
+    kwargs.pop("device_map", None)  # the critic is placed by accelerate
     try:
-        return load_value_model(path, what=what, **_model_init_kwargs(args))
+        return load_value_model(path, what=what, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         raise ValueError(
             f"{what}: cannot load {path!r} as a critic (AutoModelForSequenceClassification, num_labels=1): {err}. "

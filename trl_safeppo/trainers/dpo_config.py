@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .grpo_config import TRIPWIRE_PARAMS
 from .tripwires import TRIPWIRE_HELP, TripwireFields, validate_tripwire_fields
 
 
@@ -31,34 +32,12 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
             (RPO, Pang et al. 2024, https://huggingface.co/papers/2404.19733, use 1.0). 0 disables it.
 
         > Tripwires
-
-        tripwires (`list[dict]`, *optional*):
-            {tripwires}
-        tripwire_raise_kl_factor (`float`, *optional*, defaults to `2.0`):
-            {raise_kl_factor}
-        tripwire_rollback_beta_factor (`float`, *optional*, defaults to `2.0`):
-            {rollback_beta_factor}
-        tripwire_rollback_lr_factor (`float`, *optional*, defaults to `0.5`):
-            {rollback_lr_factor}
-        tripwire_max_rollbacks (`int`, *optional*, defaults to `2`):
-            {max_rollbacks}
-        tripwire_snapshot_every (`int`, *optional*, defaults to `1`):
-            {snapshot_every}
-        tripwire_max_beta (`float`, *optional*):
-            {max_beta}
-        logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
-            Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in
-            the logs and would hide it from the `non_finite` tripwire.
+{tripwire_params}
     """
 
     # Chosen-likelihood guard
     chosen_nll_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of an NLL term on the chosen completion added to the DPO loss (TRL's `sft` loss type "
-            "appended to `loss_type`), which keeps the chosen log-probability from collapsing while the margin grows "
-            "(RPO, Pang et al. 2024, https://huggingface.co/papers/2404.19733, use 1.0). 0 disables it."
-        },
+        default=0.0, metadata={"help": "Weight of an NLL term on the chosen completion (RPO uses 1.0); 0: off."}
     )
 
     def __post_init__(self):
@@ -77,4 +56,4 @@ class SafeDPOConfig(TripwireFields, DPOConfig):
 
 
 # The docstring is a literal (so it is __doc__); the tripwire fields share their help text with the other configs.
-SafeDPOConfig.__doc__ = SafeDPOConfig.__doc__.format(**TRIPWIRE_HELP)
+SafeDPOConfig.__doc__ = SafeDPOConfig.__doc__.format(tripwire_params=TRIPWIRE_PARAMS, **TRIPWIRE_HELP)

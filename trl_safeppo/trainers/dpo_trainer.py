@@ -19,21 +19,16 @@ from ..fileio import write_json
 from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
 from .dpo_config import SafeDPOConfig
 from .rails_mixin import checkpoint_folder, mark_checkpoints_complete, resume_folder
-from .tripwires import add_tripwires
+from .tripwires import add_tripwires, load_tripwire_state
 
 DPO_STATE_FILE = "safe_dpo_state.json"
 
 
 def check_preference_dataset(dataset, field: str = "train_dataset") -> None:
     """A preference dataset needs `chosen` and `rejected` columns (and usually `prompt`): fail early, naming them."""
-    if dataset is None:
-        return
-    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
-    for ds in datasets:
-        columns = getattr(ds, "column_names", None)
-        if columns is None:  # IterableDataset without known features: DPOTrainer will check
-            continue
-        missing = [c for c in ("chosen", "rejected") if c not in columns]
+    for ds in dataset.values() if isinstance(dataset, dict) else [dataset]:
+        columns = getattr(ds, "column_names", None)  # None: no dataset, or one without known features (TRL checks)
+        missing = [c for c in ("chosen", "rejected") if columns is not None and c not in columns]
         if missing:
             raise ValueError(
                 f"{field} is missing the column(s) {missing} of TRL's preference format (columns found: {columns}); "
@@ -95,15 +90,12 @@ class SafeDPOTrainer(DPOTrainer):
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         folder = resume_folder(self.args, resume_from_checkpoint)
-        path = None if folder is None else os.path.join(folder, DPO_STATE_FILE)
-        if path is not None and os.path.exists(path):
-            with open(path) as f:
-                beta = json.load(f).get("beta")
-            if isinstance(beta, (int, float)) and math.isfinite(beta):
-                self.beta = float(beta)  # a beta raised by a tripwire survives the resume
         if folder is not None:
-            from .tripwires import load_tripwire_state
-
+            if os.path.exists(path := os.path.join(folder, DPO_STATE_FILE)):
+                with open(path) as f:
+                    beta = json.load(f).get("beta")
+                if isinstance(beta, (int, float)) and math.isfinite(beta):
+                    self.beta = float(beta)  # a beta raised by a tripwire survives the resume
             load_tripwire_state(self, folder)  # back on the tripwire ladder where the checkpoint left it
         return super().train(resume_from_checkpoint, *args, **kwargs)
 

@@ -8,39 +8,12 @@ from typing import Any
 from trl import GRPOConfig
 
 from .tripwires import (
-    TRIPWIRE_HELP,
-    RewardTimeoutFields,
-    TripwireFields,
-    validate_reward_timeout,
-    validate_tripwire_fields,
+    TRIPWIRE_HELP, RewardTimeoutFields, TripwireFields, validate_reward_timeout, validate_tripwire_fields,
 )
 
 
-@dataclass
-class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
-    r"""
-    Configuration class for [`SafeGRPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the fields below. With
-    `rails=None` and `tripwires=None` (the defaults) training is exactly GRPOTrainer's.
-
-    Rails map onto GRPO's own knobs where they exist, instead of re-implementing them: group normalization is
-    `scale_rewards`, the per-token loss aggregation is `loss_type` (`"dr_grpo"` removes the length bias of the
-    original GRPO loss, Liu et al. 2025, https://huggingface.co/papers/2503.20783), masking truncated completions
-    out of the loss is `mask_truncated_completions` (DAPO, https://huggingface.co/papers/2503.14476), weighting
-    several rewards is `reward_weights`. The `rails` block adds what GRPO lacks: clipping, running normalization,
-    length rails, a missing-EOS penalty and a non-finite guard (applied to the summed reward *before* GRPO's group
-    normalization), and an adaptive KL coefficient on `beta` (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593).
-
-    Parameters:
-        > Rails
-
-        rails (`dict` or `RailsConfig`, *optional*):
-            The rails of this stage, in the format of `trl_safeppo.RailsConfig.from_dict` (the YAML `rails:` block):
-            reward rails in declared order and the KL controller. With an adaptive KL controller, its `init_kl_coef`
-            replaces `beta` and its `min_coef` must be > 0 (GRPO loads no reference model when `beta == 0`).
-            `None` disables all rails.
-
-        > Tripwires
-
+# The tripwire fields' entries in the docstrings of SafeGRPOConfig, SafePPOConfig and SafeDPOConfig (one text, here)
+TRIPWIRE_PARAMS = """
         tripwires (`list[dict]`, *optional*):
             {tripwires}
         tripwire_raise_kl_factor (`float`, *optional*, defaults to `2.0`):
@@ -58,7 +31,32 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
         logging_nan_inf_filter (`bool`, *optional*, defaults to `False`):
             Overrides the TrainingArguments default (`True`), which replaces a NaN/inf loss by the running average in
             the logs and would hide it from the `non_finite` tripwire.
+""".format(**TRIPWIRE_HELP)
 
+
+@dataclass
+class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
+    r"""
+    Configuration class for [`SafeGRPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the fields below. With
+    `rails=None` and `tripwires=None` (the defaults) training is exactly GRPOTrainer's.
+
+    Rails use GRPO's own knobs where they exist (`scale_rewards`, `loss_type`, `mask_truncated_completions`,
+    `reward_weights`; docs/grpo.md, "GRPO's own knobs first"). The `rails` block adds what GRPO lacks: clipping,
+    running normalization, length rails, a missing-EOS penalty and a non-finite guard (on the summed reward, *before*
+    GRPO's group normalization), and an adaptive KL coefficient on `beta` (Ziegler et al. 2019,
+    https://arxiv.org/abs/1909.08593).
+
+    Parameters:
+        > Rails
+
+        rails (`dict` or `RailsConfig`, *optional*):
+            The rails of this stage, in the format of `trl_safeppo.RailsConfig.from_dict` (the YAML `rails:` block):
+            reward rails in declared order and the KL controller. With an adaptive KL controller, its `init_kl_coef`
+            replaces `beta` and its `min_coef` must be > 0 (GRPO loads no reference model when `beta == 0`).
+            `None` disables all rails.
+
+        > Tripwires
+{tripwire_params}
         > Reward functions
 
         reward_timeout_s (`float`, *optional*, defaults to `60.0`):
@@ -67,13 +65,7 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
 
     # Rails
     rails: dict | Any | None = field(
-        default=None,
-        metadata={
-            "help": "The rails of this stage, in the format of `trl_safeppo.RailsConfig.from_dict` (the YAML `rails:` "
-            "block): reward rails in declared order and the KL controller. With an adaptive KL controller, its "
-            "`init_kl_coef` replaces `beta` and its `min_coef` must be > 0 (GRPO loads no reference model when "
-            "`beta == 0`). `None` disables all rails."
-        },
+        default=None, metadata={"help": "Reward rails and KL controller: a RailsConfig or its dict (docs/rails.md)."}
     )
 
     def __post_init__(self):
@@ -91,23 +83,9 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
                     f"rails.kl.estimator={kl.estimator!r}: GRPO's KL term is its own k3 estimator; set "
                     "rails.kl.estimator to null or 'k3' for a GRPO stage"
                 )
-            beta = kl.init_kl_coef if kl.init_kl_coef is not None else self.beta
-            for name in ("max_kl", "pull_back_above"):
-                if getattr(kl, name) is not None and not beta > 0:
-                    raise ValueError(
-                        f"rails.kl.{name}={getattr(kl, name)!r} bounds the KL to the reference model, but the KL "
-                        f"coefficient is {beta!r}, so GRPO loads no reference model; set rails.kl.init_kl_coef (or "
-                        f"beta) > 0, or rails.kl.{name} to null"
-                    )
-            if kl.pull_back_above is not None and self.sync_ref_model:
-                raise ValueError(
-                    f"rails.kl.pull_back_above={kl.pull_back_above!r} pulls the policy back towards the reference "
-                    "while sync_ref_model=True moves the reference towards the policy; set sync_ref_model to False, "
-                    "or rails.kl.pull_back_above to null"
-                )
         validate_tripwire_fields(self)
         validate_reward_timeout(self)
 
 
 # The docstring is a literal (so it is __doc__); the tripwire fields share their help text with the other configs.
-SafeGRPOConfig.__doc__ = SafeGRPOConfig.__doc__.format(**TRIPWIRE_HELP)
+SafeGRPOConfig.__doc__ = SafeGRPOConfig.__doc__.format(tripwire_params=TRIPWIRE_PARAMS, **TRIPWIRE_HELP)

@@ -23,8 +23,7 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
     :func:`trl_safeppo.models.resolve_model_path`), or a model object.
 
     Attributes added to GRPOTrainer's:
-        rails_wiring: the :class:`~trl_safeppo.trainers.rails_mixin.TrainerRails` (reward rails, KL control, trust
-            region).
+        rails_wiring: the :class:`~trl_safeppo.trainers.rails_mixin.TrainerRails` (reward rails, KL control).
         tripwire_callback: the :class:`~trl_safeppo.trainers.tripwires.TripwireCallback`, or None.
     """
 

@@ -6,8 +6,8 @@ three ways, chosen once from the config:
 
 - ``"per_step"`` (GRPO, default): after every optimizer step, the mean of the ``kl`` values GRPO logged during it
   (:class:`KLStepCallback`), so an update's beta comes from the previous update's KL;
-- ``"per_batch"`` (GRPO, ``rails.kl.measure_before_update``): the k3 KL (or, with ``measure_exact``, the exact KL)
-  of every new rollout batch before any update on it (:meth:`KLControl.update_from_batch`);
+- ``"per_batch"`` (GRPO, ``rails.kl.measure_before_update``): the k3 KL of every new rollout batch before any
+  update on it (:meth:`KLControl.update_from_batch`);
 - ``"per_rollout"`` (PPO): once per rollout, the mean per-sequence KL of the rollout (:meth:`KLControl.update`).
 
 Its state is checkpointed once (:meth:`KLControl.state_dict`); ``beta`` is derived from it, never stored apart.
@@ -30,67 +30,29 @@ def kl_mask(batch: dict):
     return mask if batch.get("tool_mask") is None else mask * batch["tool_mask"]
 
 
-def _require_text_only(batch: dict, setting: str) -> None:
-    extra = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
-                   if batch.get(k) is not None)
-    if extra:
-        raise ValueError(
-            f"rails.kl.{setting} measures the KL of text-only batches, but this batch has {extra}; switch "
-            f"rails.kl.{setting} off for a vision-language model"
-        )
-
-
-def _sequences(batch: dict):
-    import torch
-
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    return input_ids, attention_mask, batch["completion_ids"].shape[1]
-
-
-def policy_logps(trainer, batch: dict, setting: str):
+def policy_logps(trainer, batch: dict):
     """`(B, T)` log-probabilities of a GRPO batch's completion tokens under the current policy: one forward without
     gradient through GRPO's own `_get_per_token_logps_and_entropies` (chunked by `per_device_train_batch_size`).
-    Text-only: a batch with image inputs raises a ValueError naming `rails.kl.<setting>`."""
+    Text-only: a batch with image inputs raises a ValueError naming `rails.kl.measure_before_update`."""
     import torch
 
     from ..models import activation_checkpointing_off
 
-    _require_text_only(batch, setting)
-    input_ids, attention_mask, n = _sequences(batch)
+    images = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
+                    if batch.get(k) is not None)
+    if images:
+        raise ValueError(
+            f"rails.kl.measure_before_update measures the KL of text-only batches, but this batch has {images}; "
+            "switch rails.kl.measure_before_update off for a vision-language model"
+        )
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     with torch.no_grad(), activation_checkpointing_off(trainer.model, trainer.args.gradient_checkpointing_kwargs):
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, input_ids, attention_mask, n, batch_size=trainer.args.per_device_train_batch_size,
+            trainer.model, input_ids, attention_mask, batch["completion_ids"].shape[1],
+            batch_size=trainer.args.per_device_train_batch_size,
         )
     return logps
-
-
-def exact_kl(trainer, batch: dict):
-    """`(B, T)` exact KL of the current policy to ``trainer.ref_model`` at each completion position of a GRPO batch
-    (:func:`trl_safeppo.rails.kl.kl_exact`; the caller masks). Forwards without gradient,
-    `per_device_train_batch_size` rows at a time, keeping only the completion positions' logits (`logits_to_keep`),
-    divided by the sampling temperature as GRPO does. Needs a separate reference model (checked by
-    :meth:`KLControl.start`). Text-only."""
-    import torch
-
-    from ..models import activation_checkpointing_off
-
-    from ..rails.kl import kl_exact
-
-    _require_text_only(batch, "measure_exact")
-    input_ids, attention_mask, n = _sequences(batch)
-
-    def logits(model, rows):
-        out = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], logits_to_keep=n + 1)
-        return out.logits[:, :-1] / trainer.temperature  # the last position predicts past the completion
-
-    chunk = trainer.args.per_device_train_batch_size
-    parts = []
-    with torch.no_grad(), activation_checkpointing_off(trainer.model, trainer.args.gradient_checkpointing_kwargs):
-        for start in range(0, len(input_ids), chunk):
-            rows = slice(start, start + chunk)
-            parts.append(kl_exact(logits(trainer.model, rows), logits(trainer.ref_model, rows)))
-    return torch.cat(parts)
 
 
 # ---------------------------------------------------------------------- the controller's owner
@@ -101,10 +63,9 @@ class KLControl:
         controller: an ``AdaptiveKLController`` / ``FixedKLController`` (``None``: beta stays as configured and
             nothing here acts).
         feed: how the controller is fed (module docstring): ``"per_step"``, ``"per_batch"`` or ``"per_rollout"``.
-        exact: with ``"per_batch"``: feed the exact KL over the vocabulary instead of k3.
     """
 
-    def __init__(self, controller=None, *, feed: str = "per_step", before_update: bool = False, exact: bool = False):
+    def __init__(self, controller=None, *, feed: str = "per_step", before_update: bool = False):
         if feed not in FEEDS:
             raise ValueError(f"feed={feed!r}; use one of {FEEDS}")
         self.controller = controller
@@ -112,7 +73,6 @@ class KLControl:
         # rails.kl.measure_before_update: an update's beta comes from the KL of the batch it trains on ("per_batch"
         # for GRPO; for PPO, the rollout's KL sets the beta of its own penalty)
         self.before_update = bool(before_update) or feed == "per_batch"
-        self.exact = bool(exact)
         self.trainer = None
         self._step_kls: list[float] = []  # "per_step": GRPO's `kl` values of the current optimizer step
 
@@ -127,7 +87,7 @@ class KLControl:
             controller = None
         before = config is not None and config.kl.measure_before_update
         feed = "per_rollout" if ppo else ("per_batch" if before else "per_step")
-        return cls(controller, feed=feed, before_update=before, exact=config is not None and config.kl.measure_exact)
+        return cls(controller, feed=feed, before_update=before)
 
     @property
     def value(self) -> float | None:
@@ -141,12 +101,6 @@ class KLControl:
         trainer.beta = self.value
         if self.feed != "per_rollout":  # GRPO logs beta once per optimizer step (PPO once per rollout)
             trainer.add_callback(KLStepCallback(self))
-        if self.exact and trainer.ref_model is None:
-            raise ValueError(
-                "rails.kl.measure_exact compares the policy with a separate reference model, but this trainer has "
-                "none (a PEFT policy is its own reference with the adapter off); train without PEFT, or set "
-                "rails.kl.measure_exact to false"
-            )
 
     def update(self, kl: float, n_samples: int) -> None:
         """Feed one KL measurement over ``n_samples`` samples; beta follows the controller."""
@@ -185,7 +139,7 @@ class KLControl:
         any update on it, and set ``trainer.beta`` for those updates.
 
         The KL is GRPO's own: k3 of the current policy against the reference, averaged over the completion tokens of
-        all processes, i.e. what the first update on this batch will log as ``kl`` (or the exact KL with ``exact``).
+        all processes, i.e. what the first update on this batch will log as ``kl``.
         The policy's log-probabilities are GRPO's ``old_per_token_logps`` when it computed them, else one forward
         without gradient.
         """
@@ -198,13 +152,10 @@ class KLControl:
         if isinstance(self.controller, FixedKLController):  # nothing to move: spare the forward
             return
         mask = kl_mask(output)
-        if self.exact:
-            kl = exact_kl(trainer, output) * mask.to(torch.float32)
-        else:
-            logps = output.get("old_per_token_logps")
-            if logps is None:
-                logps = policy_logps(trainer, output, "measure_before_update")
-            kl = kl_per_token(logps.float(), output["ref_per_token_logps"].float(), "k3", mask)
+        logps = output.get("old_per_token_logps")
+        if logps is None:
+            logps = policy_logps(trainer, output)
+        kl = kl_per_token(logps.float(), output["ref_per_token_logps"].float(), "k3", mask)
         totals = torch.stack([kl.sum(), mask.sum().to(kl.dtype), torch.tensor(float(len(mask)), device=kl.device)])
         kl_sum, n_tokens, n_samples = trainer.accelerator.reduce(totals, reduction="sum").tolist()
         if n_tokens > 0:

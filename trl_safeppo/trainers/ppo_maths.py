@@ -35,18 +35,9 @@ class RolloutTargets(NamedTuple):
 
 
 def rollout_targets(
-    scores: torch.Tensor,
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor | None,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-    estimator: str = "k1",
-    whiten_advantages: bool = True,
-    whiten_rewards: bool = False,
-    scorable: torch.Tensor | None = None,
+    scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor | None, values: torch.Tensor, mask: torch.Tensor,
+    kl_coef: float, gamma: float = 1.0, lam: float = 0.95, estimator: str = "k1", whiten_advantages: bool = True,
+    whiten_rewards: bool = False, scorable: torch.Tensor | None = None,
 ) -> RolloutTargets:
     """Token rewards, GAE advantages and returns of one rollout batch.
 

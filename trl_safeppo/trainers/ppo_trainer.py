@@ -153,13 +153,14 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
 
     @torch.no_grad()
     def _ppo_rollout(self, output: dict[str, Any]) -> dict[str, Any]:
+        """GRPO's batch plus this process's rows of the `(B, T)` targets: `advantages` (GAE, replacing GRPO's `(B,)`
+        ones), `ppo_values`, `ppo_returns`, `ppo_mask`."""
         mode = "train" if self.model.training else "eval"
         accelerator = self.accelerator
-        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask * output["tool_mask"] if "tool_mask" in output else completion_mask
+        input_ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
         n_local, t_local = completion_ids.shape
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
 
@@ -172,88 +173,74 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 )
             was_training = self.critic.training
             self.critic.eval()
-            values = torch.cat(
-                [
-                    self._critic_values(input_ids[i : i + batch_size], attention_mask[i : i + batch_size], t_local)
-                    for i in range(0, n_local, batch_size)
-                ]
-            )
+            values = torch.cat([
+                self._critic_values(input_ids[i : i + batch_size], attention_mask[i : i + batch_size], t_local)
+                for i in range(0, n_local, batch_size)
+            ])
             self.critic.train(was_training)
         ref_logps = output.get("ref_per_token_logps")
 
         # Everything below runs on the global batch (all processes), identically on every rank, then each rank keeps
         # its rows: rows are gathered in process order, as GRPO gathers the rewards (process_slice).
         def gather_bt(x: torch.Tensor) -> torch.Tensor:
-            return accelerator.gather(accelerator.pad_across_processes(x.contiguous(), dim=1, pad_index=0))
+            return accelerator.gather(accelerator.pad_across_processes(x.float().contiguous(), dim=1, pad_index=0))
 
-        values_g = gather_bt(values.float())
-        ref_g = gather_bt(ref_logps.float()) if ref_logps is not None else None
-        targets = self._rollout_targets(mode, gather_bt(mask.float()), gather_bt(old_logps.float()), ref_g, values_g)
+        values_g = gather_bt(values)
+        ref_g = gather_bt(ref_logps) if ref_logps is not None else None
+        targets = self._rollout_targets(mode, gather_bt(mask), gather_bt(old_logps), ref_g, values_g)
         rows = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
-        dtype = torch.float32  # advantages, values and returns stay in full precision under bf16 autocast
-        output["advantages"] = targets.advantages[rows, :t_local].to(dtype)
-        output["ppo_values"] = values_g[rows, :t_local].to(dtype)
-        output["ppo_returns"] = targets.returns[rows, :t_local].to(dtype)
-        output["ppo_mask"] = targets.mask[rows, :t_local].to(dtype)
+        # float32: advantages, values and returns stay in full precision under bf16 autocast
+        output["advantages"] = targets.advantages[rows, :t_local].float()
+        output["ppo_values"] = values_g[rows, :t_local].float()
+        output["ppo_returns"] = targets.returns[rows, :t_local].float()
+        output["ppo_mask"] = targets.mask[rows, :t_local].float()
         return output
 
     # ================================================================== 2. Targets: score, KL, GAE, whitening
     def _rollout_targets(self, mode, mask_g, old_g, ref_g, values_g):
         """The PPO targets of one rollout from its global `(B, T)` tensors (`ppo_maths.rollout_targets`), with the
         KL controller fed once per rollout and the rollout's metrics logged."""
-        store = self._metrics[mode]
-        kl = self.rails_wiring.kl
-        estimator = kl_estimator(self.args)
+        store, kl, args = self._metrics[mode], self.rails_wiring.kl, self.args
+        estimator = (args.rails_config.kl.estimator if args.rails_config is not None else None) or args.kl_estimator
 
         # Score: the reward functions' weighted sum after the reward rails (reward_rails.py), one number per row
         score = self.rails_wiring.rewards.last_rewards.to(mask_g.device)
-        unscorable = ~torch.isfinite(score)
-        empty = mask_g.sum(dim=1) == 0
+        unscorable, filled = ~torch.isfinite(score), mask_g.sum(dim=1) > 0
+        scored = ~unscorable & filled
+        feed_kl = mode == "train" and ref_g is not None and bool(filled.any())  # training rollouts move beta
 
         # KL coefficient: rails.kl.measure_before_update lets this rollout's KL set the beta of its own penalty
-        if kl.before_update and mode == "train" and ref_g is not None and (~empty).any():
-            maskf = mask_g.to(old_g.dtype)
-            rollout_kl = sequence_kl(kl_per_token(old_g, ref_g, estimator, maskf), maskf)[~empty]
+        if feed_kl and kl.before_update:
+            rollout_kl = sequence_kl(kl_per_token(old_g, ref_g, estimator, mask_g), mask_g)[filled]
             kl.update(rollout_kl.mean().item(), len(rollout_kl))
         beta = float(self.beta) if ref_g is not None else 0.0
 
         # Token rewards -beta * KL_t (+ score on the last token), GAE advantages and returns, whitening
         targets = rollout_targets(
-            score,
-            old_g,
-            ref_g,
-            values_g,
-            mask_g,
-            beta,
-            gamma=self.args.gamma,
-            lam=self.args.lam,
-            estimator=estimator,
-            whiten_advantages=self.args.whiten_advantages,
-            whiten_rewards=self.args.whiten_rewards,
-            scorable=~unscorable & ~empty,
+            score, old_g, ref_g, values_g, mask_g, beta, gamma=args.gamma, lam=args.lam, estimator=estimator,
+            whiten_advantages=args.whiten_advantages, whiten_rewards=args.whiten_rewards, scorable=scored,
         )
         score = torch.where(unscorable, torch.zeros_like(score), score)
 
         # Metrics (global batch, identical on every rank)
         seq_kl = targets.kl.sum(dim=1)
         non_score = -beta * seq_kl
-        scored = ~unscorable & ~empty
         store["beta"].append(beta)
         store["kl"].append(_masked_mean(targets.kl, mask_g))
-        store["ppo/kl_seq"].append(seq_kl[~empty].mean().item() if (~empty).any() else math.nan)
-        store["ppo/score/mean"].append(score[scored].mean().item() if scored.any() else math.nan)
+        store["ppo/kl_seq"].append(_masked_mean(seq_kl, filled))
+        store["ppo/score/mean"].append(_masked_mean(score, scored))
         store["ppo/score/std"].append(score[scored].std().item() if int(scored.sum()) > 1 else math.nan)
-        store["ppo/non_score_reward"].append(non_score[~empty].mean().item() if (~empty).any() else math.nan)
-        store["ppo/rlhf_reward"].append((score + non_score)[scored].mean().item() if scored.any() else math.nan)
+        store["ppo/non_score_reward"].append(_masked_mean(non_score, filled))
+        store["ppo/rlhf_reward"].append(_masked_mean(score + non_score, scored))
         store["ppo/unscorable"].append(float(unscorable.sum().item()))
-        store["ppo/empty_completions"].append(float(empty.sum().item()))
+        store["ppo/empty_completions"].append(float((~filled).sum().item()))
         store["ppo/val/mean"].append(_masked_mean(values_g, targets.mask))
         store["ppo/returns/mean"].append(_masked_mean(targets.returns, targets.mask))
         store["ppo/val/explained_variance"].append(explained_variance(values_g, targets.returns, targets.mask))
 
         # KL coefficient, by default: the rollout's KL moves beta for the next rollout (Ziegler et al. 2019)
-        if mode == "train" and ref_g is not None and not kl.before_update and (~empty).any():
-            kl.update(seq_kl[~empty].mean().item(), int((~empty).sum().item()))
+        if feed_kl and not kl.before_update:
+            kl.update(seq_kl[filled].mean().item(), int(filled.sum().item()))
         return targets
 
     # ================================================================== 3. Epochs of minibatch updates
@@ -288,14 +275,13 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         logps, self._ppo_captured_logps = self._ppo_captured_logps, None
 
         # Value loss, clipped around the rollout-time values (TRL PPOTrainer; Huang et al. 2024, detail 9)
-        mask = inputs["ppo_mask"]
-        maskf = mask.float()
-        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        maskf = inputs["ppo_mask"]  # float32, 0 outside the tokens that train (_ppo_rollout)
+        completion_ids = inputs["completion_ids"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         vpred = self._critic_values(input_ids, attention_mask, completion_ids.size(1))
         vf_loss, vf_clipfrac = clipped_value_loss(
-            vpred, inputs["ppo_values"].float(), inputs["ppo_returns"].float(), mask, self.args.cliprange_value
+            vpred, inputs["ppo_values"].float(), inputs["ppo_returns"].float(), maskf, self.args.cliprange_value
         )
 
         # Every ppo/* figure of this micro-batch as a token-weighted mean over all processes: sums over response
@@ -322,9 +308,8 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 store[name].append(total / n_total)
 
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        policy_weight = 1.0
-        if mode == "train" and self.state.global_step < self.args.critic_warmup_steps:
-            policy_weight = 0.0  # critic warm-up: the policy's gradient is zero, only the critic learns
+        # critic warm-up: the policy's gradient is zero, only the critic learns
+        policy_weight = 0.0 if mode == "train" and self.state.global_step < self.args.critic_warmup_steps else 1.0
         store["ppo/policy_trained"].append(policy_weight)
         store["ppo/loss/policy"].append(local_policy_loss * scale)
         return policy_weight * policy_loss + self.args.vf_coef * vf_loss / scale
@@ -402,6 +387,10 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             path = os.path.join(self.critic_resume_folder or "", CRITIC_SCHEDULER_FILE)
             if self.critic_resume_folder is not None and os.path.exists(path):
                 self.critic_lr_scheduler.load_state_dict(torch.load(path, weights_only=False))
+                # building the scheduler reset the optimizer's rates to the schedule's start, and loading its
+                # state does not set them back: the critic continues at the checkpoint's rate
+                for group, lr in zip(self.critic_optimizer.param_groups, self.critic_lr_scheduler.get_last_lr()):
+                    group["lr"] = lr
         return scheduler
 
     # ------------------------------------------------------------------ checkpoints
@@ -461,7 +450,14 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
     # --- tripwire rollback: the critic is trained state too (hook of trainers.tripwires.save_snapshot)
     def tripwire_state_dict(self) -> dict[str, Any]:
         """The critic's weights and optimizer state, saved with every tripwire snapshot, so a rollback restores the
-        critic together with the policy instead of pairing old policy weights with a critic trained past them."""
+        critic together with the policy instead of pairing old policy weights with a critic trained past them.
+        Called on every process (save_snapshot): sharded, a collective whose full tensors land on the main process;
+        unsharded, only the main process (the writer) copies."""
+        if sharding.is_sharded(self.critic):
+            return {"critic": sharding.full_model_state(self.critic),
+                    "critic_optimizer": sharding.full_optimizer_state(self.critic, self.critic_optimizer)}
+        if not self.accelerator.is_main_process:
+            return None
         critic = self.accelerator.unwrap_model(self.critic)
         return {
             "critic": {k: v.detach().cpu().clone() for k, v in critic.state_dict().items()},
@@ -469,6 +465,10 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         }
 
     def load_tripwire_state_dict(self, state: dict[str, Any]) -> None:
+        """Every process loads the main process's snapshot (sharded: the full tensors into its shards)."""
+        if sharding.is_sharded(self.critic):
+            sharding.load_full_state(self.critic, state["critic"], self.critic_optimizer, state["critic_optimizer"])
+            return
         self.accelerator.unwrap_model(self.critic).load_state_dict(state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
 
@@ -486,64 +486,46 @@ class CriticCheckpointCallback(TrainerCallback):
 
 # ---------------------------------------------------------------------- helpers
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    n = mask.sum()
-    return ((x * mask).sum() / n).item() if n > 0 else math.nan
+    """Mean of `x` where `mask` (bool or 0/1, same shape) is set; NaN where it is set nowhere."""
+    mask = mask.bool()
+    return x[mask].mean().item() if mask.any() else math.nan
 
 
 def _reshuffle(slices: list[dict]) -> list[dict]:
-    """Pool the minibatch slices of one rollout, shuffle the rows, split again into as many slices.
-
-    Only for text batches whose values are all tensors (or None); anything else (multimodal lists) is left as is.
-    """
+    """Pool the minibatch slices of one rollout, shuffle the rows, split again into as many slices. Only for text
+    batches, whose values are all tensors (or None); anything else (multimodal lists) is returned as is."""
     from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 
-    keys = slices[0].keys()
     if not all(v is None or isinstance(v, torch.Tensor) for sl in slices for v in sl.values()):
         return slices
-    pooled = {}
-    for key in keys:
-        values = [sl[key] for sl in slices]
-        if values[0] is None or values[0].ndim == 0:
-            pooled[key] = values[0]
-        else:
-            pooled[key] = torch.cat(values, dim=0)
+    pooled = {
+        key: v if v is None or v.ndim == 0 else torch.cat([sl[key] for sl in slices]) for key, v in slices[0].items()
+    }
     return split_tensor_dict(shuffle_sequence_dict(pooled), len(slices))
-
-
-def kl_estimator(args: SafePPOConfig) -> str:
-    """`rails.kl.estimator` when set, else `args.kl_estimator`."""
-    rails_estimator = args.rails_config.kl.estimator if args.rails_config is not None else None
-    return rails_estimator or args.kl_estimator
 
 
 def _resolve_reward_funcs(reward_funcs: Any) -> list:
     """GRPO's reward_funcs, plus the package's conveniences: a `tiny://` id or local directory is a reward model path;
     a built-in rule name (`"math"`), a `"module:function"` path or a dict spec goes through
     `trl_safeppo.rewards.resolve`; anything else (callables, models, Hub ids) is passed to GRPO unchanged."""
-    if reward_funcs is None:
-        raise ValueError("reward_funcs is required: pass a callable rule checker, a reward model, or a list of them")
-    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    if not funcs:
-        raise ValueError("reward_funcs is an empty list: pass at least one reward function or reward model")
-    return [_resolve_reward_func(f) for f in funcs]
-
-
-def _resolve_reward_func(func: Any) -> Any:
-    if isinstance(func, dict):
-        from ..rewards import resolve
-
-        return resolve(func)
-    if not isinstance(func, str):
-        return func
-    if func.startswith("tiny://") or os.path.isdir(os.path.expanduser(func)):
-        return resolve_model_path(func)
+    from ..rewards import resolve
     from ..rewards.spec import BUILTINS
 
-    if func in BUILTINS or ":" in func:
-        from ..rewards import resolve
-
-        return resolve(func)
-    return resolve_model_path(func)  # a Hub id of a reward model (or a clear error for a missing path)
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if reward_funcs is None or not funcs:
+        raise ValueError(
+            f"reward_funcs={reward_funcs!r}: pass a callable rule checker, a reward model, or a non-empty list of them"
+        )
+    resolved = []
+    for func in funcs:
+        if isinstance(func, str) and (func.startswith("tiny://") or os.path.isdir(os.path.expanduser(func))):
+            func = resolve_model_path(func)  # a reward model's path
+        elif isinstance(func, dict) or (isinstance(func, str) and (func in BUILTINS or ":" in func)):
+            func = resolve(func)  # a rule
+        elif isinstance(func, str):
+            func = resolve_model_path(func)  # a Hub id of a reward model (or a clear error for a missing path)
+        resolved.append(func)
+    return resolved
 
 
 def _check_dataset(train_dataset, args: SafePPOConfig) -> None:

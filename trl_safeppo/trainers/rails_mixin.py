@@ -1,16 +1,10 @@
 """The rails of one GRPO-based trainer (SafeGRPOTrainer, SafePPOTrainer): what they hold, and the hooks that run them.
 
-- :class:`TrainerRails` (``trainer.rails_wiring``) is built once from the parsed ``rails`` config
-  (``args.rails_config``) and holds the three pieces, each the one owner of its state:
-  ``rewards`` (:class:`~.reward_rails.RewardStage`: the reward rails on GRPO's rewards), ``kl``
-  (:class:`~.kl_control.KLControl`: the KL controller and ``beta``) and ``trust_region``
-  (:class:`~.trust_region.KLTrustRegion` or ``None``). It checkpoints them in one file, ``safe_rails_state.pt``.
-- :class:`SafeRailsMixin` holds the GRPOTrainer overrides that call them (``class X(SafeRailsMixin,
-  GRPOTrainer)``). With no rails configured every override is a pass-through: training is exactly GRPOTrainer's.
-
-Checkpoints go through public hooks: the state file is written by :class:`RailsCheckpointCallback` (``on_save``,
-right after the Trainer wrote the checkpoint folder) and read back by :meth:`SafeRailsMixin.train` when it resumes.
-The private TRL members touched are listed, once, in :mod:`._trl_surface`.
+- :class:`TrainerRails` (``trainer.rails_wiring``), built once from ``args.rails_config``, holds two pieces, each
+  the one owner of its state: ``rewards`` (:class:`~.reward_rails.RewardStage`) and ``kl``
+  (:class:`~.kl_control.KLControl`: the controller and ``beta``). They are checkpointed in one file,
+  ``safe_rails_state.pt``, written in ``on_save`` and read back by :meth:`SafeRailsMixin.train` on resume.
+- :class:`SafeRailsMixin` holds the GRPOTrainer overrides that call them; with no rails every one is a pass-through.
 """
 
 from __future__ import annotations
@@ -19,10 +13,10 @@ import os
 
 from transformers import TrainerCallback
 
-from ..fileio import atomic_path
+from .. import fileio
 from .kl_control import KLControl
 from .reward_rails import RewardStage
-from .trust_region import KLTrustRegion
+from .tripwires import load_tripwire_state, save_tripwire_state
 
 RAILS_STATE_FILE = "safe_rails_state.pt"
 STATE_MARKER = "trl_safeppo_state.json"  # written last into a checkpoint: all of this package's state is there
@@ -30,18 +24,15 @@ STATE_VERSION = 2
 
 
 def checkpoint_folder(args, state) -> str:
-    """The folder the Trainer just wrote for ``state.global_step`` (no hyper-parameter search)."""
+    """The folder the Trainer just wrote for ``state.global_step``."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def resume_folder(args, resume_from_checkpoint) -> str | None:
-    """``train(resume_from_checkpoint=...)``'s folder: a path, or ``True`` for the last checkpoint of
-    ``output_dir`` (``None`` when there is none: the Trainer then raises its own error)."""
-    if isinstance(resume_from_checkpoint, bool):
-        if not resume_from_checkpoint:
-            return None
+    """``train(resume_from_checkpoint=...)``'s folder (``True``: the last of ``output_dir``, None if none)."""
+    if resume_from_checkpoint is True:
         from transformers.trainer_utils import get_last_checkpoint
 
         return get_last_checkpoint(args.output_dir)
@@ -49,11 +40,8 @@ def resume_folder(args, resume_from_checkpoint) -> str | None:
 
 
 def upgrade_state(state: dict) -> dict:
-    """Read a rails state file of either format into the current one (version 2).
-
-    Version 1 stored the KL controller twice (inside ``rails`` and as ``kl``) and ``beta`` apart; version 2 stores
-    the controller once: inside ``rails`` when reward rails are on, else as ``kl``; beta is the controller's value.
-    """
+    """A rails state file of either format, as version 2. Version 1 stored the KL controller twice (inside ``rails``
+    and as ``kl``) and ``beta`` apart; version 2 stores it once (in ``rails`` with reward rails, else as ``kl``)."""
     version = state.get("version", 1)
     if version == STATE_VERSION:
         return state
@@ -64,13 +52,11 @@ def upgrade_state(state: dict) -> dict:
 
 
 class TrainerRails:
-    """Reward rails, KL control and trust region of one trainer (see the module docstring)."""
+    """Reward rails and KL control of one trainer (see the module docstring)."""
 
-    def __init__(self, rewards: RewardStage | None = None, kl: KLControl | None = None,
-                 trust_region: KLTrustRegion | None = None):
+    def __init__(self, rewards: RewardStage | None = None, kl: KLControl | None = None):
         self.rewards = rewards or RewardStage()
         self.kl = kl or KLControl()
-        self.trust_region = trust_region
         self.trainer = None
 
     @classmethod
@@ -85,10 +71,8 @@ class TrainerRails:
             controller = FixedKLController(args.beta) if ppo and args.beta > 0 else None
             return cls(kl=KLControl.build(None, controller, ppo=ppo))
         rails = RewardRails(config, default_kl_coef=args.beta)
-        return cls(RewardStage(rails), KLControl.build(config, rails.kl_controller, ppo=ppo),
-                   KLTrustRegion.from_config(config.kl))
+        return cls(RewardStage(rails), KLControl.build(config, rails.kl_controller, ppo=ppo))
 
-    # the pieces tests and users look at
     @property
     def rails(self):
         """The :class:`~trl_safeppo.rails.RewardRails` (reward chain and its state), or ``None``."""
@@ -99,21 +83,13 @@ class TrainerRails:
         return self.kl.controller
 
     @property
-    def last_batch(self):
-        return self.rewards.last_batch
-
-    @property
-    def last_rewards(self):
-        return self.rewards.last_rewards
-
-    @property
     def active(self) -> bool:
         """Whether there is state to checkpoint."""
         return self.rails is not None or self.kl.controller is not None
 
     def prepare_init(self, args, reward_funcs, reward_processing_classes=None):
-        """GRPOTrainer's constructor arguments, adjusted (a copy of ``args`` when changed): the reward rails'
-        adjustment column, and ``beta`` starting at the controller's value."""
+        """GRPOTrainer's constructor arguments with the rails' adjustment column and ``beta`` at the controller's
+        value (``args`` copied when changed)."""
         import copy
 
         if self.kl.controller is not None:
@@ -126,8 +102,6 @@ class TrainerRails:
         self.trainer = trainer
         self.rewards.start(trainer)
         self.kl.start(trainer)
-        if self.trust_region is not None:
-            self.trust_region.start(trainer)
         if self.active:
             trainer.add_callback(RailsCheckpointCallback(self))
 
@@ -144,22 +118,6 @@ class TrainerRails:
         elif state.get("kl") is not None:
             self.kl.load_state_dict(state["kl"])
 
-    def save(self, directory: str) -> None:
-        import torch
-
-        with atomic_path(os.path.join(directory, RAILS_STATE_FILE)) as tmp:
-            torch.save(self.state_dict(), tmp)
-
-    def load(self, directory: str) -> bool:
-        """Load the state file of a checkpoint folder; False when it has none."""
-        import torch
-
-        path = os.path.join(directory, RAILS_STATE_FILE)
-        if not os.path.exists(path):
-            return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
-        return True
-
 
 class RailsCheckpointCallback(TrainerCallback):
     """Writes the rails state into every checkpoint folder, right after the Trainer wrote it."""
@@ -169,31 +127,26 @@ class RailsCheckpointCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            self.rails.save(checkpoint_folder(args, state))
+            import torch
+
+            with fileio.atomic_path(os.path.join(checkpoint_folder(args, state), RAILS_STATE_FILE)) as tmp:
+                torch.save(self.rails.state_dict(), tmp)
         return control
 
 
 class CheckpointStateCallback(TrainerCallback):
-    """The last of a trainer's own ``on_save`` callbacks: writes the tripwire ladder's state, then
-    ``trl_safeppo_state.json``, which says that every file of this package's state is in the checkpoint.
-
-    ``trainer_state.json`` is written before any ``on_save`` callback runs, so it cannot tell a checkpoint killed
-    before the rails, the critic or the ladder were written from a whole one; the recipe runner resumes only from a
-    checkpoint with this marker (``pipeline/checkpoints.py``). Add it with :func:`mark_checkpoints_complete`, after
-    the trainer's other callbacks.
-    """
+    """The last of a trainer's ``on_save`` callbacks: writes the tripwire ladder's state, then the marker
+    ``trl_safeppo_state.json`` (all of this package's state is in the checkpoint; ``trainer_state.json`` is written
+    before the callbacks, so it cannot say so). The recipe runner resumes only from a marked checkpoint."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
-        from ..fileio import write_json
-        from .tripwires import save_tripwire_state
-
         folder = checkpoint_folder(args, state)
         save_tripwire_state(self.trainer, folder)
         if args.should_save:
-            write_json(os.path.join(folder, STATE_MARKER), {"global_step": state.global_step, "complete": True})
+            fileio.write_json(os.path.join(folder, STATE_MARKER), {"global_step": state.global_step, "complete": True})
         return control
 
 
@@ -203,20 +156,10 @@ def mark_checkpoints_complete(trainer) -> None:
 
 
 class SafeRailsMixin:
-    """GRPOTrainer overrides that route through ``self.rails_wiring`` (a :class:`TrainerRails`).
-
-    Use as ``class MyTrainer(SafeRailsMixin, GRPOTrainer)``: build the rails, call ``rails_wiring.prepare_init``
-    before and ``rails_wiring.start(self)`` after ``super().__init__``.
-    """
+    """GRPOTrainer overrides that route through ``self.rails_wiring``: ``class X(SafeRailsMixin, GRPOTrainer)``,
+    calling ``TrainerRails.prepare_init`` before and ``start(self)`` after ``super().__init__``."""
 
     rails_wiring: TrainerRails | None = None
-
-    def _prepare_inputs(self, generation_batch):
-        inputs = super()._prepare_inputs(generation_batch)
-        region = self.rails_wiring.trust_region
-        if region is not None and self.model.training:
-            region.batches.append(inputs)  # the micro-batches of the coming optimizer step
-        return inputs
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -235,7 +178,6 @@ class SafeRailsMixin:
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         from ..rewards.timeout import close_workers
-        from .tripwires import load_tripwire_state
 
         folder = resume_folder(self.args, resume_from_checkpoint)
         if folder is not None:
@@ -248,5 +190,8 @@ class SafeRailsMixin:
 
     def load_checkpoint_state(self, folder: str) -> None:
         """What this package adds to a checkpoint folder, read back before the Trainer resumes from it."""
-        if self.rails_wiring.active:
-            self.rails_wiring.load(folder)
+        path = os.path.join(folder, RAILS_STATE_FILE)
+        if self.rails_wiring.active and os.path.exists(path):
+            import torch
+
+            self.rails_wiring.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

@@ -6,9 +6,7 @@ the user's columns (:func:`weighted_reward`), runs the rails (:class:`trl_safepp
 writes ``railed - raw`` into one extra column, :class:`RailsAdjustment`, so that GRPO's own weighted sum *is* the
 railed reward. GRPO's group normalization (``scale_rewards``), ``loss_type`` and ``mask_truncated_completions`` then
 run unchanged, ``rewards/<func>/mean`` stays the raw score, and ``rewards/rails_adjustment/mean`` shows what the
-rails changed. The railed reward of the last batch is kept (``last_rewards``): PPO's score reads it from here.
-
-Every process sees the global batch, so every process updates identical rail state.
+rails changed. Every process sees the global batch, so every process updates identical rail state.
 """
 
 from __future__ import annotations
@@ -19,10 +17,8 @@ ADJUSTMENT_NAME = "rails_adjustment"
 
 
 class RailsAdjustment:
-    """Placeholder reward function whose column :class:`RewardStage` fills with ``railed - raw`` (weight 1).
-
-    Returns ``None`` for every completion when called by GRPO; picklable, stable ``__name__``.
-    """
+    """Placeholder reward function (``None`` for every completion) whose column :class:`RewardStage` fills with
+    ``railed - raw`` (weight 1)."""
 
     __name__ = ADJUSTMENT_NAME
 
@@ -43,25 +39,20 @@ def weighted_reward(rewards_per_func, weights):
 
 
 class RewardStage:
-    """The reward rails of one trainer (``rails``: a :class:`~trl_safeppo.rails.RewardRails`, or ``None``).
-
-    With ``rails=None`` :meth:`apply` changes nothing and only records the summed reward.
-    """
+    """The reward rails of one trainer (``rails``: a :class:`~trl_safeppo.rails.RewardRails`; with ``None``
+    :meth:`apply` changes nothing and only records the summed reward)."""
 
     def __init__(self, rails=None):
         self.rails = rails
         self.adjustment_index: int | None = None
-        # The last scored batch over all processes: the RewardBatch the rails saw, and the rewards before / after
-        # the rails, (B,) on the trainer's device.
+        # the last scored batch over all processes: the RewardBatch the rails saw, and the railed reward (B,) on the
+        # trainer's device, which PPO's score reads
         self.last_batch = None
-        self.last_raw_rewards = None
         self.last_rewards = None
 
     def prepare_init(self, args, reward_funcs, reward_processing_classes=None):
-        """Append the :class:`RailsAdjustment` column to GRPOTrainer's constructor arguments (rails on only).
-
-        Returns ``(args, reward_funcs, reward_processing_classes)``; ``args`` is a shallow copy when changed.
-        """
+        """``(args, reward_funcs, reward_processing_classes)`` of GRPOTrainer with the :class:`RailsAdjustment`
+        column appended when rails are on (``args`` then a shallow copy)."""
         if self.rails is None:
             return args, reward_funcs, reward_processing_classes
         if getattr(args, "multi_objective_aggregation", "sum_then_normalize") != "sum_then_normalize":
@@ -82,13 +73,11 @@ class RewardStage:
         return args, [*funcs, RailsAdjustment()], reward_processing_classes
 
     def start(self, trainer) -> None:
-        for i, func in enumerate(trainer.reward_funcs):
-            if isinstance(func, RailsAdjustment):
-                self.adjustment_index = i
+        self.adjustment_index = next(
+            (i for i, func in enumerate(trainer.reward_funcs) if isinstance(func, RailsAdjustment)), None)
 
     def reward_batch(self, trainer, raw_rewards, completion_ids_list, mode: str):
-        """GRPO's global rewards (B,) + this process's completion ids -> a :class:`RewardBatch` over all processes
-        (lengths and truncation as :func:`trl_safeppo.rails.reward_batch_from_completions` reads them)."""
+        """GRPO's global rewards (B,) + this process's completion ids -> a :class:`RewardBatch` over all processes."""
         import torch
 
         from ..rails.base import RewardBatch, reward_batch_from_completions
@@ -140,7 +129,7 @@ class RewardStage:
         base = (out[:, user] * weights[user].unsqueeze(0)).nansum(dim=1)
         out[:, idx] = torch.where(drop, torch.nan, (railed - base) / weights[idx])
 
-        self.last_batch, self.last_raw_rewards, self.last_rewards = batch, raw.detach(), railed.detach()
+        self.last_batch, self.last_rewards = batch, railed.detach()
         store = trainer._metrics[mode]
         for name, value in metrics.items():
             store[name].append(float(value))
