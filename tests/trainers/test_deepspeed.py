@@ -254,14 +254,16 @@ def test_safe_grpo_and_dpo_train_under_zero(tmp_path, kind, stage, tiny_debug_pa
     _assert_trained_and_partitioned(r0, r1, stage)
 
 
-# ---------------------------------------------------------------------- a recipe's stages under deepspeed_zero2.yaml
+# ---------------------------------------------------------------------- a recipe's stages under deepspeed_zero*.yaml
 @needs_deepspeed
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_recipe_stages_run_under_the_shipped_zero2_config(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_recipe_stages_run_under_the_shipped_zero_configs(tmp_path, stage):
     # SFT -> PPO -> GRPO -> rejection sampling -> DPO -> eval, 1-2 steps each, through `trl-safeppo run`.
     # ACCELERATE_USE_CPU=0 keeps the runner from turning DeepSpeed off on a machine without a GPU (it sets
-    # ACCELERATE_USE_CPU=1 there); ddp_backend: gloo as in the trainer tests above.
+    # ACCELERATE_USE_CPU=1 there); ddp_backend: gloo as in the trainer tests above. ZeRO-3 hung before the runner
+    # dropped the stage's DeepSpeed config ahead of the main process's held-out evaluation.
     import yaml
 
     (tmp_path / "parity_reward.py").write_text(
@@ -284,20 +286,23 @@ def test_recipe_stages_run_under_the_shipped_zero2_config(tmp_path):
         {"type": "eval"},
     ]
     out = tmp_path / "run"
-    (tmp_path / "zero2.yaml").write_text(yaml.safe_dump({
-        "name": "zero2", "model": "tiny://debug", "output_dir": str(out), "imports": ["parity_reward"],
+    (tmp_path / "zero.yaml").write_text(yaml.safe_dump({
+        "name": f"zero{stage}", "model": "tiny://debug", "output_dir": str(out), "imports": ["parity_reward"],
         "reward": "parity_reward.parity", "self_test": False, "stages": stages,
         "eval": {"dataset": {"path": "task://arithmetic/eval", "n": 4}, "max_new_tokens": 8, "accuracy_reward": "math"},
     }))
     env = {**_env(), "ACCELERATE_USE_CPU": "0", "PYTHONPATH": os.pathsep.join([str(tmp_path), _env()["PYTHONPATH"]])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2", "--mixed_precision",
-           "no", "--main_process_port", str(_free_port()), "-m", "trl_safeppo", "run", str(tmp_path / "zero2.yaml")]
+           str(ROOT / "recipes" / "accelerate" / f"deepspeed_zero{stage}.yaml"), "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", str(_free_port()), "-m", "trl_safeppo", "run",
+           str(tmp_path / "zero.yaml")]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ppo = out / "stages" / "02-ppo"
     # DeepSpeed really ran: its checkpoint layout, the critic's engine checkpoint beside it
     assert (ppo / "checkpoint-2" / "global_step2").is_dir() and (ppo / "checkpoint-2" / "critic_zero").is_dir()
+    partitions = sorted((ppo / "checkpoint-2" / "critic_zero" / "state").iterdir())
+    assert sum("optim_states" in p.name for p in partitions) == 2  # one per process
     from transformers import AutoModelForCausalLM
 
     for stage in ("01-sft", "02-ppo", "03-grpo", "05-dpo"):  # every final/ is an ordinary checkpoint
