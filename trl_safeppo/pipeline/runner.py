@@ -399,6 +399,11 @@ class _Runner:
         self._check_losses(sp, entry, outcome)
         status = "completed"
         gate_failed: list = []
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # the stage's ZeRO-3 config would make the main process's loads below (held-out eval, probes) partition
+        # the model under deepspeed.zero.Init, a collective the other processes never join (a hang)
+        unset_hf_deepspeed_config()
         if self.is_main:
             history = outcome.log_history
             if sp.stype.trains:

@@ -38,12 +38,13 @@ from ..rewards.timeout import with_timeouts
 from .critic import check_critic, load_critic, prepare_critic
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
-from . import sharding
+from . import sharding, zero
 from .rails_mixin import SafeRailsMixin, TrainerRails, checkpoint_folder, mark_checkpoints_complete
 from .scaling import check_fp16_master_weights, critic_optimizer_step
 from .tripwires import add_tripwires
 
 CRITIC_DIR = "critic"
+CRITIC_ZERO_DIR = "critic_zero"  # DeepSpeed: the critic engine's own checkpoint (zero.py)
 CRITIC_OPTIMIZER_FILE = "critic_optimizer.pt"
 CRITIC_SCHEDULER_FILE = "critic_scheduler.pt"
 
@@ -122,7 +123,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 f"processing_class={type(self.processing_class).__name__} is a multimodal processor; SafePPOTrainer's "
                 "critic and rollout forwards are text-only. Use a text-only model (or SafeGRPOTrainer for VLMs)."
             )
-        sharding.check_critic_sharding(self.accelerator, value_model)  # DeepSpeed, FSDP1, an on-device value_model
+        sharding.check_critic_sharding(self.accelerator, value_model)  # ZeRO settings, FSDP1, an on-device value_model
         check_fp16_master_weights(args.fp16, {"model": self.model, critic_field: critic})
 
         value_module = prepare_critic(critic, args, self.processing_class, critic_field)
@@ -130,6 +131,8 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         self.critic = sharding.prepare_critic(self.accelerator, value_module)  # DDP-wrapped, or FSDP2-sharded
         # a plain optimizer, not registered with accelerate: fp16 unscales it once, in _critic_optimizer_step
         self.critic_optimizer = self._create_critic_optimizer(self.accelerator.unwrap_model(self.critic), critic_lr)
+        if self.is_deepspeed_enabled:  # ZeRO-2/3: an engine of its own partitions the critic and its Adam states
+            self.critic = zero.critic_engine(self.accelerator, self.critic, self.critic_optimizer)
         self.critic_lr_scheduler = None
         self.critic_resume_folder: str | None = None  # the checkpoint whose critic scheduler create_scheduler loads
         self.add_callback(CriticCheckpointCallback(self))
@@ -322,6 +325,8 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         # sync_gradients is the Trainer's optimizer-step boundary (the last micro-batch of gradient accumulation):
         # before it, the critic's DDP gradient all-reduce is deferred exactly as the Trainer defers the policy's.
         sync = self.accelerator.sync_gradients
+        if self.is_deepspeed_enabled:  # the policy engine's backward reduces the critic's gradients at the boundary
+            self.critic.set_gradient_accumulation_boundary(sync)
         with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.critic):
             loss = super().training_step(model, inputs, num_items_in_batch)  # policy step: the Trainer's
         if sync:
@@ -336,10 +341,13 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         return values[:, -logits_to_keep - 1 : -1]
 
     def _critic_optimizer_step(self) -> None:
-        # the critic's gradient alone is unscaled (fp16), clipped and stepped; the policy's step updates the scale
-        norm, stepped = critic_optimizer_step(
-            self.accelerator, list(self.critic.parameters()), self.critic_optimizer, self.args.max_grad_norm
-        )
+        if self.is_deepspeed_enabled:  # the engine clips at gradient_clipping (= max_grad_norm), steps, zeroes
+            self.critic.step()
+            norm, stepped = self.critic.get_global_grad_norm(), self.critic.was_step_applied()
+        else:  # the critic's gradient alone is unscaled (fp16), clipped, stepped; the policy's step updates the scale
+            norm, stepped = critic_optimizer_step(
+                self.accelerator, list(self.critic.parameters()), self.critic_optimizer, self.args.max_grad_norm
+            )
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             self._metrics["train"]["ppo/val/grad_norm"].append(float(norm))
         if stepped and self.critic_lr_scheduler is not None:
@@ -389,10 +397,15 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
     def save_critic(self, folder: str) -> None:
         """Write the critic, its optimizer and scheduler into a checkpoint folder (after the policy's)."""
         self.accelerator.wait_for_everyone()
-        # FSDP2: every rank joins the gather of full tensors to process 0, which writes an ordinary checkpoint
-        sharded = sharding.is_sharded(self.critic)
-        critic_state = sharding.full_model_state(self.critic) if sharded else None
-        optimizer_state = sharding.full_optimizer_state(self.critic, self.critic_optimizer)
+        # FSDP2 / ZeRO-3: every rank joins the gather of full tensors to process 0, which writes an ordinary checkpoint
+        deepspeed = self.is_deepspeed_enabled
+        sharded = deepspeed or sharding.is_sharded(self.critic)
+        if deepspeed:  # ZeRO: the engine's own checkpoint holds the partitioned optimizer state (every rank writes)
+            critic_state, optimizer_state = self.accelerator.get_state_dict(self.critic), None
+            zero.save_engine(self.accelerator, self.critic, os.path.join(folder, CRITIC_ZERO_DIR))
+        else:
+            critic_state = sharding.full_model_state(self.critic) if sharded else None
+            optimizer_state = sharding.full_optimizer_state(self.critic, self.critic_optimizer)
         if not self.args.should_save:
             return
         critic = self.accelerator.unwrap_model(self.critic).model
@@ -401,8 +414,9 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 critic.save_pretrained(tmp, state_dict={k[len("model."):]: v for k, v in critic_state.items()})
             else:
                 critic.save_pretrained(tmp)
-        with atomic_path(os.path.join(folder, CRITIC_OPTIMIZER_FILE)) as tmp:
-            torch.save(optimizer_state, tmp)
+        if optimizer_state is not None:
+            with atomic_path(os.path.join(folder, CRITIC_OPTIMIZER_FILE)) as tmp:
+                torch.save(optimizer_state, tmp)
         if self.critic_lr_scheduler is not None:
             with atomic_path(os.path.join(folder, CRITIC_SCHEDULER_FILE)) as tmp:
                 torch.save(self.critic_lr_scheduler.state_dict(), tmp)
@@ -415,6 +429,10 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 f"resume_from_checkpoint={folder!r} has no {CRITIC_DIR}/ directory: it was not written by "
                 "SafePPOTrainer, so the critic cannot be restored; resume from a SafePPOTrainer checkpoint"
             )
+        if self.is_deepspeed_enabled:  # weights, fp32 masters and Adam partitions, exactly
+            zero.load_engine(self.critic, os.path.join(folder, CRITIC_ZERO_DIR))
+            self.critic_resume_folder = folder
+            return
         critic = self.accelerator.unwrap_model(self.critic).model
         loaded = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=critic.dtype)
         sharded = sharding.is_sharded(self.critic)

@@ -12,8 +12,9 @@ Checkpoints stay ordinary: `full_model_state` / `full_optimizer_state` gather fu
 collective: call them on every rank), which writes them; `load_full_state` puts them back into a sharded or a
 plain module. Without sharding they are the module's and optimizer's own `state_dict()`.
 
-Not supported (refused at construction by `check_critic_sharding`): DeepSpeed (ZeRO-2/3 would need a second engine
-for the critic), FSDP1, and under FSDP2 a `value_model` object already on an accelerator.
+DeepSpeed ZeRO-2/3: the critic gets an engine of its own (zero.py). Not supported (refused at construction by
+`check_critic_sharding`): FSDP1, under FSDP2 a `value_model` object already on an accelerator, and what zero.py
+refuses.
 """
 
 from __future__ import annotations
@@ -29,25 +30,24 @@ def check_critic_sharding(accelerator, value_model: Any) -> None:
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    zero3 = False
     if kind == DistributedType.DEEPSPEED:
-        raise ValueError(
-            "SafePPOTrainer under DeepSpeed: the critic is a second model with its own optimizer, which needs a "
-            "DeepSpeed engine of its own; that path is not built yet. Launch with FSDP2 instead (accelerate launch "
-            "--config_file recipes/accelerate/fsdp2.yaml: policy, reference and critic sharded, critic optimizer "
-            "state too), or DDP for models that fit one GPU"
-        )
+        from .zero import check
+
+        zero3 = check(accelerator) == 3  # ZeRO-2/3: the critic's own engine (zero.py)
     if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(
             "SafePPOTrainer under FSDP1 (fsdp_version: 1): the critic is sharded with FSDP2 only; set "
             "fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)"
         )
-    if kind == DistributedType.FSDP and value_model is not None:
+    if (kind == DistributedType.FSDP or zero3) and value_model is not None:
         devices = {p.device.type for p in value_model.parameters()}
         if devices - {"cpu", "meta"}:
             raise ValueError(
-                f"value_model: under FSDP2 the critic is sharded as it is prepared, but the value_model object is "
-                f"already on {sorted(devices - {'cpu', 'meta'})} (a full copy per process, on one device); pass it "
-                "on the CPU (value_model=model.to('cpu')) or give its path as SafePPOConfig.critic_model_path"
+                f"value_model: under {'ZeRO-3' if zero3 else 'FSDP2'} the critic is sharded as it is prepared, but the "
+                f"value_model object is already on {sorted(devices - {'cpu', 'meta'})} (a full copy per process, on one "
+                "device); pass it on the CPU (value_model=model.to('cpu')) or give its path as "
+                "SafePPOConfig.critic_model_path"
             )
 
 
