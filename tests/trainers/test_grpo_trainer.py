@@ -59,6 +59,20 @@ def test_rails_off_trains_exactly_like_grpo(tmp_path, tiny_debug_path):
     assert safe.reward_func_names == ["char_length"]
 
 
+def test_rewards_named_as_in_a_recipe_are_resolved_as_for_ppo(tmp_path):
+    # a built-in rule name and a rule spec become the rule checkers (GRPOTrainer alone would read "math" as a Hub id)
+    from trl_safeppo.rewards.checker import RuleChecker
+
+    args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, save_strategy="no", **COMMON)
+    trainer = SafeGRPOTrainer("tiny://debug", reward_funcs=["math", {"name": "format"}], args=args,
+                              train_dataset=_dataset())
+    # each timed in a worker process (reward_timeout_s defaults to 60 s): the wrapped function is the rule checker
+    assert [type(f.func) for f in trainer.reward_funcs[:2]] == [RuleChecker, RuleChecker]
+    assert trainer.reward_func_names[:2] == ["math", "format"]
+    with pytest.raises(ValueError, match=r"reward_funcs=\[\]: pass a callable rule checker"):
+        SafeGRPOTrainer("tiny://debug", reward_funcs=[], args=args, train_dataset=_dataset())
+
+
 def test_length_rail_shapes_the_reward_grpo_normalizes(tmp_path, tiny_debug_path):
     rails = {"length": {"budget": 2, "penalty_per_token": 5.0}}
     trainer, logs = _train(SafeGRPOTrainer, SafeGRPOConfig, tiny_debug_path, tmp_path, max_steps=1, rails=rails)

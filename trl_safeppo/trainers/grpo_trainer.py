@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from trl import GRPOTrainer
 
-from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
-from ..rewards.timeout import DEFAULT_TIMEOUT_S, with_timeouts
 from .grpo_config import SafeGRPOConfig
-from .rails_mixin import SafeRailsMixin, TrainerRails, mark_checkpoints_complete
-from .tripwires import add_tripwires
+from .rails_mixin import SafeRailsMixin
 
 
 class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
@@ -31,22 +28,13 @@ class SafeGRPOTrainer(SafeRailsMixin, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: SafeGRPOConfig | None = None, *, reward_processing_classes=None,
                  **kwargs):
-        quiet_trl_checkpointing_aliases()
         if args is None:
             name = model if isinstance(model, str) else model.config.name_or_path
             args = SafeGRPOConfig(f"{name.split('/')[-1]}-SafeGRPO")
-        if isinstance(model, str):
-            model = resolve_model_path(model)
-        reward_funcs = with_timeouts(reward_funcs, getattr(args, "reward_timeout_s", DEFAULT_TIMEOUT_S))
-        rails = TrainerRails.from_args(args)
-        args, reward_funcs, reward_processing_classes = rails.prepare_init(
-            args, reward_funcs, reward_processing_classes
-        )
-        self.rails_wiring = rails
+        model, reward_funcs, args, reward_processing_classes = self._before_grpo_init(
+            model, reward_funcs, args, reward_processing_classes)
         super().__init__(
             model=model, reward_funcs=reward_funcs, args=args, reward_processing_classes=reward_processing_classes,
             **kwargs,
         )
-        rails.start(self)
-        add_tripwires(self, args, rails)
-        mark_checkpoints_complete(self)  # last of our on_save callbacks
+        self._after_grpo_init(args)

@@ -32,16 +32,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl import GRPOTrainer
 from ..fileio import atomic_dir, atomic_path
-from ..models import activation_checkpointing_off, quiet_trl_checkpointing_aliases, resolve_model_path
+from ..models import activation_checkpointing_off
 from ..rails.kl import kl_per_token, sequence_kl
-from ..rewards.timeout import with_timeouts
 from .critic import check_critic, load_critic, prepare_critic
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
 from . import sharding, zero
-from .rails_mixin import SafeRailsMixin, TrainerRails, checkpoint_folder, mark_checkpoints_complete
+from .rails_mixin import SafeRailsMixin, checkpoint_folder
 from .scaling import check_fp16_master_weights, critic_optimizer_step
-from .tripwires import add_tripwires
 
 CRITIC_DIR = "critic"
 CRITIC_ZERO_DIR = "critic_zero"  # DeepSpeed: the critic engine's own checkpoint (zero.py)
@@ -81,21 +79,13 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         value_model: PreTrainedModel | None = None,
         **kwargs,
     ):
-        quiet_trl_checkpointing_aliases()
         if args is None:
             raise ValueError("SafePPOTrainer needs args=SafePPOConfig(output_dir=...)")
         if not isinstance(args, SafePPOConfig):
             raise TypeError(f"args must be a SafePPOConfig, got {type(args).__name__}; build one with SafePPOConfig(...)")
-        if isinstance(model, str):
-            model = resolve_model_path(model)
-        reward_funcs = with_timeouts(_resolve_reward_funcs(reward_funcs), args.reward_timeout_s)
         _check_dataset(train_dataset, args)
-
-        rails = TrainerRails.from_args(args, ppo=True)
-        args, reward_funcs, reward_processing_classes = rails.prepare_init(
-            args, reward_funcs, reward_processing_classes
-        )
-        self.rails_wiring = rails
+        model, reward_funcs, args, reward_processing_classes = self._before_grpo_init(
+            model, reward_funcs, args, reward_processing_classes, ppo=True)
         # Built before GRPO wraps the policy (PEFT injects its layers into the model object in place), and checked
         # before the policy and reference load.
         critic_field = "value_model" if value_model is not None else "critic_model_path"
@@ -115,9 +105,8 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
-        rails.start(self)
-        self.tripwire_callback = None
-        add_tripwires(self, args, rails)  # raise_kl / rollback act on the KL controller through rails.kl.set_beta
+        self.add_callback(CriticCheckpointCallback(self))  # before the marker's callback (_after_grpo_init)
+        self._after_grpo_init(args)
         if isinstance(self.processing_class, ProcessorMixin):
             raise ValueError(
                 f"processing_class={type(self.processing_class).__name__} is a multimodal processor; SafePPOTrainer's "
@@ -135,8 +124,6 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             self.critic = zero.critic_engine(self.accelerator, self.critic, self.critic_optimizer)
         self.critic_lr_scheduler = None
         self.critic_resume_folder: str | None = None  # the checkpoint whose critic scheduler create_scheduler loads
-        self.add_callback(CriticCheckpointCallback(self))
-        mark_checkpoints_complete(self)  # last of our on_save callbacks
         # minibatches of the current rollout, and the micro-steps served from it (_prepare_inputs)
         self._ppo_minibatches: list[dict] = []
         self._ppo_steps = 0
@@ -502,30 +489,6 @@ def _reshuffle(slices: list[dict]) -> list[dict]:
         key: v if v is None or v.ndim == 0 else torch.cat([sl[key] for sl in slices]) for key, v in slices[0].items()
     }
     return split_tensor_dict(shuffle_sequence_dict(pooled), len(slices))
-
-
-def _resolve_reward_funcs(reward_funcs: Any) -> list:
-    """GRPO's reward_funcs, plus the package's conveniences: a `tiny://` id or local directory is a reward model path;
-    a built-in rule name (`"math"`), a `"module:function"` path or a dict spec goes through
-    `trl_safeppo.rewards.resolve`; anything else (callables, models, Hub ids) is passed to GRPO unchanged."""
-    from ..rewards import resolve
-    from ..rewards.spec import BUILTINS
-
-    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-    if reward_funcs is None or not funcs:
-        raise ValueError(
-            f"reward_funcs={reward_funcs!r}: pass a callable rule checker, a reward model, or a non-empty list of them"
-        )
-    resolved = []
-    for func in funcs:
-        if isinstance(func, str) and (func.startswith("tiny://") or os.path.isdir(os.path.expanduser(func))):
-            func = resolve_model_path(func)  # a reward model's path
-        elif isinstance(func, dict) or (isinstance(func, str) and (func in BUILTINS or ":" in func)):
-            func = resolve(func)  # a rule
-        elif isinstance(func, str):
-            func = resolve_model_path(func)  # a Hub id of a reward model (or a clear error for a missing path)
-        resolved.append(func)
-    return resolved
 
 
 def _check_dataset(train_dataset, args: SafePPOConfig) -> None:

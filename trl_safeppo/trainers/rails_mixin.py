@@ -153,9 +153,36 @@ class SafeCheckpointMixin:
 
 class SafeRailsMixin(SafeCheckpointMixin):
     """GRPOTrainer overrides that route through ``self.rails_wiring``: ``class X(SafeRailsMixin, GRPOTrainer)``,
-    calling ``TrainerRails.prepare_init`` before and ``start(self)`` after ``super().__init__``."""
+    calling :meth:`_before_grpo_init` before and :meth:`_after_grpo_init` after ``super().__init__``."""
 
     rails_wiring: TrainerRails | None = None
+
+    def _before_grpo_init(self, model, reward_funcs, args, reward_processing_classes, *, ppo: bool = False):
+        """GRPOTrainer's ``(model, reward_funcs, args, reward_processing_classes)`` with this package's conveniences
+        (``tiny://`` and local model paths, rule names and specs as rewards, each reward function timed in a worker
+        process when ``args.reward_timeout_s`` is set) and the rails' adjustment column and beta."""
+        from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
+        from ..rewards.timeout import DEFAULT_TIMEOUT_S, with_timeouts
+        from .reward_rails import resolve_reward_funcs
+
+        quiet_trl_checkpointing_aliases()
+        if isinstance(model, str):
+            model = resolve_model_path(model)
+        timeout_s = getattr(args, "reward_timeout_s", DEFAULT_TIMEOUT_S)  # a plain GRPOConfig has no such field
+        reward_funcs = with_timeouts(resolve_reward_funcs(reward_funcs), timeout_s)
+        self.rails_wiring = TrainerRails.from_args(args, ppo=ppo)
+        args, reward_funcs, reward_processing_classes = self.rails_wiring.prepare_init(
+            args, reward_funcs, reward_processing_classes)
+        return model, reward_funcs, args, reward_processing_classes
+
+    def _after_grpo_init(self, args) -> None:
+        """Bind the rails, attach the tripwires, and last the checkpoint marker's callback (add any other
+        ``on_save`` callback before)."""
+        from .tripwires import add_tripwires
+
+        self.rails_wiring.start(self)
+        add_tripwires(self, args, self.rails_wiring)  # raise_kl / rollback act on beta through rails_wiring.kl
+        mark_checkpoints_complete(self)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

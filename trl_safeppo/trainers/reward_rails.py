@@ -131,3 +131,31 @@ class RewardStage:
         for name, value in metrics.items():
             store[name].append(float(value))
         return out
+
+
+def resolve_reward_funcs(reward_funcs) -> list:
+    """GRPO's ``reward_funcs``, plus the package's conveniences: a ``tiny://`` id or local directory is a reward
+    model path; a built-in rule name (``"math"``), a ``"module:function"`` path or a dict spec goes through
+    :func:`trl_safeppo.rewards.resolve`; anything else (callables, models, Hub ids) is passed to GRPO unchanged."""
+    import os
+
+    from ..models import resolve_model_path
+    from ..rewards import resolve
+    from ..rewards.spec import BUILTINS
+
+    funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+    if reward_funcs is None or not funcs:
+        raise ValueError(
+            f"reward_funcs={reward_funcs!r}: pass a callable rule checker, a reward model, or a non-empty list of them"
+        )
+    resolved = []
+    for func in funcs:
+        if isinstance(func, str) and (func.startswith("tiny://") or os.path.isdir(os.path.expanduser(func))):
+            func = resolve_model_path(func)  # a reward model's path
+        elif isinstance(func, dict) or (isinstance(func, str) and (func in BUILTINS or ":" in func)):
+            func = resolve(func)  # a rule
+        elif isinstance(func, str):
+            func = resolve_model_path(func)  # a Hub id of a reward model (or a clear error for a missing path)
+        resolved.append(func)
+    return resolved
+
