@@ -415,3 +415,33 @@ def test_raise_kl_keeps_snapshots_only_where_weights_are_whole(tmp_path):
     assert needs == [True, False, False, True]
     # the default ceiling: 16 x the starting beta 0.1 = 1.6
     assert TripwireCallback(whole, specs, TripwireActions(), str(tmp_path)).max_beta == pytest.approx(1.6)
+
+
+def _sharded_trainer(**flags):
+    from types import SimpleNamespace
+
+    # what TripwireCallback reads of a trainer: the sharding flags, beta and (for max_beta) no controller
+    return SimpleNamespace(beta=0.1, rails_wiring=None, accelerator=SimpleNamespace(is_fsdp2=flags.pop("fsdp2", False)),
+                           is_fsdp_enabled=flags.pop("fsdp", False), is_deepspeed_enabled=flags.pop("deepspeed", False))
+
+
+@pytest.mark.parametrize("flags,snapshots", [
+    ({}, True),                              # one process / DDP: full weights on every rank
+    ({"fsdp": True, "fsdp2": True}, True),   # FSDP2: snapshots gather the full tensors
+    ({"fsdp": True}, False),                 # FSDP1
+    ({"deepspeed": True}, False),            # any ZeRO stage: ZeRO-2 partitions the optimizer and its fp32 masters
+])
+def test_snapshots_only_where_the_whole_trained_state_can_be_gathered(tmp_path, flags, snapshots):
+    from trl_safeppo.rails.tripwires import TripwireSpec
+    from trl_safeppo.trainers.tripwires import TripwireActions, TripwireCallback
+
+    stop = [TripwireSpec(detector="non_finite", action="stop"), TripwireSpec(detector="kl_limit", action="raise_kl", params={"limit": 1.0})]
+    callback = TripwireCallback(_sharded_trainer(**flags), stop, TripwireActions(), str(tmp_path))
+    assert callback.needs_snapshots is snapshots  # without: stop and an exhausted raise_kl stop where they are
+    rollback = [TripwireSpec(detector="non_finite", action="warn"), TripwireSpec(detector="kl_limit", action="rollback", params={"limit": 1.0})]
+    if snapshots:
+        assert TripwireCallback(_sharded_trainer(**flags), rollback, TripwireActions(), str(tmp_path)).needs_snapshots
+    else:
+        with pytest.raises(ValueError, match=r"^tripwires\[1\]\.action='rollback' \(kl_limit\): a rollback restores .*"
+                                             r"use action 'raise_kl' or 'stop'"):
+            TripwireCallback(_sharded_trainer(**flags), rollback, TripwireActions(), str(tmp_path))

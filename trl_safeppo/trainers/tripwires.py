@@ -178,12 +178,12 @@ def _set_beta(trainer, value: float) -> None:
 
 
 def _shards_weights(trainer) -> bool:
-    """FSDP1 or DeepSpeed ZeRO-3: no process holds the full weights, so no snapshot can be taken (FSDP2 snapshots
-    gather full tensors: :func:`save_snapshot`)."""
+    """FSDP1 or DeepSpeed (any ZeRO stage): no process holds the full trained state (ZeRO-2 partitions the optimizer
+    and its fp32 masters, ZeRO-3 the weights too), so no snapshot can be taken; FSDP2 snapshots gather full tensors
+    (:func:`save_snapshot`)."""
     if getattr(trainer, "is_fsdp_enabled", False):
         return not getattr(getattr(trainer, "accelerator", None), "is_fsdp2", False)
-    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
-    return bool(getattr(trainer, "is_deepspeed_enabled", False) and getattr(plugin, "zero_stage", 0) == 3)
+    return bool(getattr(trainer, "is_deepspeed_enabled", False))
 
 
 class TripwireCallback(TrainerCallback):
@@ -202,11 +202,17 @@ class TripwireCallback(TrainerCallback):
         self.snapshot_step: int | None = None  # the step of the last good snapshot, and of the candidate
         self.candidate_step: int | None = None
         self.stopped_reason: str | None = None
-        # raise_kl too, since an exhausted raise escalates to rollback; but not where the weights are sharded with
-        # no snapshot (FSDP1, ZeRO-3), where an exhausted raise_kl stops without a restore
+        # raise_kl too, since an exhausted raise escalates to rollback. Where no snapshot can be taken (DeepSpeed,
+        # FSDP1) `stop` and an exhausted raise_kl stop where they are, and `rollback` is refused here
         actions = {spec.action for spec in self.specs}
-        self.needs_snapshots = bool(actions & {"rollback", "stop"}) or (
-            "raise_kl" in actions and not _shards_weights(trainer))
+        self.needs_snapshots = not _shards_weights(trainer) and bool(actions & {"rollback", "stop", "raise_kl"})
+        if "rollback" in actions and _shards_weights(trainer):
+            i = next(i for i, spec in enumerate(self.specs) if spec.action == "rollback")
+            raise ValueError(
+                f"tripwires[{i}].action='rollback' ({self.specs[i].detector}): a rollback restores a snapshot of the "
+                "whole trained state, which DeepSpeed (any ZeRO stage) and FSDP1 keep partitioned across processes; "
+                "use action 'raise_kl' or 'stop' (which ends the stage where it is), or FSDP2 (fsdp_version: 2), "
+                "where snapshots gather the full tensors")
 
     @property
     def max_beta(self) -> float:
