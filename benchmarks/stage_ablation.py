@@ -110,6 +110,12 @@ def plan_variant(stages: list[dict], removed: str | None) -> tuple[str | None, l
         raise SystemExit(f"cannot remove {removed!r}: it is the first training stage (nothing to start from)")
     start = before[-1]
     rest = [s for i, s in enumerate(stages) if start < i and i != k and s["type"] != "eval"]
+    first = next((j for j, s in enumerate(rest) if s["type"] in TRAINING), None)
+    gate = rest[first].get("gate") if first is not None else None
+    if gate and gate.get("on_fail") == "carry_previous":
+        # the variant's first training stage has no previous stage to carry over (pre-flight refuses it): a failed
+        # gate stops the variant instead, which is then scored on the model it started from, as carrying would
+        rest[first] = {**rest[first], "gate": {**gate, "on_fail": "stop"}}
     return names[start], rest
 
 
