@@ -314,6 +314,24 @@ def test_stage_ablation_plans_each_variant_from_the_shared_prefix(removed, start
     assert prefix == start and _names(rest) == rerun  # eval stages are dropped: the benchmark scores the policy
 
 
+def test_stage_ablation_variant_first_stage_stops_instead_of_carrying():
+    # The demo gates GRPO with on_fail: carry_previous. Without PPO, GRPO is the variant's first training stage, where
+    # pre-flight refuses carry_previous (no previous stage): the variant's copy stops instead; the recipe is untouched.
+    import copy
+
+    from benchmarks.stage_ablation import plan_variant
+
+    chain = copy.deepcopy(_CHAIN)
+    for s in chain:
+        if s["type"] in ("ppo", "grpo"):
+            s["gate"] = {"max_heldout_drop": 0.1, "on_fail": "carry_previous"}
+    _, rest = plan_variant(chain, "ppo")
+    assert _names(rest)[0] == "grpo" and rest[0]["gate"] == {"max_heldout_drop": 0.1, "on_fail": "stop"}
+    assert chain[2]["gate"]["on_fail"] == "carry_previous"
+    _, rest = plan_variant(chain, "grpo")  # starts after PPO: the first rerun stage trains nothing, gates unchanged
+    assert all(s.get("gate", {}).get("on_fail") != "stop" for s in rest)
+
+
 def test_stage_ablation_full_chain_reruns_nothing_and_first_stage_cannot_go():
     from benchmarks.stage_ablation import plan_variant
 

@@ -30,6 +30,29 @@ def test_scores_use_the_checkers_correctness_and_format_rules():
     assert result["reward_mean"] == pytest.approx(3.125 / 4)
 
 
+def test_strict_accuracy_checker_requires_the_format_and_reports_the_answer_accuracy_beside_it():
+    # The demo's held-out accuracy (recipes/demo.yaml `eval.accuracy_reward`): a checker whose format rule, weight 0,
+    # gates the total to 0 unless the format has full marks, then the math rule scores the answer.
+    checker = resolve([{"name": "format", "weight": 0.5}, {"name": "math"}])
+    strict = {"name": "strict", "rules": [{"name": "format", "weight": 0.0, "gate": {"below": 1.0}}, {"name": "math"}]}
+    completions = [
+        "<think>3 + 4 = 7</think><answer>7</answer>",  # right answer, right format: strict
+        "<think>3 + 4 = 8</think><answer>8</answer>",  # wrong answer, right format
+        "The answer is 7.",  # right answer in plain text: math credits it, strict does not
+        "<answer>7</answer>",  # right answer, format misses the think block (format 0.25 < 1): not strict
+    ]
+    result = score_completions(["What is 3 + 4?"] * 4, [_conv(c) for c in completions], {"answer": ["7"] * 4},
+                               checker, accuracy_reward=strict)
+    assert result["accuracy_rule"] == "strict"
+    assert result["accuracy"] == pytest.approx(1 / 4)  # completion 1 only
+    assert result["answer_accuracy_rule"] == "math"
+    assert result["answer_accuracy"] == pytest.approx(3 / 4)  # completions 1, 3 and 4
+    assert result["format_pass_rate"] == pytest.approx(2 / 4)  # completions 1 and 2
+    # the answer-only figure is left out where it would repeat `accuracy`
+    plain = score_completions(["p"], [_conv("<answer>7</answer>")], {"answer": ["7"]}, checker, accuracy_reward="math")
+    assert plain["accuracy"] == 1.0 and "answer_accuracy" not in plain
+
+
 def test_explicit_rules_override_the_checker():
     def even_length(prompts, completions, **kwargs):
         return [1.0 if len(c) % 2 == 0 else 0.0 for c in completions]

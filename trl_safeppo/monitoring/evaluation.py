@@ -7,6 +7,12 @@ the same object the trainers were rewarded with). A score of ``None`` ("cannot j
   (score >= the rule's ``max_score``, 1.0 for the built-ins). The correctness rule is, in order: ``accuracy_reward``
   when given; else the checker's first rule named ``math``, ``exact``, ``gsm8k``, ``choice`` or ``regex``; else the
   whole checker (its ``passed``: total at full marks). ``accuracy_rule`` in the result names which one was used.
+  An ``accuracy_reward`` that is itself a rule checker (several rules, e.g. a gate requiring the format) counts as
+  correct where the checker passes.
+- ``answer_accuracy``: when ``accuracy_reward`` is given and ``reward`` has a correctness rule of its own (the first
+  named as above, e.g. ``math``) under another name, the fraction that rule gives full marks, whatever else
+  ``accuracy_reward`` requires; ``answer_accuracy_rule`` names it. So a strict task accuracy (the right answer *in
+  the required format*) is reported beside the answer-only one.
 - ``format_pass_rate``: fraction whose *format* rule gave full marks: ``format_reward`` when given, else the
   checker's rule named ``format``; absent when there is neither.
 - ``pass_rate``: fraction the whole checker passes (every rule satisfied, gates included).
@@ -90,8 +96,15 @@ def score_completions(
 
     if accuracy_reward is not None:
         name = getattr(accuracy_reward, "__name__", "accuracy_reward")
-        flags = _full_marks(_call(accuracy_reward, prompts, completions, columns),
-                            float(getattr(accuracy_reward, "max_score", 1.0)))
+        if hasattr(accuracy_reward, "score") and hasattr(accuracy_reward, "components"):  # a RuleChecker
+            flags = accuracy_reward.score(prompts=prompts, completions=completions, **columns).passed
+        else:
+            flags = _full_marks(_call(accuracy_reward, prompts, completions, columns),
+                                float(getattr(accuracy_reward, "max_score", 1.0)))
+        answer_rule = next((r for r in CORRECTNESS_RULES if r in breakdown), None)
+        if answer_rule is not None and answer_rule != name:  # the checker's correctness rule, beside a stricter one
+            result["answer_accuracy"] = _rate(_full_marks(breakdown[answer_rule], max_scores.get(answer_rule, 1.0)))
+            result["answer_accuracy_rule"] = answer_rule
     else:
         name = next((r for r in CORRECTNESS_RULES if r in breakdown), None)
         if name is not None:
@@ -141,7 +154,8 @@ def evaluate_heldout(
 
     Returns:
         ``{"accuracy", "accuracy_rule", "format_pass_rate", "pass_rate", "reward_mean", "mean_length",
-        "truncation_rate", "n"}`` (keys whose rule is missing are left out), plus ``samples`` when asked.
+        "truncation_rate", "n"}`` (keys whose rule is missing are left out), ``answer_accuracy`` and
+        ``answer_accuracy_rule`` beside a stricter ``accuracy_reward``, plus ``samples`` when asked.
     """
     from .generation import generate_greedy, load_policy
 

@@ -49,7 +49,7 @@ TRAIN_METRICS: tuple[str, ...] = (
 )
 # Metrics of the held-out evaluation (eval.json), see evaluation.evaluate_heldout.
 EVAL_METRICS: tuple[str, ...] = (
-    "accuracy", "mean_length", "format_pass_rate", "pass_rate", "truncation_rate", "reward_mean"
+    "accuracy", "mean_length", "format_pass_rate", "pass_rate", "truncation_rate", "reward_mean", "answer_accuracy"
 )
 # Families of names: any name starting with one of these is accepted (e.g. rewards/accuracy/mean, rails/clip/frac).
 METRIC_PREFIXES: tuple[str, ...] = (

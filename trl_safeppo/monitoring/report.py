@@ -393,7 +393,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     if heldout_png is not None:
         referenced.add(heldout_png.name)
         md += ["![held-out evaluation per stage](plots/heldout.png)", ""]
-        keys = ("accuracy", "format_pass_rate", "mean_length", "truncation_rate", "reward_mean", "kl_to_reference",
+        keys = ("accuracy", "answer_accuracy", "format_pass_rate", "mean_length", "truncation_rate", "reward_mean", "kl_to_reference",
                 "kl_to_reference_seq", "n")
         keys = [k for k in keys if any(k in ev for _, ev in evaluated)]
         md += _table(["stage"] + keys, [[label] + [_fmt(ev.get(k)) for k in keys] for label, ev in evaluated])

@@ -791,19 +791,23 @@ def _eval_line(result: dict | None) -> str:
     if not result:
         return ""
     parts = []
-    for key in ("accuracy", "format_pass_rate", "mean_length"):
+    for key in ("accuracy", "answer_accuracy", "format_pass_rate", "mean_length"):
         if result.get(key) is not None:
             parts.append(f"{key} {result[key]:.3f}" if key != "mean_length" else f"{key} {result[key]:.1f}")
     return ", ".join(parts)
 
 
 def summary_table(manifest: Manifest) -> str:
-    rows = [("stage", "type", "status", "time_s", "held-out accuracy", "format", "mean_len")]
+    # An `answer` column (the answer-only accuracy) only beside a stricter held-out accuracy (evaluate_heldout)
+    answer = any("answer_accuracy" in (e.get("eval") or {}) for e in manifest.stages)
+    rows = [("stage", "type", "status", "time_s", "held-out accuracy", *(("answer",) if answer else ()), "format",
+             "mean_len")]
     for e in manifest.stages:
         ev = e.get("eval") or {}
         fmt = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
         rows.append((f"{e['index']:02d}-{e['name']}", e["type"], e["status"],
-                     fmt(e["timings"].get("duration_s"), 1), fmt(ev.get("accuracy")), fmt(ev.get("format_pass_rate")),
+                     fmt(e["timings"].get("duration_s"), 1), fmt(ev.get("accuracy")),
+                     *((fmt(ev.get("answer_accuracy")),) if answer else ()), fmt(ev.get("format_pass_rate")),
                      fmt(ev.get("mean_length"), 1)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
