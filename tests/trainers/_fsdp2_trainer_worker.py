@@ -250,7 +250,53 @@ def dpo(out: str) -> None:
     train_resume_and_save(make, out, "dpo", result, tensors)
     write(out, int(os.environ.get("RANK", "0")), result, tensors)
 
+
+# ---------------------------------------------------------------------- a rank dies in the middle of a sharded save
+def _ppo_trainer(output_dir: str, max_steps: int):
+    from trl_safeppo.trainers.ppo_config import SafePPOConfig
+    from trl_safeppo.trainers.ppo_trainer import SafePPOTrainer
+
+    args = SafePPOConfig(
+        output_dir=output_dir, per_device_train_batch_size=2, max_completion_length=T, max_steps=max_steps,
+        num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1, logging_steps=1, report_to=[],
+        use_cpu=True, learning_rate=1e-3, beta=0.05, save_strategy="steps", save_steps=1, disable_tqdm=True, seed=0,
+        generation_kwargs={"do_sample": False, "min_new_tokens": T},
+    )
+    torch.manual_seed(0)
+    return SafePPOTrainer(model="tiny://debug", reward_funcs=TokenReward(), args=args, train_dataset=prompts())
+
+
+def ppo_die(out: str, die_at: int) -> None:
+    """Checkpoints at every step; at step `die_at` process 1 dies (os._exit, no cleanup, as a SIGKILL or an OOM
+    kill would) inside save_critic, between the critic's two gathers: after the weights' all-gather, at the Adam
+    moments' (`sharding.full_optimizer_state`), while process 0 waits in the same collective."""
+    from trl_safeppo.trainers import ppo_trainer, sharding
+
+    gather = sharding.full_optimizer_state
+
+    def dying_gather(module, optimizer):
+        if int(os.environ["RANK"]) == 1 and t.state.global_step == die_at:
+            with open(os.path.join(out, "rank1_died_at.txt"), "w") as f:
+                f.write(str(t.state.global_step))
+            os._exit(17)
+        return gather(module, optimizer)
+
+    ppo_trainer.sharding.full_optimizer_state = dying_gather  # the module object save_critic reads it from
+    t = _ppo_trainer(os.path.join(out, "run"), 3)
+    t.train()
+    write(out, t.accelerator.process_index, {"finished": True})  # never reached: the test asserts it is absent
+
+
+def ppo_resume(out: str, step: int) -> None:
+    """A fresh 2-process run resumes from run/checkpoint-`step` and trains on to step 3."""
+    t = _ppo_trainer(os.path.join(out, "run"), 3)
+    t.train(resume_from_checkpoint=os.path.join(out, "run", f"checkpoint-{step}"))
+    write(out, t.accelerator.process_index, {"resumed_steps": t.state.global_step,
+                                             "critic_sharded": shard_figures(t.critic)["all_dtensor"]})
+
+
 if __name__ == "__main__":
     kind, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
-    {"ppo": ppo, "grpo": grpo, "dpo": dpo}[kind](out, *map(int, sys.argv[3:]))
+    kinds = {"ppo": ppo, "grpo": grpo, "dpo": dpo, "ppo_die": ppo_die, "ppo_resume": ppo_resume}
+    kinds[kind](out, *map(int, sys.argv[3:]))
