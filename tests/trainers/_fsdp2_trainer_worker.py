@@ -4,7 +4,8 @@
 (`_fsdp2_cpu.launch`) runs KIND (`ppo`, `grpo`, `dpo`) sharded; `python THIS ppo OUT` runs the same PPO unsharded in
 one process, for the comparison. `_fsdp2_cpu.enable()` (the test harness: accelerate's CPU refusal of FSDP patched)
 is applied when the environment asks for FSDP. Each process writes `rank{i}.json`; process 0 writes the full
-weights it gathered as `*.pt`. Not collected by pytest (the name starts with an underscore).
+weights it gathered as `*.pt`. KIND `ppo_die OUT 2` kills process 1 inside the critic's save at checkpoint-2;
+`ppo_resume OUT 1` resumes from checkpoint-1. Not collected by pytest (the name starts with an underscore).
 """
 
 from __future__ import annotations
