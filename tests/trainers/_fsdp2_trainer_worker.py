@@ -288,6 +288,35 @@ def ppo_die(out: str, die_at: int) -> None:
     write(out, t.accelerator.process_index, {"finished": True})  # never reached: the test asserts it is absent
 
 
+def grpo_die(out: str, die_at: int) -> None:
+    """SafeGRPO (no collective in its own on_save), checkpoints at every step; at step `die_at` process 1 dies
+    after the Trainer's files and before the package's callbacks, its `rng_state_1.pth` cut in half (a kill in the
+    middle of writing it), while process 0 goes on to its callbacks and the marker."""
+    from transformers import TrainerCallback
+
+    from trl_safeppo.trainers.grpo_config import SafeGRPOConfig
+    from trl_safeppo.trainers.grpo_trainer import SafeGRPOTrainer
+
+    args = SafeGRPOConfig(
+        output_dir=os.path.join(out, "run"), per_device_train_batch_size=2, num_generations=2,
+        max_completion_length=T, max_steps=3, steps_per_generation=1, gradient_accumulation_steps=1,
+        logging_steps=1, report_to=[], use_cpu=True, learning_rate=1e-2, save_strategy="steps", save_steps=1,
+        disable_tqdm=True, seed=0, beta=0.05,
+    )
+    t = SafeGRPOTrainer(model="tiny://debug", reward_funcs=TokenReward(), args=args, train_dataset=prompts())
+
+    class Die(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if int(os.environ["RANK"]) == 1 and state.global_step == die_at:
+                rng = os.path.join(args.output_dir, f"checkpoint-{die_at}", "rng_state_1.pth")
+                os.truncate(rng, os.path.getsize(rng) // 2)
+                os._exit(17)
+
+    t.callback_handler.callbacks.insert(0, Die())  # first of the on_save callbacks
+    t.train()
+    write(out, t.accelerator.process_index, {"finished": True})
+
+
 def ppo_resume(out: str, step: int) -> None:
     """A fresh 2-process run resumes from run/checkpoint-`step` and trains on to step 3."""
     t = _ppo_trainer(os.path.join(out, "run"), 3)
@@ -299,5 +328,6 @@ def ppo_resume(out: str, step: int) -> None:
 if __name__ == "__main__":
     kind, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
-    kinds = {"ppo": ppo, "grpo": grpo, "dpo": dpo, "ppo_die": ppo_die, "ppo_resume": ppo_resume}
+    kinds = {"ppo": ppo, "grpo": grpo, "dpo": dpo, "ppo_die": ppo_die, "ppo_resume": ppo_resume,
+             "grpo_die": grpo_die}
     kinds[kind](out, *map(int, sys.argv[3:]))

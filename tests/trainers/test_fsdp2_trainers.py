@@ -232,3 +232,23 @@ def test_a_rank_dying_in_the_sharded_critic_save_leaves_no_checkpoint_a_resume_w
     for step in (2, 3):  # the resumed run's checkpoints are whole, the marker last
         assert checkpoint_problem(run / f"checkpoint-{step}", require=(STATE_MARKER,)) is None
     assert last_complete_checkpoint(run, require=(STATE_MARKER,)) == str(run / "checkpoint-3")
+
+
+@pytest.mark.distributed
+def test_the_marker_waits_for_every_process_so_a_rank_dying_after_the_trainers_files_leaves_none(tmp_path,
+                                                                                                 tiny_debug_path):
+    """SafeGRPO has no collective in its own on_save: process 1 dies after the Trainer's files with its
+    rng_state_1.pth cut in half, before the package's callbacks. Without the barrier in CheckpointStateCallback
+    process 0 wrote the marker anyway (seen before the fix), and every resume would load the broken RNG file."""
+    from trl_safeppo.pipeline.checkpoints import STATE_MARKER, checkpoint_problem, last_complete_checkpoint
+
+    run = tmp_path / "run"
+    died = launch([WORKER, "grpo_die", tmp_path, "2"], timeout=600)
+    assert died.returncode != 0 and "exitcode  : 17" in died.stderr
+    second = run / "checkpoint-2"
+    rng_1, rng_0 = (second / "rng_state_1.pth").stat().st_size, (second / "rng_state_0.pth").stat().st_size
+    assert rng_1 < rng_0  # the half-written file is there (the two are of about equal size when whole)
+    assert (second / "trainer_state.json").is_file() and not (second / STATE_MARKER).exists()
+    assert checkpoint_problem(second, require=(STATE_MARKER,)) == (
+        f"no {STATE_MARKER} (killed while the trainer added its own state)")
+    assert last_complete_checkpoint(run, require=(STATE_MARKER,)) == str(run / "checkpoint-1")
