@@ -4,7 +4,8 @@
 (`_fsdp2_cpu.launch`) runs KIND (`ppo`, `grpo`, `dpo`) sharded; `python THIS ppo OUT` runs the same PPO unsharded in
 one process, for the comparison. `_fsdp2_cpu.enable()` (the test harness: accelerate's CPU refusal of FSDP patched)
 is applied when the environment asks for FSDP. Each process writes `rank{i}.json`; process 0 writes the full
-weights it gathered as `*.pt`. Not collected by pytest (the name starts with an underscore).
+weights it gathered as `*.pt`. KIND `ppo_die OUT 2` kills process 1 inside the critic's save at checkpoint-2;
+`ppo_resume OUT 1` resumes from checkpoint-1. Not collected by pytest (the name starts with an underscore).
 """
 
 from __future__ import annotations
@@ -250,7 +251,83 @@ def dpo(out: str) -> None:
     train_resume_and_save(make, out, "dpo", result, tensors)
     write(out, int(os.environ.get("RANK", "0")), result, tensors)
 
+
+# ---------------------------------------------------------------------- a rank dies in the middle of a sharded save
+def _ppo_trainer(output_dir: str, max_steps: int):
+    from trl_safeppo.trainers.ppo_config import SafePPOConfig
+    from trl_safeppo.trainers.ppo_trainer import SafePPOTrainer
+
+    args = SafePPOConfig(
+        output_dir=output_dir, per_device_train_batch_size=2, max_completion_length=T, max_steps=max_steps,
+        num_iterations=1, steps_per_generation=1, gradient_accumulation_steps=1, logging_steps=1, report_to=[],
+        use_cpu=True, learning_rate=1e-3, beta=0.05, save_strategy="steps", save_steps=1, disable_tqdm=True, seed=0,
+        generation_kwargs={"do_sample": False, "min_new_tokens": T},
+    )
+    torch.manual_seed(0)
+    return SafePPOTrainer(model="tiny://debug", reward_funcs=TokenReward(), args=args, train_dataset=prompts())
+
+
+def ppo_die(out: str, die_at: int) -> None:
+    """Checkpoints at every step; at step `die_at` process 1 dies (os._exit, no cleanup, as a SIGKILL or an OOM
+    kill would) inside save_critic, between the critic's two gathers: after the weights' all-gather, at the Adam
+    moments' (`sharding.full_optimizer_state`), while process 0 waits in the same collective."""
+    from trl_safeppo.trainers import ppo_trainer, sharding
+
+    gather = sharding.full_optimizer_state
+
+    def dying_gather(module, optimizer):
+        if int(os.environ["RANK"]) == 1 and t.state.global_step == die_at:
+            with open(os.path.join(out, "rank1_died_at.txt"), "w") as f:
+                f.write(str(t.state.global_step))
+            os._exit(17)
+        return gather(module, optimizer)
+
+    ppo_trainer.sharding.full_optimizer_state = dying_gather  # the module object save_critic reads it from
+    t = _ppo_trainer(os.path.join(out, "run"), 3)
+    t.train()
+    write(out, t.accelerator.process_index, {"finished": True})  # never reached: the test asserts it is absent
+
+
+def grpo_die(out: str, die_at: int) -> None:
+    """SafeGRPO (no collective in its own on_save), checkpoints at every step; at step `die_at` process 1 dies
+    after the Trainer's files and before the package's callbacks, its `rng_state_1.pth` cut in half (a kill in the
+    middle of writing it), while process 0 goes on to its callbacks and the marker."""
+    from transformers import TrainerCallback
+
+    from trl_safeppo.trainers.grpo_config import SafeGRPOConfig
+    from trl_safeppo.trainers.grpo_trainer import SafeGRPOTrainer
+
+    args = SafeGRPOConfig(
+        output_dir=os.path.join(out, "run"), per_device_train_batch_size=2, num_generations=2,
+        max_completion_length=T, max_steps=3, steps_per_generation=1, gradient_accumulation_steps=1,
+        logging_steps=1, report_to=[], use_cpu=True, learning_rate=1e-2, save_strategy="steps", save_steps=1,
+        disable_tqdm=True, seed=0, beta=0.05,
+    )
+    t = SafeGRPOTrainer(model="tiny://debug", reward_funcs=TokenReward(), args=args, train_dataset=prompts())
+
+    class Die(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if int(os.environ["RANK"]) == 1 and state.global_step == die_at:
+                rng = os.path.join(args.output_dir, f"checkpoint-{die_at}", "rng_state_1.pth")
+                os.truncate(rng, os.path.getsize(rng) // 2)
+                os._exit(17)
+
+    t.callback_handler.callbacks.insert(0, Die())  # first of the on_save callbacks
+    t.train()
+    write(out, t.accelerator.process_index, {"finished": True})
+
+
+def ppo_resume(out: str, step: int) -> None:
+    """A fresh 2-process run resumes from run/checkpoint-`step` and trains on to step 3."""
+    t = _ppo_trainer(os.path.join(out, "run"), 3)
+    t.train(resume_from_checkpoint=os.path.join(out, "run", f"checkpoint-{step}"))
+    write(out, t.accelerator.process_index, {"resumed_steps": t.state.global_step,
+                                             "critic_sharded": shard_figures(t.critic)["all_dtensor"]})
+
+
 if __name__ == "__main__":
     kind, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
-    {"ppo": ppo, "grpo": grpo, "dpo": dpo}[kind](out, *map(int, sys.argv[3:]))
+    kinds = {"ppo": ppo, "grpo": grpo, "dpo": dpo, "ppo_die": ppo_die, "ppo_resume": ppo_resume,
+             "grpo_die": grpo_die}
+    kinds[kind](out, *map(int, sys.argv[3:]))

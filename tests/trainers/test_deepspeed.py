@@ -307,3 +307,87 @@ def test_recipe_stages_run_under_the_shipped_zero_configs(tmp_path, stage):
 
     for stage in ("01-sft", "02-ppo", "03-grpo", "05-dpo"):  # every final/ is an ordinary checkpoint
         AutoModelForCausalLM.from_pretrained(out / "stages" / stage / "final")
+
+
+# ---------------------------------------------------------------------- a rank dies in the middle of the critic's save
+RANK_DEATH_SCRIPT = '''
+import json, os, sys
+import torch
+from datasets import Dataset
+from trl_safeppo.trainers.ppo_config import SafePPOConfig
+from trl_safeppo.trainers.ppo_trainer import SafePPOTrainer
+
+out, phase, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+class TokenReward:
+    __name__ = "token_reward"
+    def __call__(self, prompts, completions, completion_ids=None, **kwargs):
+        return [(len(ids) + sum(ids) % 5) / 8.0 for ids in completion_ids]
+
+prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(32)]})
+args = SafePPOConfig(output_dir=os.path.join(out, "run"), per_device_train_batch_size=2, logging_steps=1,
+                     report_to=[], bf16=False, learning_rate=1e-3, ddp_backend="gloo", disable_tqdm=True, seed=0,
+                     max_completion_length=6, max_steps=3, num_iterations=1, steps_per_generation=1,
+                     gradient_accumulation_steps=1, save_strategy="steps", save_steps=1)
+t = SafePPOTrainer(model="tiny://debug", reward_funcs=TokenReward(), args=args, train_dataset=prompts)
+if phase == "die":
+    # process 1 dies (os._exit: no cleanup) inside the critic engine's save_checkpoint at checkpoint-`step`, before
+    # writing its partition, while process 0 writes its own and waits for it (zero.save_engine)
+    save = t.critic.save_checkpoint
+    def dying_save(*a, **k):
+        if t.accelerator.process_index == 1 and t.state.global_step == step:
+            os._exit(17)
+        return save(*a, **k)
+    t.critic.save_checkpoint = dying_save
+    t.train()
+else:
+    t.train(resume_from_checkpoint=os.path.join(out, "run", f"checkpoint-{step}"))
+with open(os.path.join(out, f"rank{t.accelerator.process_index}.json"), "w") as f:
+    json.dump({"steps": t.state.global_step}, f)
+'''
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_dying_in_the_zero2_critic_save_leaves_no_checkpoint_a_resume_would_trust(tmp_path, tiny_debug_path):
+    from trl_safeppo.fileio import is_temporary
+    from trl_safeppo.pipeline.checkpoints import (
+        STATE_MARKER, checkpoint_problem, checkpoints, last_complete_checkpoint, set_aside_incomplete,
+    )
+
+    script, run = tmp_path / "rank_death.py", tmp_path / "run"
+    script.write_text(RANK_DEATH_SCRIPT)
+
+    def launch(phase: str, step: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2",
+               "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(script), str(tmp_path),
+               phase, str(step)]
+        return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+    # the job fails, it does not hang (process 0's wait for process 1 fails, the launcher tears the group down)
+    died = launch("die", 2)
+    assert died.returncode != 0 and "exitcode  : 17" in died.stderr, died.stderr[-4000:]
+    assert not (tmp_path / "rank0.json").exists()
+    second, first = run / "checkpoint-2", run / "checkpoint-1"
+    # checkpoint-2: the Trainer's part (trainer_state.json, the policy's global_step2/) but no marker, no critic/,
+    # and no critic_zero/: process 0's partition went into a temporary folder that is never renamed into place
+    assert (second / "trainer_state.json").is_file() and (second / "global_step2").is_dir()
+    assert not (second / STATE_MARKER).exists()
+    assert not (second / "critic").exists() and not (second / "critic_zero").exists()
+    assert checkpoint_problem(second, require=(STATE_MARKER,)) == (
+        f"no {STATE_MARKER} (killed while the trainer added its own state)")
+    assert checkpoint_problem(first, require=(STATE_MARKER,)) is None and (first / "critic_zero").is_dir()
+    assert last_complete_checkpoint(run, require=(STATE_MARKER,)) == str(first)
+    # a leftover of the atomic write (".tmp-*", if the kill came before its cleanup) is never a checkpoint
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-2", "checkpoint-1"]
+    assert all(is_temporary(p) for p in second.iterdir() if p.name.endswith("critic_zero"))
+
+    (note,) = set_aside_incomplete(run, require=(STATE_MARKER,))
+    assert note.startswith(f"checkpoint-2 is incomplete (no {STATE_MARKER}")
+    resumed = launch("resume", 1)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert [json.loads((tmp_path / f"rank{i}.json").read_text())["steps"] for i in range(2)] == [3, 3]
+    for step in (2, 3):
+        assert checkpoint_problem(run / f"checkpoint-{step}", require=(STATE_MARKER,)) is None

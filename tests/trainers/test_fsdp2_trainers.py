@@ -184,3 +184,71 @@ def test_safe_dpo_trainer_sharded_by_fsdp2_checkpoints_its_tripwire_state(tmp_pa
     _check_resume_and_final(tmp_path, "dpo", r0, r1, "safe_dpo_state.json")
     # DPO's beta: 0.1 at step 1 (KL 0: clean), doubled by raise_kl at step 2, logged with step 3
     assert r0["dpo"]["betas"] == [0.1, 0.1, 0.2]
+
+
+@pytest.mark.distributed
+def test_a_rank_dying_in_the_sharded_critic_save_leaves_no_checkpoint_a_resume_would_trust(tmp_path, tiny_debug_path):
+    """Issue 20, bad input: process 1 dies (os._exit, no cleanup) inside save_critic at checkpoint-2, at the gather of
+    the critic's Adam moments, while process 0 waits in the same collective."""
+    from trl_safeppo.fileio import is_temporary
+    from trl_safeppo.pipeline.checkpoints import (
+        STATE_MARKER, checkpoint_problem, checkpoints, last_complete_checkpoint, set_aside_incomplete,
+    )
+
+    run = tmp_path / "run"
+    # the job fails and does not hang: gloo reports the closed peer to process 0, torch.distributed.run sees process
+    # 1's exit code and tears the group down (launch's timeout would raise TimeoutExpired instead)
+    died = launch([WORKER, "ppo_die", tmp_path, "2"], timeout=600)
+    assert died.returncode != 0
+    assert "exitcode  : 17" in died.stderr  # process 1's os._exit(17), the root cause the launcher names
+    assert (tmp_path / "rank1_died_at.txt").read_text() == "2"
+    assert not (tmp_path / "rank0.json").exists() and not (tmp_path / "rank1.json").exists()  # nobody finished
+
+    # checkpoint-2 has the Trainer's part (trainer_state.json, the policy's weights: transformers'
+    # get_last_checkpoint would take it) but neither the critic nor the marker, which is written only after
+    # save_critic returns on process 0; checkpoint-1 is whole
+    second, first = run / "checkpoint-2", run / "checkpoint-1"
+    assert (second / "trainer_state.json").is_file() and (second / "model.safetensors").is_file()
+    assert not (second / STATE_MARKER).exists() and not (second / "critic").exists()
+    assert checkpoint_problem(second) is None  # complete by the Trainer's files alone: why the marker is required
+    assert checkpoint_problem(second, require=(STATE_MARKER,)) == (
+        f"no {STATE_MARKER} (killed while the trainer added its own state)")
+    assert checkpoint_problem(first, require=(STATE_MARKER,)) is None and (first / "critic").is_dir()
+    assert last_complete_checkpoint(run, require=(STATE_MARKER,)) == str(first)
+
+    # leftovers of an atomic write (".tmp-*") are never taken for a checkpoint: only checkpoint-N folders count
+    leftovers = [p for p in run.rglob("*") if is_temporary(p)]
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-2", "checkpoint-1"]
+    assert not any(is_temporary(p) for p in checkpoints(run)) and leftovers == []  # the writers cleaned up
+
+    # what the recipe runner does before a resume: the incomplete checkpoint moves aside, the complete one is used
+    (note,) = set_aside_incomplete(run, require=(STATE_MARKER,))
+    assert note.startswith(f"checkpoint-2 is incomplete (no {STATE_MARKER}")
+    assert [p.name for p in checkpoints(run)] == ["checkpoint-1"]
+    resumed = launch([WORKER, "ppo_resume", tmp_path, "1"], timeout=600)
+    _check(resumed)
+    r0, r1 = _ranks(tmp_path)
+    assert r0["resumed_steps"] == r1["resumed_steps"] == 3 and r0["critic_sharded"] and r1["critic_sharded"]
+    for step in (2, 3):  # the resumed run's checkpoints are whole, the marker last
+        assert checkpoint_problem(run / f"checkpoint-{step}", require=(STATE_MARKER,)) is None
+    assert last_complete_checkpoint(run, require=(STATE_MARKER,)) == str(run / "checkpoint-3")
+
+
+@pytest.mark.distributed
+def test_the_marker_waits_for_every_process_so_a_rank_dying_after_the_trainers_files_leaves_none(tmp_path,
+                                                                                                 tiny_debug_path):
+    """SafeGRPO has no collective in its own on_save: process 1 dies after the Trainer's files with its
+    rng_state_1.pth cut in half, before the package's callbacks. Without the barrier in CheckpointStateCallback
+    process 0 wrote the marker anyway (seen before the fix), and every resume would load the broken RNG file."""
+    from trl_safeppo.pipeline.checkpoints import STATE_MARKER, checkpoint_problem, last_complete_checkpoint
+
+    run = tmp_path / "run"
+    died = launch([WORKER, "grpo_die", tmp_path, "2"], timeout=600)
+    assert died.returncode != 0 and "exitcode  : 17" in died.stderr
+    second = run / "checkpoint-2"
+    rng_1, rng_0 = (second / "rng_state_1.pth").stat().st_size, (second / "rng_state_0.pth").stat().st_size
+    assert rng_1 < rng_0  # the half-written file is there (the two are of about equal size when whole)
+    assert (second / "trainer_state.json").is_file() and not (second / STATE_MARKER).exists()
+    assert checkpoint_problem(second, require=(STATE_MARKER,)) == (
+        f"no {STATE_MARKER} (killed while the trainer added its own state)")
+    assert last_complete_checkpoint(run, require=(STATE_MARKER,)) == str(run / "checkpoint-1")

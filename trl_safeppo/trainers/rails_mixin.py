@@ -109,6 +109,9 @@ class CheckpointStateCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        # every process has written its part (the Trainer writes rng_state_<i>.pth on each, with no barrier after
+        # it): a process that died before here fails this collective, so the marker is never written without it
+        self.trainer.accelerator.wait_for_everyone()
         if args.should_save:
             folder = checkpoint_folder(args, state)
             self.trainer.save_checkpoint_state(folder)
