@@ -279,6 +279,8 @@ def test_decontamination_drops_eval_prompts(tmp_path):
         ({"selection": "threshold"}, "score_threshold=None"),
         ({"pass_rate_band": (0.5, 0.5)}, "pass_rate_band"),
         ({"dedup": "fuzzy"}, "dedup='fuzzy'"),
+        ({"reward_model_weight": None}, "reward_model_weight=None.*pass a finite number"),
+        ({"score_threshold": float("nan")}, "score_threshold=nan.*pass a finite number"),
         ({"sft_format": "chatml"}, "sft_format='chatml'"),
         ({"reward": "no_such_rule"}, "unknown rule 'no_such_rule'"),
         ({"use_vllm": True}, "use_vllm=True: vLLM is not installed.*pip install trl-safeppo\\[vllm\\]"),

@@ -184,7 +184,9 @@ def train_resume_and_save(make, out: str, name: str, result: dict, tensors: dict
 
     t.add_callback(AtSave())
     t.train()
+    optimizer = getattr(t.optimizer, "optimizer", t.optimizer)
     result[name] = {"policy": shard_figures(t.model, t.optimizer), "rails_at_2": at_2["rails"],
+                    "adam_steps": sorted({int(s["step"]) for s in optimizer.state.values() if "step" in s}),
                     "betas": [h["beta"] for h in t.state.log_history if "beta" in h and "loss" in h],
                     "reference_all_dtensor": getattr(t, "ref_model", None) is not None
                     and shard_figures(t.ref_model)["all_dtensor"]}

@@ -169,6 +169,9 @@ def test_safe_grpo_trainer_sharded_by_fsdp2_checkpoints_rails_and_rolls_back(tmp
     _check(launch([WORKER, "grpo", tmp_path]))
     r0, r1 = _ranks(tmp_path)
     _check_resume_and_final(tmp_path, "grpo", r0, r1, "safe_rails_state.pt")
+    # 3 optimizer steps, counted 3 by Adam: the snapshot taken before the first step (raise_kl keeps them) gathered
+    # no optimizer state (torch's getter would have created it by a zero step, and Adam would count 4)
+    assert r0["grpo"]["adam_steps"] == [3] and r1["grpo"]["adam_steps"] == [3]
     # rollback under FSDP2: step 2's KL trips; the last good snapshot is the initial one (step 1's candidate needs a
     # clean step 2), gathered in full when taken and put back into each process's shards: the initial weights
     events = [json.loads(line) for line in (tmp_path / "rollback" / "tripwires.jsonl").read_text().splitlines()]
@@ -182,6 +185,7 @@ def test_safe_dpo_trainer_sharded_by_fsdp2_checkpoints_its_tripwire_state(tmp_pa
     _check(launch([WORKER, "dpo", tmp_path]))
     r0, r1 = _ranks(tmp_path)
     _check_resume_and_final(tmp_path, "dpo", r0, r1, "safe_dpo_state.json")
+    assert r0["dpo"]["adam_steps"] == [3] and r1["dpo"]["adam_steps"] == [3]  # as for GRPO: no zero step counted
     # DPO's beta: 0.1 at step 1 (KL 0: clean), doubled by raise_kl at step 2, logged with step 3
     assert r0["dpo"]["betas"] == [0.1, 0.1, 0.2]
 

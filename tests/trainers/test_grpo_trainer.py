@@ -71,6 +71,9 @@ def test_rewards_named_as_in_a_recipe_are_resolved_as_for_ppo(tmp_path):
     assert trainer.reward_func_names[:2] == ["math", "format"]
     with pytest.raises(ValueError, match=r"reward_funcs=\[\]: pass a callable rule checker"):
         SafeGRPOTrainer("tiny://debug", reward_funcs=[], args=args, train_dataset=_dataset())
+    with pytest.raises(ValueError, match=r"reward_funcs\[1\]=.*no-such-rm' does not exist"):  # a missing reward model
+        SafeGRPOTrainer("tiny://debug", reward_funcs=["math", str(tmp_path / "no-such-rm")], args=args,
+                        train_dataset=_dataset())
 
 
 def test_length_rail_shapes_the_reward_grpo_normalizes(tmp_path, tiny_debug_path):

@@ -282,6 +282,15 @@ def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restore
     assert resumed.rails_wiring.kl_controller.state_dict()["n_updates"] == 3
     assert logged(resumed, "beta")[-1] == pytest.approx(betas[2])
 
+    # a checkpoint whose critic optimizer is in DeepSpeed's format (critic_zero/, no critic_optimizer.pt) resumed
+    # without DeepSpeed: one error naming the checkpoint and the fix, before any training
+    os.remove(os.path.join(ckpt, CRITIC_OPTIMIZER_FILE))
+    again = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), train_dataset=prompts(),
+                           args=config(tmp_path, max_steps=3, rails=rails, output_dir=str(tmp_path / "again")))
+    with pytest.raises(ValueError, match=r"resume_from_checkpoint=.*checkpoint-2' has no critic_optimizer\.pt: it was "
+                                         r"written under DeepSpeed.*resume under the launcher that wrote it"):
+        again.train(resume_from_checkpoint=ckpt)
+
 
 def test_kl_measured_before_the_update_sets_the_beta_of_the_same_rollout(tmp_path, tiny_debug_path):
     rails = {"kl": {"controller": "adaptive", "init_kl_coef": 0.1, "target": 1e-3, "horizon": 10, "min_coef": 1e-3,

@@ -445,3 +445,24 @@ def test_snapshots_only_where_the_whole_trained_state_can_be_gathered(tmp_path, 
         with pytest.raises(ValueError, match=r"^tripwires\[1\]\.action='rollback' \(kl_limit\): a rollback restores .*"
                                              r"use action 'raise_kl' or 'stop'"):
             TripwireCallback(_sharded_trainer(**flags), rollback, TripwireActions(), str(tmp_path))
+
+
+def test_an_exhausted_raise_kl_without_snapshots_stops_and_says_so(tmp_path):
+    # DeepSpeed: beta 0.1 already at tripwire_max_beta 0.1, so the KL trip (5.0 > limit 1.0) escalates past raise_kl;
+    # with no snapshot to roll back to, the stage stops where it is, the ladder counts no rollback and the event says
+    # why (before: it read as a rollback that never happened)
+    from types import SimpleNamespace
+
+    from trl_safeppo.rails.tripwires import TripwireSpec
+    from trl_safeppo.trainers.tripwires import TripwireActions, TripwireCallback
+
+    trainer = _sharded_trainer(deepspeed=True)
+    trainer.accelerator.is_main_process = True
+    spec = TripwireSpec(detector="kl_limit", action="raise_kl", params={"limit": 1.0})
+    callback = TripwireCallback(trainer, [spec], TripwireActions(max_beta=0.1), str(tmp_path))
+    state, control = SimpleNamespace(global_step=1, log_history=[]), SimpleNamespace(should_training_stop=False)
+    callback.on_log(None, state, control, logs={"loss": 0.1, "kl": 5.0})
+    assert control.should_training_stop and callback.ladder["rollbacks"] == 0
+    event = json.loads((tmp_path / "tripwires.jsonl").read_text().splitlines()[-1])
+    assert event["action"] == "raise_kl" and event["details"]["stopped"] and event["details"]["restored_step"] is None
+    assert event["details"]["escalated_from"] == "raise_kl" and "no snapshot to roll back to" in event["details"]["escalation"]

@@ -216,9 +216,10 @@ class RejectionSamplingConfig:
                 bad(name, f"pass one of {', '.join(choices)}")
         if self.selection == "threshold" and self.score_threshold is None:
             bad("score_threshold", "selection='threshold' needs a score_threshold (a number)")
-        for name in ("score_threshold", "reward_model_weight"):
-            if getattr(self, name) is not None and not _finite(getattr(self, name)):
-                bad(name, "pass a finite number")
+        if self.score_threshold is not None and not _finite(self.score_threshold):
+            bad("score_threshold", "pass a finite number")
+        if not _finite(self.reward_model_weight):  # required: None is refused too
+            bad("reward_model_weight", "pass a finite number")
         band = tuple(self.pass_rate_band) if isinstance(self.pass_rate_band, (list, tuple)) else None
         if band is None or len(band) != 2 or not all(_finite(b) for b in band) or not 0 <= band[0] < band[1] <= 1:
             bad("pass_rate_band", "pass two numbers (low, high) with 0 <= low < high <= 1, e.g. (0.0, 1.0)")

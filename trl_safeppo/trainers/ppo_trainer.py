@@ -416,6 +416,13 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 f"resume_from_checkpoint={folder!r} has no {CRITIC_DIR}/ directory: it was not written by "
                 "SafePPOTrainer, so the critic cannot be restored; resume from a SafePPOTrainer checkpoint"
             )
+        # a DeepSpeed checkpoint holds the critic's optimizer in critic_zero/, any other one in critic_optimizer.pt
+        needed = CRITIC_ZERO_DIR if self.is_deepspeed_enabled else CRITIC_OPTIMIZER_FILE
+        if not os.path.exists(os.path.join(folder, needed)):
+            written = "without" if self.is_deepspeed_enabled else "under"
+            raise ValueError(
+                f"resume_from_checkpoint={folder!r} has no {needed}: it was written {written} DeepSpeed, so the "
+                "critic's optimizer state cannot be restored here; resume under the launcher that wrote it")
         if self.is_deepspeed_enabled:  # weights, fp32 masters and Adam partitions, exactly
             zero.load_engine(self.critic, os.path.join(folder, CRITIC_ZERO_DIR))
             self.critic_resume_folder = folder

@@ -149,13 +149,13 @@ def resolve_reward_funcs(reward_funcs) -> list:
             f"reward_funcs={reward_funcs!r}: pass a callable rule checker, a reward model, or a non-empty list of them"
         )
     resolved = []
-    for func in funcs:
+    for i, func in enumerate(funcs):
+        field = f"reward_funcs[{i}]" if isinstance(reward_funcs, (list, tuple)) else "reward_funcs"
         if isinstance(func, str) and (func.startswith("tiny://") or os.path.isdir(os.path.expanduser(func))):
-            func = resolve_model_path(func)  # a reward model's path
+            func = resolve_model_path(func, field=field)  # a reward model's path
         elif isinstance(func, dict) or (isinstance(func, str) and (func in BUILTINS or ":" in func)):
             func = resolve(func)  # a rule
         elif isinstance(func, str):
-            func = resolve_model_path(func)  # a Hub id of a reward model (or a clear error for a missing path)
+            func = resolve_model_path(func, field=field)  # a Hub id (a clear error for a missing path)
         resolved.append(func)
     return resolved
-

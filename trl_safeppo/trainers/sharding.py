@@ -89,6 +89,8 @@ def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
     sharding keep their format."""
     if not is_sharded(module):
         return optimizer.state_dict()
+    if not optimizer.state:  # no step yet: None (torch's getter would create the state by a zero step, counting it)
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -101,7 +103,10 @@ def load_full_state(
     optimizer_state: dict[str, Any] | None = None,
 ) -> None:
     """Load full tensors (from `full_model_state` / `full_optimizer_state`, read back from a checkpoint) into a
-    sharded or plain module and its optimizer; every rank passes the same full state."""
+    sharded or plain module and its optimizer; every rank passes the same full state. An `optimizer_state` of None
+    (taken before the first step) empties the optimizer's state."""
+    if optimizer is not None and optimizer_state is None:
+        optimizer.state.clear()
     if not is_sharded(module):
         if model_state is not None:
             module.load_state_dict(model_state)

@@ -9,6 +9,7 @@ A trainer gives the callback ``beta``, ``optimizer``, ``accelerator``, ``model``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -190,7 +191,8 @@ class TripwireCallback(TrainerCallback):
     """Runs the ``specs`` (``TripwireSpec``) at every training log and acts on trips on ``trainer``; events and
     snapshots go to ``output_dir``."""
 
-    def __init__(self, trainer, specs: Sequence[TripwireSpec], actions: TripwireActions, output_dir: str):
+    def __init__(self, trainer, specs: Sequence[TripwireSpec], actions: TripwireActions, output_dir: str,
+                 field: str = "tripwires"):
         self.trainer, self.specs, self.actions, self.output_dir = trainer, list(specs), actions, output_dir
         self.events_path = os.path.join(output_dir, TRIPWIRES_FILE)
         self.snapshot_dir = os.path.join(output_dir, LAST_GOOD_DIR)
@@ -209,7 +211,7 @@ class TripwireCallback(TrainerCallback):
         if "rollback" in actions and _shards_weights(trainer):
             i = next(i for i, spec in enumerate(self.specs) if spec.action == "rollback")
             raise ValueError(
-                f"tripwires[{i}].action='rollback' ({self.specs[i].detector}): a rollback restores a snapshot of the "
+                f"{field}[{i}].action='rollback' ({self.specs[i].detector}): a rollback restores a snapshot of the "
                 "whole trained state, which DeepSpeed (any ZeRO stage) and FSDP1 keep partitioned across processes; "
                 "use action 'raise_kl' or 'stop' (which ends the stage where it is), or FSDP2 (fsdp_version: 2), "
                 "where snapshots gather the full tensors")
@@ -329,10 +331,15 @@ class TripwireCallback(TrainerCallback):
         # One action per log step: the most severe configured among the tripped detectors, moved up the ladder
         # (raise_kl at max beta -> rollback -> stop) when it is exhausted.
         asked = max((spec.action for spec, _ in trips), key=SEVERITY.__getitem__)
-        decision, self.ladder = escalate(
+        decision, ladder = escalate(
             asked, self.ladder, beta=_beta(self.trainer), raise_kl_factor=self.actions.raise_kl_factor,
             max_beta=self.max_beta, max_rollbacks=self.actions.max_rollbacks,
         )
+        if decision.action == "rollback" and not self.needs_snapshots:  # DeepSpeed, FSDP1: no snapshot to go back to
+            decision, ladder = dataclasses.replace(decision, action="stop", escalated_from=decision.escalated_from or
+                                                   "rollback", why="no snapshot to roll back to (weights partitioned "
+                                                   "across processes); the stage stops where it is"), self.ladder
+        self.ladder = ladder
         details = self._act(decision, state, control, trips)
         if decision.escalated_from is not None:
             details = {**details, "escalated_from": decision.escalated_from, "escalation": decision.why}
@@ -374,12 +381,13 @@ def add_tripwires(trainer, args, wiring=None) -> TripwireCallback | None:
     """Attach a :class:`TripwireCallback` for ``args.tripwires`` (``None``: the rails config's ``tripwires``); sets
     ``trainer.tripwire_callback`` (None when there are no tripwires)."""
     if getattr(args, "tripwires", None) is not None:
-        specs = parse_tripwires(args.tripwires)
+        specs, field = parse_tripwires(args.tripwires), "tripwires"
     else:
-        specs = list(getattr(getattr(wiring, "rails", None), "tripwires", None) or [])
+        specs, field = list(getattr(getattr(wiring, "rails", None), "tripwires", None) or []), "rails.tripwires"
     trainer.tripwire_callback = None
     if specs:
-        trainer.tripwire_callback = TripwireCallback(trainer, specs, TripwireActions.from_args(args), args.output_dir)
+        trainer.tripwire_callback = TripwireCallback(trainer, specs, TripwireActions.from_args(args), args.output_dir,
+                                                     field)
         trainer.add_callback(trainer.tripwire_callback)
     return trainer.tripwire_callback
 
