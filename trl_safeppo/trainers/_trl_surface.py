@@ -1,9 +1,9 @@
 """The private members of TRL and transformers that trl_safeppo touches: each once, here, with the reason.
 
 Every other touch point is public API: ``super()`` calls of the trainers' public methods (``compute_loss``,
-``training_step``, ``train``, ``create_scheduler``), ``TrainerCallback`` events (``on_train_begin``, ``on_train_end``, ``on_evaluate``,
-``on_step_begin``, ``on_step_end``, ``on_log``, ``on_save``) and public attributes (``beta``,
-``ref_model``, ``reward_funcs``, ``reward_weights``, ``eos_token_ids``, ``processing_class``, ...).
+``training_step``, ``train``, ``create_scheduler``), ``TrainerCallback`` events (``on_train_begin``,
+``on_train_end``, ``on_evaluate``, ``on_step_begin``, ``on_step_end``, ``on_log``, ``on_save``) and public attributes
+(``beta``, ``ref_model``, ``reward_funcs``, ``reward_weights``, ``eos_token_ids``, ``processing_class``, ...).
 ``tests/trainers/test_trl_surface.py`` scans the package and fails when it touches a private TRL/transformers member
 that is not listed below, or when the list grows past :data:`MAX_PRIVATE_MEMBERS`;
 ``tests/test_trl_contract.py`` exercises the hooks on a tiny model.
