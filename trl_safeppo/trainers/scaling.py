@@ -1,18 +1,13 @@
-"""SafePPOTrainer at scale: the critic's optimizer step under mixed precision and sharding, and the config-time checks
-of what cannot be combined. The trainer calls these; they hold no state of their own.
-
-Mixed precision (fp16 with a GradScaler). PPO backpropagates one loss, `policy_loss + vf_coef * value_loss`, through
-two models, so both gradients carry the same loss scale S. Each must be divided by S exactly once, and the scale
-updated once per optimizer step after both optimizers have seen their gradients:
+"""SafePPOTrainer's critic step under mixed precision and sharding, and the fp16 check (docs/ppo.md, "Mixed
+precision"). PPO backpropagates one loss through two models, so both gradients carry the one fp16 loss scale S; each
+is divided by S once and the scale updated once per optimizer step:
 
     critic (inside training_step):  scaler.unscale_(critic_opt); clip; scaler.step(critic_opt)      (no update)
-    policy (the Trainer, after it): accelerator.clip_grad_norm_ -> scaler.unscale_(policy_opt); optimizer.step()
-                                    -> scaler.step(policy_opt); scaler.update()   (one update, sees both found_inf)
+    policy (the Trainer, after it): unscale_(policy_opt); clip; scaler.step(policy_opt); scaler.update()
 
-For that the critic's optimizer is NOT registered with accelerate (`accelerator.prepare_optimizer`): accelerate's
-`clip_grad_norm_` unscales every registered optimizer, and its wrapped `step` calls `scaler.update()` after each
-optimizer, so a registered critic optimizer either divided the policy's gradient by S twice (issue 20: the update
-between the two unscales resets the policy's per-optimizer state) or raised "unscale_() is being called after step()".
+Hence the critic's optimizer is not registered with accelerate, whose ``clip_grad_norm_`` unscales every registered
+optimizer and whose wrapped ``step`` updates the scale after each one (issue 20: the policy's gradient was unscaled
+twice).
 """
 
 from __future__ import annotations

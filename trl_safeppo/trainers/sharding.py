@@ -1,20 +1,8 @@
-"""SafePPOTrainer's critic under sharding: what can be sharded, how the critic is sharded, and its checkpoint state
-as ordinary full tensors (issue 20.1 / 20.5). Pure functions of the accelerator and modules passed in.
-
-Design (docs/ppo.md, "Scaling"): the policy and the reference are sharded by the Trainer / TRL exactly as in GRPO
-(FSDP2: `accelerator.prepare` of the policy, `trl.models.utils.prepare_fsdp` of the reference). The critic is a second
-model with its own optimizer; under FSDP2 it is sharded the same way as the policy, by accelerate's own
-`fsdp2_prepare_model` (per transformer block, then the root; the plugin's mixed precision, offload and reshard
-settings), and its optimizer is built after sharding, over the DTensor parameters, so its Adam states are sharded
-too. The critic's optimizer is stepped by `scaling.critic_optimizer_step`, whose clipping is DTensor-aware.
-
-Checkpoints stay ordinary: `full_model_state` / `full_optimizer_state` gather full tensors to process 0 (a
-collective: call them on every rank), which writes them; `load_full_state` puts them back into a sharded or a
-plain module. Without sharding they are the module's and optimizer's own `state_dict()`.
-
-DeepSpeed ZeRO-2/3: the critic gets an engine of its own (zero.py). Not supported (refused at construction by
-`check_critic_sharding`): FSDP1, under FSDP2 a `value_model` object already on an accelerator, and what zero.py
-refuses.
+"""SafePPOTrainer's critic under FSDP2 (docs/ppo.md, "Scaling"): what can be sharded (:func:`check_critic_sharding`),
+the critic sharded as the policy is, by accelerate's own ``fsdp2_prepare_model`` (:func:`prepare_critic`; its
+optimizer is built afterwards, over the DTensor parameters), and the state of a possibly sharded module as ordinary
+full tensors (:func:`full_model_state`, :func:`full_optimizer_state`, :func:`load_full_state`; collectives when
+sharded, which tripwire snapshots use too). Pure functions of the accelerator and modules passed in; ZeRO: zero.py.
 """
 
 from __future__ import annotations

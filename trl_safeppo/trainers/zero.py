@@ -1,17 +1,8 @@
-"""SafePPOTrainer's critic under DeepSpeed ZeRO-2/3: an engine of its own (issue 20.1; docs/ppo.md, "Scaling").
-
-The Trainer and TRL give the policy and the reference their engines (`accelerator.prepare`, `prepare_deepspeed`).
-The critic gets a second engine from `deepspeed.initialize`, with the policy's config (same ZeRO stage, batch sizes,
-precision and clipping at `max_grad_norm`) around its own optimizer, so ZeRO partitions the critic's gradients and
-Adam states (and, at stage 3, its weights). PPO backpropagates one loss through both models; the Trainer runs that
-backward through the policy's engine, and DeepSpeed's hooks on the critic engine's output reduce the critic's
-gradients in the same pass (DeepSpeed 0.19.8 supports a backward not started by the engine). The trainer then steps
-the critic's engine at each optimizer step. Refused here: ZeRO stages 0/1, ZeRO offload (not run), fp16 (the backward
-carries only the policy engine's loss scale).
-
-Checkpoints: `critic/` stays an ordinary transformers checkpoint (ZeRO-3 weights gathered to process 0), and the
-engine's own checkpoint (`critic_zero/`: every rank writes its partitions) restores weights, fp32 masters and Adam
-states exactly on resume.
+"""SafePPOTrainer's critic under DeepSpeed ZeRO-2/3 (docs/ppo.md, "Scaling"): an engine of its own from
+``deepspeed.initialize``, with the policy's config around the critic's own optimizer; the one PPO backward, run by the
+Trainer through the policy's engine, reduces the critic's gradients through DeepSpeed's hooks on this engine, and the
+trainer steps it at each optimizer step. Checkpoints: ``critic/`` an ordinary transformers checkpoint, and the engine's
+own (``critic_zero/``: every rank's partitions), which restores weights, fp32 masters and Adam states exactly.
 """
 
 from __future__ import annotations
