@@ -125,7 +125,7 @@ def test_raised_beta_survives_a_checkpoint_resume(tmp_path, tiny_debug_path):
     _train(SafeDPOTrainer, SafeDPOConfig, tiny_debug_path, tmp_path, tripwires=tripwires, save_strategy="steps",
            save_steps=3)
     # steps 2 and 3 tripped: beta 0.1 -> 0.2 -> 0.4, saved in checkpoint-3
-    with open(os.path.join(tmp_path, "checkpoint-3", "safe_dpo_state.json")) as f:
+    with open(os.path.join(tmp_path, "checkpoint-3", "trl_safeppo_state.json")) as f:
         assert json.load(f)["beta"] == pytest.approx(0.4)
     args = SafeDPOConfig(output_dir=str(tmp_path), **{**COMMON, "max_steps": 4, "tripwires": []})
     resumed = SafeDPOTrainer(model=tiny_debug_path, args=args, train_dataset=_pairs())

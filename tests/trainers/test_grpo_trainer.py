@@ -3,6 +3,7 @@ beta follows Ziegler's rule, rail state survives a checkpoint, bad configuration
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -14,7 +15,7 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from trl_safeppo import SafeGRPOConfig, SafeGRPOTrainer  # noqa: E402
-from trl_safeppo.trainers.rails_mixin import RAILS_STATE_FILE  # noqa: E402
+from trl_safeppo.trainers.rails_mixin import STATE_MARKER  # noqa: E402
 
 
 class CharLength:
@@ -145,10 +146,12 @@ def test_adaptive_beta_follows_ziegler_and_survives_a_checkpoint(tmp_path, tiny_
     assert logs[0]["kl"] == 0.0 and logs[1]["kl"] > 2e-3
     assert betas == pytest.approx([0.1, 0.092, 0.09936])
 
-    path = os.path.join(tmp_path, "checkpoint-2", RAILS_STATE_FILE)
-    state = torch.load(path, weights_only=False)
+    marker = os.path.join(tmp_path, "checkpoint-2", STATE_MARKER)
+    with open(marker) as f:
+        saved = json.load(f)
+    state = saved["rails"]
     # the controller is saved once, inside the rails' state; beta is its value, not stored apart
-    assert state["version"] == 2 and state["kl"] is None and "beta" not in state
+    assert saved["version"] == 3 and state["version"] == 2 and state["kl"] is None and "beta" not in state
     assert state["rails"]["kl"]["value"] == pytest.approx(0.09936) and state["rails"]["kl"]["n_updates"] == 2
 
     resumed = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
@@ -157,10 +160,14 @@ def test_adaptive_beta_follows_ziegler_and_survives_a_checkpoint(tmp_path, tiny_
     step3 = [h for h in resumed.state.log_history if h.get("step") == 3 and "loss" in h][0]
     assert step3["beta"] == pytest.approx(0.09936)  # continued from the checkpoint, not from init_kl_coef
 
-    # a checkpoint written before the controller had one owner (version 1: the controller inside "rails", again as
-    # "kl", and "beta" apart) still resumes; here its controller stands at 0.05
+    # a checkpoint written before the controller had one owner (its own safe_rails_state.pt beside a marker without
+    # state; version 1: the controller inside "rails", again as "kl", and "beta" apart) still resumes; here its
+    # controller stands at 0.05
     old_kl = {**state["rails"]["kl"], "value": 0.05, "base": 0.05}
-    torch.save({"version": 1, "rails": {**state["rails"], "kl": old_kl}, "kl": old_kl, "beta": 0.05}, path)
+    torch.save({"version": 1, "rails": {**state["rails"], "kl": old_kl}, "kl": old_kl, "beta": 0.05},
+               os.path.join(tmp_path, "checkpoint-2", "safe_rails_state.pt"))
+    with open(marker, "w") as f:
+        json.dump({"global_step": 2, "complete": True}, f)
     old = SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())
     old.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-2"))
     step3 = [h for h in old.state.log_history if h.get("step") == 3 and "loss" in h][0]

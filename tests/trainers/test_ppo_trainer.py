@@ -4,6 +4,7 @@ early with one clear error. Tiny lengths and 2-3 steps: the slow reward-goes-up 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 
@@ -243,9 +244,10 @@ def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restore
     run = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
     run.train()
     ckpt = os.path.join(args.output_dir, "checkpoint-2")
-    for name in (CRITIC_DIR, CRITIC_OPTIMIZER_FILE, "optimizer.pt", "safe_rails_state.pt"):
+    for name in (CRITIC_DIR, CRITIC_OPTIMIZER_FILE, "optimizer.pt", "trl_safeppo_state.json"):
         assert os.path.exists(os.path.join(ckpt, name)), f"{name} missing from the checkpoint"
-    saved = torch.load(os.path.join(ckpt, "safe_rails_state.pt"), weights_only=False)
+    with open(os.path.join(ckpt, "trl_safeppo_state.json")) as f:
+        saved = json.load(f)["rails"]
     betas = logged(run, "beta")  # beta used by rollouts 1, 2, 3 (the controller moves it after each)
     assert betas[1] != betas[0], "the adaptive controller did not move beta"
 

@@ -23,10 +23,13 @@ class _Accelerator:
 
 
 def _trainer(model):
+    from trl_safeppo.trainers.rails_mixin import TrainerRails
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    return SimpleNamespace(
-        model=model, optimizer=optimizer, accelerator=_Accelerator(), state=SimpleNamespace(global_step=7), beta=0.05
-    )
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, accelerator=_Accelerator(),
+                              state=SimpleNamespace(global_step=7), beta=0.05, rails_wiring=TrainerRails())
+    trainer.rails_wiring.start(trainer)  # no rails, no KL controller: beta is the trainer's own
+    return trainer
 
 
 def _model():

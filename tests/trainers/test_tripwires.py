@@ -237,9 +237,9 @@ def test_resume_keeps_the_ladder_position(tmp_path, tiny_debug_path):
                   save_strategy="steps", save_steps=3)  # constant: a linear schedule of 3 steps ends at lr 0
     trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=3, **common)
     trainer.train()
-    saved = json.loads((tmp_path / "checkpoint-3" / "tripwire_state.json").read_text())
-    assert saved["ladder"] == {"rollbacks": 1} and saved["beta"] == pytest.approx(0.2)
-    assert saved["initial_beta"] == pytest.approx(0.1)
+    saved = json.loads((tmp_path / "checkpoint-3" / "trl_safeppo_state.json").read_text())
+    assert saved["tripwires"]["ladder"] == {"rollbacks": 1} and saved["beta"] == pytest.approx(0.2)
+    assert saved["tripwires"]["initial_beta"] == pytest.approx(0.1)
 
     trainer, _ = _trainer(tmp_path, tiny_debug_path, tripwires, LengthReward(), max_steps=5, **common)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
@@ -251,9 +251,9 @@ def test_resume_keeps_the_ladder_position(tmp_path, tiny_debug_path):
 
 
 def test_checkpoint_state_marker_is_written_after_all_of_the_packages_state(tmp_path, tiny_debug_path, monkeypatch):
-    # trainer_state.json is written before the on_save callbacks that add the rails' and the ladder's state, so it
-    # cannot mark a checkpoint complete; trl_safeppo_state.json does (pipeline/checkpoints.py): when it is written,
-    # everything else is on disk already.
+    # trainer_state.json is written before the on_save callback that adds the package's state (rails, beta, the
+    # ladder), so it cannot mark a checkpoint complete; trl_safeppo_state.json, which holds that state, does
+    # (pipeline/checkpoints.py): when it is written, everything else is on disk already.
     from trl_safeppo import fileio
     from trl_safeppo.pipeline.checkpoints import STATE_MARKER
 
@@ -263,6 +263,7 @@ def test_checkpoint_state_marker_is_written_after_all_of_the_packages_state(tmp_
     def spy(path, obj, **kwargs):
         if os.path.basename(path) == STATE_MARKER:
             present.append(set(os.listdir(os.path.dirname(path))))
+            assert obj["rails"]["rails"]["reward"] and obj["tripwires"]["ladder"] == {"rollbacks": 0}
         return original(path, obj, **kwargs)
 
     monkeypatch.setattr(fileio, "write_json", spy)
@@ -271,7 +272,7 @@ def test_checkpoint_state_marker_is_written_after_all_of_the_packages_state(tmp_
                           save_steps=1, rails={"normalize": {"enabled": True}})
     trainer.train()
     assert len(present) == 1, present
-    assert {"trainer_state.json", "tripwire_state.json", "safe_rails_state.pt"} <= present[0], present
+    assert {"trainer_state.json", "model.safetensors", "optimizer.pt"} <= present[0], present
     assert STATE_MARKER in os.listdir(tmp_path / "checkpoint-1")
 
 

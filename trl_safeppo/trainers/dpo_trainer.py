@@ -8,19 +8,13 @@ log-ratio, ``rewards/rejected``) right after each ``compute_loss``, and the trip
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
 
 from trl import DPOTrainer
 
-from ..fileio import write_json
 from ..models import quiet_trl_checkpointing_aliases, resolve_model_path
 from .dpo_config import SafeDPOConfig
-from .rails_mixin import SafeCheckpointMixin, mark_checkpoints_complete
+from .rails_mixin import CheckpointStateCallback, SafeCheckpointMixin, TrainerRails
 from .tripwires import add_tripwires
-
-DPO_STATE_FILE = "safe_dpo_state.json"
 
 
 def check_preference_dataset(dataset, field: str = "train_dataset") -> None:
@@ -68,8 +62,10 @@ class SafeDPOTrainer(SafeCheckpointMixin, DPOTrainer):
             model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             **kwargs,
         )
+        self.rails_wiring = TrainerRails()  # no rails: its KL control is the one writer of beta (a tripwire's raise_kl)
+        self.rails_wiring.start(self)
         add_tripwires(self, args)
-        mark_checkpoints_complete(self)  # last of our on_save callbacks
+        self.add_callback(CheckpointStateCallback(self))  # beta, the tripwire ladder
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -84,15 +80,3 @@ class SafeDPOTrainer(SafeCheckpointMixin, DPOTrainer):
             store["kl"].append(0.5 * (abs(chosen) + abs(rejected)))
             store["beta"].append(float(self.beta))
         return out
-
-    def save_checkpoint_state(self, folder: str) -> None:
-        write_json(os.path.join(folder, DPO_STATE_FILE), {"beta": float(self.beta)})  # a tripwire may have raised it
-        super().save_checkpoint_state(folder)
-
-    def load_checkpoint_state(self, folder: str) -> None:
-        if os.path.exists(path := os.path.join(folder, DPO_STATE_FILE)):
-            with open(path) as f:
-                beta = json.load(f).get("beta")
-            if isinstance(beta, (int, float)) and math.isfinite(beta):
-                self.beta = float(beta)  # a beta raised by a tripwire survives the resume
-        super().load_checkpoint_state(folder)  # back on the tripwire ladder where the checkpoint left it

@@ -20,13 +20,16 @@ from transformers import TrainerCallback
 
 # ---------------------------------------------------------------------- KL of GRPO batches
 def policy_logps(trainer, batch: dict):
-    """`(B, T)` log-probabilities of a GRPO batch's completion tokens under the current policy: one forward without
-    gradient through GRPO's own `_get_per_token_logps_and_entropies` (chunked by `per_device_train_batch_size`).
-    Text-only: a batch with image inputs raises a ValueError naming `rails.kl.measure_before_update`."""
+    """`(B, T)` log-probabilities of a GRPO batch's completion tokens under the current policy: GRPO's
+    `old_per_token_logps` when it computed them (it skips them when a batch serves exactly one optimizer step), else
+    one forward without gradient through GRPO's own `_get_per_token_logps_and_entropies`, chunked by the mode's
+    per-device batch size. Text-only: a batch with image inputs raises a ValueError."""
     import torch
 
     from ..models import activation_checkpointing_off
 
+    if batch.get("old_per_token_logps") is not None:
+        return batch["old_per_token_logps"]
     images = sorted(k for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")
                     if batch.get(k) is not None)
     if images:
@@ -36,11 +39,11 @@ def policy_logps(trainer, batch: dict):
         )
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    with torch.no_grad(), activation_checkpointing_off(trainer.model, trainer.args.gradient_checkpointing_kwargs):
+    args = trainer.args
+    batch_size = args.per_device_train_batch_size if trainer.model.training else args.per_device_eval_batch_size
+    with torch.no_grad(), activation_checkpointing_off(trainer.model, args.gradient_checkpointing_kwargs):
         logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, input_ids, attention_mask, batch["completion_ids"].shape[1],
-            batch_size=trainer.args.per_device_train_batch_size,
-        )
+            trainer.model, input_ids, attention_mask, batch["completion_ids"].shape[1], batch_size=batch_size)
     return logps
 
 
@@ -118,10 +121,7 @@ class KLControl(TrainerCallback):
                 or isinstance(self.controller, FixedKLController)):  # a fixed beta does not move: spare the forward
             return
         mask = output["completion_mask"] * (1 if output.get("tool_mask") is None else output["tool_mask"])
-        logps = output.get("old_per_token_logps")
-        if logps is None:
-            logps = policy_logps(trainer, output)
-        kl = kl_per_token(logps.float(), output["ref_per_token_logps"].float(), "k3", mask)
+        kl = kl_per_token(policy_logps(trainer, output).float(), output["ref_per_token_logps"].float(), "k3", mask)
         totals = torch.stack([kl.sum(), mask.sum().to(kl.dtype), torch.tensor(float(len(mask)), device=kl.device)])
         kl_sum, n_tokens, n_samples = trainer.accelerator.reduce(totals, reduction="sum").tolist()
         if n_tokens > 0:

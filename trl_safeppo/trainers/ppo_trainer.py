@@ -23,22 +23,22 @@ completions, T response tokens.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, ProcessorMixin, TrainerCallback
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, ProcessorMixin
 from trl import GRPOTrainer
+
 from ..fileio import atomic_dir, atomic_path
-from ..models import activation_checkpointing_off
 from ..rails.kl import kl_per_token, sequence_kl
 from .critic import check_critic, load_critic, prepare_critic
+from .kl_control import policy_logps
 from .ppo_config import SafePPOConfig
 from .ppo_maths import clipped_value_loss, explained_variance, rollout_targets
 from . import sharding, zero
-from .rails_mixin import SafeRailsMixin, checkpoint_folder
+from .rails_mixin import SafeRailsMixin
 from .scaling import check_fp16_master_weights, critic_optimizer_step
 
 CRITIC_DIR = "critic"
@@ -93,19 +93,10 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         check_critic(critic, None, critic_field)
 
         super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            **kwargs,
+            model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks, optimizers=optimizers, peft_config=peft_config, **kwargs,
         )
-        self.add_callback(CriticCheckpointCallback(self))  # before the marker's callback (_after_grpo_init)
         self._after_grpo_init(args)
         if isinstance(self.processing_class, ProcessorMixin):
             raise ValueError(
@@ -152,19 +143,14 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
 
         # Policy log-probs (GRPO's when it computed them) and the critic's values V(s_t)
-        with activation_checkpointing_off(self.model, self.args.gradient_checkpointing_kwargs):
-            old_logps = output.get("old_per_token_logps")
-            if old_logps is None:  # GRPO skips it when the batch is used for exactly one optimizer step
-                old_logps, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model, input_ids, attention_mask, t_local, batch_size=batch_size
-                )
-            was_training = self.critic.training
-            self.critic.eval()
-            values = torch.cat([
-                self._critic_values(input_ids[i : i + batch_size], attention_mask[i : i + batch_size], t_local)
-                for i in range(0, n_local, batch_size)
-            ])
-            self.critic.train(was_training)
+        old_logps = policy_logps(self, output)
+        was_training = self.critic.training
+        self.critic.eval()
+        values = torch.cat([
+            self._critic_values(input_ids[i : i + batch_size], attention_mask[i : i + batch_size], t_local)
+            for i in range(0, n_local, batch_size)
+        ])
+        self.critic.train(was_training)
         ref_logps = output.get("ref_per_token_logps")
 
         # Everything below runs on the global batch (all processes), identically on every rank, then each rank keeps
@@ -381,26 +367,21 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         return scheduler
 
     # ------------------------------------------------------------------ checkpoints
-    def save_critic(self, folder: str) -> None:
-        """Write the critic, its optimizer and scheduler into a checkpoint folder (after the policy's)."""
+    def save_checkpoint_files(self, folder: str) -> None:
+        """Write the critic, its optimizer and scheduler into a checkpoint folder (after the policy's; every process
+        calls it: FSDP2 / ZeRO-3 gather the full tensors to process 0, which writes an ordinary checkpoint)."""
         self.accelerator.wait_for_everyone()
-        # FSDP2 / ZeRO-3: every rank joins the gather of full tensors to process 0, which writes an ordinary checkpoint
-        deepspeed = self.is_deepspeed_enabled
-        sharded = deepspeed or sharding.is_sharded(self.critic)
-        if deepspeed:  # ZeRO: the engine's own checkpoint holds the partitioned optimizer state (every rank writes)
-            critic_state, optimizer_state = self.accelerator.get_state_dict(self.critic), None
+        critic = self.accelerator.unwrap_model(self.critic)
+        if self.is_deepspeed_enabled:  # ZeRO: the engine's own checkpoint holds the partitioned optimizer state
+            weights, optimizer_state = self.accelerator.get_state_dict(self.critic), None
             zero.save_engine(self.accelerator, self.critic, os.path.join(folder, CRITIC_ZERO_DIR))
         else:
-            critic_state = sharding.full_model_state(self.critic) if sharded else None
-            optimizer_state = sharding.full_optimizer_state(self.critic, self.critic_optimizer)
+            weights = sharding.full_model_state(critic)
+            optimizer_state = sharding.full_optimizer_state(critic, self.critic_optimizer)
         if not self.args.should_save:
             return
-        critic = self.accelerator.unwrap_model(self.critic).model
-        with atomic_dir(os.path.join(folder, CRITIC_DIR)) as tmp:
-            if sharded:  # the ValueModel's keys are "model." + the critic's own
-                critic.save_pretrained(tmp, state_dict={k[len("model."):]: v for k, v in critic_state.items()})
-            else:
-                critic.save_pretrained(tmp)
+        with atomic_dir(os.path.join(folder, CRITIC_DIR)) as tmp:  # the ValueModel's keys: "model." + the critic's
+            critic.model.save_pretrained(tmp, state_dict={k.removeprefix("model."): v for k, v in weights.items()})
         if optimizer_state is not None:
             with atomic_path(os.path.join(folder, CRITIC_OPTIMIZER_FILE)) as tmp:
                 torch.save(optimizer_state, tmp)
@@ -409,7 +390,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 torch.save(self.critic_lr_scheduler.state_dict(), tmp)
 
     def load_checkpoint_state(self, folder: str) -> None:
-        super().load_checkpoint_state(folder)  # rails + KL controller
+        super().load_checkpoint_state(folder)  # rails + KL controller, beta, tripwire ladder
         critic_dir = os.path.join(folder, CRITIC_DIR)
         if not os.path.isdir(critic_dir):
             raise ValueError(
@@ -423,59 +404,34 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
             raise ValueError(
                 f"resume_from_checkpoint={folder!r} has no {needed}: it was written {written} DeepSpeed, so the "
                 "critic's optimizer state cannot be restored here; resume under the launcher that wrote it")
+        self.critic_resume_folder = folder  # its scheduler is loaded once create_scheduler has built it
         if self.is_deepspeed_enabled:  # weights, fp32 masters and Adam partitions, exactly
             zero.load_engine(self.critic, os.path.join(folder, CRITIC_ZERO_DIR))
-            self.critic_resume_folder = folder
             return
-        critic = self.accelerator.unwrap_model(self.critic).model
-        loaded = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=critic.dtype)
-        sharded = sharding.is_sharded(self.critic)
-        device = "cpu" if sharded else self.accelerator.device
-        state = torch.load(os.path.join(folder, CRITIC_OPTIMIZER_FILE), map_location=device, weights_only=False)
-        if sharded:  # full tensors into the FSDP2 shards
-            sharding.load_full_state(self.critic, {"model." + k: v for k, v in loaded.state_dict().items()},
-                                     self.critic_optimizer, state)
-        else:
-            critic.load_state_dict(loaded.state_dict())
-            self.critic_optimizer.load_state_dict(state)
-        del loaded
-        self.critic_resume_folder = folder  # its scheduler is loaded once create_scheduler has built it
+        critic = self.accelerator.unwrap_model(self.critic)
+        loaded = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=critic.model.dtype)
+        optimizer_state = torch.load(os.path.join(folder, CRITIC_OPTIMIZER_FILE), map_location="cpu",
+                                     weights_only=False)
+        # sharded: every process puts the full tensors into its shards
+        sharding.load_full_state(critic, {"model." + k: v for k, v in loaded.state_dict().items()},
+                                 self.critic_optimizer, optimizer_state)
 
     # --- tripwire rollback: the critic is trained state too (hook of trainers.tripwires.save_snapshot)
-    def tripwire_state_dict(self) -> dict[str, Any]:
+    def tripwire_state_dict(self) -> dict[str, Any] | None:
         """The critic's weights and optimizer state, saved with every tripwire snapshot, so a rollback restores the
         critic together with the policy instead of pairing old policy weights with a critic trained past them.
-        Called on every process (save_snapshot): sharded, a collective whose full tensors land on the main process;
-        unsharded, only the main process (the writer) copies."""
-        if sharding.is_sharded(self.critic):
-            return {"critic": sharding.full_model_state(self.critic),
-                    "critic_optimizer": sharding.full_optimizer_state(self.critic, self.critic_optimizer)}
-        if not self.accelerator.is_main_process:
+        Called on every process (save_snapshot, which writes it at once): sharded, a collective whose full tensors
+        land on the main process; unsharded, only the main process (the writer) reads it."""
+        if not (self.accelerator.is_main_process or sharding.is_sharded(self.critic)):
             return None
         critic = self.accelerator.unwrap_model(self.critic)
-        return {
-            "critic": {k: v.detach().cpu().clone() for k, v in critic.state_dict().items()},
-            "critic_optimizer": copy.deepcopy(self.critic_optimizer.state_dict()),
-        }
+        return {"critic": sharding.full_model_state(critic),
+                "critic_optimizer": sharding.full_optimizer_state(critic, self.critic_optimizer)}
 
     def load_tripwire_state_dict(self, state: dict[str, Any]) -> None:
         """Every process loads the main process's snapshot (sharded: the full tensors into its shards)."""
-        if sharding.is_sharded(self.critic):
-            sharding.load_full_state(self.critic, state["critic"], self.critic_optimizer, state["critic_optimizer"])
-            return
-        self.accelerator.unwrap_model(self.critic).load_state_dict(state["critic"])
-        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
-
-
-class CriticCheckpointCallback(TrainerCallback):
-    """Saves the critic into every checkpoint folder, right after the Trainer wrote the policy's."""
-
-    def __init__(self, trainer: SafePPOTrainer):
-        self.trainer = trainer
-
-    def on_save(self, args, state, control, **kwargs):
-        self.trainer.save_critic(checkpoint_folder(args, state))
-        return control
+        sharding.load_full_state(self.accelerator.unwrap_model(self.critic), state["critic"], self.critic_optimizer,
+                                 state["critic_optimizer"])
 
 
 # ---------------------------------------------------------------------- helpers

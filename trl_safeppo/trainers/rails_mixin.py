@@ -2,15 +2,18 @@
 trainer.
 
 - :class:`TrainerRails` (``trainer.rails_wiring``), built once from ``args.rails_config``: ``rewards``
-  (:class:`~.reward_rails.RewardStage`) and ``kl`` (:class:`~.kl_control.KLControl`), each the one owner of its
-  state; :class:`SafeRailsMixin`: the GRPOTrainer overrides that call them (with no rails, pass-throughs).
-- :class:`SafeCheckpointMixin`: this package's files in a checkpoint (``safe_rails_state.pt``, the tripwire ladder,
-  DPO's beta), written by one ``on_save`` (:class:`CheckpointStateCallback`, last the marker) and read back in
-  ``train(resume_from_checkpoint=...)``.
+  (:class:`~.reward_rails.RewardStage`) and ``kl`` (:class:`~.kl_control.KLControl`, the one writer of ``beta``), each
+  the one owner of its state; :class:`SafeRailsMixin`: the GRPOTrainer overrides that call them. SafeDPOTrainer has
+  one too, without rails.
+- :class:`SafeCheckpointMixin`: this package's state in a checkpoint, one JSON file (:data:`STATE_MARKER`) written
+  last by :class:`CheckpointStateCallback` (so its presence marks the checkpoint complete) and read back in
+  ``train(resume_from_checkpoint=...)``, older checkpoints' four files included (:func:`read_checkpoint_state`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 from transformers import TrainerCallback
@@ -19,16 +22,42 @@ from .. import fileio
 from .kl_control import KLControl
 from .reward_rails import RewardStage
 
-RAILS_STATE_FILE = "safe_rails_state.pt"
-STATE_MARKER = "trl_safeppo_state.json"  # written last into a checkpoint: all of this package's state is there
-STATE_VERSION = 2
+STATE_MARKER = "trl_safeppo_state.json"  # written last into a checkpoint: all of this package's state, in one file
+STATE_VERSION = 3  # of STATE_MARKER; versions 1-2 (before 0.1.0's last round) wrote the state beside it:
+LEGACY_FILES = ("safe_rails_state.pt", "tripwire_state.json", "safe_dpo_state.json")  # rails + KL, ladder, DPO beta
+RAILS_STATE_VERSION = 2  # of TrainerRails.state_dict
 
 
-def checkpoint_folder(args, state) -> str:
-    """The folder the Trainer just wrote for ``state.global_step``."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+def read_checkpoint_state(folder: str) -> dict:
+    """This package's state in checkpoint ``folder``: :data:`STATE_MARKER`'s, or for a checkpoint of an older version
+    the :data:`LEGACY_FILES` beside it, read into the same keys (None where absent). A damaged file raises a
+    ValueError naming it."""
 
-    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+    def load(name: str) -> dict:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            return {}
+        try:
+            if name.endswith(".pt"):  # plain dicts and numbers: no pickled code is run
+                import torch
+
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            else:
+                with open(path, encoding="utf-8") as f:
+                    state = json.load(f)
+            if not isinstance(state, dict):
+                raise TypeError(f"a {type(state).__name__}, not a dict")
+        except Exception as err:  # noqa: BLE001  (torch and json raise many kinds on a damaged file)
+            raise ValueError(f"{path} is unreadable ({type(err).__name__}: {err}); the checkpoint is damaged: resume "
+                             "from an earlier one or delete this one") from None
+        return state
+
+    state = load(STATE_MARKER)
+    if state.get("version", 1) >= STATE_VERSION:
+        return state
+    rails, ladder, dpo = (load(name) for name in LEGACY_FILES)
+    beta = dpo.get("beta", ladder.get("beta"))
+    return {"rails": rails or None, "tripwires": ladder or None, "beta": beta}
 
 
 class TrainerRails:
@@ -61,11 +90,6 @@ class TrainerRails:
     def kl_controller(self):
         return self.kl.controller
 
-    @property
-    def active(self) -> bool:
-        """Whether there is state to checkpoint."""
-        return self.rails is not None or self.kl.controller is not None
-
     def prepare_init(self, args, reward_funcs, reward_processing_classes=None):
         """GRPOTrainer's constructor arguments with the rails' adjustment column and ``beta`` at the controller's
         value (``args`` copied when changed)."""
@@ -83,14 +107,15 @@ class TrainerRails:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """JSON-able: the rails' state, the KL controller's inside it (or apart when there are no reward rails)."""
         rails = self.rails.state_dict() if self.rails is not None else None
-        return {"version": STATE_VERSION, "rails": rails, "kl": self.kl.state_dict() if rails is None else None}
+        return {"version": RAILS_STATE_VERSION, "rails": rails, "kl": self.kl.state_dict() if rails is None else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Either format: version 1 also stored the controller inside ``rails`` when reward rails were on (its ``kl``
         entry then repeated it) and ``beta`` apart; version 2 stores the controller once."""
-        if state.get("version", 1) not in (1, STATE_VERSION):
-            raise ValueError(f"{RAILS_STATE_FILE} has version {state['version']!r}; this trl_safeppo reads versions 1 "
+        if state.get("version", 1) not in (1, RAILS_STATE_VERSION):
+            raise ValueError(f"the rails state has version {state['version']!r}; this trl_safeppo reads versions 1 "
                              "and 2")
         if state.get("rails") is not None:
             if self.rails is not None:
@@ -101,42 +126,53 @@ class TrainerRails:
 
 
 class CheckpointStateCallback(TrainerCallback):
-    """The last of a trainer's ``on_save`` callbacks: ``save_checkpoint_state``, then the marker (``trainer_state.json``
-    is written before the callbacks, so it cannot say that all is there). The recipe runner resumes only from a marked
-    checkpoint."""
+    """A Safe* trainer's one ``on_save`` callback: its own trained state (``save_checkpoint_files``, on every
+    process), then :data:`STATE_MARKER` with ``checkpoint_state()``, last (``trainer_state.json`` is written before the
+    callbacks, so it cannot say that all is there). The recipe runner resumes only from a checkpoint that has it."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")  # the Trainer's
+        self.trainer.save_checkpoint_files(folder)
         # every process has written its part (the Trainer writes rng_state_<i>.pth on each, with no barrier after
         # it): a process that died before here fails this collective, so the marker is never written without it
         self.trainer.accelerator.wait_for_everyone()
         if args.should_save:
-            folder = checkpoint_folder(args, state)
-            self.trainer.save_checkpoint_state(folder)
-            fileio.write_json(os.path.join(folder, STATE_MARKER), {"global_step": state.global_step, "complete": True})
+            fileio.write_json(os.path.join(folder, STATE_MARKER), {
+                "version": STATE_VERSION, "global_step": state.global_step, "complete": True,
+                **self.trainer.checkpoint_state()})
         return control
 
 
-def mark_checkpoints_complete(trainer) -> None:
-    """Add :class:`CheckpointStateCallback` (call at the end of a trainer's ``__init__``)."""
-    trainer.add_callback(CheckpointStateCallback(trainer))
-
-
 class SafeCheckpointMixin:
-    """What this package adds to a trainer's checkpoints, written by :class:`CheckpointStateCallback` (main process)
-    and read back in ``train(resume_from_checkpoint=...)``; subclasses add their own files through ``super()``."""
+    """This package's part of a trainer's checkpoints (see the module docstring); ``rails_wiring`` and
+    ``tripwire_callback`` are set in the trainer's ``__init__``, which ends by adding a
+    :class:`CheckpointStateCallback`."""
 
+    rails_wiring: TrainerRails
     tripwire_callback = None  # set by tripwires.add_tripwires
 
-    def save_checkpoint_state(self, folder: str) -> None:
-        if self.tripwire_callback is not None:
-            self.tripwire_callback.save(folder)
+    def save_checkpoint_files(self, folder: str) -> None:
+        """Write trained state of the trainer's own into ``folder``, on every process (PPO: the critic)."""
+
+    def checkpoint_state(self) -> dict:
+        """What a resume needs, JSON-able: the rails and the KL controller, beta, the tripwire ladder."""
+        ladder = self.tripwire_callback.state_dict() if self.tripwire_callback is not None else None
+        return {"rails": self.rails_wiring.state_dict(), "beta": float(self.beta), "tripwires": ladder}
 
     def load_checkpoint_state(self, folder: str) -> None:
-        if self.tripwire_callback is not None:
-            self.tripwire_callback.load(folder)  # last: the ladder's beta is the one in force
+        state = read_checkpoint_state(folder)
+        if state.get("rails") is not None:
+            self.rails_wiring.load_state_dict(state["rails"])
+        beta = state.get("beta")  # a beta raised by a tripwire; a KL controller owns beta where there is one
+        if self.rails_wiring.kl_controller is None and isinstance(beta, (int, float)) and math.isfinite(beta):
+            self.rails_wiring.kl.set_beta(beta)
+        if self.tripwire_callback is not None and isinstance(state.get("tripwires"), dict):
+            self.tripwire_callback.load_state_dict(state["tripwires"])  # back on the ladder where it was
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         from ..rewards.timeout import close_workers
@@ -179,13 +215,12 @@ class SafeRailsMixin(SafeCheckpointMixin):
         return model, reward_funcs, args, reward_processing_classes
 
     def _after_grpo_init(self, args) -> None:
-        """Bind the rails, attach the tripwires, and last the checkpoint marker's callback (add any other
-        ``on_save`` callback before)."""
+        """Bind the rails, attach the tripwires and the checkpoint callback."""
         from .tripwires import add_tripwires
 
         self.rails_wiring.start(self)
-        add_tripwires(self, args, self.rails_wiring)  # raise_kl / rollback act on beta through rails_wiring.kl
-        mark_checkpoints_complete(self)
+        add_tripwires(self, args)  # raise_kl / rollback act on beta through rails_wiring.kl
+        self.add_callback(CheckpointStateCallback(self))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -196,19 +231,3 @@ class SafeRailsMixin(SafeCheckpointMixin):
         if self.model.training:
             self.rails_wiring.kl.update_from_batch(self, output)  # rails.kl.measure_before_update (GRPO)
         return output
-
-    def save_checkpoint_state(self, folder: str) -> None:
-        if self.rails_wiring.active:
-            import torch
-
-            with fileio.atomic_path(os.path.join(folder, RAILS_STATE_FILE)) as tmp:
-                torch.save(self.rails_wiring.state_dict(), tmp)
-        super().save_checkpoint_state(folder)
-
-    def load_checkpoint_state(self, folder: str) -> None:
-        path = os.path.join(folder, RAILS_STATE_FILE)
-        if self.rails_wiring.active and os.path.exists(path):
-            import torch
-
-            self.rails_wiring.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
-        super().load_checkpoint_state(folder)

@@ -71,7 +71,7 @@ class RewardStage:
 
     def start(self, trainer) -> None:
         self.adjustment_index = next(
-            (i for i, func in enumerate(trainer.reward_funcs) if isinstance(func, RailsAdjustment)), None)
+            (i for i, func in enumerate(getattr(trainer, "reward_funcs", ())) if isinstance(func, RailsAdjustment)), None)
 
     def reward_batch(self, trainer, raw_rewards, completion_ids_list, mode: str):
         """GRPO's global rewards (B,) + this process's completion ids -> a :class:`RewardBatch` over all processes."""

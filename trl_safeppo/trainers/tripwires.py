@@ -3,8 +3,8 @@ the logged history and acts on a trip (``warn``, ``raise_kl``, ``rollback``, ``s
 ``escalate`` when exhausted); the tripwire config fields; the last-good snapshots that ``rollback`` and ``stop``
 restore. docs/tripwires.md describes the actions, the snapshots and the events file.
 
-A trainer gives the callback ``beta``, ``optimizer``, ``accelerator``, ``model``, ``state`` and optionally
-``rails_wiring`` (a :class:`~.rails_mixin.TrainerRails`, whose KL controller then owns beta).
+A trainer gives the callback ``beta``, ``optimizer``, ``accelerator``, ``model``, ``state`` and ``rails_wiring`` (a
+:class:`~.rails_mixin.TrainerRails`: its ``kl`` writes beta; its KL controller, where there is one, owns it).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..fileio import atomic_path, write_json
+from ..fileio import atomic_path
 from ..rails.tripwires import (
     ACTIONS, DETECTORS, SEVERITY, TripwireSpec, escalate, evaluate, init_ladder, parse_tripwires,
 )
@@ -30,7 +30,6 @@ TRIPWIRES_FILE = "tripwires.jsonl"
 SNAPSHOT_FILE = "snapshot.pt"
 LAST_GOOD_DIR = "tripwire-last-good"
 CANDIDATE_DIR = "tripwire-candidate"
-STATE_FILE = "tripwire_state.json"  # in each checkpoint: the ladder's position, beta and the beta the stage began with
 
 # the test each action knob passes, and the fix its error names
 _KNOBS = {
@@ -170,14 +169,6 @@ def _controller(trainer):
     return getattr(getattr(trainer, "rails_wiring", None), "kl_controller", None)
 
 
-def _set_beta(trainer, value: float) -> None:
-    wiring = getattr(trainer, "rails_wiring", None)
-    if wiring is not None and wiring.kl.trainer is trainer:
-        wiring.kl.set_beta(value)
-    else:
-        trainer.beta = float(value)
-
-
 def _shards_weights(trainer) -> bool:
     """FSDP1 or DeepSpeed (any ZeRO stage): no process holds the full trained state (ZeRO-2 partitions the optimizer
     and its fp32 masters, ZeRO-3 the weights too), so no snapshot can be taken; FSDP2 snapshots gather full tensors
@@ -255,40 +246,18 @@ class TripwireCallback(TrainerCallback):
         self.history = [h for h in self.history if h.get("step", -1) <= step]
         return step
 
-    # ------------------------------------------------------------------ checkpoint (tripwire_state.json)
-    def save(self, checkpoint: str) -> None:
-        write_json(os.path.join(checkpoint, STATE_FILE), self.state_dict())
-
-    def load(self, checkpoint: str) -> None:
-        """On resume: back on the ladder where the checkpoint left it (a raised beta, rollbacks already taken)."""
-        path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.exists(path):
-            return
-        try:
-            with open(path, encoding="utf-8") as f:
-                state = json.load(f)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path} is unreadable ({err}); the checkpoint is damaged: resume from an earlier one or "
-                             "delete this one") from None
-        if isinstance(state, Mapping):
-            self.load_state_dict(state)
-
+    # ------------------------------------------------------------------ checkpoint (in trl_safeppo_state.json)
     def state_dict(self) -> dict[str, Any]:
-        """What a resume needs to stay on the ladder: rollbacks taken, beta now and the beta the stage began with
-        (``max_beta``'s default is 16 x that one, not 16 x a raised beta)."""
-        return {"ladder": dict(self.ladder), "beta": _beta(self.trainer), "initial_beta": self.initial_beta,
-                "n_clean": self.n_clean}
+        """What a resume needs to stay on the ladder: rollbacks taken and the beta the stage began with
+        (``max_beta``'s default is 16 x that one, not 16 x a raised beta; beta itself is the trainer's state)."""
+        return {"ladder": dict(self.ladder), "initial_beta": self.initial_beta, "n_clean": self.n_clean}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        ladder, beta = state.get("ladder"), state.get("beta")
+        ladder = state.get("ladder")
         if isinstance(ladder, Mapping) and isinstance(ladder.get("rollbacks"), int):
             self.ladder = {**self.ladder, "rollbacks": int(ladder["rollbacks"])}
         if _finite(state.get("initial_beta")):
             self.initial_beta = float(state["initial_beta"])
-        # beta's owner is the KL controller when there is one (its state is in the rails' checkpoint file); the
-        # ladder's copy restores a raised beta only where nothing else keeps it (GRPO / PPO without a controller)
-        if _finite(beta) and _controller(self.trainer) is None and hasattr(self.trainer, "beta"):
-            _set_beta(self.trainer, float(beta))
         if isinstance(state.get("n_clean"), int):
             self.n_clean = int(state["n_clean"])
 
@@ -353,12 +322,12 @@ class TripwireCallback(TrainerCallback):
             return {}
         if decision.action == "raise_kl":
             before = float(trainer.beta)
-            _set_beta(trainer, decision.beta)
+            trainer.rails_wiring.kl.set_beta(decision.beta)
             return {"beta_before": before, "beta_after": float(trainer.beta), "max_beta": self.max_beta}
         if decision.action == "rollback" and self.snapshot_step is not None:
             restored = self._restore()
             before = float(trainer.beta)
-            _set_beta(trainer, before * self.actions.rollback_beta_factor)
+            trainer.rails_wiring.kl.set_beta(before * self.actions.rollback_beta_factor)
             # the learning rate: optimizer groups and the scheduler's base rates
             factor, groups = self.actions.rollback_lr_factor, trainer.optimizer.param_groups
             lr_before = groups[0]["lr"]
@@ -377,13 +346,13 @@ class TripwireCallback(TrainerCallback):
         return {"restored_step": restored, "stopped": True, "why": self.stopped_reason}
 
 
-def add_tripwires(trainer, args, wiring=None) -> TripwireCallback | None:
+def add_tripwires(trainer, args) -> TripwireCallback | None:
     """Attach a :class:`TripwireCallback` for ``args.tripwires`` (``None``: the rails config's ``tripwires``); sets
     ``trainer.tripwire_callback`` (None when there are no tripwires)."""
     if getattr(args, "tripwires", None) is not None:
         specs, field = parse_tripwires(args.tripwires), "tripwires"
     else:
-        specs, field = list(getattr(getattr(wiring, "rails", None), "tripwires", None) or []), "rails.tripwires"
+        specs, field = list(getattr(trainer.rails_wiring.rails, "tripwires", None) or []), "rails.tripwires"
     trainer.tripwire_callback = None
     if specs:
         trainer.tripwire_callback = TripwireCallback(trainer, specs, TripwireActions.from_args(args), args.output_dir,
@@ -407,25 +376,18 @@ def save_snapshot(trainer, directory: str) -> str:
     accelerator = trainer.accelerator
     model = accelerator.unwrap_model(trainer.model)
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper holds it
-    sharded = sharding.is_sharded(model)
-    if sharded:  # FSDP2: collectives, the full tensors land on the main process
+    if sharding.is_sharded(model):  # FSDP2: collectives, the full tensors land on the main process
         model_state = sharding.full_model_state(model)
-        optimizer_state = sharding.full_optimizer_state(model, optimizer) if optimizer is not None else None
+    elif accelerator.is_main_process:
+        changing = {id(p) for p in model.parameters() if p.requires_grad} | {id(b) for b in model.buffers()}
+        model_state = {k: v.detach().cpu().clone() for k, v in model.state_dict(keep_vars=True).items()
+                       if id(v) in changing}
+    optimizer_state = sharding.full_optimizer_state(model, optimizer) if optimizer is not None else None
     # hook for trainers with more trained state than the policy (e.g. PPO's critic)
     extra = trainer.tripwire_state_dict() if hasattr(trainer, "tripwire_state_dict") else None
     if accelerator.is_main_process:
-        changing = {id(p) for p in model.parameters() if p.requires_grad} | {id(b) for b in model.buffers()}
-        wiring = getattr(trainer, "rails_wiring", None)
-        state = {
-            "step": int(trainer.state.global_step),
-            "model": model_state if sharded else {k: v.detach().cpu().clone()
-                                                  for k, v in model.state_dict(keep_vars=True).items()
-                                                  if id(v) in changing},
-            "optimizer": optimizer_state if sharded else (optimizer.state_dict() if optimizer is not None else None),
-            "beta": float(getattr(trainer, "beta", math.nan)),
-            "wiring": wiring.state_dict() if wiring is not None else None,
-            "extra": extra,
-        }
+        state = {"step": int(trainer.state.global_step), "model": model_state, "optimizer": optimizer_state,
+                 "beta": float(trainer.beta), "wiring": trainer.rails_wiring.state_dict(), "extra": extra}
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
     accelerator.wait_for_everyone()
@@ -443,10 +405,8 @@ def restore_snapshot(trainer, directory: str) -> int:
     state = torch.load(os.path.join(directory, SNAPSHOT_FILE), map_location="cpu", weights_only=False)
     model = trainer.accelerator.unwrap_model(trainer.model)
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper holds it
-    optimizer_state = state["optimizer"] if optimizer is not None else None
-    lrs = [group["lr"] for group in optimizer.param_groups] if optimizer is not None else []
     if sharding.is_sharded(model):  # FSDP2: every process puts the full tensors into its shards
-        sharding.load_full_state(model, state["model"], optimizer, optimizer_state)
+        sharding.load_full_state(model, state["model"])
     else:
         result = model.load_state_dict(state["model"], strict=False)
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -457,16 +417,14 @@ def restore_snapshot(trainer, directory: str) -> int:
                 f"the tripwire snapshot does not match the model: trainable parameters missing {missing[:5]}, "
                 f"unexpected keys {list(result.unexpected_keys)[:5]}; it was written for another model or adapter "
                 "setup -- delete the tripwire-last-good/ directory of this output_dir and restart")
-        if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
-    if optimizer_state is not None:
+    if optimizer is not None:
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        sharding.load_full_state(model, None, optimizer, state["optimizer"])
         for group, lr in zip(optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
-    wiring = getattr(trainer, "rails_wiring", None)
-    if wiring is not None and state.get("wiring") is not None:
-        wiring.load_state_dict(state["wiring"])
-    if _controller(trainer) is None and math.isfinite(state.get("beta", math.nan)):
-        trainer.beta = state["beta"]  # no controller: beta is the trainer's alone
+    trainer.rails_wiring.load_state_dict(state["wiring"])
+    if _controller(trainer) is None and math.isfinite(state["beta"]):
+        trainer.rails_wiring.kl.set_beta(state["beta"])  # no controller: beta is the trainer's alone
     if state.get("extra") is not None and hasattr(trainer, "load_tripwire_state_dict"):
         trainer.load_tripwire_state_dict(state["extra"])
     if hasattr(trainer, "_buffered_inputs"):
