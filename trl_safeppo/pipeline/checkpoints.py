@@ -6,9 +6,9 @@ checkpoint is complete when its ``trainer_state.json`` parses (with a ``global_s
 whole: a ``*.safetensors`` file whose header parses and whose size matches the header, a sharded index whose shards
 exist, a ``*.bin``, or the folders FSDP (``pytorch_model_fsdp*``) and DeepSpeed (``global_step*``) write. Incomplete
 ones are moved aside into ``<stage>/incomplete/`` (never deleted: they may be all that is left of a long run).
-``trainer_state.json`` is written before the ``on_save`` callbacks in which the package's trainers add their own
-state (rails, KL controller, critic, tripwire ladder, DPO beta); the last of them waits for every process, then writes
-:data:`STATE_MARKER`, so a checkpoint of a SafePPO / SafeGRPO / SafeDPO stage is complete only with it
+``trainer_state.json`` is written before the ``on_save`` callback in which the package's trainers add their own
+state (PPO's critic; then, after waiting for every process, :data:`STATE_MARKER`, which holds the rails, KL
+controller, beta and tripwire ladder), so a checkpoint of a SafePPO / SafeGRPO / SafeDPO stage is complete only with it
 (``require=(STATE_MARKER,)``): a kill between the two is an incomplete checkpoint, never a resume with fresh rails.
 """
 
