@@ -150,9 +150,18 @@ def activation_checkpointing_off(model, checkpointing_kwargs: dict | None = None
         yield
     finally:
         if enabled:
-            kwargs = dict(checkpointing_kwargs or {})
-            layer_args = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **layer_args)
+            enable_activation_checkpointing(model, checkpointing_kwargs)
+
+
+def enable_activation_checkpointing(model, checkpointing_kwargs: dict | None = None) -> None:
+    """Turn a model's activation recomputation on as the transformers Trainer does: ``every_n_layers`` and
+    ``offload`` are arguments of the enable call (transformers >= 5.23), the other keys go to torch's checkpoint."""
+    kwargs = dict(checkpointing_kwargs or {})
+    if not hasattr(model, "activation_checkpointing_enable"):  # transformers < 5.23: the old name is the API
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        return
+    layer_args = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **layer_args)
 
 
 def load_value_model(path: str, *, what: str = "critic", **kwargs):

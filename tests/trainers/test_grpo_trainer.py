@@ -262,6 +262,7 @@ def test_removed_kl_options_are_refused_by_the_trainer_configs(tmp_path, config,
     ],
 )
 def test_bad_configuration_names_the_field(tmp_path, tiny_debug_path, overrides, message):
+    # each is refused by SafeGRPOConfig, or at the latest by the trainer
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         args = SafeGRPOConfig(output_dir=str(tmp_path), max_steps=1, **{**COMMON, **overrides})
         SafeGRPOTrainer(model=tiny_debug_path, reward_funcs=CharLength(), args=args, train_dataset=_dataset())

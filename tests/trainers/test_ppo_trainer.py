@@ -456,13 +456,13 @@ def test_critic_checkpointing_uses_the_current_transformers_api(tiny_debug_path)
 
     from transformers import AutoModelForSequenceClassification
 
-    from trl_safeppo.trainers.critic import _enable_checkpointing
+    from trl_safeppo.models import enable_activation_checkpointing
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_debug_path, num_labels=1)
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        _enable_checkpointing(model, {"use_reentrant": False, "every_n_layers": 2})
+        enable_activation_checkpointing(model, {"use_reentrant": False, "every_n_layers": 2})
         assert model.is_activation_checkpointing
     model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from ..models import load_value_model, resolve_model_path
+from ..models import enable_activation_checkpointing, load_value_model, resolve_model_path
 from .ppo_config import SafePPOConfig
 
 
@@ -54,19 +54,8 @@ def prepare_critic(critic: PreTrainedModel, args: SafePPOConfig, processing_clas
         disable_dropout_in_model(critic)
     checkpointing = args.critic_gradient_checkpointing
     if args.gradient_checkpointing if checkpointing is None else checkpointing:
-        _enable_checkpointing(critic, args.gradient_checkpointing_kwargs)
+        enable_activation_checkpointing(critic, args.gradient_checkpointing_kwargs or {"use_reentrant": False})
     return ValueModel(critic)
-
-
-def _enable_checkpointing(model: PreTrainedModel, kwargs: dict | None) -> None:
-    """Turn on activation recomputation as the transformers Trainer does for the policy: `every_n_layers` and
-    `offload` are arguments of the enable call (transformers >= 5.23), the other keys go to torch's checkpoint."""
-    kwargs = dict(kwargs or {"use_reentrant": False})
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; the old name is deprecated there
-        layer_args = {k: kwargs.pop(k) for k in ("every_n_layers", "offload") if k in kwargs}
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **layer_args)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_critic(args: SafePPOConfig, model: Any, reward_funcs: list) -> PreTrainedModel:

@@ -57,6 +57,10 @@ class SafeGRPOConfig(TripwireFields, RewardTimeoutFields, GRPOConfig):
                 f"rails.kl.estimator={self.rails_config.kl.estimator!r}: GRPO's KL term is its own k3 estimator; set "
                 "rails.kl.estimator to null or 'k3' for a GRPO stage"
             )
+        if self.rails_config is not None and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                f"multi_objective_aggregation={self.multi_objective_aggregation!r} cannot be combined with rails: the "
+                "rails act on the summed reward; use 'sum_then_normalize' or set rails to None")
         check_tripwire_fields(self)
 
 

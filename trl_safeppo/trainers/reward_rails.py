@@ -52,11 +52,6 @@ class RewardStage:
         column appended when rails are on (``args`` then a shallow copy)."""
         if self.rails is None:
             return args, reward_funcs, reward_processing_classes
-        if getattr(args, "multi_objective_aggregation", "sum_then_normalize") != "sum_then_normalize":
-            raise ValueError(
-                f"multi_objective_aggregation={args.multi_objective_aggregation!r} cannot be combined with reward "
-                "rails: the rails act on the summed reward; use 'sum_then_normalize' or switch the reward rails off"
-            )
         funcs = [] if reward_funcs is None else reward_funcs
         funcs = list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
         n_user = len(funcs)
