@@ -375,7 +375,7 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         if self.is_deepspeed_enabled:  # ZeRO: the engine's own checkpoint holds the partitioned optimizer state
             weights, optimizer_state = self.accelerator.get_state_dict(self.critic), None
             zero.save_engine(self.accelerator, self.critic, os.path.join(folder, CRITIC_ZERO_DIR))
-        else:
+        elif self.args.should_save or sharding.is_sharded(critic):  # FSDP2: the gathers are collectives
             weights = sharding.full_model_state(critic)
             optimizer_state = sharding.full_optimizer_state(critic, self.critic_optimizer)
         if not self.args.should_save:
