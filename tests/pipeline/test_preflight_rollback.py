@@ -139,6 +139,21 @@ def test_the_shipped_gsm8k_recipe_is_refused_under_deepspeed(launch):
     preflight(load_recipe(REPO / "recipes" / "gsm8k.yaml", ["rails.tripwires.1.action=stop"]), check_hardware=False)
 
 
+@pytest.mark.parametrize("name", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_the_command_in_the_deepspeed_configs_header_passes_preflight(launch, name):
+    import shlex
+
+    launch(DEEPSPEED)
+    header = "\n".join(line[1:] for line in (REPO / "recipes" / "accelerate" / name).read_text().splitlines()
+                       if line.startswith("#"))
+    command = header.replace("\\\n", " ").split("accelerate launch", 1)[1].split("\n")[0].split("#")[0]
+    words = shlex.split(command)
+    recipe = words[words.index("run") + 1]
+    overrides = words[words.index("run") + 2:]
+    assert recipe == "recipes/gsm8k.yaml" and overrides == ["rails.tripwires.1.action=stop"]
+    preflight(load_recipe(REPO / recipe, overrides), check_hardware=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launches where a rollback works, or where accelerate turns DeepSpeed / FSDP off
 def test_the_same_recipe_passes_without_deepspeed(launch):
