@@ -14,7 +14,9 @@ index, the key path and the fix:
   local files are loaded; Hub datasets are checked when their stage starts, since nothing is downloaded here),
   ``dataset: previous`` only after a stage that produces such data; a ``map`` is a function of a listed module;
 - the rewards: ``trl_safeppo.rewards.validate_spec`` plus its self-test on a handful of known completions;
-- rails (``RailsConfig.from_dict``, per stage with its overrides and tripwires), gates, probes and the ``eval`` block.
+- rails (``RailsConfig.from_dict``, per stage with its overrides and tripwires), gates, probes and the ``eval`` block;
+- a ``rollback`` tripwire of a stage that will train under DeepSpeed or FSDP1, read from the environment of the launch
+  as the trainer will read it (:func:`snapshotless_launch`); the trainer would refuse it only when its stage starts.
 
 The result is a :class:`Plan` the runner executes. ``check_hardware=False`` (``trl-safeppo run --check``, tests)
 validates a GPU recipe on a CPU machine: precision flags are masked when instantiating the configs.
@@ -159,6 +161,92 @@ def _instantiate(config_cls: Any, args: dict, where: str, check_hardware: bool) 
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         fix = "set `bf16: false` on a machine without a GPU" if "bf16" in message else "fix the value named above"
         raise RecipeError(where, f"{config_cls.__name__} rejects these args: {message}", fix) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tripwire rollbacks and the launch: under DeepSpeed and FSDP1 no process holds the whole trained state
+def snapshotless_launch(config: Any) -> str | None:
+    """``"DeepSpeed"`` or ``"FSDP1"`` when the trainer built from ``config`` (a stage's instantiated config) will
+    train under it, else ``None``. Under either, no process holds the whole trained state, so the trainer takes no
+    tripwire snapshot and refuses a ``rollback`` tripwire (:mod:`trl_safeppo.trainers.tripwires`).
+
+    Read as the trainer will find it: ``accelerate launch --config_file recipes/accelerate/X.yaml`` sets the
+    processes' environment, which TrainingArguments (when ``config`` was built) and accelerate read:
+
+    - ``ACCELERATE_USE_CPU`` (accelerate's ``parse_flag_from_env``; the runner sets it on a machine without a GPU
+      before pre-flight runs, docs/recipes.md "Multi-process"): accelerate's state is then a CPU one, which turns
+      neither DeepSpeed nor FSDP on;
+    - DeepSpeed, any ZeRO stage: the config's ``deepspeed_plugin``, which TrainingArguments builds from
+      ``ACCELERATE_USE_DEEPSPEED`` or from the stage's ``deepspeed`` arg (the trainer hands it to accelerate; the
+      stage's ``use_cpu`` does not turn it off);
+    - FSDP: the plugin arguments of the stage's ``fsdp`` arg (``fsdp_version``), else ``ACCELERATE_USE_FSDP=true``
+      with ``FSDP_VERSION`` (``1`` when unset, as accelerate's ``FullyShardedDataParallelPlugin`` reads it).
+      accelerate turns FSDP on only in launched processes (``LOCAL_RANK`` set) on a GPU-type device, and not with
+      the stage's ``use_cpu``."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return None
+    if getattr(config, "deepspeed_plugin", None) is not None:
+        return "DeepSpeed"
+    if getattr(config, "use_cpu", False):
+        return None
+    fsdp = getattr(config, "fsdp_plugin_args", None)
+    if fsdp is not None:
+        version = int(fsdp.get("fsdp_version", 1))
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # as accelerate.Accelerator reads it
+        version = int(os.environ.get("FSDP_VERSION", "1"))
+    else:
+        return None
+    return "FSDP1" if version == 1 and _launched_on_device() else None
+
+
+def _launched_on_device() -> bool:
+    """A process of ``accelerate launch`` / torchrun (``LOCAL_RANK``) with a GPU-type device (Apple's MPS runs no
+    distributed training in accelerate)."""
+    import torch
+
+    if int(os.environ.get("LOCAL_RANK", "-1")) == -1 or not torch.accelerator.is_available():
+        return False
+    return torch.accelerator.current_accelerator().type != "mps"
+
+
+def _check_rollbacks(spec: Any, user: dict, config: Any, where: str) -> None:
+    """A ``rollback`` tripwire of a stage that will train under DeepSpeed or FSDP1 (:func:`snapshotless_launch`) is
+    refused now, naming it, instead of when the stage's trainer is built (after the stages before it ran). The
+    stage's tripwires are those the trainer picks (``trainers.tripwires.add_tripwires``): the config's ``tripwires``
+    when set, else its rails' (the stage's ``rails`` merged over the recipe's)."""
+    if getattr(config, "tripwires", None) is not None:
+        tripwires = list(config.tripwires)
+        key = "tripwires" if "tripwires" not in user else "args.tripwires"
+    else:
+        rails = getattr(config, "rails_config", None)
+        tripwires = [t.to_dict() for t in rails.tripwires] if rails is not None else []
+        key = "args.rails.tripwires" if "rails" in user else "rails.tripwires"
+    rollbacks = [j for j, t in enumerate(tripwires) if t.get("action") == "rollback"]
+    if not rollbacks:
+        return
+    launch = snapshotless_launch(config)  # (a malformed ACCELERATE_USE_CPU already failed the config's build)
+    if launch is None:
+        return
+    j = rollbacks[0]
+    inherited = key == "rails.tripwires" and "tripwires" not in (spec.rails or {})
+    override = f"rails.tripwires.{j}.action" if inherited else f"stages.{spec.name}.{key}.{j}.action"
+    if launch == "DeepSpeed":
+        via = ("the stage's `deepspeed` arg" if getattr(config, "deepspeed", None)
+               else "the launch's ACCELERATE_USE_DEEPSPEED")
+    else:
+        via = ("the stage's `fsdp` args" if getattr(config, "fsdp_plugin_args", None) is not None
+               else "the launch's ACCELERATE_USE_FSDP with FSDP_VERSION=1")
+    raise RecipeError(
+        f"{where}.{key}[{j}]",
+        f"action 'rollback' ({tripwires[j]['detector']}"
+        + (", from the recipe's `rails:` block" if inherited else "")
+        + f") cannot run: this stage trains under {launch} ({via}), and a rollback restores a snapshot of the "
+        "whole trained state, which DeepSpeed (any ZeRO stage) and FSDP1 keep partitioned across processes (the "
+        "stage's trainer would refuse it when the stage starts)",
+        f"use action 'raise_kl' or 'stop' (which ends the stage where it is), e.g. the override `{override}=stop`, "
+        "or FSDP2 (fsdp_version: 2, recipes/accelerate/fsdp2.yaml), where snapshots gather the full tensors")
 
 
 def _dataset_for(plan_so_far: list[StagePlan], recipe: Recipe, index: int, stype: StageType, where: str):
@@ -382,6 +470,7 @@ def _preflight(recipe: Recipe, check_hardware: bool, world_size: int = 1) -> Pla
                 batch = _batch_plan(config_cls, args, scale=scale, world_size=world_size, where=where)
             config = _instantiate(config_cls, args, f"{where}.args", check_hardware)
             check_numbers({f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, f"{where}.args")
+            _check_rollbacks(spec, user, config, where)
             for key in MODEL_ARGS.get(spec.type, ()):
                 if isinstance(args.get(key), str) and args[key] not in MODEL_ARG_WORDS:
                     _resolve_model(args[key], f"{where}.args.{key}", local=check_hardware)
