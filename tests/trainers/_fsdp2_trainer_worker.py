@@ -271,7 +271,7 @@ def _ppo_trainer(output_dir: str, max_steps: int):
 
 def ppo_die(out: str, die_at: int) -> None:
     """Checkpoints at every step; at step `die_at` process 1 dies (os._exit, no cleanup, as a SIGKILL or an OOM
-    kill would) inside save_critic, between the critic's two gathers: after the weights' all-gather, at the Adam
+    kill would) inside save_checkpoint_files, between the critic's two gathers: after the weights' all-gather, at the Adam
     moments' (`sharding.full_optimizer_state`), while process 0 waits in the same collective."""
     from trl_safeppo.trainers import ppo_trainer, sharding
 
@@ -284,7 +284,7 @@ def ppo_die(out: str, die_at: int) -> None:
             os._exit(17)
         return gather(module, optimizer)
 
-    ppo_trainer.sharding.full_optimizer_state = dying_gather  # the module object save_critic reads it from
+    ppo_trainer.sharding.full_optimizer_state = dying_gather  # the module object save_checkpoint_files reads it from
     t = _ppo_trainer(os.path.join(out, "run"), 3)
     t.train()
     write(out, t.accelerator.process_index, {"finished": True})  # never reached: the test asserts it is absent

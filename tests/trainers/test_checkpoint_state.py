@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from trl_safeppo.trainers.rails_mixin import STATE_MARKER, STATE_VERSION, read_checkpoint_state
+from trl_safeppo.trainers.rails_mixin import (
+    STATE_MARKER, STATE_VERSION, SafeCheckpointMixin, TrainerRails, read_checkpoint_state,
+)
 
 
 def test_the_state_file_is_read_as_written(tmp_path):
@@ -41,6 +43,50 @@ def test_a_damaged_state_file_names_itself_and_the_fix(tmp_path, text, why):
     (tmp_path / STATE_MARKER).write_text(text)
     with pytest.raises(ValueError, match=rf"{STATE_MARKER} is unreadable \({why}.*resume from an earlier one"):
         read_checkpoint_state(str(tmp_path))
+
+
+@pytest.mark.parametrize("version", [STATE_VERSION + 1, "3", 3.0, True])
+def test_a_state_file_of_a_newer_or_unknown_version_is_refused(tmp_path, version):
+    # a newer trl_safeppo's file may hold keys this one would silently drop: refused, naming the file and the fix
+    (tmp_path / STATE_MARKER).write_text(json.dumps({"version": version, "global_step": 1, "complete": True}))
+    with pytest.raises(ValueError, match=rf"{STATE_MARKER} has version {version!r}; this trl_safeppo reads versions "
+                                         rf"1-{STATE_VERSION}: resume it with the trl_safeppo that wrote it"):
+        read_checkpoint_state(str(tmp_path))
+
+
+class _Trainer(SafeCheckpointMixin):
+    """What load_checkpoint_state needs of a trainer: beta and a started TrainerRails (no rails, no KL controller)."""
+
+    def __init__(self, beta):
+        self.beta = beta
+        self.rails_wiring = TrainerRails()
+        self.rails_wiring.start(self)
+
+
+def _save_beta(folder, beta):
+    (folder / STATE_MARKER).write_text(json.dumps({"version": STATE_VERSION, "beta": beta, "rails": None}))
+
+
+def test_without_a_kl_controller_the_checkpoints_beta_wins(tmp_path):
+    # a tripwire raised beta 0.1 -> 0.2 before the save; the resumed run starts at 0.2, not at args.beta (0.1)
+    _save_beta(tmp_path, 0.2)
+    trainer = _Trainer(beta=0.1)
+    trainer.load_checkpoint_state(str(tmp_path))
+    assert trainer.beta == 0.2
+
+
+def test_a_kl_penalty_is_not_resumed_into_a_run_without_a_reference_model(tmp_path):
+    # beta 0 at construction means GRPO loaded no reference model; turning beta to 0.2 on resume would fail at the
+    # first KL computation, so it is refused before training, naming the checkpoint, the value and the fix
+    _save_beta(tmp_path, 0.2)
+    trainer = _Trainer(beta=0.0)
+    with pytest.raises(ValueError, match=r"was saved with beta=0\.2, but this run has beta=0, so no reference model "
+                                         r"was loaded: set beta=0\.2 \(or > 0\) to resume it"):
+        trainer.load_checkpoint_state(str(tmp_path))
+    assert trainer.beta == 0.0
+    _save_beta(tmp_path, 0.0)  # a checkpoint of a beta-0 run resumes into one
+    trainer.load_checkpoint_state(str(tmp_path))
+    assert trainer.beta == 0.0
 
 
 def test_a_legacy_rails_file_is_not_unpickled(tmp_path):

@@ -191,7 +191,7 @@ def test_safe_dpo_trainer_sharded_by_fsdp2_checkpoints_its_tripwire_state(tmp_pa
 
 @pytest.mark.distributed
 def test_a_rank_dying_in_the_sharded_critic_save_leaves_no_checkpoint_a_resume_would_trust(tmp_path, tiny_debug_path):
-    """Issue 20, bad input: process 1 dies (os._exit, no cleanup) inside save_critic at checkpoint-2, at the gather of
+    """Issue 20, bad input: process 1 dies (os._exit, no cleanup) inside save_checkpoint_files at checkpoint-2, at the gather of
     the critic's Adam moments, while process 0 waits in the same collective."""
     from trl_safeppo.fileio import is_temporary
     from trl_safeppo.pipeline.checkpoints import (
@@ -209,7 +209,7 @@ def test_a_rank_dying_in_the_sharded_critic_save_leaves_no_checkpoint_a_resume_w
 
     # checkpoint-2 has the Trainer's part (trainer_state.json, the policy's weights: transformers'
     # get_last_checkpoint would take it) but neither the critic nor the marker, which is written only after
-    # save_critic returns on process 0; checkpoint-1 is whole
+    # save_checkpoint_files returns on process 0; checkpoint-1 is whole
     second, first = run / "checkpoint-2", run / "checkpoint-1"
     assert (second / "trainer_state.json").is_file() and (second / "model.safetensors").is_file()
     assert not (second / STATE_MARKER).exists() and not (second / "critic").exists()

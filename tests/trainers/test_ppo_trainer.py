@@ -238,12 +238,28 @@ def test_raise_kl_tripwire_acts_on_the_kl_controller(tmp_path, tiny_debug_path):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restores_them(tmp_path, tiny_debug_path):
+def test_checkpoint_holds_critic_optimizers_kl_and_normalizer_and_resume_restores_them(
+        tmp_path, tiny_debug_path, monkeypatch):
+    from trl_safeppo import fileio
+    from trl_safeppo.trainers import rails_mixin
+
+    at_marker = {}  # what the checkpoint folder holds when the marker is written (it must be written last)
+    write_json = fileio.write_json
+
+    def spy_write_json(path, obj, **kwargs):
+        if os.path.basename(path) == rails_mixin.STATE_MARKER:
+            at_marker[os.path.basename(os.path.dirname(path))] = sorted(os.listdir(os.path.dirname(path)))
+        return write_json(path, obj, **kwargs)
+
+    monkeypatch.setattr(rails_mixin.fileio, "write_json", spy_write_json)
     rails = {"kl": {"controller": "adaptive", "target": 0.01, "horizon": 10, "min_coef": 1e-3}, "normalize": {"enabled": True}}
     args = config(tmp_path, max_steps=3, save_strategy="steps", save_steps=2, rails=rails)
     run = SafePPOTrainer(model="tiny://debug", reward_funcs=LengthReward(), args=args, train_dataset=prompts())
     run.train()
     ckpt = os.path.join(args.output_dir, "checkpoint-2")
+    # the critic and its optimizer are on disk before the marker that says the checkpoint is complete
+    assert {CRITIC_DIR, CRITIC_OPTIMIZER_FILE, "optimizer.pt"} <= set(at_marker["checkpoint-2"])
+    assert rails_mixin.STATE_MARKER not in at_marker["checkpoint-2"]
     for name in (CRITIC_DIR, CRITIC_OPTIMIZER_FILE, "optimizer.pt", "trl_safeppo_state.json"):
         assert os.path.exists(os.path.join(ckpt, name)), f"{name} missing from the checkpoint"
     with open(os.path.join(ckpt, "trl_safeppo_state.json")) as f:

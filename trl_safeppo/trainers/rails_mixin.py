@@ -53,7 +53,11 @@ def read_checkpoint_state(folder: str) -> dict:
         return state
 
     state = load(STATE_MARKER)
-    if state.get("version", 1) >= STATE_VERSION:
+    version = state.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version > STATE_VERSION:
+        raise ValueError(f"{os.path.join(folder, STATE_MARKER)} has version {version!r}; this trl_safeppo reads "
+                         f"versions 1-{STATE_VERSION}: resume it with the trl_safeppo that wrote it, or upgrade")
+    if version == STATE_VERSION:
         return state
     rails, ladder, dpo = (load(name) for name in LEGACY_FILES)
     beta = dpo.get("beta", ladder.get("beta"))
@@ -168,8 +172,15 @@ class SafeCheckpointMixin:
         state = read_checkpoint_state(folder)
         if state.get("rails") is not None:
             self.rails_wiring.load_state_dict(state["rails"])
-        beta = state.get("beta")  # a beta raised by a tripwire; a KL controller owns beta where there is one
+        # Without a KL controller the checkpoint's beta (perhaps raised by a tripwire) wins over args.beta; with one,
+        # the controller's state (in "rails") is beta. A run started with beta 0 has no reference model to resume a
+        # KL penalty against.
+        beta = state.get("beta")
         if self.rails_wiring.kl_controller is None and isinstance(beta, (int, float)) and math.isfinite(beta):
+            if beta != 0.0 and float(self.beta) == 0.0:
+                raise ValueError(f"{folder} was saved with beta={beta:g}, but this run has beta=0, so no reference "
+                                 f"model was loaded: set beta={beta:g} (or > 0) to resume it, or start the stage "
+                                 "afresh")
             self.rails_wiring.kl.set_beta(beta)
         if self.tripwire_callback is not None and isinstance(state.get("tripwires"), dict):
             self.tripwire_callback.load_state_dict(state["tripwires"])  # back on the ladder where it was
