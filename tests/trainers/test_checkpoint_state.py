@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trl_safeppo.trainers.rails_mixin import (
-    STATE_MARKER, STATE_VERSION, SafeCheckpointMixin, TrainerRails, read_checkpoint_state,
+    STATE_MARKER, STATE_VERSION, SafeCheckpointMixin, TrainerRails, last_marked_checkpoint, read_checkpoint_state,
 )
 
 
@@ -54,13 +54,53 @@ def test_a_state_file_of_a_newer_or_unknown_version_is_refused(tmp_path, version
         read_checkpoint_state(str(tmp_path))
 
 
-class _Trainer(SafeCheckpointMixin):
+class _Transformers:
+    """Stands in for transformers' Trainer.train: records the checkpoint it is asked to resume."""
+
+    def train(self, resume_from_checkpoint=None):
+        self.resumed = resume_from_checkpoint
+
+
+class _Trainer(SafeCheckpointMixin, _Transformers):
     """What load_checkpoint_state needs of a trainer: beta and a started TrainerRails (no rails, no KL controller)."""
 
-    def __init__(self, beta):
+    def __init__(self, beta, output_dir=""):
         self.beta = beta
+        self.args = type("Args", (), {"output_dir": str(output_dir)})()
         self.rails_wiring = TrainerRails()
         self.rails_wiring.start(self)
+
+
+def _checkpoint(folder, step, marked, beta=0.1):
+    (folder / f"checkpoint-{step}").mkdir()
+    if marked:
+        _save_beta(folder / f"checkpoint-{step}", beta)
+
+
+def test_resume_true_takes_the_newest_checkpoint_with_the_state_file(tmp_path, caplog):
+    # checkpoint-10 was cut short by a kill before its marker; transformers' get_last_checkpoint would take it (the
+    # largest N) and the rails would start afresh. checkpoint-9 (newest marked) is taken; 2 < 9 < 10 numerically
+    for step, marked in ((2, True), (9, True), (10, False)):
+        _checkpoint(tmp_path, step, marked, beta=0.01 * step)
+    (tmp_path / "checkpoint-11.tmp").mkdir()  # not a checkpoint name
+    assert last_marked_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
+    assert "skipping checkpoint-10" in caplog.text
+    trainer = _Trainer(beta=0.5, output_dir=tmp_path)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.resumed == str(tmp_path / "checkpoint-9") and trainer.beta == pytest.approx(0.09)  # its state
+
+
+def test_resume_true_without_a_marked_checkpoint(tmp_path):
+    # no checkpoint at all: True goes on to transformers, which raises its own "no valid checkpoint" error
+    trainer = _Trainer(beta=0.5, output_dir=tmp_path)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.resumed is True and trainer.beta == 0.5
+    assert last_marked_checkpoint(str(tmp_path / "absent")) is None
+    # checkpoints, none complete: one error naming them and both ways on
+    _checkpoint(tmp_path, 3, marked=False)
+    with pytest.raises(ValueError, match=r"no checkpoint of .* is complete \(checkpoint-3 lack trl_safeppo_state\.json"
+                                         r": killed while saving\); pass resume_from_checkpoint=<folder>"):
+        trainer.train(resume_from_checkpoint=True)
 
 
 def _save_beta(folder, beta):

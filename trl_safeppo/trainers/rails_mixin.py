@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 from transformers import TrainerCallback
 
@@ -62,6 +63,34 @@ def read_checkpoint_state(folder: str) -> dict:
     rails, ladder, dpo = (load(name) for name in LEGACY_FILES)
     beta = dpo.get("beta", ladder.get("beta"))
     return {"rails": rails or None, "tripwires": ladder or None, "beta": beta}
+
+
+def last_marked_checkpoint(output_dir: str) -> str | None:
+    """``train(resume_from_checkpoint=True)``'s checkpoint: the newest ``checkpoint-N`` of ``output_dir`` that holds
+    :data:`STATE_MARKER` (transformers' ``get_last_checkpoint`` takes the newest folder, even one cut short by a kill
+    before the marker, and resuming it would start the rails afresh); None when there is no checkpoint at all (the
+    Trainer then raises). Newer unmarked folders are skipped with a warning; if every one is unmarked, one error."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    from transformers.utils import logging
+
+    if not os.path.isdir(output_dir):
+        return None
+    found = sorted((int(name.rsplit("-", 1)[1]), name) for name in os.listdir(output_dir) if os.path.isdir(
+        os.path.join(output_dir, name)) and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name))
+    unmarked = []
+    for _, name in reversed(found):
+        if os.path.exists(os.path.join(output_dir, name, STATE_MARKER)):
+            if unmarked:
+                logging.get_logger(__name__).warning(
+                    f"resume_from_checkpoint=True: skipping {', '.join(unmarked)} of {output_dir} (no {STATE_MARKER}: "
+                    f"killed while saving); resuming {name}")
+            return os.path.join(output_dir, name)
+        unmarked.append(name)
+    if unmarked:
+        raise ValueError(f"resume_from_checkpoint=True: no checkpoint of {output_dir} is complete ({', '.join(unmarked)} "
+                         f"lack {STATE_MARKER}: killed while saving); pass resume_from_checkpoint=<folder> to resume "
+                         "one anyway (the rails and tripwires start afresh), or remove them to start the run afresh")
+    return None
 
 
 class TrainerRails:
@@ -188,12 +217,11 @@ class SafeCheckpointMixin:
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         from ..rewards.timeout import close_workers
 
-        folder = resume_from_checkpoint or None
-        if folder is True:  # the last checkpoint of output_dir, if any
-            from transformers.trainer_utils import get_last_checkpoint
-
-            folder = get_last_checkpoint(self.args.output_dir)
-        if folder is not None:
+        folder = resume_from_checkpoint
+        if folder is True:  # the last checkpoint of output_dir that has this package's state (none: the Trainer raises)
+            folder = last_marked_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = folder or True
+        if isinstance(folder, (str, os.PathLike)):
             self.load_checkpoint_state(folder)
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
