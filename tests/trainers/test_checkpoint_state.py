@@ -45,9 +45,10 @@ def test_a_damaged_state_file_names_itself_and_the_fix(tmp_path, text, why):
         read_checkpoint_state(str(tmp_path))
 
 
-@pytest.mark.parametrize("version", [STATE_VERSION + 1, "3", 3.0, True])
+@pytest.mark.parametrize("version", [STATE_VERSION + 1, 0, -1, "3", 3.0, True])
 def test_a_state_file_of_a_newer_or_unknown_version_is_refused(tmp_path, version):
-    # a newer trl_safeppo's file may hold keys this one would silently drop: refused, naming the file and the fix
+    # a newer trl_safeppo's file may hold keys this one would silently drop, and a version below 1 would be read as an
+    # older layout (its state dropped): refused, naming the file and the fix
     (tmp_path / STATE_MARKER).write_text(json.dumps({"version": version, "global_step": 1, "complete": True}))
     with pytest.raises(ValueError, match=rf"{STATE_MARKER} has version {version!r}; this trl_safeppo reads versions "
                                          rf"1-{STATE_VERSION}: resume it with the trl_safeppo that wrote it"):
@@ -118,12 +119,18 @@ def test_without_a_kl_controller_the_checkpoints_beta_wins(tmp_path):
 def test_a_kl_penalty_is_not_resumed_into_a_run_without_a_reference_model(tmp_path):
     # beta 0 at construction means GRPO loaded no reference model; turning beta to 0.2 on resume would fail at the
     # first KL computation, so it is refused before training, naming the checkpoint, the value and the fix
-    _save_beta(tmp_path, 0.2)
     trainer = _Trainer(beta=0.0)
-    with pytest.raises(ValueError, match=r"was saved with beta=0\.2, but this run has beta=0, so no reference model "
-                                         r"was loaded: set beta=0\.2 \(or > 0\) to resume it"):
-        trainer.load_checkpoint_state(str(tmp_path))
+    (tmp_path / STATE_MARKER).write_text(json.dumps({"version": STATE_VERSION, "beta": 0.2, "tripwires": None,
+                                                     "rails": TrainerRails().state_dict() | {"version": 99}}))
+    with pytest.raises(ValueError, match=r"was saved with beta=0\.2, but this run started with beta=0 and so loaded "
+                                         r"no reference model: set beta=0\.2 \(or > 0\) to resume it"):
+        trainer.load_checkpoint_state(str(tmp_path))  # refused before the rails state (version 99) is read
     assert trainer.beta == 0.0
+    trainer.ref_model = object()  # a trainer with a reference model at beta 0 (DPO loads one whatever beta is)
+    _save_beta(tmp_path, 0.2)
+    trainer.load_checkpoint_state(str(tmp_path))
+    assert trainer.beta == 0.2
+    trainer.ref_model, trainer.beta = None, 0.0
     _save_beta(tmp_path, 0.0)  # a checkpoint of a beta-0 run resumes into one
     trainer.load_checkpoint_state(str(tmp_path))
     assert trainer.beta == 0.0
@@ -140,3 +147,38 @@ def test_a_legacy_rails_file_is_not_unpickled(tmp_path):
 class _Evil:
     def __reduce__(self):
         return (print, ("unpickled",))
+
+
+def test_save_total_limit_1_is_refused_because_transformers_rotates_before_on_save(tmp_path):
+    # Why: transformers' _save_checkpoint deletes the checkpoints over save_total_limit before the on_save callbacks,
+    # which is where the state file (the completeness marker) is written. Shown on a plain Trainer: at on_save of
+    # checkpoint-2 with save_total_limit=1, checkpoint-1 (complete) is already gone.
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from trl_safeppo.trainers.grpo_config import SafeGRPOConfig
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(1, 1)
+
+        def forward(self, x, y):
+            return {"loss": ((self.w(x) - y) ** 2).mean()}
+
+    seen = {}
+
+    class AtSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen[state.global_step] = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-"))
+
+    data = [{"x": torch.tensor([1.0]), "y": torch.tensor([2.0])}] * 4
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=1, save_total_limit=1,
+                             per_device_train_batch_size=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=Linear(), args=args, train_dataset=data, callbacks=[AtSave()]).train()
+    assert seen == {1: ["checkpoint-1"], 2: ["checkpoint-2"]}
+
+    with pytest.raises(ValueError, match=r"save_total_limit=1: transformers deletes the previous checkpoint before "
+                                         r"trl_safeppo_state\.json marks the new one complete.*use save_total_limit=2"):
+        SafeGRPOConfig(output_dir=str(tmp_path), save_total_limit=1, report_to="none", use_cpu=True)
+    assert SafeGRPOConfig(output_dir=str(tmp_path), save_total_limit=2, report_to="none",
+                          use_cpu=True).save_total_limit == 2

@@ -72,11 +72,11 @@ def test_unsharded_state_helpers_are_the_plain_state_dicts():
 
 
 class _Accelerator:
-    def __init__(self, kind, fsdp2=False):
+    def __init__(self, kind, fsdp2=False, num_processes=1):
         from accelerate.utils import DistributedType
 
         self.distributed_type = getattr(DistributedType, kind)
-        self.is_fsdp2 = fsdp2
+        self.is_fsdp2, self.num_processes = fsdp2, num_processes
 
 
 def test_what_cannot_be_sharded_is_refused_with_the_fix():
@@ -183,3 +183,15 @@ def test_safe_ppo_trainer_with_an_fsdp2_critic_trains_rolls_back_checkpoints_and
     assert r0["saved_diff"] == 0.0
     assert r0["optim_full"] and r0["optim_numel"] == r0["critic_numel"]  # every weight has its full Adam moment
     assert r0["resumed_steps"] == r1["resumed_steps"] == 3
+
+
+def test_a_sharded_critic_saved_on_each_node_is_refused_across_nodes(monkeypatch):
+    # 2 nodes x 2 processes (torchrun sets LOCAL_WORLD_SIZE=2 of WORLD_SIZE=4): only the main process receives the
+    # gathered critic, so node 2's local main would write an empty critic/ beside a marker that says "complete"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"save_on_each_node=True on several nodes.*set save_on_each_node=False"):
+        check_critic_sharding(_Accelerator("FSDP", fsdp2=True, num_processes=4), None, save_on_each_node=True)
+    check_critic_sharding(_Accelerator("FSDP", fsdp2=True, num_processes=4), None)  # one writer: fine
+    check_critic_sharding(_Accelerator("MULTI_GPU", num_processes=4), None, save_on_each_node=True)  # DDP: full copies
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one node of 4: each node's main is the main process
+    check_critic_sharding(_Accelerator("FSDP", fsdp2=True, num_processes=4), None, save_on_each_node=True)

@@ -103,7 +103,8 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 f"processing_class={type(self.processing_class).__name__} is a multimodal processor; SafePPOTrainer's "
                 "critic and rollout forwards are text-only. Use a text-only model (or SafeGRPOTrainer for VLMs)."
             )
-        sharding.check_critic_sharding(self.accelerator, value_model)  # ZeRO settings, FSDP1, an on-device value_model
+        # ZeRO settings, FSDP1, an on-device value_model, a sharded critic saved on each node
+        sharding.check_critic_sharding(self.accelerator, value_model, args.save_on_each_node)
         check_fp16_master_weights(args.fp16, {"model": self.model, critic_field: critic})
 
         value_module = prepare_critic(critic, args, self.processing_class, critic_field)
@@ -373,7 +374,9 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
         self.accelerator.wait_for_everyone()
         critic = self.accelerator.unwrap_model(self.critic)
         if self.is_deepspeed_enabled:  # ZeRO: the engine's own checkpoint holds the partitioned optimizer state
-            weights, optimizer_state = self.accelerator.get_state_dict(self.critic), None
+            gather = self.args.should_save or zero.stage(self.accelerator) == 3  # ZeRO-3: the gather is a collective
+            weights = self.accelerator.get_state_dict(self.critic) if gather else None
+            optimizer_state = None
             zero.save_engine(self.accelerator, self.critic, os.path.join(folder, CRITIC_ZERO_DIR))
         elif self.args.should_save or sharding.is_sharded(critic):  # FSDP2: the gathers are collectives
             weights = sharding.full_model_state(critic)

@@ -55,7 +55,7 @@ def read_checkpoint_state(folder: str) -> dict:
 
     state = load(STATE_MARKER)
     version = state.get("version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version > STATE_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= STATE_VERSION:
         raise ValueError(f"{os.path.join(folder, STATE_MARKER)} has version {version!r}; this trl_safeppo reads "
                          f"versions 1-{STATE_VERSION}: resume it with the trl_safeppo that wrote it, or upgrade")
     if version == STATE_VERSION:
@@ -79,7 +79,7 @@ def last_marked_checkpoint(output_dir: str) -> str | None:
         os.path.join(output_dir, name)) and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name))
     unmarked = []
     for _, name in reversed(found):
-        if os.path.exists(os.path.join(output_dir, name, STATE_MARKER)):
+        if os.path.isfile(os.path.join(output_dir, name, STATE_MARKER)):
             if unmarked:
                 logging.get_logger(__name__).warning(
                     f"resume_from_checkpoint=True: skipping {', '.join(unmarked)} of {output_dir} (no {STATE_MARKER}: "
@@ -91,6 +91,10 @@ def last_marked_checkpoint(output_dir: str) -> str | None:
                          f"lack {STATE_MARKER}: killed while saving); pass resume_from_checkpoint=<folder> to resume "
                          "one anyway (the rails and tripwires start afresh), or remove them to start the run afresh")
     return None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class TrainerRails:
@@ -199,17 +203,17 @@ class SafeCheckpointMixin:
 
     def load_checkpoint_state(self, folder: str) -> None:
         state = read_checkpoint_state(folder)
+        # Without a KL controller the checkpoint's beta (perhaps raised by a tripwire) wins over args.beta; with one,
+        # the controller's state (in "rails") is beta. Checked before anything is loaded: GRPO and PPO load no
+        # reference model when they start at beta 0, so a KL penalty cannot be resumed there.
+        beta = state.get("beta")
+        beta = float(beta) if _number(beta) and math.isfinite(beta) and self.rails_wiring.kl_controller is None else None
+        if beta and float(self.beta) == 0.0 and getattr(self, "ref_model", None) is None:
+            raise ValueError(f"{folder} was saved with beta={beta:g}, but this run started with beta=0 and so loaded "
+                             f"no reference model: set beta={beta:g} (or > 0) to resume it, or start the stage afresh")
         if state.get("rails") is not None:
             self.rails_wiring.load_state_dict(state["rails"])
-        # Without a KL controller the checkpoint's beta (perhaps raised by a tripwire) wins over args.beta; with one,
-        # the controller's state (in "rails") is beta. A run started with beta 0 has no reference model to resume a
-        # KL penalty against.
-        beta = state.get("beta")
-        if self.rails_wiring.kl_controller is None and isinstance(beta, (int, float)) and math.isfinite(beta):
-            if beta != 0.0 and float(self.beta) == 0.0:
-                raise ValueError(f"{folder} was saved with beta={beta:g}, but this run has beta=0, so no reference "
-                                 f"model was loaded: set beta={beta:g} (or > 0) to resume it, or start the stage "
-                                 "afresh")
+        if beta is not None:
             self.rails_wiring.kl.set_beta(beta)
         if self.tripwire_callback is not None and isinstance(state.get("tripwires"), dict):
             self.tripwire_callback.load_state_dict(state["tripwires"])  # back on the ladder where it was

@@ -8,12 +8,13 @@ sharded, which tripwire snapshots use too). Pure functions of the accelerator an
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
 
 
-def check_critic_sharding(accelerator, value_model: Any) -> None:
+def check_critic_sharding(accelerator, value_model: Any, save_on_each_node: bool = False) -> None:
     """Refuse, with the fix, what SafePPOTrainer cannot shard. Call after the Accelerator exists."""
     from accelerate.utils import DistributedType
 
@@ -28,7 +29,14 @@ def check_critic_sharding(accelerator, value_model: Any) -> None:
             "SafePPOTrainer under FSDP1 (fsdp_version: 1): the critic is sharded with FSDP2 only; set "
             "fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)"
         )
-    if (kind == DistributedType.FSDP or zero3) and value_model is not None:
+    sharded = kind == DistributedType.FSDP or zero3
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or getattr(accelerator, "num_processes", 1)
+    if sharded and save_on_each_node and getattr(accelerator, "num_processes", 1) > per_node:
+        raise ValueError(
+            "save_on_each_node=True on several nodes: the sharded critic is gathered to the main process only, so the "
+            "other nodes' checkpoints would hold an empty critic/; set save_on_each_node=False and give output_dir on "
+            "a filesystem every node sees")
+    if sharded and value_model is not None:
         devices = {p.device.type for p in value_model.parameters()}
         if devices - {"cpu", "meta"}:
             raise ValueError(

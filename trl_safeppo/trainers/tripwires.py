@@ -77,7 +77,7 @@ def field_docs(cls, names: str | None = None) -> str:
 @dataclass
 class TripwireFields:
     """The tripwire fields of SafePPOConfig, SafeGRPOConfig and SafeDPOConfig (each lists it before its TRL base,
-    and its docstring these entries), with two TrainingArguments fixes.
+    and its docstring these entries), with two TrainingArguments fixes and one refusal (``save_total_limit=1``).
 
     Parameters:"""
 
@@ -109,6 +109,11 @@ class TripwireFields:
         "Deprecated alias of `activation_checkpointing` (transformers); unset, that one defaults to TRL's True.")})
 
     def __post_init__(self):
+        if self.save_total_limit == 1:  # transformers deletes the older checkpoints before the on_save callbacks run
+            raise ValueError(
+                "save_total_limit=1: transformers deletes the previous checkpoint before trl_safeppo_state.json marks "
+                "the new one complete, so a kill while saving would leave no checkpoint to resume from; use "
+                "save_total_limit=2 or more (or None)")
         # TRL's configs default the deprecated `gradient_checkpointing` to True, which makes transformers warn at every
         # config; the same default goes to the current name instead (an explicit value of either name is kept)
         if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", False) is None:

@@ -17,15 +17,20 @@ from ..fileio import atomic_dir
 CHECKPOINT_TAG = "state"
 
 
+def stage(accelerator) -> int:
+    """The ZeRO stage of the accelerator's DeepSpeed config (filled by the Trainer's `__init__`)."""
+    return accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+
+
 def check(accelerator) -> int:
     """Refuse, with the fix, the DeepSpeed settings the critic's engine does not support; returns the ZeRO stage.
     Call after the Trainer's `__init__` (the plugin's `auto` values are filled by then)."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     zero = config.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (2, 3):
+    zero_stage = stage(accelerator)
+    if zero_stage not in (2, 3):
         raise ValueError(
-            f"zero_stage={stage}: SafePPOTrainer runs under DeepSpeed ZeRO-2 and ZeRO-3 only (its critic's engine "
+            f"zero_stage={zero_stage}: SafePPOTrainer runs under DeepSpeed ZeRO-2 and ZeRO-3 only (its critic's engine "
             "needs ZeRO's backward hooks); set zero_stage: 2 (recipes/accelerate/deepspeed_zero2.yaml) or 3, or use DDP"
         )
     for key in ("offload_optimizer", "offload_param"):
@@ -41,7 +46,7 @@ def check(accelerator) -> int:
             "its own fp16 loss scale, so the critic's engine would unscale its gradients by the wrong scale; train in "
             "bf16 (bf16=True, mixed_precision: bf16), or fp16 under DDP or FSDP2"
         )
-    return stage
+    return zero_stage
 
 
 def critic_engine(accelerator, value_module: torch.nn.Module, optimizer: torch.optim.Optimizer):
