@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 import time
 from pathlib import Path
 
-from ..trainers.rails_mixin import STATE_MARKER  # noqa: F401  (re-exported; the trainers write it and own the name)
+# re-exported: the trainers write the marker, own its name and list the checkpoint folders (newest first)
+from ..trainers.rails_mixin import STATE_MARKER  # noqa: F401
+from ..trainers.rails_mixin import checkpoint_folders as checkpoints
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 INCOMPLETE_DIR = "incomplete"
 
 
@@ -79,15 +79,6 @@ def checkpoint_problem(folder: str | os.PathLike, require: tuple[str, ...] = ())
             if problem:
                 return problem
     return None
-
-
-def checkpoints(stage_dir: str | os.PathLike) -> list[Path]:
-    """The ``checkpoint-N`` folders of a stage, newest (largest N) first."""
-    stage_dir = Path(stage_dir)
-    if not stage_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in stage_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
 
 
 def set_aside_incomplete(stage_dir: str | os.PathLike, require: tuple[str, ...] = ()) -> list[str]:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -27,6 +28,7 @@ STATE_MARKER = "trl_safeppo_state.json"  # written last into a checkpoint: all o
 STATE_VERSION = 3  # of STATE_MARKER; versions 1-2 (before 0.1.0's last round) wrote the state beside it:
 LEGACY_FILES = ("safe_rails_state.pt", "tripwire_state.json", "safe_dpo_state.json")  # rails + KL, ladder, DPO beta
 RAILS_STATE_VERSION = 2  # of TrainerRails.state_dict
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR and the global step
 
 
 def read_checkpoint_state(folder: str) -> dict:
@@ -65,27 +67,31 @@ def read_checkpoint_state(folder: str) -> dict:
     return {"rails": rails or None, "tripwires": ladder or None, "beta": beta}
 
 
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` folders of ``output_dir``, newest (largest N) first; none when it does not exist."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def last_marked_checkpoint(output_dir: str) -> str | None:
     """``train(resume_from_checkpoint=True)``'s checkpoint: the newest ``checkpoint-N`` of ``output_dir`` that holds
     :data:`STATE_MARKER` (transformers' ``get_last_checkpoint`` takes the newest folder, even one cut short by a kill
     before the marker, and resuming it would start the rails afresh); None when there is no checkpoint at all (the
     Trainer then raises). Newer unmarked folders are skipped with a warning; if every one is unmarked, one error."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
     from transformers.utils import logging
 
-    if not os.path.isdir(output_dir):
-        return None
-    found = sorted((int(name.rsplit("-", 1)[1]), name) for name in os.listdir(output_dir) if os.path.isdir(
-        os.path.join(output_dir, name)) and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name))
     unmarked = []
-    for _, name in reversed(found):
-        if os.path.isfile(os.path.join(output_dir, name, STATE_MARKER)):
+    for folder in checkpoint_folders(output_dir):
+        if (folder / STATE_MARKER).is_file():
             if unmarked:
                 logging.get_logger(__name__).warning(
                     f"resume_from_checkpoint=True: skipping {', '.join(unmarked)} of {output_dir} (no {STATE_MARKER}: "
-                    f"killed while saving); resuming {name}")
-            return os.path.join(output_dir, name)
-        unmarked.append(name)
+                    f"killed while saving); resuming {folder.name}")
+            return str(folder)
+        unmarked.append(folder.name)
     if unmarked:
         raise ValueError(f"resume_from_checkpoint=True: no checkpoint of {output_dir} is complete ({', '.join(unmarked)} "
                          f"lack {STATE_MARKER}: killed while saving); pass resume_from_checkpoint=<folder> to resume "
