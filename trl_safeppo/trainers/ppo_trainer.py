@@ -432,9 +432,17 @@ class SafePPOTrainer(SafeRailsMixin, GRPOTrainer):
                 "critic_optimizer": sharding.full_optimizer_state(critic, self.critic_optimizer)}
 
     def load_tripwire_state_dict(self, state: dict[str, Any]) -> None:
-        """Every process loads the main process's snapshot (sharded: the full tensors into its shards)."""
+        """Every process loads the main process's snapshot (sharded: the full tensors into its shards); the critic's
+        learning rates in force are kept, as the policy's are (the schedule follows ``global_step``)."""
+        lrs = [group["lr"] for group in self.critic_optimizer.param_groups]
         sharding.load_full_state(self.accelerator.unwrap_model(self.critic), state["critic"], self.critic_optimizer,
                                  state["critic_optimizer"])
+        for group, lr in zip(self.critic_optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+
+    def tripwire_optimizers(self) -> list:
+        """The (optimizer, scheduler) pairs besides the policy's whose rates a rollback scales: the critic's."""
+        return [(self.critic_optimizer, self.critic_lr_scheduler)]
 
 
 # ---------------------------------------------------------------------- helpers

@@ -333,14 +333,15 @@ class TripwireCallback(TrainerCallback):
             restored = self._restore()
             before = float(trainer.beta)
             trainer.rails_wiring.kl.set_beta(before * self.actions.rollback_beta_factor)
-            # the learning rate: optimizer groups and the scheduler's base rates
+            # the learning rates: the optimizers' groups and the schedulers' base rates (PPO: the critic's too)
             factor, groups = self.actions.rollback_lr_factor, trainer.optimizer.param_groups
             lr_before = groups[0]["lr"]
-            for group in groups:
-                group["lr"] *= factor
-            scheduler = getattr(trainer, "lr_scheduler", None)
-            if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            more = trainer.tripwire_optimizers() if hasattr(trainer, "tripwire_optimizers") else []
+            for optimizer, scheduler in [(trainer.optimizer, getattr(trainer, "lr_scheduler", None)), *more]:
+                for group in optimizer.param_groups:
+                    group["lr"] *= factor
+                if hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
             return {"restored_step": restored, "rollbacks": self.ladder["rollbacks"], "beta_before": before,
                     "beta_after": float(trainer.beta), "lr_before": lr_before, "lr_after": groups[0]["lr"]}
         # stop (or a rollback with no snapshot to restore)
