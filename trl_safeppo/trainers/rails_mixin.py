@@ -99,10 +99,6 @@ def last_marked_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 class TrainerRails:
     """Reward rails and KL control of one trainer (see the module docstring)."""
 
@@ -213,7 +209,8 @@ class SafeCheckpointMixin:
         # the controller's state (in "rails") is beta. Checked before anything is loaded: GRPO and PPO load no
         # reference model when they start at beta 0, so a KL penalty cannot be resumed there.
         beta = state.get("beta")
-        beta = float(beta) if _number(beta) and math.isfinite(beta) and self.rails_wiring.kl_controller is None else None
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta)) or self.rails_wiring.kl_controller is not None:
+            beta = None
         if beta and float(self.beta) == 0.0 and getattr(self, "ref_model", None) is None:
             raise ValueError(f"{folder} was saved with beta={beta:g}, but this run started with beta=0 and so loaded "
                              f"no reference model: set beta={beta:g} (or > 0) to resume it, or start the stage afresh")
